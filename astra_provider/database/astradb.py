@@ -1,0 +1,406 @@
+"""SQLAlchemy 2 models of the astra database (schema ``astra``).
+
+Provenance tables: ``task``, ``parameter`` and the ``task_parameter`` junction, ``data_product`` with the
+``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` and ``bundle_task``,
+``source`` and ``source_data_product``, and ``output_interface``, which gives every result row a key that is
+unique across all result tables. Result tables (``doppler``, ``thecannon``, ...) use :class:`OutputMixin`.
+
+``schema/astradb.sql`` is generated from these models (``astra schema``) and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Text,
+    UniqueConstraint,
+    func,
+    select,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
+
+from astra_provider.database import SCHEMA
+
+# BIGINT keys on PostgreSQL; SQLite only auto-increments INTEGER PRIMARY KEY columns.
+PrimaryKey = BigInteger().with_variant(Integer(), "sqlite")
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Status(enum.IntEnum):
+    """``task.status_code`` values."""
+
+    CREATED = 0
+    RUNNING = 1
+    COMPLETED = 2
+    FAILED = 3
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(schema=SCHEMA)
+    type_annotation_map = {dict[str, Any]: JSONType, Any: JSONType}
+
+
+def _fk(column: str, ondelete: str = "CASCADE") -> ForeignKey:
+    return ForeignKey(f"{SCHEMA}.{column}", ondelete=ondelete)
+
+
+class OutputInterface(Base):
+    """A key shared by all result tables, so that every result has a globally unique ``output_pk``."""
+
+    __tablename__ = "output_interface"
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    table_name: Mapped[str] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+
+
+class Task(Base):
+    """One executed (or executing) task: its identity, status, timings, version and error."""
+
+    __tablename__ = "task"
+    __table_args__ = (Index("ix_task_task_id_version_status", "task_id", "version", "status_code"),)
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    task_module: Mapped[str] = mapped_column(Text)
+    task_name: Mapped[str] = mapped_column(Text)
+    task_id: Mapped[str] = mapped_column(Text)
+    version: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int] = mapped_column(SmallInteger, default=Status.CREATED, server_default="0")
+    created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+    modified: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+    duration: Mapped[float | None] = mapped_column(Float)
+    time_pre_execute: Mapped[float | None] = mapped_column(Float)
+    time_execute: Mapped[float | None] = mapped_column(Float)
+    time_post_execute: Mapped[float | None] = mapped_column(Float)
+    time_bundle_overhead: Mapped[float | None] = mapped_column(Float)
+    error_stage: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_traceback: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[Any | None] = mapped_column(JSONType)
+    output_pk: Mapped[int | None] = mapped_column(
+        PrimaryKey, _fk("output_interface.pk", ondelete="SET NULL"), index=True
+    )
+
+    @property
+    def status(self) -> Status:
+        return Status(self.status_code)
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """All parameters of the task (defaults included), decoded from the ``parameter`` table."""
+        cached = self.__dict__.get("_parameters")
+        if cached is None:
+            from astra_provider.database import session_scope
+
+            with session_scope() as session:
+                rows = session.execute(
+                    select(Parameter.parameter_name, Parameter.parameter_value)
+                    .join(TaskParameter, TaskParameter.parameter_pk == Parameter.pk)
+                    .where(TaskParameter.task_pk == self.pk)
+                ).all()
+            cached = {name: json.loads(value) for name, value in rows}
+            self.__dict__["_parameters"] = cached
+        return cached
+
+    @property
+    def input_data_products(self) -> list[DataProduct]:
+        """The task's input data products, in the order they were given."""
+        return self._data_products(TaskInputDataProduct)
+
+    @property
+    def output_data_products(self) -> list[DataProduct]:
+        return self._data_products(TaskOutputDataProduct)
+
+    def _data_products(self, junction: type[Base]) -> list[DataProduct]:
+        from astra_provider.database import session_scope
+
+        with session_scope() as session:
+            return list(
+                session.scalars(
+                    select(DataProduct)
+                    .join(junction, junction.data_product_pk == DataProduct.pk)
+                    .where(junction.task_pk == self.pk)
+                    .order_by(junction.pk)
+                )
+            )
+
+    @classmethod
+    def get_by_id(cls, pk: int) -> Task:
+        """The task with primary key ``pk`` (``LookupError`` if there is none)."""
+        from astra_provider.database import session_scope
+
+        with session_scope() as session:
+            task = session.get(cls, pk)
+        if task is None:
+            raise LookupError(f"no task with pk={pk} in the astra database")
+        return task
+
+    def __repr__(self) -> str:
+        return f"<Task pk={self.pk} {self.task_name} {self.task_id} status={self.status.name}>"
+
+
+class Parameter(Base):
+    """A unique (name, JSON-encoded value) pair."""
+
+    __tablename__ = "parameter"
+    __table_args__ = (UniqueConstraint("parameter_name", "parameter_value"),)
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    parameter_name: Mapped[str] = mapped_column(Text)
+    parameter_value: Mapped[str] = mapped_column(Text)
+
+
+class TaskParameter(Base):
+    __tablename__ = "task_parameter"
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
+    parameter_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("parameter.pk"), index=True)
+
+
+class Source(Base):
+    """An astronomical source (star); data products are linked to it through ``source_data_product``."""
+
+    __tablename__ = "source"
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    catalogid: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    obj: Mapped[str | None] = mapped_column(Text, unique=True)
+    ra: Mapped[float | None] = mapped_column(Float)
+    dec: Mapped[float | None] = mapped_column(Float)
+
+
+class DataProduct(Base):
+    """A file: an SDSS data product (release, filetype, keywords) or any file (filetype ``full``)."""
+
+    __tablename__ = "data_product"
+    __table_args__ = (UniqueConstraint("release", "filetype", "kwargs_hash"),)
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    release: Mapped[str] = mapped_column(Text, default="", server_default="")
+    filetype: Mapped[str] = mapped_column(Text)
+    kwargs: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    kwargs_hash: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
+    created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+
+    @property
+    def identity(self) -> str:
+        """A string that identifies this product in any database (used in task identity hashes)."""
+        return f"{self.release}/{self.filetype}/{self.kwargs_hash}"
+
+    def __repr__(self) -> str:
+        return f"<DataProduct pk={self.pk} {self.filetype} {self.path}>"
+
+
+class SourceDataProduct(Base):
+    __tablename__ = "source_data_product"
+    __table_args__ = (UniqueConstraint("source_pk", "data_product_pk"),)
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    source_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("source.pk"), index=True)
+    data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), index=True)
+
+
+class TaskInputDataProduct(Base):
+    __tablename__ = "task_input_data_product"
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
+    data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), index=True)
+
+
+class TaskOutputDataProduct(Base):
+    __tablename__ = "task_output_data_product"
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
+    data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), index=True)
+
+
+class Bundle(Base):
+    """The context in which a group of tasks sharing bundled parameters was executed together."""
+
+    __tablename__ = "bundle"
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    task_module: Mapped[str] = mapped_column(Text)
+    task_name: Mapped[str] = mapped_column(Text)
+    bundled_parameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    n_tasks: Mapped[int] = mapped_column(Integer)
+    created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+    time_pre_execute: Mapped[float | None] = mapped_column(Float)
+    time_execute: Mapped[float | None] = mapped_column(Float)
+    time_post_execute: Mapped[float | None] = mapped_column(Float)
+    time_pre_execute_overhead: Mapped[float | None] = mapped_column(Float)
+    time_execute_overhead: Mapped[float | None] = mapped_column(Float)
+    time_post_execute_overhead: Mapped[float | None] = mapped_column(Float)
+
+    @property
+    def tasks(self) -> list[Task]:
+        from astra_provider.database import session_scope
+
+        with session_scope() as session:
+            return list(
+                session.scalars(
+                    select(Task)
+                    .join(BundleTask, BundleTask.task_pk == Task.pk)
+                    .where(BundleTask.bundle_pk == self.pk)
+                    .order_by(BundleTask.pk)
+                )
+            )
+
+
+class BundleTask(Base):
+    __tablename__ = "bundle_task"
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    bundle_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("bundle.pk"), index=True)
+    task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
+
+
+class OutputMixin:
+    """Columns every result table has: its ``output_interface`` key, the task and the data product.
+
+    Declare a result table once::
+
+        class RandomNumberGenerator(OutputMixin, Base):
+            __tablename__ = "random_number_generator"
+            samples: Mapped[list[float]] = mapped_column(JSONType)
+
+    and write rows from a task with :meth:`astra_provider.base.TaskInstance.add_result`.
+    """
+
+    @declared_attr
+    def output_pk(cls) -> Mapped[int]:
+        return mapped_column(PrimaryKey, _fk("output_interface.pk", ondelete="RESTRICT"), primary_key=True)
+
+    @declared_attr
+    def task_pk(cls) -> Mapped[int]:
+        return mapped_column(PrimaryKey, _fk("task.pk"), index=True)
+
+    @declared_attr
+    def data_product_pk(cls) -> Mapped[int | None]:
+        return mapped_column(PrimaryKey, _fk("data_product.pk", ondelete="SET NULL"), index=True)
+
+
+# Result tables -----------------------------------------------------------------------------------------
+
+
+class RandomNumberGenerator(OutputMixin, Base):
+    """The user's guide example result table (``astra_provider.contrib.examples``)."""
+
+    __tablename__ = "random_number_generator"
+
+    samples: Mapped[list[float]] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
+
+
+class Continuum(OutputMixin, Base):
+    """Sinusoidal pseudo-continuum fits; the normalised spectra are output data products."""
+
+    __tablename__ = "continuum"
+
+    row_index: Mapped[int] = mapped_column(Integer, default=0)
+    snr: Mapped[float | None] = mapped_column(Float)
+    n_continuum_pixels: Mapped[int | None] = mapped_column(Integer)
+    rms_residual: Mapped[float | None] = mapped_column(Float)
+    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Doppler(OutputMixin, Base):
+    """Radial velocity (and template labels) of one visit spectrum."""
+
+    __tablename__ = "doppler"
+
+    vhelio: Mapped[float | None] = mapped_column(Float)
+    vrel: Mapped[float | None] = mapped_column(Float)
+    u_vrel: Mapped[float | None] = mapped_column(Float)
+    bc: Mapped[float | None] = mapped_column(Float)
+    teff: Mapped[float | None] = mapped_column(Float)
+    u_teff: Mapped[float | None] = mapped_column(Float)
+    logg: Mapped[float | None] = mapped_column(Float)
+    u_logg: Mapped[float | None] = mapped_column(Float)
+    fe_h: Mapped[float | None] = mapped_column(Float)
+    u_fe_h: Mapped[float | None] = mapped_column(Float)
+    chisq: Mapped[float | None] = mapped_column(Float)
+    ccf_peak: Mapped[float | None] = mapped_column(Float)
+    snr: Mapped[float | None] = mapped_column(Float)
+    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class TheCannon(OutputMixin, Base):
+    """Labels from The Cannon for one spectrum (3-label model: teff, logg, fe_h).
+
+    Models with other label sets store all labels in ``labels`` (JSON: name -> value, ``e_<name>``,
+    ``rho_<a>_<b>``); the named columns are filled for the labels they name.
+    """
+
+    __tablename__ = "thecannon"
+
+    row_index: Mapped[int] = mapped_column(Integer, default=0)
+    snr: Mapped[float | None] = mapped_column(Float)
+    teff: Mapped[float | None] = mapped_column(Float)
+    e_teff: Mapped[float | None] = mapped_column(Float)
+    logg: Mapped[float | None] = mapped_column(Float)
+    e_logg: Mapped[float | None] = mapped_column(Float)
+    fe_h: Mapped[float | None] = mapped_column(Float)
+    e_fe_h: Mapped[float | None] = mapped_column(Float)
+    rho_teff_logg: Mapped[float | None] = mapped_column(Float)
+    rho_teff_fe_h: Mapped[float | None] = mapped_column(Float)
+    rho_logg_fe_h: Mapped[float | None] = mapped_column(Float)
+    chi_sq: Mapped[float | None] = mapped_column(Float)
+    reduced_chi_sq: Mapped[float | None] = mapped_column(Float)
+    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+__all__ = [
+    "Base",
+    "Bundle",
+    "BundleTask",
+    "Continuum",
+    "DataProduct",
+    "Doppler",
+    "JSONType",
+    "OutputInterface",
+    "OutputMixin",
+    "Parameter",
+    "RandomNumberGenerator",
+    "Source",
+    "SourceDataProduct",
+    "Status",
+    "Task",
+    "TaskInputDataProduct",
+    "TaskOutputDataProduct",
+    "TaskParameter",
+    "TheCannon",
+]

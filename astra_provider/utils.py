@@ -1,0 +1,36 @@
+"""Small helpers shared across the package: canonical JSON and stable hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Any
+
+
+def to_jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types: tuples become lists, numpy scalars and arrays become Python values."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy scalar or array
+        return to_jsonable(value.tolist())
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values always give equal strings."""
+    return json.dumps(to_jsonable(value), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def stable_hash(value: Any, length: int = 20) -> str:
+    """A hex digest of the canonical JSON of ``value`` (stable across processes and machines)."""
+    return hashlib.sha1(canonical_json(value).encode()).hexdigest()[:length]

@@ -1,0 +1,244 @@
+-- The astra database schema, generated from astra_provider.database.astradb by `astra schema`.
+
+-- Load into an empty PostgreSQL database with:  psql < schema/astradb.sql
+
+CREATE SCHEMA IF NOT EXISTS astra;
+
+CREATE TABLE astra.bundle (
+	pk BIGSERIAL NOT NULL,
+	task_module TEXT NOT NULL,
+	task_name TEXT NOT NULL,
+	bundled_parameters JSONB NOT NULL,
+	n_tasks INTEGER NOT NULL,
+	created TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	time_pre_execute FLOAT,
+	time_execute FLOAT,
+	time_post_execute FLOAT,
+	time_pre_execute_overhead FLOAT,
+	time_execute_overhead FLOAT,
+	time_post_execute_overhead FLOAT,
+	PRIMARY KEY (pk)
+);
+
+CREATE TABLE astra.data_product (
+	pk BIGSERIAL NOT NULL,
+	release TEXT DEFAULT '' NOT NULL,
+	filetype TEXT NOT NULL,
+	kwargs JSONB NOT NULL,
+	kwargs_hash TEXT NOT NULL,
+	path TEXT NOT NULL,
+	metadata JSONB,
+	created TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	PRIMARY KEY (pk),
+	UNIQUE (release, filetype, kwargs_hash)
+);
+
+CREATE TABLE astra.output_interface (
+	pk BIGSERIAL NOT NULL,
+	table_name TEXT NOT NULL,
+	created TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	PRIMARY KEY (pk)
+);
+
+CREATE TABLE astra.parameter (
+	pk BIGSERIAL NOT NULL,
+	parameter_name TEXT NOT NULL,
+	parameter_value TEXT NOT NULL,
+	PRIMARY KEY (pk),
+	UNIQUE (parameter_name, parameter_value)
+);
+
+CREATE TABLE astra.source (
+	pk BIGSERIAL NOT NULL,
+	catalogid BIGINT,
+	obj TEXT,
+	ra FLOAT,
+	dec FLOAT,
+	PRIMARY KEY (pk),
+	UNIQUE (catalogid),
+	UNIQUE (obj)
+);
+
+CREATE TABLE astra.source_data_product (
+	pk BIGSERIAL NOT NULL,
+	source_pk BIGINT NOT NULL,
+	data_product_pk BIGINT NOT NULL,
+	PRIMARY KEY (pk),
+	UNIQUE (source_pk, data_product_pk),
+	FOREIGN KEY(source_pk) REFERENCES astra.source (pk) ON DELETE CASCADE,
+	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_astra_source_data_product_data_product_pk ON astra.source_data_product (data_product_pk);
+
+CREATE INDEX ix_astra_source_data_product_source_pk ON astra.source_data_product (source_pk);
+
+CREATE TABLE astra.task (
+	pk BIGSERIAL NOT NULL,
+	task_module TEXT NOT NULL,
+	task_name TEXT NOT NULL,
+	task_id TEXT NOT NULL,
+	version TEXT NOT NULL,
+	status_code SMALLINT DEFAULT '0' NOT NULL,
+	created TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	modified TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	duration FLOAT,
+	time_pre_execute FLOAT,
+	time_execute FLOAT,
+	time_post_execute FLOAT,
+	time_bundle_overhead FLOAT,
+	error_stage TEXT,
+	error_message TEXT,
+	error_traceback TEXT,
+	result JSONB,
+	output_pk BIGINT,
+	PRIMARY KEY (pk),
+	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE SET NULL
+);
+
+CREATE INDEX ix_astra_task_output_pk ON astra.task (output_pk);
+
+CREATE INDEX ix_task_task_id_version_status ON astra.task (task_id, version, status_code);
+
+CREATE TABLE astra.bundle_task (
+	pk BIGSERIAL NOT NULL,
+	bundle_pk BIGINT NOT NULL,
+	task_pk BIGINT NOT NULL,
+	PRIMARY KEY (pk),
+	FOREIGN KEY(bundle_pk) REFERENCES astra.bundle (pk) ON DELETE CASCADE,
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_astra_bundle_task_bundle_pk ON astra.bundle_task (bundle_pk);
+
+CREATE INDEX ix_astra_bundle_task_task_pk ON astra.bundle_task (task_pk);
+
+CREATE TABLE astra.continuum (
+	row_index INTEGER NOT NULL,
+	snr FLOAT,
+	n_continuum_pixels INTEGER,
+	rms_residual FLOAT,
+	bitmask_flag INTEGER NOT NULL,
+	output_pk BIGINT NOT NULL,
+	task_pk BIGINT NOT NULL,
+	data_product_pk BIGINT,
+	PRIMARY KEY (output_pk),
+	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE RESTRICT,
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE,
+	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE SET NULL
+);
+
+CREATE INDEX ix_astra_continuum_data_product_pk ON astra.continuum (data_product_pk);
+
+CREATE INDEX ix_astra_continuum_task_pk ON astra.continuum (task_pk);
+
+CREATE TABLE astra.doppler (
+	vhelio FLOAT,
+	vrel FLOAT,
+	u_vrel FLOAT,
+	bc FLOAT,
+	teff FLOAT,
+	u_teff FLOAT,
+	logg FLOAT,
+	u_logg FLOAT,
+	fe_h FLOAT,
+	u_fe_h FLOAT,
+	chisq FLOAT,
+	ccf_peak FLOAT,
+	snr FLOAT,
+	bitmask_flag INTEGER NOT NULL,
+	output_pk BIGINT NOT NULL,
+	task_pk BIGINT NOT NULL,
+	data_product_pk BIGINT,
+	PRIMARY KEY (output_pk),
+	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE RESTRICT,
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE,
+	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE SET NULL
+);
+
+CREATE INDEX ix_astra_doppler_data_product_pk ON astra.doppler (data_product_pk);
+
+CREATE INDEX ix_astra_doppler_task_pk ON astra.doppler (task_pk);
+
+CREATE TABLE astra.random_number_generator (
+	samples JSONB NOT NULL,
+	output_pk BIGINT NOT NULL,
+	task_pk BIGINT NOT NULL,
+	data_product_pk BIGINT,
+	PRIMARY KEY (output_pk),
+	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE RESTRICT,
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE,
+	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE SET NULL
+);
+
+CREATE INDEX ix_astra_random_number_generator_data_product_pk ON astra.random_number_generator (data_product_pk);
+
+CREATE INDEX ix_astra_random_number_generator_task_pk ON astra.random_number_generator (task_pk);
+
+CREATE TABLE astra.task_input_data_product (
+	pk BIGSERIAL NOT NULL,
+	task_pk BIGINT NOT NULL,
+	data_product_pk BIGINT NOT NULL,
+	PRIMARY KEY (pk),
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE,
+	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_astra_task_input_data_product_data_product_pk ON astra.task_input_data_product (data_product_pk);
+
+CREATE INDEX ix_astra_task_input_data_product_task_pk ON astra.task_input_data_product (task_pk);
+
+CREATE TABLE astra.task_output_data_product (
+	pk BIGSERIAL NOT NULL,
+	task_pk BIGINT NOT NULL,
+	data_product_pk BIGINT NOT NULL,
+	PRIMARY KEY (pk),
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE,
+	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_astra_task_output_data_product_data_product_pk ON astra.task_output_data_product (data_product_pk);
+
+CREATE INDEX ix_astra_task_output_data_product_task_pk ON astra.task_output_data_product (task_pk);
+
+CREATE TABLE astra.task_parameter (
+	pk BIGSERIAL NOT NULL,
+	task_pk BIGINT NOT NULL,
+	parameter_pk BIGINT NOT NULL,
+	PRIMARY KEY (pk),
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE,
+	FOREIGN KEY(parameter_pk) REFERENCES astra.parameter (pk) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_astra_task_parameter_parameter_pk ON astra.task_parameter (parameter_pk);
+
+CREATE INDEX ix_astra_task_parameter_task_pk ON astra.task_parameter (task_pk);
+
+CREATE TABLE astra.thecannon (
+	row_index INTEGER NOT NULL,
+	snr FLOAT,
+	teff FLOAT,
+	e_teff FLOAT,
+	logg FLOAT,
+	e_logg FLOAT,
+	fe_h FLOAT,
+	e_fe_h FLOAT,
+	rho_teff_logg FLOAT,
+	rho_teff_fe_h FLOAT,
+	rho_logg_fe_h FLOAT,
+	chi_sq FLOAT,
+	reduced_chi_sq FLOAT,
+	bitmask_flag INTEGER NOT NULL,
+	labels JSONB,
+	output_pk BIGINT NOT NULL,
+	task_pk BIGINT NOT NULL,
+	data_product_pk BIGINT,
+	PRIMARY KEY (output_pk),
+	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE RESTRICT,
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE,
+	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE SET NULL
+);
+
+CREATE INDEX ix_astra_thecannon_data_product_pk ON astra.thecannon (data_product_pk);
+
+CREATE INDEX ix_astra_thecannon_task_pk ON astra.thecannon (task_pk);

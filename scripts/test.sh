@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run the test suite: lint, tests (against embedded SQLite, a real PostgreSQL server and real Airflow),
+# and the documentation build. Installs what it needs: the virtualenv, and PostgreSQL via apt if missing.
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -k core
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
+cd "$REPO"
+
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null; then
+  echo "==> installing the PostgreSQL server (the tests start their own on a loopback port)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql > /dev/null
+fi
+
+echo "==> ruff"
+ruff check .
+echo "==> pytest"
+pytest "$@"
+if [ -f docs/conf.py ]; then
+  echo "==> docs (warnings are errors)"
+  sphinx-build -q -W --keep-going -b html docs docs/_build/html
+fi
