@@ -35,6 +35,7 @@ that handle their own errors can call :meth:`TaskInstance.fail`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -65,6 +66,7 @@ from astra_provider.database.astradb import (
 )
 from astra_provider.database.recording import (
     DataProductSpec,
+    build,
     chunked,
     get_or_create_data_products,
     get_or_create_parameters,
@@ -147,7 +149,7 @@ def _is_sequence(value: Any) -> bool:
 # Internal state of an instance -------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     """One task of an instance: its parameters, input data products and, once recorded, its row."""
 
@@ -162,7 +164,7 @@ class _Item:
     error: tuple[str, str, str] | None = None  # (stage, message, traceback)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Attempt:
     """Book-keeping for one run of one stage over the active tasks."""
 
@@ -337,11 +339,12 @@ class TaskInstance:
             if item.failed:  # failed by self.fail() earlier in this pass
                 continue
             attempt.in_progress = item
-            if item not in attempt.yielded:
+            if id(item) not in attempt.times:
                 attempt.yielded.append(item)
+                attempt.times[id(item)] = 0.0
             start = perf_counter()
             yield item.task, item.data_products
-            attempt.times[id(item)] = attempt.times.get(id(item), 0.0) + perf_counter() - start
+            attempt.times[id(item)] += perf_counter() - start
             attempt.in_progress = None
 
     def add_result(
@@ -534,34 +537,23 @@ class TaskInstance:
             .scalars()
             .all()
         )
+        columns = [c.name for c in Task.__table__.columns]
         for (item, _), row, pk in zip(new_items, rows, pks, strict=True):
-            task = Task(
-                pk=pk,
-                **row,
-                duration=None,
-                time_pre_execute=None,
-                time_execute=None,
-                time_post_execute=None,
-                time_bundle_overhead=None,
-                error_stage=None,
-                error_message=None,
-                error_traceback=None,
-                result=None,
-                output_pk=None,
-            )
-            task.__dict__["_parameters"] = item.parameters
-            item.task = task
+            item.task = build(Task, {**dict.fromkeys(columns), **row, "pk": pk})
+            item.task.__dict__["_parameters"] = item.parameters
 
-        encoded = {
-            (name, canonical_json(value)) for item, _ in new_items for name, value in item.parameters.items()
-        }
-        parameter_pks = get_or_create_parameters(session, sorted(encoded))
+        encoded = [
+            [(name, _encode(value)) for name, value in item.parameters.items()] for item, _ in new_items
+        ]
+        parameter_pks = get_or_create_parameters(
+            session, sorted({pair for pairs in encoded for pair in pairs})
+        )
         session.execute(
             insert(TaskParameter.__table__),
             [
-                {"task_pk": item.task.pk, "parameter_pk": parameter_pks[(name, canonical_json(value))]}
-                for item, _ in new_items
-                for name, value in item.parameters.items()
+                {"task_pk": item.task.pk, "parameter_pk": parameter_pks[pair]}
+                for (item, _), pairs in zip(new_items, encoded, strict=True)
+                for pair in pairs
             ],
         )
         links = [
@@ -844,6 +836,18 @@ class TaskInstance:
             for name in stale:
                 parameters.pop(name)
         return klass(input_data_products=[task.input_data_products], **parameters)
+
+
+@functools.lru_cache(maxsize=65536)
+def _encode_scalar(kind: type, value: Any) -> str:
+    return canonical_json(value)
+
+
+def _encode(value: Any) -> str:
+    """The stored (canonical JSON) form of a parameter value; cached per (type, value) for scalars."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return _encode_scalar(type(value), value)
+    return canonical_json(value)
 
 
 def _check_execute_kwargs(cls: type[TaskInstance], kwargs: dict[str, Any]) -> None:

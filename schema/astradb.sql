@@ -33,6 +33,8 @@ CREATE TABLE astra.data_product (
 	UNIQUE (release, filetype, kwargs_hash)
 );
 
+CREATE INDEX ix_astra_data_product_kwargs_hash ON astra.data_product (kwargs_hash);
+
 CREATE TABLE astra.output_interface (
 	pk BIGSERIAL NOT NULL,
 	table_name TEXT NOT NULL,

@@ -7,11 +7,8 @@ Airflow reads its configuration at import time, so the environment is set before
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,65 +26,17 @@ os.environ.pop("ASTRA_DATABASE_URL", None)
 import pytest  # noqa: E402
 
 from astra_provider import database  # noqa: E402
-
-
-def _postgres_bindir() -> Path:
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not candidates:
-        raise RuntimeError(
-            "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb); "
-            "install them with: apt-get install -y postgresql (scripts/test.sh does this)"
-        )
-    return Path(candidates[-1]).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _as_postgres(*command: str) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+from astra_provider.devtools import create_database, temporary_postgres  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """A PostgreSQL server for the whole session; yields the URL of its ``postgres`` database."""
-    bindir = _postgres_bindir()
-    root = Path(tempfile.mkdtemp(prefix="astra-pg-"))
-    data, sockets = root / "data", root / "socket"
-    sockets.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sockets, "postgres")
-    port = _free_port()
-    subprocess.run(
-        _as_postgres(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    subprocess.run(
-        _as_postgres(
-            str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"
-        ),
-        check=True,
-        capture_output=True,
-    )
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        with temporary_postgres() as url:
+            yield url
     finally:
         database.dispose_engines()
-        subprocess.run(
-            _as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"), capture_output=True
-        )
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def postgres_admin_url(postgres_server: str) -> str:
-    return postgres_server
 
 
 _database_counter = 0
@@ -96,15 +45,8 @@ _database_counter = 0
 def _new_postgres_database(admin_url: str) -> str:
     """A fresh, empty database on the session server."""
     global _database_counter
-    import sqlalchemy
-
     _database_counter += 1
-    name = f"astra_test_{os.getpid()}_{_database_counter}"
-    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+    return create_database(admin_url, f"astra_test_{os.getpid()}_{_database_counter}")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

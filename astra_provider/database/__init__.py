@@ -95,7 +95,9 @@ def get_engine(url: str | None = None) -> Engine:
             if make_url(url).get_backend_name() == "sqlite":
                 engine = _sqlite_engine(url)
             else:
-                engine = create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000)
+                psycopg2 = make_url(url).get_driver_name() == "psycopg2"
+                options = {"executemany_mode": "values_plus_batch"} if psycopg2 else {}
+                engine = create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000, **options)
             init_database(engine)
             _engines[url] = engine
     return engine

@@ -204,7 +204,7 @@ class DataProduct(Base):
     release: Mapped[str] = mapped_column(Text, default="", server_default="")
     filetype: Mapped[str] = mapped_column(Text)
     kwargs: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    kwargs_hash: Mapped[str] = mapped_column(Text)
+    kwargs_hash: Mapped[str] = mapped_column(Text, index=True)
     path: Mapped[str] = mapped_column(Text)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
     created: Mapped[datetime] = mapped_column(

@@ -7,19 +7,38 @@ round trips, not 10,000.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, select
+from sqlalchemy.orm import Session, configure_mappers
 
 from astra_provider.database.astradb import DataProduct, Parameter, Source, SourceDataProduct
 from astra_provider.utils import stable_hash
 
 CHUNK = 2000
+
+
+def build(model: type, values: Mapping[str, Any]) -> Any:
+    """A transient ``model`` instance holding ``values`` (column name -> value), built without ORM events.
+
+    Building thousands of ORM objects through their constructors dominates the cost of recording a
+    large bundle; this fills the instance dictionary directly. The objects are not attached to a session.
+    """
+    instance = model.__mapper__.class_manager.new_instance()
+    keys = _attribute_keys(model)
+    instance.__dict__.update((keys.get(name, name), value) for name, value in values.items())
+    return instance
+
+
+@functools.cache
+def _attribute_keys(model: type) -> dict[str, str]:
+    """Column name -> attribute name (they differ for e.g. ``DataProduct.metadata_``)."""
+    configure_mappers()  # instrumented attributes are only usable once mappers are configured
+    return {column.name: key for key, column in model.__mapper__.columns.items()}
 
 
 def chunked(items: Sequence, size: int = CHUNK) -> Iterable[Sequence]:
@@ -50,9 +69,10 @@ class DataProductSpec:
     metadata: dict[str, Any] | None = field(default=None, compare=False)
     source: dict[str, Any] | None = field(default=None, compare=False)
 
-    @property
-    def kwargs_hash(self) -> str:
-        return stable_hash({"filetype": self.filetype, **self.kwargs})
+    kwargs_hash: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kwargs_hash", stable_hash({"filetype": self.filetype, **self.kwargs}))
 
     @property
     def identity(self) -> str:
@@ -61,10 +81,10 @@ class DataProductSpec:
     @classmethod
     def from_path(cls, path: str | os.PathLike, *, must_exist: bool = True) -> DataProductSpec:
         """A spec for a file: an SDSS product when its name matches an SDSS path template, else ``full``."""
-        resolved = Path(path).expanduser().resolve()
-        if must_exist and not resolved.exists():
+        absolute = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if must_exist and not os.path.exists(absolute):
             raise FileNotFoundError(f"input data product {os.fspath(path)!r} does not exist")
-        return cls(filetype="full", kwargs={"full": str(resolved)}, path=str(resolved))
+        return cls(filetype="full", kwargs={"full": absolute}, path=absolute)
 
 
 def get_or_create_data_products(session: Session, specs: Sequence[DataProductSpec]) -> list[DataProduct]:
@@ -85,13 +105,14 @@ def get_or_create_data_products(session: Session, specs: Sequence[DataProductSpe
     ]
     insert_ignore(session, DataProduct.__table__, rows, ("release", "filetype", "kwargs_hash"))
     found: dict[tuple[str, str, str], DataProduct] = {}
-    for chunk in chunked(list(unique)):
-        for product in session.scalars(
-            select(DataProduct).where(
-                tuple_(DataProduct.release, DataProduct.filetype, DataProduct.kwargs_hash).in_(chunk)
-            )
-        ):
-            found[(product.release, product.filetype, product.kwargs_hash)] = product
+    table = DataProduct.__table__
+    # Select by the hash alone (a plain indexed IN list; row-value IN lists plan badly on PostgreSQL)
+    # and match release and filetype here.
+    for chunk in chunked(sorted({key[2] for key in unique})):
+        for row in session.execute(select(table).where(table.c.kwargs_hash.in_(chunk))).mappings():
+            key = (row["release"], row["filetype"], row["kwargs_hash"])
+            if key in unique:
+                found[key] = build(DataProduct, row)
     _link_sources(session, [(found[key], spec.source) for key, spec in unique.items() if spec.source])
     return [found[(spec.release, spec.filetype, spec.kwargs_hash)] for spec in specs]
 
@@ -149,14 +170,18 @@ def get_or_create_parameters(
         [{"parameter_name": name, "parameter_value": value} for name, value in unique],
         ("parameter_name", "parameter_value"),
     )
+    wanted = set(unique)
     found: dict[tuple[str, str], int] = {}
-    for chunk in chunked(unique):
-        for pk, name, value in session.execute(
-            select(Parameter.pk, Parameter.parameter_name, Parameter.parameter_value).where(
-                tuple_(Parameter.parameter_name, Parameter.parameter_value).in_(chunk)
-            )
-        ):
-            found[(name, value)] = pk
+    for name in sorted({name for name, _ in unique}):
+        values = sorted({value for n, value in unique if n == name})
+        for chunk in chunked(values):
+            for pk, value in session.execute(
+                select(Parameter.pk, Parameter.parameter_value).where(
+                    Parameter.parameter_name == name, Parameter.parameter_value.in_(chunk)
+                )
+            ):
+                if (name, value) in wanted:
+                    found[(name, value)] = pk
     return found
 
 

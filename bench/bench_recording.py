@@ -1,0 +1,128 @@
+"""Benchmark: recording a bundle of 10,000 tasks (3 parameters and 1 data product each).
+
+Measures the framework's own cost of creating and recording the bundle (tasks, parameters, data products,
+bundle, statuses and timings) through ``TaskInstance.execute()`` with a trivial ``execute``, on PostgreSQL (a
+throwaway server started here) and on the embedded SQLite default. The baseline, measured in the same run,
+is the naive way: one ``session.add`` per row and a commit per task.
+
+    .venv/bin/python bench/bench_recording.py [--tasks 10000] [--baseline-tasks 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from astra_provider import __version__, database
+from astra_provider.base import Parameter, TaskInstance
+from astra_provider.database.astradb import (
+    DataProduct,
+    Status,
+    Task,
+    TaskInputDataProduct,
+    TaskParameter,
+)
+from astra_provider.database.astradb import Parameter as ParameterRow
+from astra_provider.devtools import create_database, temporary_postgres
+from astra_provider.utils import canonical_json, stable_hash
+
+
+class RecordingBenchTask(TaskInstance):
+    model_path = Parameter(bundled=True)
+    initial_teff = Parameter()
+    initial_logg = Parameter()
+
+    def execute(self):
+        return [None for _ in self.iterable()]
+
+
+def make_files(directory: Path, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        path = directory / f"spec-{i:06d}.fits"
+        path.touch()
+        paths.append(str(path))
+    return paths
+
+
+def bulk(paths: list[str], offset: float) -> float:
+    start = time.perf_counter()
+    instance = RecordingBenchTask(
+        input_data_products=paths,
+        model_path="model.npz",
+        initial_teff=tuple(4000.0 + offset + i for i in range(len(paths))),
+        initial_logg=tuple(2.0 + (i % 7) / 10 for i in range(len(paths))),
+    )
+    instance.execute()
+    elapsed = time.perf_counter() - start
+    assert instance.summary()["completed"] == len(paths)
+    return elapsed
+
+
+def naive(paths: list[str], offset: float) -> float:
+    """One ORM add per row and one commit per task (get-or-create by query for shared rows)."""
+    start = time.perf_counter()
+    with database.session_scope() as session:
+        for i, path in enumerate(paths):
+            values = {"model_path": "model.npz", "initial_teff": 4000.0 + offset + i, "initial_logg": 2.0 + (i % 7) / 10}
+            task = Task(task_module=__name__, task_name="RecordingBenchTask", version=__version__,
+                        task_id=stable_hash([values, path]), status_code=int(Status.COMPLETED))
+            session.add(task)
+            product = session.scalars(
+                select(DataProduct).where(DataProduct.filetype == "full", DataProduct.kwargs_hash == stable_hash(path))
+            ).first()
+            if product is None:
+                product = DataProduct(filetype="full", kwargs={"full": path}, kwargs_hash=stable_hash(path), path=path)
+                session.add(product)
+            session.flush()
+            for name, value in values.items():
+                encoded = canonical_json(value)
+                row = session.scalars(
+                    select(ParameterRow).where(ParameterRow.parameter_name == name,
+                                               ParameterRow.parameter_value == encoded)
+                ).first()
+                if row is None:
+                    row = ParameterRow(parameter_name=name, parameter_value=encoded)
+                    session.add(row)
+                    session.flush()
+                session.add(TaskParameter(task_pk=task.pk, parameter_pk=row.pk))
+            session.add(TaskInputDataProduct(task_pk=task.pk, data_product_pk=product.pk))
+            session.commit()
+    return time.perf_counter() - start
+
+
+def measure(label: str, url: str, paths: list[str], baseline_paths: list[str]) -> None:
+    database.configure(url)
+    database.get_engine()  # create the tables outside the timings
+    bulk_time = bulk(paths, offset=0.0)
+    naive_time = naive(baseline_paths, offset=0.5)
+    bulk_rate, naive_rate = len(paths) / bulk_time, len(baseline_paths) / naive_time
+    print(f"{label:<11} bulk: {len(paths):>6} tasks in {bulk_time:6.2f} s = {bulk_rate:8.0f} tasks/s | "
+          f"naive: {len(baseline_paths):>5} tasks in {naive_time:6.2f} s = {naive_rate:6.0f} tasks/s | "
+          f"ratio {bulk_rate / naive_rate:5.1f}x")
+    database.configure(None)
+    database.dispose_engines()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--baseline-tasks", type=int, default=1_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = make_files(root / "bulk", args.tasks) if (root / "bulk").mkdir() is None else []
+        baseline_paths = make_files(root / "naive", args.baseline_tasks) if (root / "naive").mkdir() is None else []
+        print(f"Recording a bundle of {args.tasks} tasks (3 parameters, 1 data product each); "
+              f"naive baseline on {args.baseline_tasks} tasks, one add + commit per task.")
+        with temporary_postgres() as admin_url:
+            measure("PostgreSQL", create_database(admin_url, "bench_recording"), paths, baseline_paths)
+        measure("SQLite", f"sqlite:///{root / 'astra.db'}", paths, baseline_paths)
+
+
+if __name__ == "__main__":
+    main()
