@@ -1,0 +1,182 @@
+"""Sinusoidal pseudo-continuum normalisation as a task.
+
+Each task reads one apStar file, normalises every row (stacks and visits) with
+:func:`astra_provider.science.continuum.fit_sinusoidal_continuum` (batched over the whole bundle), writes the
+normalised spectra to a FITS file (an *output data product*, read back by :func:`read_normalized`), and
+records one ``astra.continuum`` row per spectrum row.
+
+Output file (``{output_dir}/astraContinuum-{input file stem}.fits``): HDU 0 header with the source path and
+the fit settings; image HDUs ``WAVELENGTH`` (P,), ``FLUX`` (n, P) normalised flux, ``IVAR`` (n, P)
+normalised inverse variance, ``CONTINUUM`` (n, P) the fitted continuum in the input flux units, and a
+``SNR`` table column per row.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from astra_provider.base import Parameter, TaskInstance
+from astra_provider.database import astra_home
+from astra_provider.database.astradb import Continuum
+
+#: ``astra.continuum.bitmask_flag`` bits.
+FLAG_FIT_FAILED = 1  # too few usable continuum pixels in a region: the row is not normalised
+
+
+class SinusoidalContinuum(TaskInstance):
+    """Normalise apStar spectra by a sum of sines and cosines fitted to fixed continuum pixels."""
+
+    deg = Parameter(default=3, bundled=True, description="Number of sine/cosine pairs per region.")
+    length_scale = Parameter(default=1400.0, bundled=True, description="Period L of the sinusoids (Å).")
+    output_dir = Parameter(default=None, bundled=True, description="Where to write the normalised spectra.")
+
+    def execute(self):
+        import numpy as np
+
+        from astra_provider.science.continuum import (
+            fit_sinusoidal_continuum,
+            load_continuum_pixels,
+            normalize,
+        )
+        from astra_provider.sdss.spectrum import read_spectrum
+
+        output_dir = Path(self.output_dir or astra_home() / "outputs" / "continuum")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        mask = load_continuum_pixels()
+
+        spectra, owners = [], []
+        for task, data_products in self.iterable():
+            try:
+                spectrum = read_spectrum(data_products[0].path)
+                if spectrum.n_pixels != mask.size:
+                    raise ValueError(
+                        f"{data_products[0].path}: {spectrum.n_pixels} pixels, expected {mask.size}"
+                    )
+            except (ValueError, OSError) as error:
+                self.fail(task, error)
+                continue
+            spectra.append(spectrum)
+            owners.append((task, data_products[0]))
+        if not spectra:
+            return []
+        wavelength = spectra[0].wavelength
+        flux = np.concatenate([s.flux for s in spectra])
+        ivar = np.concatenate([s.ivar for s in spectra])
+        continuum = fit_sinusoidal_continuum(
+            wavelength, flux, ivar, mask, deg=self.deg, L=float(self.length_scale), on_failure="nan"
+        )
+        flux_norm, ivar_norm = normalize(flux, ivar, continuum)
+
+        results, start = {}, 0
+        for (task, data_product), spectrum in zip(owners, spectra, strict=True):
+            rows = slice(start, start + spectrum.n_spectra)
+            start += spectrum.n_spectra
+            failed = ~np.all(np.isfinite(continuum[rows][:, mask]), axis=1)
+            if failed.all():
+                self.fail(task, f"{data_product.path}: too few usable continuum pixels to fit any row")
+                continue
+            path = output_dir / f"astraContinuum-{Path(data_product.path).stem}.fits"
+            write_normalized(
+                path,
+                wavelength,
+                flux_norm[rows],
+                ivar_norm[rows],
+                continuum[rows],
+                spectrum.snr,
+                source=data_product.path,
+                deg=self.deg,
+                length_scale=float(self.length_scale),
+            )
+            self.add_output_data_product(task, path)
+            for row in range(spectrum.n_spectra):
+                used = mask & (ivar_norm[rows][row] > 0)
+                residual = (flux_norm[rows][row] - 1.0)[used] * np.sqrt(ivar_norm[rows][row][used])
+                self.add_result(
+                    task,
+                    Continuum,
+                    data_product=data_product,
+                    row_index=row,
+                    snr=float(spectrum.snr[row]),
+                    n_continuum_pixels=int(used.sum()),
+                    rms_residual=float(np.sqrt(np.mean(residual**2))) if used.any() else None,
+                    bitmask_flag=FLAG_FIT_FAILED if failed[row] else 0,
+                )
+            results[task.pk] = {
+                "path": str(path),
+                "rows": spectrum.n_spectra,
+                "failed_rows": int(failed.sum()),
+            }
+        return [results.get(task.pk) for task, _ in self.iterable()]
+
+
+def write_normalized(
+    path: str | os.PathLike,
+    wavelength,
+    flux,
+    ivar,
+    continuum,
+    snr,
+    *,
+    source: str,
+    deg: int,
+    length_scale: float,
+) -> None:
+    """Write normalised spectra (see the module docstring for the layout)."""
+    import numpy as np
+    from astropy.io import fits
+
+    from astra_provider import __version__
+
+    header = fits.Header()
+    header["SOURCE"] = os.fspath(source)  # the input spectrum file (long paths use CONTINUE cards)
+    header["CONTDEG"] = (deg, "sinusoid pairs per region")
+    header["CONTL"] = (length_scale, "sinusoid period (Angstrom)")
+    header["V_ASTRA"] = (__version__, "astra-provider version")
+    hdus = [
+        fits.PrimaryHDU(header=header),
+        fits.ImageHDU(np.asarray(wavelength, dtype=np.float64), name="WAVELENGTH"),
+        fits.ImageHDU(np.asarray(flux, dtype=np.float32), name="FLUX"),
+        fits.ImageHDU(np.asarray(ivar, dtype=np.float32), name="IVAR"),
+        fits.ImageHDU(np.asarray(continuum, dtype=np.float32), name="CONTINUUM"),
+        fits.BinTableHDU.from_columns(
+            [fits.Column(name="SNR", format="E", array=np.asarray(snr))], name="ROWS"
+        ),
+    ]
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+
+
+def read_normalized(path: str | os.PathLike):
+    """Read a file written by :func:`write_normalized` into a ``Spectrum``."""
+    import numpy as np
+    from astropy.io import fits
+
+    from astra_provider.sdss.spectrum import Spectrum, SpectrumReadError
+
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            names = {hdu.name for hdu in hdul}
+            missing = {"WAVELENGTH", "FLUX", "IVAR", "CONTINUUM", "ROWS"} - names
+            if missing:
+                raise SpectrumReadError(
+                    path, f"not a normalised-spectrum file: missing HDU(s) {sorted(missing)}"
+                )
+            flux = np.asarray(hdul["FLUX"].data, dtype=float)
+            ivar = np.asarray(hdul["IVAR"].data, dtype=float)
+            return Spectrum(
+                wavelength=np.asarray(hdul["WAVELENGTH"].data, dtype=float),
+                flux=flux,
+                ivar=np.where(np.isfinite(flux), ivar, 0.0),
+                meta={
+                    "path": os.fspath(path),
+                    "filetype": "astraContinuum",
+                    "source": hdul[0].header.get("SOURCE"),
+                    "continuum": (hdul[0].header.get("CONTDEG"), hdul[0].header.get("CONTL")),
+                    "snr": np.asarray(hdul["ROWS"].data["SNR"], dtype=float),
+                },
+                extras={"continuum": np.asarray(hdul["CONTINUUM"].data, dtype=float)},
+            )
+    except SpectrumReadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SpectrumReadError(path, f"cannot read normalised spectra ({error})") from None
