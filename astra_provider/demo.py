@@ -39,11 +39,15 @@ def main(argv: Sequence[str] = ()) -> int:
     with session_scope() as session:
         recorded = session.get(Bundle, bundle.bundle.pk) if bundle.bundle else None
     if recorded is not None:
-        print(f"\nBundle {recorded.pk}: {recorded.n_tasks} tasks, execute took {recorded.time_execute:.6f} s "
-              f"of which {recorded.time_execute_overhead:.6f} s was bundle overhead")
+        print(
+            f"\nBundle {recorded.pk}: {recorded.n_tasks} tasks, execute took {recorded.time_execute:.6f} s "
+            f"of which {recorded.time_execute_overhead:.6f} s was bundle overhead"
+        )
 
     again = GreedyPrimes(max_value=30)
     again.execute()
-    print(f"\nRunning GreedyPrimes(max_value=30) again: {again.summary()['skipped']} task skipped as already done.")
+    print(
+        f"\nGreedyPrimes(max_value=30) again: {again.summary()['skipped']} task skipped as already done."
+    )
     print("Inspect a task with:  astra show", pks[0])
     return 0

@@ -68,22 +68,36 @@ def naive(paths: list[str], offset: float) -> float:
     start = time.perf_counter()
     with database.session_scope() as session:
         for i, path in enumerate(paths):
-            values = {"model_path": "model.npz", "initial_teff": 4000.0 + offset + i, "initial_logg": 2.0 + (i % 7) / 10}
-            task = Task(task_module=__name__, task_name="RecordingBenchTask", version=__version__,
-                        task_id=stable_hash([values, path]), status_code=int(Status.COMPLETED))
+            values = {
+                "model_path": "model.npz",
+                "initial_teff": 4000.0 + offset + i,
+                "initial_logg": 2.0 + (i % 7) / 10,
+            }
+            task = Task(
+                task_module=__name__,
+                task_name="RecordingBenchTask",
+                version=__version__,
+                task_id=stable_hash([values, path]),
+                status_code=int(Status.COMPLETED),
+            )
             session.add(task)
             product = session.scalars(
-                select(DataProduct).where(DataProduct.filetype == "full", DataProduct.kwargs_hash == stable_hash(path))
+                select(DataProduct).where(
+                    DataProduct.filetype == "full", DataProduct.kwargs_hash == stable_hash(path)
+                )
             ).first()
             if product is None:
-                product = DataProduct(filetype="full", kwargs={"full": path}, kwargs_hash=stable_hash(path), path=path)
+                product = DataProduct(
+                    filetype="full", kwargs={"full": path}, kwargs_hash=stable_hash(path), path=path
+                )
                 session.add(product)
             session.flush()
             for name, value in values.items():
                 encoded = canonical_json(value)
                 row = session.scalars(
-                    select(ParameterRow).where(ParameterRow.parameter_name == name,
-                                               ParameterRow.parameter_value == encoded)
+                    select(ParameterRow).where(
+                        ParameterRow.parameter_name == name, ParameterRow.parameter_value == encoded
+                    )
                 ).first()
                 if row is None:
                     row = ParameterRow(parameter_name=name, parameter_value=encoded)
@@ -101,9 +115,11 @@ def measure(label: str, url: str, paths: list[str], baseline_paths: list[str]) -
     bulk_time = bulk(paths, offset=0.0)
     naive_time = naive(baseline_paths, offset=0.5)
     bulk_rate, naive_rate = len(paths) / bulk_time, len(baseline_paths) / naive_time
-    print(f"{label:<11} bulk: {len(paths):>6} tasks in {bulk_time:6.2f} s = {bulk_rate:8.0f} tasks/s | "
-          f"naive: {len(baseline_paths):>5} tasks in {naive_time:6.2f} s = {naive_rate:6.0f} tasks/s | "
-          f"ratio {bulk_rate / naive_rate:5.1f}x")
+    print(
+        f"{label:<11} bulk: {len(paths):>6} tasks in {bulk_time:6.2f} s = {bulk_rate:8.0f} tasks/s | "
+        f"naive: {len(baseline_paths):>5} tasks in {naive_time:6.2f} s = {naive_rate:6.0f} tasks/s | "
+        f"ratio {bulk_rate / naive_rate:5.1f}x"
+    )
     database.configure(None)
     database.dispose_engines()
 
@@ -116,9 +132,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = make_files(root / "bulk", args.tasks) if (root / "bulk").mkdir() is None else []
-        baseline_paths = make_files(root / "naive", args.baseline_tasks) if (root / "naive").mkdir() is None else []
-        print(f"Recording a bundle of {args.tasks} tasks (3 parameters, 1 data product each); "
-              f"naive baseline on {args.baseline_tasks} tasks, one add + commit per task.")
+        baseline_paths = (
+            make_files(root / "naive", args.baseline_tasks) if (root / "naive").mkdir() is None else []
+        )
+        print(
+            f"Recording a bundle of {args.tasks} tasks (3 parameters, 1 data product each); "
+            f"naive baseline on {args.baseline_tasks} tasks, one add + commit per task."
+        )
         with temporary_postgres() as admin_url:
             measure("PostgreSQL", create_database(admin_url, "bench_recording"), paths, baseline_paths)
         measure("SQLite", f"sqlite:///{root / 'astra.db'}", paths, baseline_paths)

@@ -1,0 +1,84 @@
+"""Doppler radial velocities as a task, bundled on ``model_path``.
+
+Each task reads one apVisit file. The model (a Cannon model from ``TrainTheCannon``) is loaded once per
+bundle; every visit is resampled onto the model's log-linear (apStar) grid in its observed frame,
+pseudo-continuum normalised, and the whole bundle is measured in one batch by
+:func:`astra_provider.science.doppler.measure_radial_velocities` (FFT cross-correlation against templates
+from the model, then a joint Gauss-Newton fit of velocity and labels). The barycentric correction comes from
+the file header (``BC``, km/s): ``vhelio = vrel + bc``. One ``astra.doppler`` row per visit; ``bitmask_flag``
+holds :class:`astra_provider.science.doppler.RVFlag` bits.
+"""
+
+from __future__ import annotations
+
+from astra_provider.base import Parameter, TaskInstance
+from astra_provider.database.astradb import Doppler
+
+
+class DopplerRadialVelocity(TaskInstance):
+    """Radial velocity and template labels of apVisit spectra."""
+
+    model_path = Parameter(bundled=True, description="A Cannon model file (templates for the CCF and fit).")
+    max_velocity = Parameter(default=1000.0, bundled=True, description="Largest |velocity| searched (km/s).")
+
+    def pre_execute(self):
+        from astra_provider.science.cannon import CannonModel
+
+        self.model = CannonModel.load(self.model_path)
+
+    def execute(self):
+        import numpy as np
+
+        from astra_provider.science.continuum import continuum_normalize
+        from astra_provider.science.doppler import measure_radial_velocities
+        from astra_provider.science.resample import resample_linear
+        from astra_provider.sdss.spectrum import read_spectrum
+
+        grid = self.model.wavelength
+        fluxes, ivars, owners = [], [], []
+        for task, data_products in self.iterable():
+            path = data_products[0].path
+            try:
+                visit = read_spectrum(path)
+                flux, ivar = resample_linear(visit.wavelength, visit.flux[:1], visit.ivar[:1], grid)
+                flux, ivar, _ = continuum_normalize(grid, flux, ivar)
+                bc = float(visit.meta.get("bc", np.nan))
+                if not np.isfinite(bc):
+                    raise ValueError(f"{path}: no barycentric correction (BC) in the header")
+            except (ValueError, OSError) as error:
+                self.fail(task, error)
+                continue
+            fluxes.append(flux)
+            ivars.append(ivar)
+            owners.append((task, data_products[0], bc, float(visit.snr[0])))
+        if not owners:
+            return []
+        result = measure_radial_velocities(
+            grid,
+            np.concatenate(fluxes),
+            np.concatenate(ivars),
+            self.model,
+            max_velocity=float(self.max_velocity),
+        )
+        outputs = {}
+        for index, (task, data_product, bc, snr) in enumerate(owners):
+            row = {
+                "vrel": result.vrel[index],
+                "u_vrel": result.u_vrel[index],
+                "bc": bc,
+                "vhelio": result.vrel[index] + bc,
+                "chisq": result.chisq[index],
+                "ccf_peak": result.ccf_peak[index],
+                "snr": snr,
+                "bitmask_flag": int(result.flag[index]),
+            }
+            for name in ("teff", "logg", "fe_h"):
+                row[name] = getattr(result, name)[index]
+                row[f"u_{name}"] = getattr(result, f"u_{name}")[index]
+            row = {
+                key: (float(value) if np.isfinite(value) else None) if key != "bitmask_flag" else value
+                for key, value in row.items()
+            }
+            self.add_result(task, Doppler, data_product=data_product, **row)
+            outputs[task.pk] = {"vhelio": row["vhelio"], "u_vrel": row["u_vrel"], "flag": row["bitmask_flag"]}
+        return [outputs.get(task.pk) for task, _ in self.iterable()]
