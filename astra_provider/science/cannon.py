@@ -770,8 +770,8 @@ def _update_scatter(
     for _ in range(n_steps):
         np.add(variance, s2.astype(variance.dtype), out=weight)
         np.reciprocal(weight, out=weight)
-        # float32 sums: the score is accumulated from w~ (w~ r^2 - 1), whose terms average to zero, so there is
-        # no cancellation and the fixed point is precise; float64 accumulators would double the cost here.
+        # float32 sums: the score is accumulated from w~ (w~ r^2 - 1), whose terms average to zero, so
+        # there is no cancellation and the fixed point is precise; float64 accumulators would double the cost.
         info = np.einsum("np,np->p", weight, weight).astype(np.float64)
         np.multiply(weight, residual_sq, out=product)
         product -= 1.0
