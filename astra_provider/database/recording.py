@@ -1,25 +1,55 @@
-"""Bulk get-or-create of provenance rows: data products, parameters and sources.
+"""Bulk recording of provenance rows: tasks, parameters, data products, sources and their links.
 
-Everything here issues a handful of statements per call whatever the number of rows (``INSERT ... ON
-CONFLICT DO NOTHING`` executemany, then one ``SELECT`` per chunk), so recording 10,000 tasks costs a few
-round trips, not 10,000.
+Recording a bundle of 10,000 tasks writes about 70,000 rows. Everything here issues a handful of statements
+per call, whatever the number of rows: :func:`insert_rows` and :func:`update_rows` write any number of
+rows of any table, :func:`select_in` reads rows by a list of values, :func:`allocate_pks` reserves primary
+keys, and :func:`get_or_create` (data products, parameters, sources) is built from those.
+
+**The PostgreSQL fast path.** psycopg2 sends every value of an ``executemany`` (even batched or as a
+multi-row ``VALUES``) as a separate SQL literal that the server has to parse; that, not the writing, is most
+of the cost of a large insert. Instead, each *column* travels as one bound parameter holding a PostgreSQL
+array literal (``'{1,2,3}'``, written by :func:`pg_array`), and one statement turns the arrays back into
+rows::
+
+    INSERT INTO astra.task_parameter (task_pk, parameter_pk)
+    SELECT v.task_pk, v.parameter_pk
+    FROM unnest(CAST(:a0 AS BIGINT[]), CAST(:a1 AS BIGINT[])) AS v(task_pk, parameter_pk)
+
+The server reads an array literal with its array input function, about as fast as ``COPY``, and unlike
+``COPY`` the same statement can also carry ``ON CONFLICT DO NOTHING`` and ``RETURNING``, and feed an
+``UPDATE ... FROM``. Values are still bound parameters: nothing is formatted into the SQL text. Values are
+first converted by their column type's bind processor (JSON columns are serialized exactly as SQLAlchemy
+would), so the stored data is the same as with an ORM or Core insert.
+
+SQLite runs in-process, so it keeps ``executemany``: sqlite3's own, on the same processed values
+(SQLAlchemy Core's ``insertmanyvalues`` when rows must be returned).
+
+Primary keys of new tasks and results are reserved first (:func:`allocate_pks`), so no statement has to
+return keys in input order.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Table, select
+from sqlalchemy import Column, Select, Table, Text, any_, cast, func, literal, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.orm import Session, configure_mappers
 
 from astra_provider.database.astradb import DataProduct, Parameter, Source, SourceDataProduct
-from astra_provider.utils import stable_hash
+from astra_provider.utils import canonical_json
 
-CHUNK = 2000
+CHUNK = 2000  # values per IN list (SQLite)
+PG_CHUNK = 50_000  # rows per statement (PostgreSQL)
 
 
 def build(model: type, values: Mapping[str, Any]) -> Any:
@@ -29,16 +59,19 @@ def build(model: type, values: Mapping[str, Any]) -> Any:
     large bundle; this fills the instance dictionary directly. The objects are not attached to a session.
     """
     instance = model.__mapper__.class_manager.new_instance()
-    keys = _attribute_keys(model)
-    instance.__dict__.update((keys.get(name, name), value) for name, value in values.items())
+    state = instance.__dict__
+    state.update(values)
+    for column_name, attribute in _renamed_attributes(model):  # e.g. DataProduct "metadata" -> metadata_
+        if column_name in state:
+            state[attribute] = state.pop(column_name)
     return instance
 
 
 @functools.cache
-def _attribute_keys(model: type) -> dict[str, str]:
-    """Column name -> attribute name (they differ for e.g. ``DataProduct.metadata_``)."""
+def _renamed_attributes(model: type) -> tuple[tuple[str, str], ...]:
+    """(column name, attribute name) for the columns whose attribute has another name."""
     configure_mappers()  # instrumented attributes are only usable once mappers are configured
-    return {column.name: key for key, column in model.__mapper__.columns.items()}
+    return tuple((column.name, key) for key, column in model.__mapper__.columns.items() if key != column.name)
 
 
 def chunked(items: Sequence, size: int = CHUNK) -> Iterable[Sequence]:
@@ -46,16 +79,371 @@ def chunked(items: Sequence, size: int = CHUNK) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def insert_ignore(session: Session, table: Table, rows: list[dict], conflict_columns: Sequence[str]) -> None:
-    """Insert ``rows`` into ``table``, skipping rows that collide on ``conflict_columns``."""
+# Canonical JSON of flat values --------------------------------------------------------------------------
+
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str (ensure_ascii)
+
+
+def _scalar_json(value: Any) -> str | None:
+    kind = type(value)
+    if kind is str:
+        return _json_string(value)
+    if kind is float:
+        return float.__repr__(value) if math.isfinite(value) else "null"  # to_jsonable: non-finite -> None
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    return None
+
+
+def canonical_json_fast(value: Any) -> str:
+    """Exactly ``utils.canonical_json(value)``, written directly for scalars and flat dicts of them.
+
+    Parameter values and data product keywords are almost always such values, and encoding them is
+    per-task work in a bundle; the generic path (``to_jsonable`` and a ``json.dumps`` per value) costs several
+    times more. Anything else (lists, nested dicts, numpy values, ...) goes to ``canonical_json``.
+    """
+    encoded = _scalar_json(value)
+    if encoded is not None:
+        return encoded
+    if type(value) is dict and all(type(key) is str for key in value):
+        items = [(_json_string(key), _scalar_json(item)) for key, item in sorted(value.items())]
+        if all(item is not None for _, item in items):
+            return "{" + ",".join(f"{key}:{item}" for key, item in items) + "}"
+    return canonical_json(value)
+
+
+def hash_json(encoded: str, length: int = 20) -> str:
+    """``utils.stable_hash`` of a value whose canonical JSON is ``encoded``."""
+    return hashlib.sha1(encoded.encode()).hexdigest()[:length]
+
+
+# Bulk statements ------------------------------------------------------------------------------------------
+
+
+def _is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _pg_element(value: Any) -> str:
+    """One element of a PostgreSQL array literal."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return float.__repr__(value)  # nan, inf and -inf are valid input too
+    if isinstance(value, str):
+        return _pg_string(value)
+    if isinstance(value, datetime | date):
+        return '"' + value.isoformat() + '"'
+    raise TypeError(f"cannot send a {type(value).__name__} in a PostgreSQL array")
+
+
+def _pg_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'  # quoted: only " and \ are escaped
+
+
+def pg_array(values: Sequence[Any]) -> str:
+    """A PostgreSQL array literal, e.g. ``'{1,NULL,"a\\"b"}'``, of None, bool, int, float, str, datetime."""
+    kinds = set(map(type, values))
+    if kinds == {int}:  # the common columns (keys) first, without a call per element
+        body = ",".join(map(int.__repr__, values))
+    elif kinds == {float}:
+        body = ",".join(map(float.__repr__, values))
+    elif kinds == {str}:
+        body = ",".join(map(_pg_string, values))
+    else:
+        body = ",".join(map(_pg_element, values))
+    return "{" + body + "}"
+
+
+def _pg_type(column: Column, dialect: Dialect) -> str:
+    return column.type.compile(dialect=dialect)
+
+
+def _processed(column: Column, dialect: Dialect, values: Iterable[Any]) -> list[Any]:
+    """``values`` as SQLAlchemy would send them for ``column`` (e.g. JSON serialized)."""
+    process = column.type.dialect_impl(dialect).bind_processor(dialect)
+    if process is None:
+        return list(values)
+    null = process(None)  # e.g. JSON 'null': computed once, as most values of a JSON column are None
+    return [null if value is None else process(value) for value in values]
+
+
+def _python_defaults(table: Table) -> dict[str, Any]:
+    """The Python-side defaults (``default=``) of ``table``'s columns, as Core applies them to an insert."""
+    defaults = {}
+    for column in table.columns:
+        if column.default is not None and column.default.is_scalar:
+            defaults[column.name] = column.default.arg
+        elif column.default is not None and column.default.is_callable:  # e.g. utcnow, once per statement
+            defaults[column.name] = column.default.arg(None)
+    return defaults
+
+
+def _prepare(
+    session: Session, table: Table, rows: Sequence[Mapping[str, Any]], same_for_all: Mapping[str, Any] | None
+) -> tuple[Dialect, list[str], dict[str, Any], dict[str, Any]]:
+    """The dialect, the rows' columns, the (processed) values shared by all rows, and per-column fillers.
+
+    A row may leave out a column that other rows have: it gets the column's default (else NULL), as if
+    it had been inserted alone. Columns no row has get their default as a shared value.
+    """
+    dialect = session.get_bind().dialect
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    defaults = _python_defaults(table)
+    shared = dict(same_for_all or {})
+    shared |= {name: value for name, value in defaults.items() if name not in columns and name not in shared}
+    shared = {name: _processed(table.c[name], dialect, [value])[0] for name, value in shared.items()}
+    return dialect, columns, shared, {name: defaults.get(name) for name in columns}
+
+
+def _column_values(
+    table: Table,
+    dialect: Dialect,
+    columns: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    fill: Mapping[str, Any] | None = None,
+) -> list[list[Any]]:
+    """The processed values of each column of ``rows``; with ``fill``, rows may leave columns out."""
+    if fill is None:
+        return [_processed(table.c[name], dialect, [row[name] for row in rows]) for name in columns]
+    return [
+        _processed(table.c[name], dialect, [row.get(name, fill[name]) for row in rows]) for name in columns
+    ]
+
+
+def _pg_unnest(
+    table: Table,
+    dialect: Dialect,
+    columns: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    fill: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, str]]:
+    """``unnest(CAST(:a0 AS T0[]), ...) AS v(c0, ...)`` and its parameters: an array literal per column."""
+    quote = dialect.identifier_preparer.quote
+    types = [_pg_type(table.c[name], dialect) for name in columns]
+    arrays = ", ".join(f"CAST(:a{i} AS {sql_type}[])" for i, sql_type in enumerate(types))
+    values = _column_values(table, dialect, columns, rows, fill)
+    parameters = {f"a{i}": pg_array(column) for i, column in enumerate(values)}
+    return f"unnest({arrays}) AS v({', '.join(map(quote, columns))})", parameters
+
+
+def _pg_shared(table: Table, dialect: Dialect, shared: Mapping[str, Any]) -> tuple[list[str], dict]:
+    """``CAST(:k0 AS T0)``, ... and their parameters, for (processed) values shared by every row."""
+    expressions = [f"CAST(:k{i} AS {_pg_type(table.c[name], dialect)})" for i, name in enumerate(shared)]
+    return expressions, {f"k{i}": value for i, value in enumerate(shared.values())}
+
+
+def insert_rows(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    same_for_all: Mapping[str, Any] | None = None,
+    on_conflict_do_nothing: Sequence[str] = (),
+    returning: Sequence[str] = (),
+) -> list[Row]:
+    """Insert ``rows`` (dicts: column -> value) into ``table`` in bulk; the ``returning`` rows if asked.
+
+    :param same_for_all: column values shared by every row (sent once, not once per row).
+    :param on_conflict_do_nothing: skip rows that collide on this unique key (only the inserted rows are
+        returned).
+    :param returning: columns to return for the inserted rows (in no particular order: return a key).
+
+    Columns a row leaves out get their Python-side default (else NULL), as with an ORM or Core insert.
+    """
+    if not rows:
+        return []
+    if returning and not _is_postgresql(session):  # sqlite3's executemany cannot return rows
+        statement = sqlite.insert(table).returning(*(table.c[name] for name in returning))
+        if on_conflict_do_nothing:
+            statement = statement.on_conflict_do_nothing(index_elements=list(on_conflict_do_nothing))
+        return session.execute(statement, [{**(same_for_all or {}), **row} for row in rows]).all()
+
+    dialect, columns, shared, fill = _prepare(session, table, rows, same_for_all)
+    quote = dialect.identifier_preparer.quote
+    target = dialect.identifier_preparer.format_table(table)
+    into = f"INSERT INTO {target} ({', '.join(map(quote, [*columns, *shared]))})"
+    suffix = ""
+    if on_conflict_do_nothing:
+        suffix += f" ON CONFLICT ({', '.join(map(quote, on_conflict_do_nothing))}) DO NOTHING"
+    if returning:
+        suffix += f" RETURNING {', '.join(map(quote, returning))}"
+    if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
+        placeholders = ", ".join("?" * (len(columns) + len(shared)))
+        values = zip(*_column_values(table, dialect, columns, rows, fill), strict=True)
+        session.connection().exec_driver_sql(
+            f"{into} VALUES ({placeholders}){suffix}", [(*row, *shared.values()) for row in values]
+        )
+        return []
+
+    shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
+    selected = ", ".join([*(f"v.{quote(name)}" for name in columns), *shared_sql])
+    returned: list[Row] = []
+    for chunk in chunked(rows, PG_CHUNK):
+        source, parameters = _pg_unnest(table, dialect, columns, chunk, fill)
+        result = session.execute(
+            text(f"{into} SELECT {selected} FROM {source}{suffix}"), {**parameters, **shared_parameters}
+        )
+        if returning:
+            returned.extend(result.all())
+    return returned
+
+
+def update_rows(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key: str = "pk",
+    same_for_all: Mapping[str, Any] | None = None,
+) -> None:
+    """Update, for each of ``rows`` (dicts with the same keys, ``key`` among them), the row it names.
+
+    :param same_for_all: column values set on every row (sent once, not once per row).
+    """
     if not rows:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    statement = insert(table).on_conflict_do_nothing(index_elements=list(conflict_columns))
-    session.execute(statement, rows)
+    dialect = session.get_bind().dialect
+    quote = dialect.identifier_preparer.quote
+    columns = [name for name in rows[0] if name != key]
+    shared = {name: _processed(table.c[name], dialect, [v])[0] for name, v in (same_for_all or {}).items()}
+    target = dialect.identifier_preparer.format_table(table)
+    if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
+        assignments = ", ".join(f"{quote(name)} = ?" for name in [*columns, *shared])
+        values = zip(*_column_values(table, dialect, [*columns, key], rows), strict=True)
+        session.connection().exec_driver_sql(
+            f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?",
+            [(*row[:-1], *shared.values(), row[-1]) for row in values],
+        )
+        return
+
+    shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
+    assignments = ", ".join(
+        [
+            *(f"{quote(name)} = v.{quote(name)}" for name in columns),
+            *(f"{quote(name)} = {sql}" for name, sql in zip(shared, shared_sql, strict=True)),
+        ]
+    )
+    for chunk in chunked(rows, PG_CHUNK):
+        source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk)
+        session.execute(
+            text(
+                f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE t.{quote(key)} = v.{quote(key)}"
+            ),
+            {**parameters, **shared_parameters},
+        )
+
+
+def allocate_pks(session: Session, table: Table, n: int) -> list[int]:
+    """``n`` new primary keys of ``table`` for this transaction's inserts.
+
+    Rows inserted with keys known in advance need no ``RETURNING`` (whose row order PostgreSQL does not
+    promise to match the input order). PostgreSQL: ``nextval`` of the ``pk`` sequence. SQLite: the keys
+    after the largest one; safe because every transaction of the astra SQLite engine takes the write lock
+    when it begins (``BEGIN IMMEDIATE``, see :mod:`astra_provider.database`), so no one else can insert.
+    """
+    if n <= 0:
+        return []
+    if _is_postgresql(session):
+        return list(
+            session.execute(
+                text("SELECT nextval(pg_get_serial_sequence(:table, 'pk')) FROM generate_series(1, :n)"),
+                {"table": table.fullname, "n": n},
+            ).scalars()
+        )
+    start = session.execute(select(func.coalesce(func.max(table.c.pk), 0))).scalar_one() + 1
+    return list(range(start, start + n))
+
+
+def select_in(session: Session, statement: Select, column: Any, values: Iterable[Any]) -> list[Row]:
+    """The rows of ``statement`` where ``column`` is one of ``values``.
+
+    One statement with ``column = ANY(array)`` on PostgreSQL (an indexed lookup whatever the number of
+    values); ``IN`` lists of ``CHUNK`` values on SQLite.
+    """
+    values = list(values)
+    if not values:
+        return []
+    if _is_postgresql(session):
+        array = cast(literal(pg_array(values), Text), postgresql.ARRAY(column.type))
+        return session.execute(statement.where(column == any_(array))).all()
+    rows: list[Row] = []
+    for chunk in chunked(values):
+        rows.extend(session.execute(statement.where(column.in_(chunk))).all())
+    return rows
+
+
+# Get-or-create ------------------------------------------------------------------------------------------
+
+
+def _select_by_key(
+    session: Session, table: Table, key: Sequence[str], keys: Iterable[tuple]
+) -> dict[tuple, dict[str, Any]]:
+    """The rows of ``table`` whose ``key`` columns are one of ``keys``, as dicts by key.
+
+    Keys are grouped by all but their last column, so each lookup is ``k1 = :a AND k2 = ANY(...)``: the
+    unique index on ``key`` serves it (a row-value ``IN`` list plans badly on PostgreSQL).
+    """
+    groups: dict[tuple, list[Any]] = {}
+    for values in keys:
+        groups.setdefault(tuple(values[:-1]), []).append(values[-1])
+    found = {}
+    for prefix, last_values in groups.items():
+        statement = select(table).where(*(table.c[name] == value for name, value in zip(key, prefix)))
+        for row in select_in(session, statement, table.c[key[-1]], last_values):
+            mapping = dict(row._mapping)
+            found[tuple(mapping[name] for name in key)] = mapping
+    return found
+
+
+def get_or_create(
+    session: Session,
+    table: Table,
+    key: Sequence[str],
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    same_for_all: Mapping[str, Any] | None = None,
+) -> dict[tuple, dict[str, Any]]:
+    """The row (a dict with its ``pk``) of each of ``rows``, by its ``key`` values; missing rows are inserted.
+
+    Existing rows are looked up first, so a re-run inserts nothing and consumes no sequence numbers; the
+    others are inserted with ``ON CONFLICT DO NOTHING`` on the unique ``key``, and the few that a
+    concurrent writer inserted meanwhile are looked up again. New rows are returned as given, with their
+    ``pk`` and the ``same_for_all`` values.
+    """
+    wanted: dict[tuple, Mapping[str, Any]] = {}
+    for row in rows:
+        wanted.setdefault(tuple(row[name] for name in key), row)
+    found = _select_by_key(session, table, key, wanted)
+    missing = [row for values, row in wanted.items() if values not in found]
+    if missing:
+        inserted = insert_rows(
+            session,
+            table,
+            missing,
+            same_for_all=same_for_all,
+            on_conflict_do_nothing=key,
+            returning=("pk", *key),
+        )
+        for pk, *values in inserted:
+            found[tuple(values)] = {**wanted[tuple(values)], **(same_for_all or {}), "pk": pk}
+        lost = [values for values in wanted if values not in found]  # inserted meanwhile by someone else
+        if lost:
+            found.update(_select_by_key(session, table, key, lost))
+    return found
+
+
+# Data products, parameters, sources ---------------------------------------------------------------------
+
+DATA_PRODUCT_KEY = ("release", "filetype", "kwargs_hash")
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +460,9 @@ class DataProductSpec:
     kwargs_hash: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kwargs_hash", stable_hash({"filetype": self.filetype, **self.kwargs}))
+        # stable_hash({"filetype": ..., **kwargs}), via the fast encoder (from_path is per-file work)
+        hashed = hash_json(canonical_json_fast({"filetype": self.filetype, **self.kwargs}))
+        object.__setattr__(self, "kwargs_hash", hashed)
 
     @property
     def identity(self) -> str:
@@ -87,34 +477,37 @@ class DataProductSpec:
         return cls(filetype="full", kwargs={"full": absolute}, path=absolute)
 
 
-def get_or_create_data_products(session: Session, specs: Sequence[DataProductSpec]) -> list[DataProduct]:
-    """The ``DataProduct`` rows for ``specs`` (same order), inserting the ones that do not exist yet."""
+def _unique_specs(specs: Iterable[DataProductSpec]) -> dict[tuple[str, str, str], DataProductSpec]:
     unique: dict[tuple[str, str, str], DataProductSpec] = {}
     for spec in specs:
         unique.setdefault((spec.release, spec.filetype, spec.kwargs_hash), spec)
-    rows = [
-        {
-            "release": spec.release,
-            "filetype": spec.filetype,
-            "kwargs": spec.kwargs,
-            "kwargs_hash": key[2],
-            "path": spec.path,
-            "metadata": spec.metadata,
-        }
-        for key, spec in unique.items()
-    ]
-    insert_ignore(session, DataProduct.__table__, rows, ("release", "filetype", "kwargs_hash"))
-    found: dict[tuple[str, str, str], DataProduct] = {}
-    table = DataProduct.__table__
-    # Select by the hash alone (a plain indexed IN list; row-value IN lists plan badly on PostgreSQL)
-    # and match release and filetype here.
-    for chunk in chunked(sorted({key[2] for key in unique})):
-        for row in session.execute(select(table).where(table.c.kwargs_hash.in_(chunk))).mappings():
-            key = (row["release"], row["filetype"], row["kwargs_hash"])
-            if key in unique:
-                found[key] = build(DataProduct, row)
-    _link_sources(session, [(found[key], spec.source) for key, spec in unique.items() if spec.source])
-    return [found[(spec.release, spec.filetype, spec.kwargs_hash)] for spec in specs]
+    return unique
+
+
+def _spec_row(spec: DataProductSpec) -> dict[str, Any]:
+    return {
+        "release": spec.release,
+        "filetype": spec.filetype,
+        "kwargs_hash": spec.kwargs_hash,
+        "kwargs": spec.kwargs,
+        "path": spec.path,
+        "metadata": spec.metadata,
+    }
+
+
+def get_or_create_data_products(session: Session, specs: Sequence[DataProductSpec]) -> list[DataProduct]:
+    """The ``DataProduct`` rows for ``specs`` (same order), inserting the ones that do not exist yet."""
+    unique = _unique_specs(specs)
+    found = get_or_create(
+        session,
+        DataProduct.__table__,
+        DATA_PRODUCT_KEY,
+        [_spec_row(spec) for spec in unique.values()],
+        same_for_all={"created": datetime.now(UTC)},
+    )
+    products = {key: build(DataProduct, row) for key, row in found.items()}
+    _link_sources(session, [(products[key], spec.source) for key, spec in unique.items() if spec.source])
+    return [products[(spec.release, spec.filetype, spec.kwargs_hash)] for spec in specs]
 
 
 def _link_sources(session: Session, pairs: list[tuple[DataProduct, dict[str, Any]]]) -> None:
@@ -124,65 +517,44 @@ def _link_sources(session: Session, pairs: list[tuple[DataProduct, dict[str, Any
     by_catalogid = {int(s["catalogid"]): s for _, s in pairs if s.get("catalogid") is not None}
     by_obj = {str(s["obj"]): s for _, s in pairs if s.get("catalogid") is None and s.get("obj")}
     table = Source.__table__
-    insert_ignore(
+    with_catalogid = get_or_create(
         session,
         table,
+        ("catalogid",),
         [
             {"catalogid": k, "obj": s.get("obj"), "ra": s.get("ra"), "dec": s.get("dec")}
             for k, s in by_catalogid.items()
         ],
-        ("catalogid",),
     )
-    insert_ignore(
+    with_obj = get_or_create(
         session,
         table,
-        [{"catalogid": None, "obj": k, "ra": s.get("ra"), "dec": s.get("dec")} for k, s in by_obj.items()],
         ("obj",),
+        [{"catalogid": None, "obj": k, "ra": s.get("ra"), "dec": s.get("dec")} for k, s in by_obj.items()],
     )
-    source_pk: dict[tuple[str, Any], int] = {}
-    for chunk in chunked(list(by_catalogid)):
-        for pk, catalogid in session.execute(
-            select(Source.pk, Source.catalogid).where(Source.catalogid.in_(chunk))
-        ):
-            source_pk[("catalogid", catalogid)] = pk
-    for chunk in chunked(list(by_obj)):
-        for pk, obj in session.execute(select(Source.pk, Source.obj).where(Source.obj.in_(chunk))):
-            source_pk[("obj", obj)] = pk
     links = []
     for product, source in pairs:
-        key = (
-            ("catalogid", int(source["catalogid"]))
-            if source.get("catalogid") is not None
-            else ("obj", str(source["obj"]))
-        )
-        links.append({"source_pk": source_pk[key], "data_product_pk": product.pk})
-    insert_ignore(session, SourceDataProduct.__table__, links, ("source_pk", "data_product_pk"))
+        if source.get("catalogid") is not None:
+            row = with_catalogid[(int(source["catalogid"]),)]
+        else:
+            row = with_obj[(str(source["obj"]),)]
+        links.append({"source_pk": row["pk"], "data_product_pk": product.pk})
+    insert_rows(
+        session, SourceDataProduct.__table__, links, on_conflict_do_nothing=("source_pk", "data_product_pk")
+    )
 
 
 def get_or_create_parameters(
     session: Session, pairs: Iterable[tuple[str, str]]
 ) -> dict[tuple[str, str], int]:
     """Primary keys of the ``(parameter_name, parameter_value)`` pairs, inserting missing ones."""
-    unique = list(dict.fromkeys(pairs))
-    insert_ignore(
+    found = get_or_create(
         session,
         Parameter.__table__,
-        [{"parameter_name": name, "parameter_value": value} for name, value in unique],
         ("parameter_name", "parameter_value"),
+        [{"parameter_name": name, "parameter_value": value} for name, value in pairs],
     )
-    wanted = set(unique)
-    found: dict[tuple[str, str], int] = {}
-    for name in sorted({name for name, _ in unique}):
-        values = sorted({value for n, value in unique if n == name})
-        for chunk in chunked(values):
-            for pk, value in session.execute(
-                select(Parameter.pk, Parameter.parameter_value).where(
-                    Parameter.parameter_name == name, Parameter.parameter_value.in_(chunk)
-                )
-            ):
-                if (name, value) in wanted:
-                    found[(name, value)] = pk
-    return found
+    return {pair: row["pk"] for pair, row in found.items()}
 
 
 def register_new_data_products(session: Session, specs: Sequence[DataProductSpec]) -> list[DataProduct]:
@@ -193,36 +565,18 @@ def register_new_data_products(session: Session, specs: Sequence[DataProductSpec
     """
     if not specs:
         return []
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    unique: dict[tuple[str, str, str], DataProductSpec] = {}
-    for spec in specs:
-        unique.setdefault((spec.release, spec.filetype, spec.kwargs_hash), spec)
-    table = DataProduct.__table__
-    statement = (
-        insert(table)
-        .on_conflict_do_nothing(index_elements=["release", "filetype", "kwargs_hash"])
-        .returning(table.c.pk)
+    unique = _unique_specs(specs)
+    inserted = insert_rows(
+        session,
+        DataProduct.__table__,
+        [_spec_row(spec) for spec in unique.values()],
+        same_for_all={"created": datetime.now(UTC)},
+        on_conflict_do_nothing=DATA_PRODUCT_KEY,
+        returning=("pk",),
     )
-    created_pks: list[int] = []
-    rows = [
-        {
-            "release": r,
-            "filetype": f,
-            "kwargs": s.kwargs,
-            "kwargs_hash": h,
-            "path": s.path,
-            "metadata": s.metadata,
-        }
-        for (r, f, h), s in unique.items()
+    created = [
+        row[0] for row in select_in(session, select(DataProduct), DataProduct.pk, [r[0] for r in inserted])
     ]
-    for chunk in chunked(rows, 1000):
-        created_pks.extend(session.execute(statement, chunk).scalars().all())
-    created: list[DataProduct] = []
-    for chunk in chunked(created_pks):
-        created.extend(session.scalars(select(DataProduct).where(DataProduct.pk.in_(chunk))))
     by_key = {(p.release, p.filetype, p.kwargs_hash): p for p in created}
     _link_sources(session, [(by_key[k], s.source) for k, s in unique.items() if k in by_key and s.source])
     return [by_key[k] for k in unique if k in by_key]

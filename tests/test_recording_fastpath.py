@@ -1,0 +1,96 @@
+"""The bulk recording fast paths give exactly what the generic code would (suggested for tests/)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from sqlalchemy import text
+
+from astra_provider.base import Parameter, TaskInstance, _encode, _task_id
+from astra_provider.database import session_scope
+from astra_provider.database.astradb import Continuum
+from astra_provider.database.recording import canonical_json_fast, pg_array
+from astra_provider.utils import canonical_json, stable_hash
+
+VALUES = [
+    "",
+    'a"b\\c',
+    "é☃\n\t{},NULL",
+    0,
+    -7,
+    2**70,
+    0.0,
+    -0.0,
+    1.5,
+    1e-300,
+    float("nan"),
+    float("inf"),
+    None,
+    True,
+    False,
+    (1, "a"),
+    [1.5, None],
+    {"b": 1, "a": "x"},
+    {"k": [1, 2]},
+    {1: "int key"},
+    {"n": float("nan")},
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+def test_canonical_json_fast_is_canonical_json(value):
+    assert canonical_json_fast(value) == canonical_json(value)
+
+
+class Identity(TaskInstance):
+    a = Parameter()
+    b = Parameter(default=1)
+
+    def execute(self):
+        return None
+
+
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+def test_task_id_is_the_stable_hash_of_the_task(value):
+    parameters = {"a": value, "b": -0.0}
+    identities = ["/full/abc", "dr19/apVisit/é"]
+    expected = "Identity_" + stable_hash([Identity.__module__, Identity.__qualname__, parameters, identities])
+    assert _task_id(Identity, {k: _encode(v) for k, v in parameters.items()}, identities) == expected
+
+
+def test_pg_array_round_trips(postgres_db):
+    strings = ["", 'a"b\\c', "NULL", None, " x ", "é☃\n\t{},"]
+    floats = [1.5, -0.0, float("inf"), float("-inf"), None, 5e-324]
+    integers = [0, -(2**63), 2**63 - 1, None]
+    with session_scope() as session:
+        row = session.execute(
+            text("SELECT CAST(:s AS TEXT[]), CAST(:f AS FLOAT8[]), CAST(:i AS BIGINT[])"),
+            {"s": pg_array(strings), "f": pg_array(floats), "i": pg_array(integers)},
+        ).one()
+    assert row[0] == strings and row[2] == integers
+    assert [None if x is None else math.copysign(1, x) * abs(x) for x in row[1]] == floats
+
+
+class MixedResults(TaskInstance):
+    x = Parameter()
+
+    def execute(self):
+        for task, data_products in self.iterable():
+            x = task.parameters["x"]
+            if x == 2:
+                self.add_result(task, Continuum, snr=2.0, row_index=7)  # a column the others leave out
+            else:
+                self.add_result(task, Continuum, data_product=data_products[0] if x else None, snr=float(x))
+
+
+def test_result_rows_may_set_different_columns(astra_db, data_files):
+    MixedResults(input_data_products=[str(p) for p in data_files[:3]], x=(0, 1, 2)).execute()
+    with session_scope() as session:
+        rows = session.execute(
+            text(
+                "select data_product_pk is not null, snr, row_index, bitmask_flag "
+                "from astra.continuum order by output_pk"
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [(False, 0.0, 0, 0), (True, 1.0, 0, 0), (False, 2.0, 7, 0)]
