@@ -11,8 +11,9 @@ What it does (every measurement runs in its own subprocess, so the peak RSS is t
    ``astra_provider.synthetic.model``: ``--n-train`` training stars at S/N 150 with intrinsic scatter, and
    ``--n-test`` test stars at each ``--snr``, plus their Cramér–Rao bounds (with the scatter).
 2. Trains our model on the first ``--n-compare`` and on all ``--n-train`` stars (float64 inputs) and reports
-   wall time and peak RSS (``ru_maxrss``, which includes the input arrays; the RSS after loading the data is
-   shown separately), then fits all test stars in one batch (ms/star).
+   wall time, CPU time and the peak RSS during training (Linux VmHWM, reset after loading the data, so it
+   includes the resident input arrays, whose RSS is shown separately), then fits all test stars in one batch
+   (ms/star, best of two).
 3. Runs TheCannon 0.7.3 on exactly the same arrays (the first ``--n-compare`` training stars, the same test
    set), passed as ``.npz`` to ``bench/thecannon_worker.py`` in a separate venv ``.venv-bench-thecannon``
    (created on first use: ``thecannon==0.7.3`` + matplotlib + astropy, same numpy/scipy/astropy versions
@@ -94,12 +95,34 @@ def prepare_data(workdir: Path, n_train: int, n_test: int, snrs: list[float]) ->
 
 def load_rows(path: Path, n: int) -> np.ndarray:
     """The first ``n`` rows of a .npy file, as an in-memory float64 array."""
-    return np.array(np.load(path, mmap_mode="r")[:n], dtype=np.float64)
+    rows = np.load(path, mmap_mode="r")
+    if n >= rows.shape[0]:
+        return np.load(path).astype(np.float64, copy=False)
+    return np.array(rows[:n], dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses)
 # ------------------------------------------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
 
 
 def peak_rss_mb() -> float:
@@ -124,7 +147,8 @@ def worker_train(workdir: Path, n: int, threads: int | None) -> dict:
     flux = load_rows(workdir / "train_flux.npy", n)
     ivar = load_rows(workdir / "train_ivar.npy", n)
     wavelength = np.load(workdir / "wavelength.npy")
-    rss_data = peak_rss_mb()
+    rss_data = current_rss_mb()
+    reset_peak_rss()  # the peak below is that of training (with the data resident), not of loading
     start = time.perf_counter()
     cpu = time.process_time()
     model = train(labels, flux, ivar, ["teff", "logg", "fe_h"], wavelength, n_threads=threads)

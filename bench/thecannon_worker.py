@@ -21,6 +21,26 @@ import time
 import numpy as np
 
 
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak-RSS counter (Linux >= 4.0), so that the peak measured is that of training."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
     """Peak RSS (MB) of this address space: Linux VmHWM (not inherited across fork + exec), else ru_maxrss."""
     try:
@@ -37,7 +57,8 @@ def main() -> None:
     source, target = sys.argv[1], sys.argv[2]
     with np.load(source, allow_pickle=False) as data:
         arrays = {key: np.array(data[key]) for key in data.files}
-    rss_data_mb = peak_rss_mb()
+    rss_data_mb = current_rss_mb()
+    reset_peak_rss()
 
     import matplotlib
 

@@ -428,6 +428,11 @@ def test_loading_something_else_raises_a_clear_value_error(world_model: CannonMo
     with pytest.raises(ValueError, match=r"broken\.npz is not a Cannon model file: missing kind"):
         CannonModel.load(broken_zip)
 
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip archive")
+    with pytest.raises(ValueError, match=r"corrupt\.npz is not a readable \.npz file"):
+        CannonModel.load(corrupt)
+
     with pytest.raises(FileNotFoundError):
         CannonModel.load(tmp_path / "absent.npz")
     with pytest.raises(ValueError, match="unknown Cannon model format"):

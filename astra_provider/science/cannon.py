@@ -32,6 +32,7 @@ import enum
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -443,16 +444,16 @@ class CannonModel:
             raise ValueError(f"{path} is not a Cannon model: kind is {kind!r}, expected {MODEL_KIND!r}")
         if missing:
             raise ValueError(f"{path} is not a Cannon model file: missing {', '.join(missing)}")
-        version = int(arrays["format_version"])
+        try:
+            version = int(arrays["format_version"])
+            regularization = np.asarray(arrays["regularization"], dtype=np.float64)
+            metadata = json.loads(str(arrays["metadata_json"]))
+        except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not a valid Cannon model file: {exc}") from None
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"{path} has Cannon model format version {version}; this code reads <= {FORMAT_VERSION}"
             )
-        regularization = np.asarray(arrays["regularization"], dtype=np.float64)
-        try:
-            metadata = json.loads(str(arrays["metadata_json"]))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: metadata_json is not valid JSON ({exc})") from None
         try:
             return cls(
                 label_names=tuple(str(s) for s in np.atleast_1d(arrays["label_names"])),
@@ -471,7 +472,7 @@ class CannonModel:
                 regularization=float(regularization[0]) if regularization.size == 1 else regularization,
                 metadata=metadata,
             )
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -503,7 +504,7 @@ class CannonModel:
             magic = handle.read(6)
         if magic.startswith(b"PK"):
             try:
-                with np.load(path, allow_pickle=False) as npz:
+                with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
                     arrays = {}
                     for key in npz.files:
                         try:
@@ -512,7 +513,7 @@ class CannonModel:
                             raise ValueError(
                                 f"{path}: array {key!r} cannot be read without pickle ({exc})"
                             ) from None
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, zipfile.BadZipFile) as exc:
                 raise ValueError(f"{path} is not a readable .npz file ({exc})") from None
         elif magic == b"SIMPLE" or magic.startswith(b"\x1f\x8b"):
             arrays = _read_fits(path)
@@ -528,7 +529,6 @@ def _write_fits(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     primary.header["KIND"] = (MODEL_KIND, "file content")
     primary.header["FMTVER"] = (FORMAT_VERSION, "Cannon model format version")
     primary.header["NTRAIN"] = (int(arrays["n_training"]), "number of training spectra")
-    k = len(arrays["label_names"])
     theta = fits.ImageHDU(np.asarray(arrays["theta"]), name="THETA")
     regularization = np.broadcast_to(arrays["regularization"], arrays["s2"].shape)
     pixels = fits.BinTableHDU.from_columns(
@@ -558,7 +558,6 @@ def _write_fits(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         ],
         name="LABELS",
     )
-    assert labels.data.shape == (k,)
     levels = fits.ImageHDU(np.asarray(arrays["training_label_percentile_levels"]), name="PERCENTILE_LEVELS")
     term_width = max(1, max(len(s) for s in arrays["terms"]))
     terms = fits.BinTableHDU.from_columns(
@@ -829,7 +828,8 @@ def train(
     n_scatter_steps : maximum Fisher-scoring steps on s2 per cycle.
     weight_tol : convergence tolerance on the relative change of the weights ``ivar / (1 + ivar s2)``.
     min_stars_per_pixel : pixels with fewer stars with data are masked (default 2 D).
-    pixel_chunk_size : pixels processed at once (default: about 1M data elements, 8 MB per array).
+    pixel_chunk_size : pixels processed at once (default: about 2M data elements, >= 128 pixels; much
+        smaller chunks make the BLAS calls inefficient).
     max_design_bytes : above this the pair-product design matrix is built per star chunk to bound memory.
     lasso_tol, lasso_max_sweeps : coordinate-descent convergence (largest change in units of the coefficient's
         statistical error) and sweep limit when ``regularization > 0``.
@@ -882,7 +882,7 @@ def train(
         return out
 
     if pixel_chunk_size is None:
-        pixel_chunk_size = int(np.clip(1_000_000 // max(n_stars, 1), 32, 4096))
+        pixel_chunk_size = int(np.clip(2_000_000 // max(n_stars, 1), 128, 4096))
     theta = np.zeros((n_pixels, n_terms))
     theta[:, 0] = 1.0
     s2 = np.zeros(n_pixels)
@@ -1003,7 +1003,9 @@ class CannonResult:
 
     ``covariance`` is the formal (inverse Fisher) covariance with weights ``ivar / (1 + ivar s2)``, converted
     from scaled units with ``cov_ij * scale_i * scale_j``.  It is multiplied by ``reduced_chi_sq`` only if
-    ``fit(..., scale_uncertainties=True)``.  ``flags`` holds :class:`CannonFlag` bits.
+    ``fit(..., scale_uncertainties=True)``. ``flags`` holds :class:`CannonFlag` bits. ``n_iterations`` counts
+    the Levenberg-Marquardt iterations over all starts, and ``start_index`` says which start won (0 linear
+    estimate, 1 zero, 2 all +1, 3 all -1, 4 ``initial_labels``; -1 if not fitted).
     """
 
     label_names: tuple[str, ...]
