@@ -1,0 +1,334 @@
+"""Planning bundles for Airflow: group per-task keyword arguments, chunk them, and rebuild the bundles.
+
+This module has no Airflow imports; the operators in :mod:`astra_provider.operators` call it.
+
+* :func:`plan_bundles` takes one dict of keyword arguments per task (for example ``{"input_data_products":
+  12}``), groups them by the task class's *bundled* parameters (the semantics of
+  :func:`astra_provider.base.bundle_key`), chunks each group to ``bundle_size`` and caps the number of bundles
+  at ``max_bundles`` by growing the bundle size. It returns compact, JSON-safe bundle descriptions.
+* :func:`instance_from_bundle` rebuilds the :class:`~astra_provider.base.TaskInstance` of one bundle.
+* :func:`encode_pks` / :func:`decode_pks` write long lists of primary keys as ranges (small XComs).
+
+A bundle description (the value of ``bundle`` in ``{"bundle": ...}``)::
+
+    {
+        "label": "ScaledSum offset=1.0 (250 tasks, 1/4)",   # used as the mapped task's label
+        "key": {"offset": 1.0},                          # the bundled parameters
+        "size": 250,
+        "shared": {"offset": 1.0, "scale": 2},           # parameters equal for every task of the bundle
+        "columns": {"value": [...]},                     # per-task values of the other parameters
+        "data_product_pks": [[101, 350]],                # one input data product per task, range-encoded
+        # or "input_data_products": [...]                # per-task inputs when they are not single pks
+    }
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from astra_provider.utils import canonical_json, to_jsonable
+
+if TYPE_CHECKING:
+    from astra_provider.base import TaskInstance
+
+INPUTS = "input_data_products"
+_RANGE = re.compile(r"\d+(-\d+)?")
+
+
+# Primary keys as ranges ------------------------------------------------------------------------------
+
+
+def encode_pks(pks: Iterable[int]) -> list[int | list[int]]:
+    """Write ``pks`` (order kept) as ints, ``[first, last]`` runs of consecutive pks and
+    ``[first, last, step]`` arithmetic runs (at least three pks each).
+
+    ``encode_pks([1, 2, 3, 4, 7, 9, 10, 11, 20, 30, 40]) == [[1, 4], 7, [9, 11], [20, 40, 10]]``.
+    """
+    values = [int(pk) for pk in pks]
+    encoded: list[int | list[int]] = []
+    start, n = 0, len(values)
+    while start < n:
+        stop = start + 1
+        if stop < n and values[stop] > values[start]:
+            step = values[stop] - values[start]
+            while stop + 1 < n and values[stop + 1] - values[stop] == step:
+                stop += 1
+            if stop - start >= 2:
+                first, last = values[start], values[stop]
+                encoded.append([first, last] if step == 1 else [first, last, step])
+                start = stop + 1
+                continue
+        encoded.append(values[start])
+        start += 1
+    return encoded
+
+
+def decode_pks(value: Any) -> list[int]:
+    """The pks written by :func:`encode_pks` (plain lists of ints and ``"first-last"`` strings work too)."""
+    if value is None:
+        return []
+    if isinstance(value, int | str):
+        value = [value]
+    pks: list[int] = []
+    for entry in value:
+        if isinstance(entry, bool):
+            raise TypeError(f"{entry!r} is not a primary key")
+        if isinstance(entry, int):
+            pks.append(entry)
+        elif isinstance(entry, list | tuple) and len(entry) in (2, 3):
+            first, last, step = int(entry[0]), int(entry[1]), int(entry[2]) if len(entry) == 3 else 1
+            if step < 1 or last < first or (last - first) % step:
+                raise ValueError(f"{list(entry)!r} is not a [first, last(, step)] range of primary keys")
+            pks.extend(range(first, last + 1, step))
+        elif isinstance(entry, str) and _RANGE.fullmatch(entry.strip()):
+            first, _, last = entry.strip().partition("-")
+            pks.extend(range(int(first), int(last or first) + 1))
+        else:
+            raise TypeError(f"{entry!r} is not a primary key or a [first, last] range of primary keys")
+    return pks
+
+
+# Grouping and chunking -------------------------------------------------------------------------------
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON types (cheap for the common scalars)."""
+    if type(value) in _SCALARS or (type(value) is float and math.isfinite(value)):
+        return value
+    return to_jsonable(value)
+
+
+def _fingerprint(value: Any) -> Any:
+    """A hashable stand-in for a JSON value: equal fingerprints mean equal canonical JSON."""
+    if type(value) in _SCALARS or type(value) is float:
+        return (type(value), value)
+    return canonical_json(value)
+
+
+def choose_bundle_size(group_sizes: Sequence[int], bundle_size: int, max_bundles: int | None) -> int:
+    """The smallest size >= ``bundle_size`` that splits the groups into at most ``max_bundles`` bundles."""
+    if bundle_size < 1:
+        raise ValueError(f"bundle_size must be at least 1, got {bundle_size}")
+    if not group_sizes or max_bundles is None:
+        return bundle_size
+    if max_bundles < 1:
+        raise ValueError(f"max_bundles must be at least 1, got {max_bundles}")
+    if len(group_sizes) > max_bundles:
+        raise ValueError(
+            f"the tasks fall into {len(group_sizes)} groups of distinct bundled parameter values, more than "
+            f"max_bundles={max_bundles}; every group needs its own bundle: raise max_bundles"
+        )
+
+    def n_bundles(size: int) -> int:
+        return sum(math.ceil(n / size) for n in group_sizes)
+
+    low, high = bundle_size, max(bundle_size, max(group_sizes))
+    while low < high:  # n_bundles() decreases with size: find the smallest size that fits
+        middle = (low + high) // 2
+        if n_bundles(middle) <= max_bundles:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _split_evenly(n: int, n_chunks: int) -> list[tuple[int, int]]:
+    base, extra = divmod(n, n_chunks)
+    bounds, start = [], 0
+    for index in range(n_chunks):
+        stop = start + base + (1 if index < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = value if isinstance(value, str) else canonical_json(value)
+    if isinstance(value, str) and os.sep in value:
+        text = os.path.basename(value.rstrip(os.sep)) or value
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def bundle_label(class_name: str, key: Mapping[str, Any], size: int, index: int, n_chunks: int) -> str:
+    """A readable name for one bundle: class, bundled parameters, number of tasks and chunk."""
+    parts = [class_name, *(f"{name}={_short(value)}" for name, value in key.items())]
+    chunk = f", {index + 1}/{n_chunks}" if n_chunks > 1 else ""
+    return f"{' '.join(parts)} ({size} task{'s' if size != 1 else ''}{chunk})"
+
+
+def _check_names(cls: type[TaskInstance], names: frozenset[str], where: str) -> None:
+    definitions = cls.parameter_definitions()
+    unknown = sorted(names - set(definitions) - {INPUTS})
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__}: {where} has unknown parameter(s) {', '.join(map(repr, unknown))} "
+            f"(known parameters: {', '.join(sorted(definitions)) or 'none'})"
+        )
+    missing = sorted(n for n, p in definitions.items() if p.required and n not in names)
+    if missing:
+        raise TypeError(
+            f"{cls.__name__}: {where} misses required parameter(s) {', '.join(map(repr, missing))}"
+        )
+
+
+def plan_bundles(
+    task_class: type[TaskInstance],
+    items: Iterable[Mapping[str, Any]],
+    *,
+    parameters: Mapping[str, Any] | None = None,
+    bundle_size: int = 500,
+    max_bundles: int | None = 100,
+) -> list[dict[str, Any]]:
+    """Group per-task keyword arguments into bundle descriptions (see the module docstring).
+
+    :param task_class: the task class; its bundled parameters decide which tasks may share a bundle.
+    :param items: one mapping per task: parameter values and, optionally, ``input_data_products`` (a data
+        product pk, a path, or a list of those for a task with several inputs).
+    :param parameters: values for every task (an item's own values take precedence).
+    :param bundle_size: the preferred number of tasks per bundle.
+    :param max_bundles: the maximum number of bundles; the bundle size grows to respect it.
+    :returns: bundle descriptions, in a stable order (by bundled values, then by position).
+    """
+    cls = task_class
+    definitions = cls.parameter_definitions()
+    bundled = cls.bundled_parameter_names()
+    common = dict(parameters or {})
+    checked: set[frozenset[str]] = set()
+    groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for position, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise TypeError(f"task {position}: expected a mapping of keyword arguments, got {item!r}")
+        kwargs = {**common, **item}
+        names = frozenset(kwargs)
+        if names not in checked:
+            _check_names(cls, names, f"task {position} ({sorted(names)})")
+            checked.add(names)
+        values = [_plain(kwargs.get(name, definitions[name].default)) for name in bundled]
+        fingerprint = tuple(_fingerprint(value) for value in values)
+        group = groups.get(fingerprint)
+        if group is None:
+            key = {
+                name: _plain(definitions[name].normalize(v)) for name, v in zip(bundled, values, strict=True)
+            }
+            group = groups[fingerprint] = (key, [])
+        group[1].append(kwargs)
+
+    size = choose_bundle_size([len(members) for _, members in groups.values()], bundle_size, max_bundles)
+    bundles = []
+    for key, members in sorted(groups.values(), key=lambda group: canonical_json(group[0])):
+        instance_from_kwargs(cls, members[0])  # fail here, naming the problem, rather than in every bundle
+        n_chunks = math.ceil(len(members) / size)
+        for index, (start, stop) in enumerate(_split_evenly(len(members), n_chunks)):
+            bundles.append(_describe(cls, key, members[start:stop], index, n_chunks))
+    return bundles
+
+
+def _describe(
+    cls: type[TaskInstance], key: dict[str, Any], members: list[dict[str, Any]], index: int, n_chunks: int
+) -> dict[str, Any]:
+    names = sorted({name for kwargs in members for name in kwargs} - {INPUTS})
+    shared: dict[str, Any] = {}
+    columns: dict[str, list[Any]] = {}
+    definitions = cls.parameter_definitions()
+    for name in names:
+        values = [_plain(kwargs.get(name, definitions[name].default)) for kwargs in members]
+        first = _fingerprint(values[0])
+        if all(_fingerprint(value) == first for value in values[1:]):
+            shared[name] = values[0]
+        else:
+            columns[name] = values
+    description: dict[str, Any] = {
+        "label": bundle_label(cls.__name__, key, len(members), index, n_chunks),
+        "key": key,
+        "size": len(members),
+        "shared": shared,
+        "columns": columns,
+    }
+    inputs = [kwargs.get(INPUTS) for kwargs in members]
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in inputs):
+        description["data_product_pks"] = encode_pks(inputs)
+    elif any(value is not None for value in inputs):
+        description[INPUTS] = [_plain(value) for value in inputs]
+    return description
+
+
+# Rebuilding instances --------------------------------------------------------------------------------
+
+
+def bundle_items(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The per-task keyword arguments of a bundle description."""
+    size = int(bundle["size"])
+    if "data_product_pks" in bundle:
+        inputs: list[Any] = decode_pks(bundle["data_product_pks"])
+    else:
+        inputs = list(bundle.get(INPUTS) or [None] * size)
+    if len(inputs) != size:
+        raise ValueError(f"bundle {bundle.get('label')!r}: {len(inputs)} inputs for {size} tasks")
+    items = []
+    for index in range(size):
+        kwargs = dict(bundle.get("shared") or {})
+        kwargs.update({name: values[index] for name, values in (bundle.get("columns") or {}).items()})
+        if inputs[index] is not None:
+            kwargs[INPUTS] = inputs[index]
+        items.append(kwargs)
+    return items
+
+
+def instance_from_kwargs(cls: type[TaskInstance], kwargs: Mapping[str, Any]) -> TaskInstance:
+    """One task of ``cls`` from its keyword arguments (``input_data_products`` is one task's inputs)."""
+    kwargs = dict(kwargs)
+    inputs = kwargs.pop(INPUTS, None)
+    if inputs is None:
+        return cls(**kwargs)
+    return cls(input_data_products=[inputs], **kwargs)
+
+
+def instance_from_bundle(cls: type[TaskInstance], bundle: Mapping[str, Any]) -> TaskInstance:
+    """The one :class:`~astra_provider.base.TaskInstance` (a bundle) that runs every task of ``bundle``."""
+    from astra_provider.base import bundler
+
+    definitions = cls.parameter_definitions()
+    shared = dict(bundle.get("shared") or {})
+    columns = dict(bundle.get("columns") or {})
+    size = int(bundle["size"])
+    # Fast path: one instance built from columns, when the base class would read them the same way.
+    if (
+        "data_product_pks" in bundle
+        and all(definitions[name].splittable for name in columns)
+        and not any(
+            definitions[name].splittable and isinstance(v, list | tuple) for name, v in shared.items()
+        )
+    ):
+        pks = decode_pks(bundle["data_product_pks"])
+        if len(pks) != size:
+            raise ValueError(f"bundle {bundle.get('label')!r}: {len(pks)} data products for {size} tasks")
+        return cls(
+            input_data_products=pks,
+            **shared,
+            **{name: tuple(values) for name, values in columns.items()},
+        )
+    instances = bundler(instance_from_kwargs(cls, kwargs) for kwargs in bundle_items(bundle))
+    if len(instances) != 1:
+        raise ValueError(
+            f"bundle {bundle.get('label')!r} holds tasks with different bundled parameters; "
+            "it was not made by plan_bundles()"
+        )
+    return instances[0]
+
+
+__all__ = [
+    "bundle_items",
+    "bundle_label",
+    "choose_bundle_size",
+    "decode_pks",
+    "encode_pks",
+    "instance_from_bundle",
+    "instance_from_kwargs",
+    "plan_bundles",
+]

@@ -1,0 +1,258 @@
+"""Operators that execute astra task classes through the core framework (provenance, skip-if-done).
+
+* :class:`AstraTaskOperator` runs any :class:`~astra_provider.base.TaskInstance` class, given as a class or a
+  dotted path, with templated ``parameters`` and ``input_data_products``.
+* :class:`ExecuteBundleOperator` runs one bundle planned by
+  :class:`~astra_provider.operators.bundle.BundleTasksOperator`; map it with ``.partial(...).expand_kwargs(
+  bundles.output)`` so that each mapped task instance runs one bundle (the model is loaded once per bundle).
+
+Both push a compact summary XCom (counts and range-encoded task pks, never results) and fail the Airflow task
+when more than ``max_failure_fraction`` of the tasks failed, listing the failed tasks in the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from astra_provider.operators._inputs import (
+    as_bool,
+    is_discovery,
+    is_summary,
+    materialize,
+    resolve_data_products,
+)
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from astra_provider.base import TaskInstance
+    from astra_provider.hooks.astra import AstraHook
+
+DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.bundle['label'] }}"
+FAILED_TASKS_IN_XCOM = 20
+
+
+class AstraTaskFailedError(AirflowException):
+    """More astra tasks failed than the operator's ``max_failure_fraction`` allows."""
+
+
+def task_class_path(task_class: str | type) -> str:
+    """The dotted path of a task class given as a class or a path."""
+    if isinstance(task_class, str):
+        if "." not in task_class:
+            raise ValueError(f"task_class {task_class!r} is not a dotted path (module.Class)")
+        return task_class
+    return f"{task_class.__module__}.{task_class.__qualname__}"
+
+
+def compact_summary(summary: Mapping[str, Any], label: str | None = None) -> dict[str, Any]:
+    """The XCom form of :meth:`TaskInstance.summary`: pks as ranges, at most 20 failure details."""
+    from astra_provider.bundling import encode_pks
+
+    failed = list(summary.get("failed_tasks") or [])
+    compact = {
+        "task_class": summary["task_class"],
+        "n_tasks": summary["n_tasks"],
+        "completed": summary["completed"],
+        "skipped": summary["skipped"],
+        "failed": summary["failed"],
+        "bundle_pk": summary.get("bundle_pk"),
+        "task_pks": encode_pks(summary.get("task_pks") or []),
+        "failed_task_pks": encode_pks(item["pk"] for item in failed),
+        "failed_tasks": failed[:FAILED_TASKS_IN_XCOM],
+    }
+    if label:
+        compact["label"] = label
+    return compact
+
+
+def _shorten(value: Any, width: int = 200) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+class AstraTaskOperator(BaseOperator):
+    """Execute an astra task class with provenance.
+
+    :param task_class: a :class:`~astra_provider.base.TaskInstance` subclass, or its dotted path (imported
+        when the task runs, so DAG files stay cheap to parse).
+    :param parameters: the task's parameters (templated). Tuples of per-task values make a bundle, as in
+        ``TaskInstance(...)``.
+    :param input_data_products: (templated) what the task class accepts (a path, a pk, a list of those, one
+        per task), or an upstream XCom: the data product sensor's, or an astra operator's (meaning the output
+        data products of its completed tasks).
+    :param input_filetypes: keep only the input data products of these filetypes (with an upstream XCom).
+    :param force: run even if identical tasks already completed (templated).
+    :param max_failure_fraction: the Airflow task fails when more than this fraction of the tasks failed
+        (templated; ``0`` fails on any failure). Failed tasks are recorded in the astra database either way.
+    :param astra_conn_id: the Airflow connection of the astra database (see
+        :class:`~astra_provider.hooks.astra.AstraHook`).
+    """
+
+    template_fields: Sequence[str] = ("parameters", "input_data_products", "force", "max_failure_fraction")
+    template_fields_renderers = {"parameters": "json", "input_data_products": "json"}
+    ui_color = "#e8d8f5"
+
+    def __init__(
+        self,
+        *,
+        task_class: str | type,
+        parameters: dict[str, Any] | None = None,
+        input_data_products: Any = None,
+        input_filetypes: Sequence[str] | None = None,
+        force: bool | str = False,
+        max_failure_fraction: float | str = 0.0,
+        astra_conn_id: str = "astra_default",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.task_class = task_class_path(task_class)
+        self._task_class_object = None if isinstance(task_class, str) else task_class
+        self.parameters = parameters or {}
+        self.input_data_products = input_data_products
+        self.input_filetypes = list(input_filetypes) if input_filetypes else None
+        self.force = force
+        self.max_failure_fraction = max_failure_fraction
+        self.astra_conn_id = astra_conn_id
+
+    # Helpers shared with ExecuteBundleOperator ------------------------------------------------------
+
+    def get_hook(self) -> AstraHook:
+        from astra_provider.hooks.astra import AstraHook
+
+        return AstraHook(astra_conn_id=self.astra_conn_id)
+
+    def load_task_class(self) -> type[TaskInstance]:
+        """The task class (imported now: science modules may be heavy)."""
+        if self._task_class_object is not None:
+            return self._task_class_object
+        from astra_provider.base import import_task_class
+
+        return import_task_class(self.task_class)
+
+    def run_instance(
+        self, instance: TaskInstance, hook: AstraHook, label: str | None = None
+    ) -> dict[str, Any]:
+        """Execute ``instance``, log what happened, fail past the failure fraction; return the XCom."""
+        from astra_provider.base import TaskFailedError
+
+        name = label or f"{type(instance).__name__} ({len(instance)} task{'s' if len(instance) != 1 else ''})"
+        self.log.info("Running %s", name)
+        with suppress(TaskFailedError):  # every task failed: recorded, and reported from the summary
+            instance.execute(force=as_bool(self.force))
+        summary = instance.summary()
+        n_tasks, done, failed = summary["n_tasks"], summary["skipped"], summary["failed"]
+        if done == n_tasks:
+            self.log.info(
+                "%s: all %d task(s) already done (identical tasks completed with this version); stored "
+                "results reused. Set force=True to run them again.",
+                name,
+                n_tasks,
+            )
+        elif done:
+            self.log.info(
+                "%s: %d of %d task(s) already done; ran the other %d", name, done, n_tasks, n_tasks - done
+            )
+        xcom = compact_summary(summary, label)
+        self.log.info(
+            "%s: %d completed, %d already done, %d failed (bundle pk %s; task pks %s)",
+            name,
+            summary["completed"],
+            done,
+            failed,
+            summary["bundle_pk"],
+            _shorten(xcom["task_pks"]),
+        )
+        if failed:
+            self._log_failures(summary["failed_tasks"], hook)
+            fraction = failed / n_tasks
+            allowed = float(self.max_failure_fraction)
+            first = summary["failed_tasks"][0]
+            message = (
+                f"{failed} of {n_tasks} {summary['task_class']} task(s) failed ({fraction:.1%}); first: task "
+                f"{first['pk']} ({first['stage']}): {first['error']}"
+            )
+            if fraction > allowed:
+                raise AstraTaskFailedError(f"{message} (max_failure_fraction={allowed:g})")
+            self.log.warning(
+                "%s; within max_failure_fraction=%g, so this Airflow task succeeds", message, allowed
+            )
+        return xcom
+
+    def _log_failures(self, failures: list[dict[str, Any]], hook: AstraHook) -> None:
+        paths = hook.input_data_product_paths([item["pk"] for item in failures])
+        lines = [
+            f"  task {item['pk']} [{item['stage']}] inputs={paths.get(item['pk'], [])}: {item['error']}"
+            for item in failures
+        ]
+        self.log.error(
+            "%d failed task(s) (inspect one with `astra show <pk>`):\n%s", len(failures), "\n".join(lines)
+        )
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        hook = self.get_hook()
+        hook.configure()
+        cls = self.load_task_class()
+        inputs = materialize(self.input_data_products)
+        if (
+            is_discovery(inputs)
+            or is_summary(inputs)
+            or (isinstance(inputs, list) and inputs and all(is_summary(i) or is_discovery(i) for i in inputs))
+        ):
+            inputs = resolve_data_products(inputs, hook, self.input_filetypes)
+            if not inputs:
+                from airflow.sdk.exceptions import AirflowSkipException
+
+                raise AirflowSkipException("no input data products upstream")
+        parameters = dict(self.parameters or {})
+        instance = cls(input_data_products=inputs, **parameters) if inputs is not None else cls(**parameters)
+        return self.run_instance(instance, hook)
+
+
+class ExecuteBundleOperator(AstraTaskOperator):
+    """Execute one bundle planned by :class:`~astra_provider.operators.bundle.BundleTasksOperator`.
+
+    Meant to be mapped, one task instance per bundle::
+
+        bundles = BundleTasksOperator(task_id="continuum_bundles", task_class=..., data_products=...)
+        ExecuteBundleOperator.partial(
+            task_id="continuum", task_class=..., map_index_template="{{ task.bundle['label'] }}"
+        ).expand_kwargs(bundles.output)
+
+    :param bundle: one bundle description (mapped; not templated, to keep big bundles out of the
+        rendered-fields table).
+    :param max_failure_fraction: the mapped task fails when more than this fraction of its tasks failed
+        (default 0.1); the failed tasks are listed in its log.
+
+    Other parameters are those of :class:`AstraTaskOperator`. Without a ``map_index_template`` the mapped
+    task instances are labelled with the bundle's label (class, bundled parameters, size).
+    """
+
+    template_fields: Sequence[str] = ("force", "max_failure_fraction")
+
+    def __init__(
+        self,
+        *,
+        task_class: str | type,
+        bundle: dict[str, Any],
+        max_failure_fraction: float | str = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(task_class=task_class, max_failure_fraction=max_failure_fraction, **kwargs)
+        self.bundle = bundle
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from astra_provider.bundling import instance_from_bundle
+
+        if context.get("map_index_template") is None:
+            context["map_index_template"] = DEFAULT_MAP_INDEX_TEMPLATE
+        hook = self.get_hook()
+        hook.configure()
+        cls = self.load_task_class()
+        instance = instance_from_bundle(cls, self.bundle)
+        return self.run_instance(instance, hook, label=self.bundle.get("label"))

@@ -1,0 +1,5 @@
+"""Airflow DAG built from astra_test_discovery.yaml by the astra DAG factory."""
+
+from astra_provider.dag_factory import dag_from_spec
+
+dag = dag_from_spec(__file__)

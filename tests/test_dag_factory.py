@@ -1,0 +1,256 @@
+"""The YAML DAG factory: building DAGs, validating specs, isolating broken specs, checking task classes."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from airflow_helpers import TEST_DAGS, environment
+
+from astra_provider.dag_factory import (
+    SpecError,
+    check_task_classes,
+    dag_from_spec,
+    load_spec,
+    main,
+)
+
+DAG_FILE = '"""Airflow DAG built by the astra DAG factory."""\n\nfrom astra_provider.dag_factory import dag_from_spec\n\ndag = dag_from_spec(__file__)\n'  # noqa: E501
+
+GOOD = """
+dag_id: {dag_id}
+description: A test pipeline.
+params:
+  values:
+    type: array
+    default: []
+    description: One item per task.
+  offset:
+    type: number
+    default: 1.5
+    description: Bundled offset.
+  bundle_size:
+    type: integer
+    default: 3
+    minimum: 1
+    description: Tasks per bundle.
+steps:
+  - id: fit
+    task: astra_provider.contrib.examples.ScaledSum
+    inputs: {{items: "{{{{ params.values }}}}"}}
+    parameters: {{offset: "{{{{ params.offset }}}}"}}
+    bundle_size: "{{{{ params.bundle_size }}}}"
+    max_bundles: 4
+    max_failure_fraction: 0.2
+  - id: primes
+    task: astra_provider.contrib.examples.GreedyPrimes
+    bundle: false
+    after: fit
+    parameters: {{max_value: 30}}
+    operator_args: {{retries: 2, retry_delay: 30, execution_timeout: 600}}
+"""
+
+
+def write_spec(folder: Path, name: str, text: str) -> Path:
+    """Write ``name.yaml`` and its two-line DAG file ``name.py``; return the DAG file."""
+    (folder / f"{name}.yaml").write_text(textwrap.dedent(text))
+    dag_file = folder / f"{name}.py"
+    dag_file.write_text(DAG_FILE)
+    return dag_file
+
+
+def test_a_spec_builds_a_dag(tmp_path):
+    from airflow.sdk import BaseOperator
+
+    dag = dag_from_spec(write_spec(tmp_path, "good", GOOD.format(dag_id="astra_good")))
+    assert dag.dag_id == "astra_good"
+    assert dag.fileloc == str(tmp_path / "good.py")
+    assert dag.render_template_as_native_obj  # "{{ params.n }}" renders to the param's type
+    assert set(dag.task_dict) == {"fit_bundles", "fit", "primes"}
+    assert dag.task_dict["fit_bundles"].downstream_task_ids == {"fit"}
+    assert dag.task_dict["fit"].downstream_task_ids == {"primes"}
+    assert "| `fit` | `astra_provider.contrib.examples.ScaledSum` |" in dag.doc_md
+
+    bundles = dag.task_dict["fit_bundles"]
+    assert bundles.items == "{{ params.values }}"
+    assert bundles.bundle_size == "{{ params.bundle_size }}" and bundles.max_bundles == 4
+    assert bundles.trigger_rule == "none_failed_min_one_success"
+    fit = dag.task_dict["fit"]
+    assert not isinstance(fit, BaseOperator)  # a mapped operator
+    assert fit.map_index_template == "{{ task.bundle['label'] }}"
+    assert fit.partial_kwargs["max_failure_fraction"] == 0.2
+    primes = dag.task_dict["primes"]
+    assert primes.parameters == {"max_value": 30}
+    assert primes.retries == 2 and primes.retry_delay.total_seconds() == 30
+    assert primes.execution_timeout.total_seconds() == 600
+
+    params = dag.params
+    assert params.get_param("offset").schema == {"type": "number"}
+    assert params.get_param("offset").description == "Bundled offset."
+    assert params["bundle_size"] == 3
+
+
+SPEC_ERRORS = [
+    # (spec text, expected fragments of one error line)
+    ("steps: []", ["field 'steps'", "non-empty list"]),
+    ("steps: [{id: fit}]", ["step 'fit'", "exactly one of task, sensor, asset_events"]),
+    (
+        "steps: [{id: fit, task: a.B, inputs: {items: []}, bundle_size: -1}]",
+        ["step 'fit'", "field 'bundle_size'", "must be an integer >= 1"],
+    ),
+    (
+        "steps: [{id: fit, task: a.B, inputs: {items: []}, bundel_size: 2}]",
+        ["step 'fit'", "field 'bundel_size'", "unknown field"],
+    ),
+    ("steps: [{id: fit, task: ScaledSum, bundle: false}]", ["step 'fit'", "field 'task'", "dotted path"]),
+    (
+        "steps: [{id: fit, task: a.B, inputs: {step: nope}}]",
+        ["step 'fit'", "field 'inputs.step'", "unknown step 'nope'"],
+    ),
+    ("steps: [{id: fit, task: a.B}]", ["step 'fit'", "field 'inputs'", "bundled step needs inputs"]),
+    (
+        "steps: [{id: fit, task: a.B, bundle: false, max_failure_fraction: 2}]",
+        ["step 'fit'", "field 'max_failure_fraction'", "between 0 and 1"],
+    ),
+    (
+        "steps: [{id: fit, task: a.B, bundle: false, trigger_rule: sometimes}]",
+        ["step 'fit'", "field 'trigger_rule'", "unknown trigger rule 'sometimes'"],
+    ),
+    (
+        "params: {n: {type: integer, default: 1}}\nsteps: [{id: fit, task: a.B, bundle: false}]",
+        ["field 'params.n'", "'description' is required"],
+    ),
+    (
+        "params: {n: {type: integer, default: -1, minimum: 1, description: N}}\n"
+        "steps: [{id: fit, task: a.B, bundle: false}]",
+        ["field 'params.n'", "the default -1 is invalid"],
+    ),
+    (
+        "steps: [{id: fit, task: a.B, bundle: false, parameters: {day: '{{ ds }}'}}]",
+        ["step 'fit'", "field 'parameters.day'", "logical-date variable"],
+    ),
+    (
+        "steps: [{id: fit, task: a.B, bundle: false, parameters: {x: '{{ params.missing }}'}}]",
+        ["step 'fit'", "field 'parameters.x'", "undefined param 'missing'"],
+    ),
+    (
+        "steps: [{id: wait, sensor: {root: /data, mode: reschedule, poke_interval: 5, deferrable: false}}]",
+        ["step 'wait'", "field 'sensor.mode'", "apache/airflow#71172"],
+    ),
+    (
+        "steps: [{id: wait, sensor: {filetypes: [apStar]}}]",
+        ["step 'wait'", "field 'sensor.root'", "required"],
+    ),
+    ("steps: [{id: new, asset_events: {}}]", ["step 'new'", "needs the DAG to be scheduled on an asset"]),
+    (
+        "schedule: '@daily'\nparams: {n: {type: integer, description: N}}\n"
+        "steps: [{id: fit, task: a.B, bundle: false}]",
+        ["field 'params.n'", "needs a 'default'"],
+    ),
+    (
+        "schedule: {asset: {root: /data}}\nsteps: [{id: new, asset_events: {}}]",
+        ["field 'schedule.asset.name'"],
+    ),
+    (
+        "steps: [{id: fit, task: a.B, bundle: false, parameters: {p: '${ASTRA_TEST_UNSET_VARIABLE}'}}]",
+        ["field 'steps[0].parameters.p'", "environment variable ASTRA_TEST_UNSET_VARIABLE is not set"],
+    ),
+    ("steps: [{id: fit, task: a.B, bundle: false, after: [later]}]", ["step 'fit'", "field 'after'"]),
+    (
+        "steps: [{id: a, task: a.B, bundle: false}, {id: a, task: a.B, bundle: false}]",
+        ["step 'a'", "duplicate"],
+    ),
+    ("steps: [{id: 'bad id', task: a.B}]", ["field 'id'", "'bad id'"]),
+    ("dag_id: x\nsteps: {", ["invalid YAML"]),
+    ("start_date: soon\nsteps: [{id: a, task: a.B, bundle: false}]", ["field 'start_date'", "'soon'"]),
+    ("- just a list", ["must be a YAML mapping"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"), SPEC_ERRORS, ids=[f"error{i}" for i in range(len(SPEC_ERRORS))]
+)
+def test_invalid_specs_name_the_file_step_and_field(tmp_path, text, fragments):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with environment(ASTRA_TEST_UNSET_VARIABLE=None), pytest.raises(SpecError) as raised:
+        load_spec(path)
+    error = raised.value
+    assert error.path == str(path)
+    matching = [line for line in error.errors if all(fragment in line for fragment in fragments)]
+    assert matching, f"no error line has {fragments}: {error.errors}"
+    assert all(line.startswith(str(path)) for line in error.errors)
+    assert str(path) in str(error)
+
+
+def test_all_problems_of_a_spec_are_reported_at_once(tmp_path):
+    path = tmp_path / "many.yaml"
+    path.write_text("catchup: maybe\nsteps: [{id: a, task: x}, {id: b, sensor: {root: /d, timeout: -1}}]\n")
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    text = str(raised.value)
+    assert "field 'catchup'" in text and "step 'a': field 'task'" in text
+    assert "step 'b': field 'sensor.timeout'" in text
+
+
+def test_environment_variables_are_expanded_at_parse_time(tmp_path):
+    parameters = "{p: '${ASTRA_TEST_ROOT:-/x}/m', q: '${ASTRA_TEST_Q}'}"
+    text = f"steps: [{{id: fit, task: a.B, bundle: false, parameters: {parameters}}}]"
+    path = tmp_path / "env.yaml"
+    path.write_text(text)
+    with environment(ASTRA_TEST_ROOT=None, ASTRA_TEST_Q="set"):
+        assert load_spec(path).steps[0].config["parameters"] == {"p": "/x/m", "q": "set"}
+    with environment(ASTRA_TEST_ROOT="/data", ASTRA_TEST_Q="set"):
+        assert load_spec(path).steps[0].config["parameters"]["p"] == "/data/m"
+
+
+def test_a_dag_file_without_its_spec_is_an_error(tmp_path):
+    dag_file = tmp_path / "lonely.py"
+    dag_file.write_text(DAG_FILE)
+    with pytest.raises(SpecError, match="no spec lonely.yaml next to this DAG file"):
+        dag_from_spec(dag_file)
+
+
+def test_a_broken_spec_is_an_import_error_of_its_own_file_only(tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    write_spec(tmp_path, "good", GOOD.format(dag_id="astra_good"))
+    broken = GOOD.format(dag_id="astra_broken").replace(
+        'bundle_size: "{{ params.bundle_size }}"', "bundle_size: 0"
+    )
+    bad_file = write_spec(tmp_path, "broken", broken)
+    bag = DagBag(dag_folder=str(tmp_path))
+    assert set(bag.dags) == {"astra_good"}
+    assert list(bag.import_errors) == [str(bad_file)]
+    message = bag.import_errors[str(bad_file)]
+    assert "broken.yaml: step 'fit': field 'bundle_size': must be an integer >= 1" in message
+
+
+def test_task_classes_and_parameter_names_are_checked(tmp_path, capsys):
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            "classes",
+            """
+            steps:
+              - {id: typo, task: astra_provider.contrib.examples.GreedyPrimes, bundle: false,
+                 parameters: {max_valu: 3}}
+              - {id: missing, task: astra_provider.contrib.examples.NoSuchTask, bundle: false}
+            """,
+        ).with_suffix(".yaml")
+    )
+    problems = check_task_classes(spec)
+    assert any(
+        "step 'typo': field 'parameters.max_valu': GreedyPrimes has no parameter" in p for p in problems
+    )
+    assert any(
+        "step 'typo': field 'parameters': GreedyPrimes requires parameter 'max_value'" in p for p in problems
+    )
+    assert any("step 'missing': field 'task': unknown task class" in p for p in problems)
+
+    assert check_task_classes(load_spec(TEST_DAGS / "astra_test_chain.yaml")) == []
+    assert main([str(TEST_DAGS)]) == 0
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"ok   {TEST_DAGS / 'astra_test_chain.yaml'}" in out and "FAIL" in out

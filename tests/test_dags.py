@@ -1,0 +1,288 @@
+"""The DAGs under ``dags/``: they import cleanly and cheaply, match the task classes, and run for real on a
+synthetic survey (Airflow ``dag.test()``), with results checked in the astra database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from airflow_helpers import DAGS, astra_connection, environment, get_dag, init_airflow_db, task_instances
+from sqlalchemy import func, select
+
+from astra_provider import database
+from astra_provider.dag_factory import check_task_classes, load_spec
+from astra_provider.database import session_scope
+from astra_provider.database.astradb import (
+    Bundle,
+    Continuum,
+    DataProduct,
+    Doppler,
+    Status,
+    Task,
+    TaskOutputDataProduct,
+    TheCannon,
+)
+
+DAG_IDS = {
+    "astra_continuum",
+    "astra_doppler",
+    "astra_thecannon_train",
+    "astra_thecannon_test",
+    "astra_pipeline",
+    "astra_pipeline_on_new_spectra",
+}
+
+
+def test_the_dags_folder_imports_cleanly():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS))
+    assert bag.import_errors == {}
+    assert set(bag.dags) == DAG_IDS
+    for dag in bag.dags.values():
+        for name, param in dag.params.items():
+            param = dag.params.get_param(name)
+            assert param.description, f"{dag.dag_id}: param {name} has no description"
+            assert "type" in param.schema, f"{dag.dag_id}: param {name} has no type"
+    for dag_file in DAGS.glob("*.py"):
+        assert dag_file.with_suffix(".yaml").exists(), dag_file
+
+
+def test_dag_files_are_cheap_to_parse():
+    """Parsing every DAG file imports neither the science code nor NumPy, SciPy or astropy."""
+    code = (
+        "import sys, time\n"
+        "t = time.perf_counter()\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "t_import = time.perf_counter()\n"
+        f"bag = DagBag(dag_folder={str(DAGS)!r})\n"
+        "t_parse = time.perf_counter() - t_import\n"
+        "assert not bag.import_errors, bag.import_errors\n"
+        "heavy = sorted(m for m in ('numpy', 'scipy', 'astropy', 'astra_provider.science', "
+        "'astra_provider.contrib.continuum') if m in sys.modules)\n"
+        "print(len(bag.dags), heavy, round(t_parse, 2))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{len(DAG_IDS)} [] "), line  # no heavy module imported
+    assert float(line.split()[-1]) < 10  # all six DAG files, after Airflow itself is imported
+
+
+@pytest.mark.parametrize("spec", sorted(DAGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_specs_match_the_task_classes(spec):
+    assert check_task_classes(load_spec(spec)) == []
+
+
+def test_the_pipeline_dags_chain_discovery_continuum_doppler_and_the_cannon():
+    with environment(ASTRA_DATA_ROOT="/survey/root"):
+        pipeline = get_dag("astra_pipeline", DAGS)
+        on_new = get_dag("astra_pipeline_on_new_spectra", DAGS)
+    for dag, first in ((pipeline, "discover"), (on_new, "register")):
+        tasks = dag.task_dict
+        assert tasks[first].downstream_task_ids == {"continuum_bundles", "doppler_bundles"}
+        assert tasks["continuum_bundles"].input_filetypes == ["apStar"]
+        assert tasks["doppler_bundles"].input_filetypes == ["apVisit"]
+        assert tasks["doppler_bundles"].upstream_task_ids == {first, "continuum"}
+        assert tasks["thecannon_bundles"].upstream_task_ids == {"continuum", "doppler"}
+        assert dag.render_template_as_native_obj
+    sensor = pipeline.task_dict["discover"]
+    assert (
+        sensor.deferrable
+        and sensor.filetypes == ["apStar", "apVisit"]
+        and sensor.root == "{{ params.data_root }}"
+    )
+    assert pipeline.params.get_param("model_path").schema == {
+        "type": "string"
+    }  # required in the trigger form
+    [asset] = on_new.schedule
+    assert asset.name == "apogee_reduced_spectra"
+    [watcher] = asset.watchers
+    assert watcher.trigger.root == "/survey/root"
+
+
+# Runs on a synthetic survey --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def airflow_db():
+    init_airflow_db()
+
+
+def _age(root: Path, seconds: float = 300) -> None:
+    """Make every file under ``root`` look completely written (older than the sensor's min_age_seconds)."""
+    past = time.time() - seconds
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, (past, past))
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    """A training set (40 stars, S/N 150, its table and a trained Cannon model) and a test survey (6 stars,
+    2 visits each: 6 apStar and 12 apVisit files)."""
+    from astra_provider.contrib.thecannon import TrainTheCannon
+    from astra_provider.synthetic.survey import generate_survey
+
+    root = tmp_path_factory.mktemp("dag-survey")
+    training = generate_survey(
+        root / "train", n_stars=40, visits_per_star=1, snr=(150.0, 150.0), seed=11, filetypes=("apStar",)
+    )
+    table = root / "training.csv"
+    rows = [f"train/{r['path']},{r['teff']},{r['logg']},{r['fe_h']}" for r in training.of_filetype("apStar")]
+    table.write_text("\n".join(["path,teff,logg,fe_h", *rows]) + "\n")
+    generate_survey(
+        root / "data",
+        n_stars=6,
+        visits_per_star=2,
+        snr=(60.0, 100.0),
+        seed=12,
+        filetypes=("apStar", "apVisit"),
+    )
+    model = root / "model.npz"
+    database.configure(f"sqlite:///{root / 'training.db'}")
+    try:
+        TrainTheCannon(input_data_products=str(table), output_path=str(model)).execute()
+    finally:
+        database.configure(None)
+        database.dispose_engines()
+    return {"root": root, "table": table, "data": root / "data", "model": model}
+
+
+@pytest.fixture
+def astra_conn(astra_db):
+    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=astra_connection(astra_db)):
+        yield astra_db
+
+
+def _count(model, *where) -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def _statuses(task_name: str) -> dict[str, int]:
+    with session_scope() as session:
+        rows = session.execute(
+            select(Task.status_code, func.count())
+            .where(Task.task_name == task_name)
+            .group_by(Task.status_code)
+        )
+        return {Status(code).name: n for code, n in rows}
+
+
+def _succeeded(dag_run) -> None:
+    from airflow.utils.state import DagRunState
+
+    states = {key: str(ti.state) for key, ti in task_instances(dag_run).items()}
+    assert dag_run.state == DagRunState.SUCCESS, states
+    assert set(states.values()) == {"success"}, states
+
+
+@pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)
+def test_component_dags_run_on_synthetic_spectra(airflow_db, astra_conn, survey, tmp_path):
+    data = survey["data"]
+    apstar, apvisit = sorted(data.rglob("apStar-*.fits")), sorted(data.rglob("apVisit-*.fits"))
+    assert (len(apstar), len(apvisit)) == (6, 12)
+
+    # The Cannon, training: one task, the model file is its output data product
+    model = tmp_path / "model.npz"
+    run = get_dag("astra_thecannon_train", DAGS).test(
+        run_conf={"training_table": str(survey["table"]), "output_path": str(model)}
+    )
+    _succeeded(run)
+    assert model.exists() and _statuses("TrainTheCannon") == {"COMPLETED": 1}
+
+    # Continuum normalisation of the apStar files, in bundles of 4 (-> 2 bundles of 3)
+    run = get_dag("astra_continuum", DAGS).test(
+        run_conf={
+            "data_products": [str(data / "apogee" / "**" / "apStar-*.fits")],
+            "output_dir": str(tmp_path / "normalised"),
+            "bundle_size": 4,
+        }
+    )
+    _succeeded(run)
+    labels = sorted(ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "continuum")
+    assert labels == [
+        "SinusoidalContinuum deg=3 length_scale=1400.0 output_dir=normalised (3 tasks, 1/2)",
+        "SinusoidalContinuum deg=3 length_scale=1400.0 output_dir=normalised (3 tasks, 2/2)",
+    ]
+    assert _statuses("SinusoidalContinuum") == {"COMPLETED": 6}
+    assert _count(Bundle, Bundle.task_name == "SinusoidalContinuum") == 2
+    assert _count(Continuum) >= 6  # one row per spectrum row (stacks and visits)
+    with session_scope() as session:
+        normalised = list(
+            session.scalars(
+                select(TaskOutputDataProduct.data_product_pk)
+                .join(Task, Task.pk == TaskOutputDataProduct.task_pk)
+                .where(Task.task_name == "SinusoidalContinuum")
+            )
+        )
+    assert len(normalised) == 6
+
+    # The Cannon, test step: on the continuum outputs, given as data product pks
+    run = get_dag("astra_thecannon_test", DAGS).test(
+        run_conf={"data_products": normalised, "model_path": str(model)}
+    )
+    _succeeded(run)
+    assert _statuses("TestTheCannon") == {"COMPLETED": 6}
+    with session_scope() as session:
+        teffs = list(session.scalars(select(TheCannon.teff)))
+    assert len(teffs) == 6 and all(3000 < teff < 8000 for teff in teffs)
+
+    # Doppler on the apVisit files (glob), with the trained model as templates
+    run = get_dag("astra_doppler", DAGS).test(
+        run_conf={"data_products": [str(data / "apogee" / "**" / "apVisit-*.fits")], "model_path": str(model)}
+    )
+    _succeeded(run)
+    assert _statuses("DopplerRadialVelocity") == {"COMPLETED": 12}
+    with session_scope() as session:
+        velocities = list(session.scalars(select(Doppler.vhelio)))
+    assert len(velocities) == 12 and all(v is not None and abs(v) < 1000 for v in velocities)
+
+
+def test_the_pipeline_discovers_new_spectra_and_runs_every_component(
+    airflow_db, astra_conn, survey, tmp_path
+):
+    root = tmp_path / "sdss"
+    shutil.copytree(survey["data"] / "apogee", root / "apogee")
+    _age(root)
+    conf = {
+        "data_root": str(root),
+        "model_path": str(survey["model"]),
+        "output_dir": str(tmp_path / "normalised"),
+        "bundle_size": 5,
+    }
+    run = get_dag("astra_pipeline", DAGS).test(run_conf=conf)
+    _succeeded(run)
+    tis = task_instances(run)
+    assert sorted(k for k in tis if k[0] == "doppler") == [("doppler", 0), ("doppler", 1), ("doppler", 2)]
+
+    assert _count(DataProduct, DataProduct.path.like("%/apStar-%")) == 6  # registered by the sensor
+    assert _count(DataProduct, DataProduct.path.like("%/apVisit-%")) == 12
+    assert _statuses("SinusoidalContinuum") == {"COMPLETED": 6}
+    assert _statuses("DopplerRadialVelocity") == {"COMPLETED": 12}
+    assert _statuses("TestTheCannon") == {"COMPLETED": 6}
+    assert _count(Doppler) == 12 and _count(TheCannon) == 6
+    # continuum: 2 bundles (3+3); doppler: 3 bundles (4+4+4); the cannon: 2 bundles (3+3)
+    assert _count(Bundle) == 7
+    with session_scope() as session:
+        cannon_inputs = session.scalars(
+            select(DataProduct.path).join(TheCannon, TheCannon.data_product_pk == DataProduct.pk)
+        ).all()
+    assert all(Path(path).parent == tmp_path / "normalised" for path in cannon_inputs)
+
+
+@pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)
+def test_a_manual_run_of_the_asset_scheduled_pipeline_skips_cleanly(airflow_db, astra_conn, tmp_path):
+    """Without triggering asset events there is nothing to register: every step is skipped, nothing fails."""
+    with environment(ASTRA_DATA_ROOT=str(tmp_path)):
+        dag_run = get_dag("astra_pipeline_on_new_spectra", DAGS).test(logical_date=None)
+    states = {task_id: str(ti.state) for (task_id, _), ti in task_instances(dag_run).items()}
+    assert str(dag_run.state) == "success"
+    assert set(states.values()) == {"skipped"}, states
+    assert _count(Task) == 0
