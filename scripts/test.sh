@@ -6,11 +6,16 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 cd "$REPO"
 
-if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null; then
-  echo "==> installing the PostgreSQL server (the tests start their own on a loopback port)"
+# System packages the tests use for real: the PostgreSQL server (the tests start their own on a
+# loopback port) and a Compose client (to validate docker-compose.yaml; no Docker engine is needed).
+missing=()
+compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || missing+=(postgresql)
+docker compose version > /dev/null 2>&1 || command -v docker-compose > /dev/null || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]} via apt"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql > /dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" > /dev/null
 fi
 
 echo "==> ruff"
