@@ -234,3 +234,28 @@ def test_paths_module_imports_no_numpy_or_astropy():
     code = "import sys, astra_provider.sdss.paths; print(sorted({'numpy', 'astropy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("filetype", sorted(EXAMPLES))
+def test_input_paths_are_recorded_by_their_sdss_keywords(filetype, astra_db, tmp_path, monkeypatch):
+    """A file given by path is recorded with its filetype and keywords, once, however the path is spelled."""
+    from astra_provider.database import session_scope
+    from astra_provider.database.recording import DataProductSpec, get_or_create_data_products
+
+    path = sdss_path(filetype, tmp_path, **EXAMPLES[filetype])
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    other = tmp_path / "notes.txt"
+    other.write_text("not a data product")
+    monkeypatch.chdir(path.parent)
+
+    spec = DataProductSpec.from_path(path)
+    assert (spec.filetype, spec.kwargs, spec.path) == (filetype, parse_path(path)[1], str(path))
+    assert DataProductSpec.from_path(path.name).kwargs_hash == spec.kwargs_hash  # relative spelling
+    assert DataProductSpec.from_path(other).filetype == "full"
+    with session_scope() as session:
+        first, again, plain = get_or_create_data_products(
+            session, [spec, DataProductSpec.from_path(path.name), DataProductSpec.from_path(other)]
+        )
+        assert first.pk == again.pk != plain.pk
+        assert (first.filetype, first.path, plain.filetype) == (filetype, str(path), "full")

@@ -471,10 +471,16 @@ class DataProductSpec:
     @classmethod
     def from_path(cls, path: str | os.PathLike, *, must_exist: bool = True) -> DataProductSpec:
         """A spec for a file: an SDSS product when its name matches an SDSS path template, else ``full``."""
+        from astra_provider.sdss.paths import parse_path
+
         absolute = os.path.abspath(os.path.expanduser(os.fspath(path)))
         if must_exist and not os.path.exists(absolute):
             raise FileNotFoundError(f"input data product {os.fspath(path)!r} does not exist")
-        return cls(filetype="full", kwargs={"full": absolute}, path=absolute)
+        parsed = parse_path(absolute)
+        if parsed is None:
+            return cls(filetype="full", kwargs={"full": absolute}, path=absolute)
+        filetype, kwargs = parsed
+        return cls(filetype=filetype, kwargs=kwargs, path=absolute)
 
 
 def _unique_specs(specs: Iterable[DataProductSpec]) -> dict[tuple[str, str, str], DataProductSpec]:
