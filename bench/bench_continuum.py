@@ -16,9 +16,9 @@ import time
 import numpy as np
 
 from astra_provider.science.continuum import (
+    continuum_normalize,
     fit_sinusoidal_continuum,
     load_continuum_pixels,
-    normalize,
     sinusoid_basis,
 )
 from astra_provider.synthetic.model import (
@@ -32,8 +32,8 @@ from astra_provider.synthetic.model import (
 
 
 def batched(wavelength, flux, ivar, mask):
-    continuum = fit_sinusoidal_continuum(wavelength, flux, ivar, mask)
-    return normalize(flux, ivar, continuum)
+    flux_norm, ivar_norm, _ = continuum_normalize(wavelength, flux, ivar, mask)
+    return flux_norm, ivar_norm
 
 
 def naive(wavelength, flux, ivar, mask):

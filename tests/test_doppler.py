@@ -327,3 +327,73 @@ def test_model_grid_must_match_the_spectra(cannon_model):
     shifted = LogLinearGrid(GRID.log10_start + 0.5 * STEP, STEP, GRID.n_pixels)
     with pytest.raises(ValueError, match="grid"):
         measure_radial_velocities(shifted, flux, flux, cannon_model)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# apVisit files end to end (3 chips × 4096 px on a non-log-linear wavelength solution) through the task
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _visit_pixel_crb(truth, labels, vrel, wavelength, ivar, snr):
+    """Matched-template bound [Σ (∂F/∂v)² SNR²]^−½ over the visit's own usable pixels whose rest wavelength
+    falls on an apStar detector pixel (where the model is defined)."""
+    dv = truth.velocity_derivative(labels[None], vrel, wavelength=wavelength)[0]
+    grid = apogee_wavelength()
+    rest = wavelength / (1.0 + vrel / SPEED_OF_LIGHT_KMS)
+    right = np.clip(np.searchsorted(grid, rest), 1, grid.size - 1)
+    used = DETECTOR[right] & DETECTOR[right - 1] & (ivar > 0)
+    return 1.0 / np.sqrt(np.sum(dv[used] ** 2) * snr**2)
+
+
+def test_apvisit_velocities_reach_the_cramer_rao_bound(astra_db, truth, cannon_model, tmp_path):
+    """apVisit files → DopplerRadialVelocity: rms within ~10% of the bound for the visit's own pixels.
+
+    The visits are ~1.6× oversampled with respect to apStar, so this bound is ~0.8× ``crb_rv`` (apStar).
+    Resampling the visits linearly onto the model grid (the previous method) reached only 1.2–3.2× it
+    (more at high S/N), with reduced χ² of 5–110 from continuum pixels taken at rest in the observed frame.
+    """
+    from astra_provider.contrib.doppler import DopplerRadialVelocity
+    from astra_provider.sdss.spectrum import read_spectrum
+    from astra_provider.synthetic.survey import generate_survey
+
+    model_path = cannon_model.save(tmp_path / "model.npz")
+    errors, crbs, u_vrel = [], [], []
+    for snr in (40.0, 150.0):
+        root = tmp_path / f"visits-{snr:g}"
+        survey = generate_survey(
+            root,
+            n_stars=80,
+            visits_per_star=1,
+            snr=(snr, snr),
+            seed=int(snr),
+            filetypes=("apVisit",),
+            intrinsic_scatter=False,
+        )
+        rows = survey.of_filetype("apVisit")
+        paths = [str(root / r["path"]) for r in rows]
+        results = DopplerRadialVelocity(input_data_products=paths, model_path=str(model_path)).execute()
+        error = np.array([res["vhelio"] - r["vhelio_kms"] for res, r in zip(results, rows, strict=True)])
+        crb = np.array(
+            [
+                _visit_pixel_crb(
+                    truth,
+                    np.array([r["teff"], r["logg"], r["fe_h"]], dtype=float),
+                    float(r["rv_applied_kms"]),
+                    (visit := read_spectrum(path)).wavelength,
+                    visit.ivar[0],
+                    snr,
+                )
+                for r, path in zip(rows, paths, strict=True)
+            ]
+        )
+        rms, rms_crb = np.sqrt(np.mean(error**2)), np.sqrt(np.mean(crb**2))
+        # 80 visits: the rms is known to ±8% (1σ), so 1.3 is a 3.5σ bound on the measured 0.97–1.01.
+        assert rms <= 1.3 * rms_crb, (snr, rms, rms_crb)
+        assert abs(np.mean(error)) < 4.0 * rms_crb / np.sqrt(len(error)), (snr, np.mean(error))
+        errors.append(error / crb)
+        crbs.append(crb)
+        u_vrel.append(np.array([res["u_vrel"] for res in results]) / crb)
+    # Quoted uncertainties: error/u_vrel has unit scatter, and u_vrel is close to the bound itself.
+    z = np.concatenate(errors) / np.concatenate(u_vrel)
+    assert 0.8 < np.std(z) < 1.2
+    assert 0.85 < np.median(np.concatenate(u_vrel)) < 1.1

@@ -1,10 +1,12 @@
 """Doppler radial velocities as a task, bundled on ``model_path``.
 
 Each task reads one apVisit file. The model (a Cannon model from ``TrainTheCannon``) is loaded once per
-bundle; every visit is resampled onto the model's log-linear (apStar) grid in its observed frame,
-pseudo-continuum normalised, and the whole bundle is measured in one batch by
-:func:`astra_provider.science.doppler.measure_radial_velocities` (FFT cross-correlation against templates
-from the model, then a joint Gauss-Newton fit of velocity and labels). The barycentric correction comes from
+bundle, and the whole bundle is measured in one batch by
+:func:`astra_provider.science.doppler.measure_visit_radial_velocities`: pseudo-continuum on the observed
+pixels that fall on the rest-frame continuum pixels, FFT cross-correlation (on a resampled copy) against
+templates from the model for a starting velocity, then a joint Gauss-Newton fit of velocity and labels
+with the model evaluated at the visit's own pixels (the data are never resampled for the fit, so their
+noise stays independent and the uncertainties are honest). The barycentric correction comes from
 the file header (``BC``, km/s): ``vhelio = vrel + bc``. One ``astra.doppler`` row per visit; ``bitmask_flag``
 holds :class:`astra_provider.science.doppler.RVFlag` bits.
 """
@@ -29,36 +31,28 @@ class DopplerRadialVelocity(TaskInstance):
     def execute(self):
         import numpy as np
 
-        from astra_provider.science.continuum import continuum_normalize
-        from astra_provider.science.doppler import measure_radial_velocities
-        from astra_provider.science.resample import resample_linear
+        from astra_provider.science.doppler import measure_visit_radial_velocities
         from astra_provider.sdss.spectrum import read_spectrum
 
-        grid = self.model.wavelength
-        fluxes, ivars, owners = [], [], []
+        wavelengths, fluxes, ivars, owners = [], [], [], []
         for task, data_products in self.iterable():
             path = data_products[0].path
             try:
                 visit = read_spectrum(path)
-                flux, ivar = resample_linear(visit.wavelength, visit.flux[:1], visit.ivar[:1], grid)
-                flux, ivar, _ = continuum_normalize(grid, flux, ivar)
                 bc = float(visit.meta.get("bc", np.nan))
                 if not np.isfinite(bc):
                     raise ValueError(f"{path}: no barycentric correction (BC) in the header")
             except (ValueError, OSError) as error:
                 self.fail(task, error)
                 continue
-            fluxes.append(flux)
-            ivars.append(ivar)
+            wavelengths.append(visit.wavelength)
+            fluxes.append(visit.flux[0])
+            ivars.append(visit.ivar[0])
             owners.append((task, data_products[0], bc, float(visit.snr[0])))
         if not owners:
             return []
-        result = measure_radial_velocities(
-            grid,
-            np.concatenate(fluxes),
-            np.concatenate(ivars),
-            self.model,
-            max_velocity=float(self.max_velocity),
+        result = measure_visit_radial_velocities(
+            wavelengths, fluxes, ivars, self.model, max_velocity=float(self.max_velocity)
         )
         outputs = {}
         for index, (task, data_product, bc, snr) in enumerate(owners):

@@ -591,6 +591,9 @@ class RefinementResult:
 # An evaluator maps (indices (n,) into the batch, scaled labels (n, K)) to the Fourier transforms (n, 1+K, F)
 # of the rest-frame deviation from the continuum and of its derivatives with respect to the scaled labels.
 _Evaluator = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# A signal function maps (indices (n,), scaled labels (n, K), shifts (n,)) to float32 (n, K+2, P): the model
+# minus 1, its derivatives with respect to the scaled labels and with respect to the shift, at the pixels.
+_SignalFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -625,17 +628,31 @@ def _gauss_newton(
     shift_init: np.ndarray,
     x_init: np.ndarray,
     evaluate: _Evaluator,
-    shifter: _FourierShifter,
+    shifter: _FourierShifter | None,
     x_bounds: tuple[np.ndarray, np.ndarray],
     max_iterations: int,
     tolerance: float,
+    signal_at: _SignalFunction | None = None,
+    max_shift: float | None = None,
 ) -> _Fit:
     """Batched Gauss–Newton on χ²(x, s) with step halving when χ² rises.
 
     Parameters are scaled labels x (n, K) and the shift s (n,) in pixels. A spectrum has converged when every
     component of its step is below ``tolerance`` × its standard error; it then leaves the active set.
     The covariance (n, K+1, K+1), with s last, is the inverse curvature at the last evaluation.
+    The model comes from ``shifter.shift(evaluate(active, x), s)`` (rest-frame model on the spectra's own
+    log-linear grid), or from ``signal_at(active, x, s)`` when given (model evaluated at observed pixels);
+    either returns float32 (n, K+2, P): m − 1, ∂m/∂x_k, ∂m/∂s. Shifts are limited to ``max_shift``.
     """
+    if signal_at is None:
+        assert shifter is not None
+
+        def signal_at(active: np.ndarray, x: np.ndarray, s: np.ndarray) -> np.ndarray:
+            return shifter.shift(evaluate(active, x), s)
+
+    if max_shift is None:
+        assert shifter is not None
+        max_shift = shifter.max_shift
     n, n_labels = x_init.shape
     x = x_init.copy()
     s = shift_init.copy()
@@ -650,7 +667,7 @@ def _gauss_newton(
     for _ in range(max_iterations):
         if active.size == 0:
             break
-        signal = shifter.shift(evaluate(active, x[active]), s[active])  # (n, K+2, P): m − 1, ∂m/∂x, ∂m/∂s
+        signal = signal_at(active, x[active], s[active])  # (n, K+2, P): m − 1, ∂m/∂x, ∂m/∂s
         w = weight[active]
         residual = flux[active] - 1.0 - signal[:, 0]
         new_chi2 = np.einsum("np,np,np->n", residual, w, residual)
@@ -693,8 +710,8 @@ def _gauss_newton(
 
         new_x = np.clip(x[idx] + new_step[:, :n_labels], *x_bounds)
         new_s = s[idx] + new_step[:, n_labels]
-        out_of_range = np.abs(new_s) > shifter.max_shift
-        new_s = np.clip(new_s, -shifter.max_shift, shifter.max_shift)
+        out_of_range = np.abs(new_s) > max_shift
+        new_s = np.clip(new_s, -max_shift, max_shift)
         step[idx, :n_labels] = new_x - x[idx]
         step[idx, n_labels] = new_s - s[idx]
         x[idx], s[idx] = new_x, new_s
@@ -1134,6 +1151,375 @@ def measure_radial_velocities(
         n_iterations=refined.n_iterations,
         labels=labels,
         u_labels=u_labels,
+        label_names=label_names,
+        template_labels=grid_labels,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Spectra on their own pixels (e.g. apVisit: 3 chips on a non-log-linear wavelength solution)
+# ----------------------------------------------------------------------------------------------------------
+
+_OVERSAMPLE = 4  # table points per model pixel; cubic Hermite on it is exact to ~1e-6 of the line depths
+_TABLE_BATCH = 1  # spectra interpolated at a time (one keeps the contracted table, 1.1 MB, in cache)
+
+
+class _RestFrameTable:
+    """Rest-frame signals (C, P) on the model grid, interpolated band-limited at arbitrary positions.
+
+    The signals (which must go smoothly to zero at both ends of the grid: :meth:`_RestFrameSupport.fill`
+    does this for models with undefined edge pixels) are interpolated by FFT zero-padding (the same
+    band-limited interpolant as the Fourier shifter) onto nodes ``oversample`` times finer, with their
+    derivatives; values in between come from a cubic Hermite polynomial (relative error ~h^4 f^(4)/384,
+    about 1e-6 of the line depth for lines with σ ≥ 1.3 model pixels at ``oversample = 4``).
+
+    The node table (value and h·slope of every signal) is first contracted with each spectrum's
+    coefficients (one GEMM for a batch), so only the M combinations are gathered at the observed pixels,
+    not every signal.
+    """
+
+    def __init__(self, signals: np.ndarray, oversample: int = _OVERSAMPLE) -> None:
+        signals = np.atleast_2d(np.asarray(signals, dtype=float))
+        n_signals, n_pixels = signals.shape
+        n_fft = scipy.fft.next_fast_len(n_pixels + 64, real=True)
+        spectrum = scipy.fft.rfft(signals, n=n_fft, axis=-1)
+        if n_fft % 2 == 0:
+            spectrum[..., -1] = 0.0
+        omega = 2.0 * np.pi * scipy.fft.rfftfreq(n_fft)
+        n_fine = oversample * n_fft
+        n_nodes = oversample * (n_pixels - 1) + 2
+        values = scipy.fft.irfft(spectrum, n=n_fine, axis=-1)[:, :n_nodes] * oversample
+        scaled_slopes = scipy.fft.irfft(spectrum * (1j * omega), n=n_fine, axis=-1)[:, :n_nodes]  # h·d/du
+        nodes = np.stack([values.T, scaled_slopes.T], axis=1)  # (n_nodes, 2, C)
+        self.nodes_t = np.ascontiguousarray(nodes.reshape(2 * n_nodes, n_signals).T, dtype=np.float32)
+        self.n_nodes = n_nodes
+        self.oversample = oversample
+        self.n_signals = n_signals
+
+    def __call__(self, positions: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+        """Combinations at ``positions`` (n, Q) (model pixels) of the signals, with ``coefficients``
+        (n, M, C): float32 (n, M + 1, Q) with rows ``Σ_c a_mc·B_c(u)`` and, last, ``∂/∂u`` of row 0."""
+        n, n_positions = positions.shape
+        n_rows = coefficients.shape[1]
+        out = np.empty((n, n_rows + 1, n_positions), dtype=np.float32)
+        coefficients = np.asarray(coefficients, dtype=np.float32)
+        for first in range(0, n, _TABLE_BATCH):
+            part = slice(first, first + _TABLE_BATCH)
+            b = coefficients[part].shape[0]
+            q = positions[part] * self.oversample
+            node = np.clip(np.floor(q), 0, self.n_nodes - 2).astype(np.intp)
+            t = np.clip(q - node, 0.0, 1.0).astype(np.float32)[:, None, :]  # (b, 1, Q)
+            # (b, M, 2·n_nodes): per signal combination, node j at columns 2j (value) and 2j+1 (h·slope)
+            combined = (coefficients[part].reshape(b * n_rows, -1) @ self.nodes_t).reshape(b, n_rows, -1)
+            # (value, h·slope) of node j viewed as one float64: two flat gathers fetch nodes j and j+1.
+            pairs = combined.view(np.float64).reshape(-1)
+            index = (np.arange(b * n_rows) * self.n_nodes).reshape(b, n_rows, 1) + node[:, None, :]
+            at_node = pairs.take(index).view(np.float32)  # (b, M, 2Q): value, h·slope interleaved
+            at_next = pairs.take(index + 1).view(np.float32)
+            v0, s0 = at_node[..., 0::2], at_node[..., 1::2]
+            v1, s1 = at_next[..., 0::2], at_next[..., 1::2]
+            t2 = t * t
+            t3 = t2 * t
+            dv = v1 - v0
+            out[part, :n_rows] = v0 + (t3 - 2 * t2 + t) * s0 + (3 * t2 - 2 * t3) * dv + (t3 - t2) * s1
+            t, t2 = t[:, 0], t2[:, 0]
+            out[part, n_rows] = (
+                (6 * t - 6 * t2) * dv[:, 0] + (3 * t2 - 4 * t + 1) * s0[:, 0] + (3 * t2 - 2 * t) * s1[:, 0]
+            ) * self.oversample
+        return out
+
+
+def _pad_rows(rows: Sequence[np.ndarray], fill: float) -> np.ndarray:
+    """Stack 1-D arrays of different lengths into (n, max length), padding with ``fill``."""
+    length = max((np.size(r) for r in rows), default=0)
+    out = np.full((len(rows), length), fill, dtype=float)
+    for i, row in enumerate(rows):
+        out[i, : np.size(row)] = np.asarray(row, dtype=float).ravel()
+    return out
+
+
+def _as_rows(values: np.ndarray | Sequence[np.ndarray], fill: float) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        return values.astype(float, copy=False)
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        return values[None].astype(float)
+    return _pad_rows(list(values), fill)
+
+
+@dataclass
+class _ObservedPixels:
+    """Observed spectra (n, Q) on their own wavelengths, with their positions on a model's log grid."""
+
+    wavelength: np.ndarray  # (n, Q) Å; padding repeats the last wavelength
+    flux: np.ndarray  # (n, Q) raw flux (padding and bad pixels: 0)
+    ivar: np.ndarray  # (n, Q) (padding and bad pixels: 0)
+    position: np.ndarray  # (n, Q) model-grid pixel coordinate of each wavelength (observed frame)
+
+    @classmethod
+    def build(
+        cls,
+        wavelength: np.ndarray | Sequence[np.ndarray],
+        flux: np.ndarray | Sequence[np.ndarray],
+        ivar: np.ndarray | Sequence[np.ndarray],
+        grid: LogLinearGrid,
+    ) -> _ObservedPixels:
+        lengths = [np.size(w) for w in wavelength] if not isinstance(wavelength, np.ndarray) else None
+        wave = _as_rows(wavelength, np.nan)
+        flux = _as_rows(flux, 0.0)
+        ivar = _as_rows(ivar, 0.0)
+        if not (wave.shape == flux.shape == ivar.shape):
+            raise ValueError(f"wavelength {wave.shape}, flux {flux.shape} and ivar {ivar.shape} differ")
+        padded = ~np.isfinite(wave)
+        if lengths is not None:
+            for i, n in enumerate(lengths):
+                if n:
+                    wave[i, n:] = wave[i, n - 1]
+        valid_wave = wave[~padded]
+        if valid_wave.size and (np.any(valid_wave <= 0)):
+            raise ValueError("wavelengths must be positive")
+        steps = np.diff(np.where(padded, np.inf, wave), axis=1)
+        if np.any(steps[np.isfinite(steps)] <= 0):
+            raise ValueError("each spectrum's wavelengths must be strictly increasing")
+        good = ~padded & np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0) & (ivar < np.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            position = (np.log10(np.where(padded, 1.0, wave)) - grid.log10_start) / grid.log10_step
+        position[padded] = 0.0
+        return cls(
+            np.where(padded, 1.0, wave), np.where(good, flux, 0.0), np.where(good, ivar, 0.0), position
+        )
+
+
+def _observed_continuum(
+    observed: _ObservedPixels,
+    rest_mask: np.ndarray,
+    shift: np.ndarray,
+    regions: tuple[tuple[float, float], ...],
+    deg: int,
+    length_scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise observed spectra with the pseudo-continuum fitted to the pixels whose rest-frame position
+    (shifted by ``shift`` model pixels) is nearest to a continuum pixel of ``rest_mask`` (model grid).
+
+    Returns normalised flux and ivar (n, Q); pixels without a continuum get flux 1 and ivar 0.
+    """
+    from astra_provider.science.continuum import fit_sinusoidal_continuum_at, normalize
+
+    n_pixels = rest_mask.size
+    nearest = np.rint(observed.position - np.nan_to_num(shift)[:, None]).astype(np.int64)
+    inside = (nearest >= 0) & (nearest < n_pixels)
+    is_continuum = inside & rest_mask[np.clip(nearest, 0, n_pixels - 1)]
+    continuum = fit_sinusoidal_continuum_at(
+        observed.wavelength, observed.flux, observed.ivar, is_continuum, regions, deg, length_scale
+    )
+    return normalize(observed.flux, observed.ivar, continuum)
+
+
+def measure_visit_radial_velocities(
+    wavelength: np.ndarray | Sequence[np.ndarray],
+    flux: np.ndarray | Sequence[np.ndarray],
+    ivar: np.ndarray | Sequence[np.ndarray],
+    model: SpectralModel,
+    *,
+    continuum_mask: np.ndarray | None = None,
+    regions: tuple[tuple[float, float], ...] | None = None,
+    deg: int = 3,
+    length_scale: float = 1400.0,
+    template_labels: np.ndarray | None = None,
+    n_per_label: int | Sequence[int] = 3,
+    max_velocity: float = 1000.0,
+    min_ccf_peak: float = 0.2,
+    max_iterations: int = 10,
+    tolerance: float = 0.01,
+    use_model_scatter: bool = True,
+    label_margin: float = 0.5,
+    chunk_size: int = 64,
+    workers: int | None = None,
+) -> RadialVelocityResult:
+    """Radial velocities and labels of raw spectra on their own wavelengths (e.g. apVisit files).
+
+    ``wavelength``, ``flux``, ``ivar``: (n, Q) arrays or sequences of 1-D arrays (any lengths; each
+    wavelength array strictly increasing, in the same frame and units as the model's grid, not necessarily
+    log-linear). ``model`` is a label-dependent model linear in its coefficients (a Cannon model) on a
+    log-linear grid (its ``wavelength``). The data are never resampled for the fit:
+
+    1. Pseudo-continuum (:func:`~astra_provider.science.continuum.fit_sinusoidal_continuum`) on the observed
+       pixels nearest to the rest-frame continuum pixels ``continuum_mask`` (default: the shipped APOGEE
+       list), taking the spectrum at rest; the normalised spectrum is resampled linearly onto the model
+       grid **for the cross-correlation only** (:func:`cross_correlate`, templates from
+       :func:`coarse_label_grid`), which gives a starting velocity good to a fraction of a pixel.
+    2. The continuum is fitted again, on the observed pixels whose rest-frame position at that velocity
+       falls on a continuum pixel (a spectrum shifted by v has its continuum pixels shifted too).
+    3. Joint Gauss–Newton fit of (labels, v) with the model evaluated **at the observed pixels**: the
+       rest-frame coefficients are interpolated band-limited (FFT oversampling ×4 + cubic Hermite) at
+       ``ln λ_obs − ln(1 + v/c)``, so every observed pixel keeps its own independent noise and the curvature
+       matrix gives the Cramér–Rao bound for these pixels. Observed pixels whose rest position falls within
+       3 model pixels of an undefined model pixel get zero weight.
+
+    ``regions`` (Å, observed frame) default to the APOGEE continuum regions. Returns a
+    :class:`RadialVelocityResult` (``vrel`` in the frame of the wavelengths; ``ccf_vrel`` from step 1).
+    """
+    from astra_provider.science.continuum import load_continuum_pixels
+    from astra_provider.science.resample import resample_linear
+    from astra_provider.synthetic.model import APOGEE_REGIONS_AA
+
+    model_wavelength = getattr(model, "wavelength", None)
+    if model_wavelength is None:
+        raise ValueError("the model must have a log-linear wavelength grid (its 'wavelength')")
+    grid = LogLinearGrid.from_wavelength(np.asarray(model_wavelength))
+    n_pixels = grid.n_pixels
+    n_labels = len(model.label_names)
+    linear = _linear_structure(model, n_labels)
+    if linear is None:
+        raise ValueError("measure_visit_radial_velocities needs a model linear in its coefficients (Cannon)")
+    theta, basis = linear
+    rest_mask = load_continuum_pixels() if continuum_mask is None else np.asarray(continuum_mask, dtype=bool)
+    if rest_mask.shape != (n_pixels,):
+        raise ValueError(f"continuum_mask must have shape ({n_pixels},)")
+    regions = APOGEE_REGIONS_AA if regions is None else regions
+
+    label_min = np.asarray(model.training_label_min, dtype=float)
+    label_max = np.asarray(model.training_label_max, dtype=float)
+    label_center = 0.5 * (label_min + label_max)
+    label_range = np.where(label_max > label_min, label_max - label_min, 1.0)
+    bounds = (np.full(n_labels, -0.5 - label_margin), np.full(n_labels, 0.5 + label_margin))
+    label_names = tuple(model.label_names)
+    grid_labels = (
+        coarse_label_grid(model, n_per_label)
+        if template_labels is None
+        else np.atleast_2d(np.asarray(template_labels, dtype=float))
+    )
+    valid = _model_valid_pixels(model, n_pixels)
+    templates = np.atleast_2d(np.asarray(model.predict(grid_labels), dtype=float))
+    templates[:, ~valid] = np.nan
+
+    support = _RestFrameSupport(valid)
+    usable_rest = support.usable.copy()
+    usable_rest[:_EDGE_PADDING_PIXELS] = usable_rest[-_EDGE_PADDING_PIXELS:] = False
+    variance = np.zeros(n_pixels)
+    model_s2 = getattr(model, "s2", None) if use_model_scatter else None
+    if model_s2 is not None:
+        variance = np.where(np.isfinite(np.asarray(model_s2, float)), np.asarray(model_s2, float), 0.0)
+    # m − 1 = Σ_d design_d·θ_d − 1: the constant is a signal too, filled like θ so that the fills cancel.
+    table = _RestFrameTable(
+        np.concatenate([support.fill(theta.T.copy()), -support.fill(np.ones((1, n_pixels)))], axis=0)
+    )
+    max_shift = float(max_lag_pixels(max_velocity, grid.log10_step) + _EDGE_PADDING_PIXELS)
+    model_grid = grid.wavelength
+
+    observed_all = _ObservedPixels.build(wavelength, flux, ivar, grid)
+    n_spectra = observed_all.flux.shape[0]
+
+    ccf_parts, refined_parts = [], []
+    for first in range(0, max(n_spectra, 1), chunk_size):
+        part = slice(first, first + chunk_size)
+        observed = _ObservedPixels(
+            *(getattr(observed_all, f)[part] for f in _ObservedPixels.__dataclass_fields__)
+        )
+        n = observed.flux.shape[0]
+        # 1. Rest-frame continuum pixels taken at v = 0, a resampled copy for the CCF.
+        norm_flux, norm_ivar = _observed_continuum(
+            observed, rest_mask, np.zeros(n), regions, deg, length_scale
+        )
+        resampled_flux = np.empty((n, n_pixels))
+        resampled_ivar = np.empty((n, n_pixels))
+        for i in range(n):
+            resampled_flux[i], resampled_ivar[i] = resample_linear(
+                observed.wavelength[i], norm_flux[i : i + 1], norm_ivar[i : i + 1], model_grid
+            )
+        ccf = _cross_correlate(
+            *_prepare(resampled_flux, resampled_ivar),
+            templates,
+            grid.log10_step,
+            max_velocity,
+            min_ccf_peak,
+            None,
+            workers,
+        )
+        ccf_parts.append(ccf)
+        shift_init = ccf.shift.copy()
+        # 2. Continuum pixels at the CCF velocity.
+        norm_flux, norm_ivar = _observed_continuum(
+            observed, rest_mask, shift_init, regions, deg, length_scale
+        )
+        # 3. Weights: observed pixels whose (nearest) rest pixel is usable; w̃ = w/(1 + w·s²).
+        nearest = np.rint(observed.position - np.nan_to_num(shift_init)[:, None]).astype(np.int64)
+        inside = (nearest >= 0) & (nearest < n_pixels)
+        nearest = np.clip(nearest, 0, n_pixels - 1)
+        ok = inside & usable_rest[nearest] & (norm_ivar > 0)
+        weight = np.where(ok, norm_ivar / (1.0 + norm_ivar * variance[nearest]), 0.0)
+        norm_flux = np.where(ok, norm_flux, 1.0)
+
+        start = grid_labels[np.maximum(ccf.template_index, 0)]
+        start[ccf.template_index < 0] = np.nan
+        x_init = np.clip((start - label_center) / label_range, *bounds)
+        usable = _usable(weight, np.column_stack([x_init, shift_init]), n_labels + 1)
+        rows = np.flatnonzero(usable)
+        position = observed.position[rows]
+
+        def signal_at(active: np.ndarray, x: np.ndarray, s: np.ndarray, position=position) -> np.ndarray:
+            design, derivative = basis(label_center + x * label_range)  # (a, D), (a, D, K)
+            a = x.shape[0]
+            coefficients = np.zeros((a, 1 + n_labels, theta.shape[1] + 1))
+            coefficients[:, 0, :-1] = design
+            coefficients[:, 0, -1] = 1.0
+            coefficients[:, 1:, :-1] = np.swapaxes(derivative, 1, 2) * label_range[None, :, None]
+            signal = table(position[active] - s[:, None], coefficients)  # last row: ∂m/∂u
+            signal[:, -1] *= -1.0  # ∂m/∂s = −∂m/∂u
+            return signal
+
+        fit = (
+            _gauss_newton(
+                norm_flux[rows],
+                weight[rows],
+                shift_init[rows],
+                x_init[rows],
+                lambda _a, _x: np.zeros(0),
+                None,
+                bounds,
+                max_iterations,
+                tolerance,
+                signal_at=signal_at,
+                max_shift=max_shift,
+            )
+            if rows.size
+            else _Fit.concatenate([], observed.flux.shape[1], n_labels)
+        )
+        refined_parts.append(
+            _finish(fit, usable, grid.log10_step, label_center, label_range, label_min, label_max)
+        )
+
+    ccf = _concatenate_ccf(ccf_parts, grid.log10_step, max_velocity)
+    refined = RefinementResult(
+        *(
+            np.concatenate([getattr(r, name) for r in refined_parts])
+            for name in RefinementResult.__dataclass_fields__
+        )
+    )
+    lowered = [name.lower() for name in label_names]
+
+    def column(values: np.ndarray, name: str) -> np.ndarray:
+        for alias in _LABEL_ALIASES[name]:
+            if alias in lowered:
+                return values[:, lowered.index(alias)].copy()
+        return np.full(n_spectra, np.nan)
+
+    return RadialVelocityResult(
+        vrel=refined.vrel,
+        u_vrel=refined.u_vrel,
+        teff=column(refined.labels, "teff"),
+        u_teff=column(refined.u_labels, "teff"),
+        logg=column(refined.labels, "logg"),
+        u_logg=column(refined.u_labels, "logg"),
+        fe_h=column(refined.labels, "fe_h"),
+        u_fe_h=column(refined.u_labels, "fe_h"),
+        chisq=refined.chisq,
+        ccf_peak=ccf.ccf_peak,
+        flag=ccf.flag | refined.flag,
+        ccf_vrel=ccf.vrel,
+        template_index=ccf.template_index,
+        n_iterations=refined.n_iterations,
+        labels=refined.labels,
+        u_labels=refined.u_labels,
         label_names=label_names,
         template_labels=grid_labels,
     )
