@@ -42,7 +42,7 @@ import logging
 import os
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,7 +56,6 @@ from astra_provider.database import session_scope
 from astra_provider.database.astradb import (
     Base,
     Bundle,
-    BundleTask,
     DataProduct,
     OutputInterface,
     Status,
@@ -67,6 +66,7 @@ from astra_provider.database.astradb import (
 )
 from astra_provider.database.recording import (
     DataProductSpec,
+    Pipeline,
     allocate_pks,
     build,
     canonical_json_fast,
@@ -74,8 +74,9 @@ from astra_provider.database.recording import (
     get_or_create_parameters,
     hash_json,
     insert_rows,
+    prepare_insert,
+    prepare_update,
     select_in,
-    update_rows,
 )
 from astra_provider.utils import canonical_json, to_jsonable
 
@@ -447,26 +448,35 @@ class TaskInstance:
     # Recording ---------------------------------------------------------------------------------------
 
     def _record(self, *, force: bool) -> None:
-        """Create (or find) the rows of this instance's tasks, in bulk."""
+        """Create (or find) the rows of this instance's tasks, in bulk.
+
+        The statements run on a :class:`~astra_provider.database.recording.Pipeline` worker while this
+        thread encodes parameters, hashes task identities and builds the next statement's arrays.
+        """
         cls = type(self)
-        with _gc_paused(), session_scope() as session:
-            self._resolve_data_products(session)
+        with _gc_paused(), session_scope() as session, Pipeline.for_session(session) as pipeline:
+            resolved = pipeline.submit(self._resolve_data_products, session)
             # Each parameter value is encoded once: for the task's identity and for its parameter rows.
             encoded = [
                 {name: _encode(value) for name, value in item.parameters.items()} for item in self._items
             ]
+            if any(isinstance(dp, int) for item in self._items for dp in item.inputs):
+                resolved.result()  # the identity of a data product given by pk is in the database
+                identities = [[dp.identity for dp in item.data_products] for item in self._items]
+            else:  # a spec has the identity of the row it resolves to (same release, filetype, hash)
+                identities = [[dp.identity for dp in item.inputs] for item in self._items]
             task_ids = [
-                _task_id(cls, parameters, [dp.identity for dp in item.data_products])
-                for item, parameters in zip(self._items, encoded, strict=True)
+                _task_id(cls, parameters, ids) for parameters, ids in zip(encoded, identities, strict=True)
             ]
             twins: dict[str, Task] = {}
             if not force:
                 completed_twins = select(Task).where(
                     Task.version == __version__, Task.status_code == Status.COMPLETED
                 )
-                for (task,) in select_in(
-                    session, completed_twins.order_by(Task.pk), Task.task_id, set(task_ids)
-                ):
+                found = pipeline.submit(
+                    select_in, session, completed_twins.order_by(Task.pk), Task.task_id, set(task_ids)
+                )
+                for (task,) in found.result():
                     twins[task.task_id] = task  # the most recent completed twin wins
             new_items = []
             for item, task_id, parameters in zip(self._items, task_ids, encoded, strict=True):
@@ -483,7 +493,8 @@ class TaskInstance:
                 else:
                     item.already_done = False
                     new_items.append((item, task_id, parameters))
-            self._insert_tasks(session, new_items)
+            self._insert_tasks(session, pipeline, new_items)
+            resolved.result()
 
     def _resolve_data_products(self, session: Any) -> None:
         specs = [dp for item in self._items for dp in item.inputs if isinstance(dp, DataProductSpec)]
@@ -506,55 +517,25 @@ class TaskInstance:
                 for dp in item.inputs
             ]
 
-    def _insert_tasks(self, session: Any, new_items: list[tuple[_Item, str, dict[str, str]]]) -> None:
-        """Insert the new tasks with their parameters, input data products and bundle (a few statements)."""
+    def _insert_tasks(
+        self, session: Any, pipeline: Pipeline, new_items: list[tuple[_Item, str, dict[str, str]]]
+    ) -> None:
+        """Insert the new tasks with their parameters, input data products and bundle (a few statements).
+
+        Tasks are inserted ``RUNNING``: they are executed right away, so this is their state until
+        :meth:`_finish` writes their final status, timings and result in one ``UPDATE``.
+        """
         self._bundle = None
         if not new_items:
             return
         cls = type(self)
         now = datetime.now(UTC)
-        shared = {
-            "task_module": cls.__module__,
-            "task_name": cls.__qualname__,
-            "version": __version__,
-            "status_code": int(Status.CREATED),
-            "created": now,
-            "modified": now,
-        }
-        pks = allocate_pks(session, Task.__table__, len(new_items))
-        insert_rows(
+        parameter_pks = pipeline.submit(
+            get_or_create_parameters,
             session,
-            Task.__table__,
-            [{"pk": pk, "task_id": task_id} for pk, (_, task_id, _) in zip(pks, new_items, strict=True)],
-            same_for_all=shared,
+            sorted({pair for _, _, parameters in new_items for pair in parameters.items()}),
         )
-        template = {**dict.fromkeys(c.name for c in Task.__table__.columns), **shared}
-        for pk, (item, task_id, _) in zip(pks, new_items, strict=True):
-            item.task = build(
-                Task, {**template, "pk": pk, "task_id": task_id, "_parameters": item.parameters}
-            )
-
-        parameter_pks = get_or_create_parameters(
-            session, sorted({pair for _, _, parameters in new_items for pair in parameters.items()})
-        )
-        insert_rows(
-            session,
-            TaskParameter.__table__,
-            [
-                {"task_pk": pk, "parameter_pk": parameter_pks[pair]}
-                for pk, (_, _, parameters) in zip(pks, new_items, strict=True)
-                for pair in parameters.items()
-            ],
-        )
-        insert_rows(
-            session,
-            TaskInputDataProduct.__table__,
-            [
-                {"task_pk": pk, "data_product_pk": dp.pk}
-                for pk, (item, _, _) in zip(pks, new_items, strict=True)
-                for dp in item.data_products
-            ],
-        )
+        bundle = None
         if len(new_items) > 1:
             bundle = Bundle(
                 task_module=cls.__module__,
@@ -563,15 +544,58 @@ class TaskInstance:
                 n_tasks=len(new_items),
                 created=now,
             )
-            session.add(bundle)
-            session.flush()
-            insert_rows(
+            pipeline.submit(_add_and_flush, session, bundle)
+        allocated = pipeline.submit(allocate_pks, session, Task.__table__, len(new_items))
+        shared = {
+            "task_module": cls.__module__,
+            "task_name": cls.__qualname__,
+            "version": __version__,
+            "status_code": int(Status.RUNNING),
+            "created": now,
+            "modified": now,
+        }
+        pks = allocated.result()
+        if bundle is not None:
+            shared["bundle_pk"] = bundle.pk  # flushed by the worker before it allocated the pks
+        pipeline.submit(
+            prepare_insert(
                 session,
-                BundleTask.__table__,
-                [{"task_pk": pk} for pk in pks],
-                same_for_all={"bundle_pk": bundle.pk},
+                Task.__table__,
+                [{"pk": pk, "task_id": task_id} for pk, (_, task_id, _) in zip(pks, new_items, strict=True)],
+                same_for_all=shared,
             )
-            self._bundle = bundle
+        )
+        template = {**dict.fromkeys(c.name for c in Task.__table__.columns), **shared}
+        for pk, (item, task_id, _) in zip(pks, new_items, strict=True):
+            item.task = build(
+                Task, {**template, "pk": pk, "task_id": task_id, "_parameters": item.parameters}
+            )
+        parameter_pks = parameter_pks.result()
+        pipeline.submit(
+            prepare_insert(
+                session,
+                TaskParameter.__table__,
+                [
+                    {"task_pk": pk, "parameter_pk": parameter_pks[pair]}
+                    for pk, (_, _, parameters) in zip(pks, new_items, strict=True)
+                    for pair in parameters.items()
+                ],
+            )
+        )
+        # The data products were resolved first: the worker runs in submission order.
+        last = pipeline.submit(
+            prepare_insert(
+                session,
+                TaskInputDataProduct.__table__,
+                [
+                    {"task_pk": pk, "data_product_pk": dp.pk}
+                    for pk, (item, _, _) in zip(pks, new_items, strict=True)
+                    for dp in item.data_products
+                ],
+            )
+        )
+        last.result()
+        self._bundle = bundle
 
     # Running -----------------------------------------------------------------------------------------
 
@@ -579,7 +603,6 @@ class TaskInstance:
         return [item for item in self._items if not item.already_done and not item.failed]
 
     def _run(self, pending: list[_Item], kwargs: dict[str, Any]) -> None:
-        self._set_status(pending, Status.RUNNING)
         stage_times = dict.fromkeys(STAGES, 0.0)
         results: list[tuple[_Item, type[Base], dict[str, Any]]] = []
         outputs: list[tuple[_Item, DataProductSpec]] = []
@@ -674,18 +697,6 @@ class TaskInstance:
                 return item
         raise ValueError(f"{task!r} is not a task of this instance")
 
-    def _set_status(self, items: Sequence[_Item], status: Status) -> None:
-        now = datetime.now(UTC)
-        with session_scope() as session:
-            update_rows(
-                session,
-                Task.__table__,
-                [{"pk": item.task.pk} for item in items],
-                same_for_all={"status_code": int(status), "modified": now},
-            )
-        for item in items:
-            _set_fields(item.task, status_code=int(status), modified=now)
-
     def _finish(
         self,
         pending: list[_Item],
@@ -693,7 +704,11 @@ class TaskInstance:
         results: list[tuple[_Item, type[Base], dict[str, Any]]],
         outputs: list[tuple[_Item, DataProductSpec]],
     ) -> None:
-        """Store statuses, timings, errors, results and output data products of the run, in bulk."""
+        """Store statuses, timings, errors, results and output data products of the run, in bulk.
+
+        Result rows are inserted first, so that each task's row is updated once, with its status, timings,
+        error, return value and ``output_pk`` together (one ``UPDATE`` for the whole bundle).
+        """
         now = datetime.now(UTC)
         bundle = len(pending) > 1
         overheads = {
@@ -701,35 +716,40 @@ class TaskInstance:
         }
         overhead_share = sum(overheads.values()) / len(pending) if bundle else 0.0
         shared = {"time_bundle_overhead": overhead_share, "modified": now}
-        rows = []
-        for item in pending:
-            times = item.times if bundle else stage_times
-            try:
-                result = to_jsonable(item.result)
-            except TypeError:
-                log.warning(
-                    "task %s returned a %s, which is not stored", item.task.pk, type(item.result).__name__
-                )
-                result = None
-            error_stage, error_message, error_traceback = item.error or (None, None, None)
-            row = {
-                "pk": item.task.pk,
-                "status_code": int(Status.FAILED if item.error else Status.COMPLETED),
-                "time_pre_execute": times["pre_execute"],
-                "time_execute": times["execute"],
-                "time_post_execute": times["post_execute"],
-                "duration": sum(times.values()) + overhead_share,
-                "error_stage": error_stage,
-                "error_message": error_message,
-                "error_traceback": error_traceback,
-                "result": result,
-            }
-            _set_fields(item.task, **row, **shared)
-            rows.append(row)
-        with _gc_paused(), session_scope() as session:
-            update_rows(session, Task.__table__, rows, same_for_all=shared)
+        with _gc_paused(), session_scope() as session, Pipeline.for_session(session) as pipeline:
+            first_output = self._store_results(session, pipeline, results)
+            if outputs:
+                pipeline.submit(_store_output_data_products, session, outputs)
+            rows = []
+            completed, failed = int(Status.COMPLETED), int(Status.FAILED)
+            for item in pending:
+                times = item.times if bundle else stage_times
+                try:
+                    result = to_jsonable(item.result)
+                except TypeError:
+                    log.warning(
+                        "task %s returned a %s, which is not stored", item.task.pk, type(item.result).__name__
+                    )
+                    result = None
+                error_stage, error_message, error_traceback = item.error or (None, None, None)
+                row = {
+                    "pk": item.task.pk,
+                    "status_code": failed if item.error else completed,
+                    "time_pre_execute": times["pre_execute"],
+                    "time_execute": times["execute"],
+                    "time_post_execute": times["post_execute"],
+                    "duration": sum(times.values()) + overhead_share,
+                    "error_stage": error_stage,
+                    "error_message": error_message,
+                    "error_traceback": error_traceback,
+                    "result": result,
+                    "output_pk": first_output.get(item.task.pk),
+                }
+                _set_fields(item.task, **row, **shared)
+                rows.append(row)
+            pipeline.submit(prepare_update(session, Task.__table__, rows, same_for_all=shared))
             if self._bundle is not None:
-                session.execute(
+                statement = (
                     update(Bundle)
                     .where(Bundle.pk == self._bundle.pk)
                     .values(
@@ -737,28 +757,26 @@ class TaskInstance:
                         **{f"time_{s}_overhead": overheads[s] for s in STAGES},
                     )
                 )
-            self._store_results(session, results)
-            if outputs:
-                products = get_or_create_data_products(session, [spec for _, spec in outputs])
-                insert_rows(
-                    session,
-                    TaskOutputDataProduct.__table__,
-                    [
-                        {"task_pk": item.task.pk, "data_product_pk": product.pk}
-                        for (item, _), product in zip(outputs, products, strict=True)
-                    ],
-                )
+                pipeline.submit(session.execute, statement)
+            pipeline.submit(lambda: None).result()  # the first error, if any, is raised here
 
-    def _store_results(self, session: Any, results: list[tuple[_Item, type[Base], dict[str, Any]]]) -> None:
-        """Insert result rows, each under a new ``output_interface`` key (``task.output_pk``: its first)."""
+    def _store_results(
+        self, session: Any, pipeline: Pipeline, results: list[tuple[_Item, type[Base], dict[str, Any]]]
+    ) -> dict[int, int]:
+        """Insert result rows, each under a new ``output_interface`` key; return each task's first key."""
         if not results:
-            return
-        output_pks = allocate_pks(session, OutputInterface.__table__, len(results))
-        insert_rows(
-            session,
-            OutputInterface.__table__,
-            [{"pk": pk, "table_name": model.__tablename__} for pk, (_, model, _) in zip(output_pks, results)],
-            same_for_all={"created": datetime.now(UTC)},
+            return {}
+        output_pks = pipeline.submit(allocate_pks, session, OutputInterface.__table__, len(results)).result()
+        pipeline.submit(
+            prepare_insert(
+                session,
+                OutputInterface.__table__,
+                [
+                    {"pk": pk, "table_name": model.__tablename__}
+                    for pk, (_, model, _) in zip(output_pks, results, strict=True)
+                ],
+                same_for_all={"created": datetime.now(UTC)},
+            )
         )
         by_model: dict[type[Base], list[dict[str, Any]]] = {}
         first_output: dict[int, int] = {}
@@ -768,14 +786,8 @@ class TaskInstance:
             )
             first_output.setdefault(item.task.pk, output_pk)
         for model, rows in by_model.items():
-            insert_rows(session, model.__table__, rows)
-        update_rows(
-            session,
-            Task.__table__,
-            [{"pk": pk, "output_pk": output_pk} for pk, output_pk in first_output.items()],
-        )
-        for item, _, _ in results:
-            _set_fields(item.task, output_pk=first_output[item.task.pk])
+            pipeline.submit(prepare_insert(session, model.__table__, rows))
+        return first_output
 
     def _raise_all_failed(self, failed: list[_Item]) -> None:
         first = failed[0]
@@ -848,6 +860,23 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _store_output_data_products(session: Any, outputs: list[tuple[_Item, DataProductSpec]]) -> None:
+    products = get_or_create_data_products(session, [spec for _, spec in outputs])
+    insert_rows(
+        session,
+        TaskOutputDataProduct.__table__,
+        [
+            {"task_pk": item.task.pk, "data_product_pk": product.pk}
+            for (item, _), product in zip(outputs, products, strict=True)
+        ],
+    )
+
+
+def _add_and_flush(session: Any, record: Base) -> None:
+    session.add(record)
+    session.flush()
 
 
 def _set_fields(task: Task, **values: Any) -> None:

@@ -30,10 +30,8 @@ CREATE TABLE astra.data_product (
 	metadata JSONB,
 	created TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
 	PRIMARY KEY (pk),
-	UNIQUE (release, filetype, kwargs_hash)
+	UNIQUE (kwargs_hash, release, filetype)
 );
-
-CREATE INDEX ix_astra_data_product_kwargs_hash ON astra.data_product (kwargs_hash);
 
 CREATE TABLE astra.output_interface (
 	pk BIGSERIAL NOT NULL,
@@ -94,26 +92,17 @@ CREATE TABLE astra.task (
 	error_traceback TEXT,
 	result JSONB,
 	output_pk BIGINT,
+	bundle_pk BIGINT,
 	PRIMARY KEY (pk),
-	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE SET NULL
+	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE SET NULL,
+	FOREIGN KEY(bundle_pk) REFERENCES astra.bundle (pk) ON DELETE SET NULL
 );
+
+CREATE INDEX ix_astra_task_bundle_pk ON astra.task (bundle_pk);
 
 CREATE INDEX ix_astra_task_output_pk ON astra.task (output_pk);
 
-CREATE INDEX ix_task_task_id_version_status ON astra.task (task_id, version, status_code);
-
-CREATE TABLE astra.bundle_task (
-	pk BIGSERIAL NOT NULL,
-	bundle_pk BIGINT NOT NULL,
-	task_pk BIGINT NOT NULL,
-	PRIMARY KEY (pk),
-	FOREIGN KEY(bundle_pk) REFERENCES astra.bundle (pk) ON DELETE CASCADE,
-	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE
-);
-
-CREATE INDEX ix_astra_bundle_task_bundle_pk ON astra.bundle_task (bundle_pk);
-
-CREATE INDEX ix_astra_bundle_task_task_pk ON astra.bundle_task (task_pk);
+CREATE INDEX ix_task_task_id ON astra.task (task_id);
 
 CREATE TABLE astra.continuum (
 	row_index INTEGER NOT NULL,

@@ -94,3 +94,58 @@ def test_result_rows_may_set_different_columns(astra_db, data_files):
             )
         ).all()
     assert [tuple(r) for r in rows] == [(False, 0.0, 0, 0), (True, 1.0, 0, 0), (False, 2.0, 7, 0)]
+
+
+class ResultPerTask(TaskInstance):
+    model = Parameter(bundled=True)
+    x = Parameter()
+
+    def execute(self):
+        for task, data_products in self.iterable():
+            self.add_result(task, Continuum, data_product=data_products[0], snr=float(task.parameters["x"]))
+        return [task.parameters["x"] for task, _ in self.iterable()]
+
+
+def _statements_to_record(tmp_path, n: int, offset: int) -> list[str]:
+    from sqlalchemy import event
+
+    from astra_provider.database import get_engine
+
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"spec-{offset + i:05d}.fits"
+        path.touch()
+        paths.append(str(path))
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement.split(None, 3)[:3])
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        instance = ResultPerTask(input_data_products=paths, model="m", x=tuple(range(offset, offset + n)))
+        instance.execute()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert instance.summary()["completed"] == n
+    return statements
+
+
+def test_recording_a_bundle_takes_the_same_statements_whatever_its_size(astra_db, tmp_path):
+    """Tasks, parameters, data products, result rows and the final statuses and timings are written
+    with a fixed number of statements: 500 tasks take no more than 5 (each task is updated once)."""
+    small = _statements_to_record(tmp_path, 5, 0)
+    large = _statements_to_record(tmp_path, 500, 1000)
+    assert len(large) == len(small) and len(large) < 40
+    with session_scope() as session:
+        counts = session.execute(
+            text(
+                "select (select count(*) from astra.task where status_code = 2 and output_pk is not null "
+                "and bundle_pk is not null), (select count(*) from astra.continuum), "
+                "(select count(*) from astra.output_interface), (select count(*) from astra.task_parameter)"
+            )
+        ).one()
+    assert tuple(counts) == (505, 505, 505, 1010)
+    updates = [s for s in large if s[0].upper() == "UPDATE" and "task" in " ".join(s[1:]).lower()]
+    assert len(updates) == 1  # one UPDATE of astra.task: status, timings, result and output_pk together

@@ -1,9 +1,10 @@
 """SQLAlchemy 2 models of the astra database (schema ``astra``).
 
 Provenance tables: ``task``, ``parameter`` and the ``task_parameter`` junction, ``data_product`` with the
-``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` and ``bundle_task``,
-``source`` and ``source_data_product``, and ``output_interface``, which gives every result row a key that is
-unique across all result tables. Result tables (``doppler``, ``thecannon``, ...) use :class:`OutputMixin`.
+``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` (a task's bundle is its
+``bundle_pk``), ``source`` and ``source_data_product``, and ``output_interface``, which gives every result
+row a key that is unique across all result tables. Result tables (``doppler``, ``thecannon``, ...) use
+:class:`OutputMixin`.
 
 ``schema/astradb.sql`` is generated from these models (``astra schema``) and a test keeps the two equal.
 """
@@ -75,10 +76,16 @@ class OutputInterface(Base):
 
 
 class Task(Base):
-    """One executed (or executing) task: its identity, status, timings, version and error."""
+    """One executed (or executing) task: its identity, status, timings, version and error.
+
+    A row records one execution: executing a task again (``force=True``, a failed task, a new version)
+    inserts a new row, so a row belongs to at most one bundle, ``bundle_pk`` (NULL for a task executed
+    alone). Skip-if-done looks twins up by ``task_id`` (nearly unique), so the index holds only that
+    column: a narrower index is cheaper to fill when a bundle is inserted.
+    """
 
     __tablename__ = "task"
-    __table_args__ = (Index("ix_task_task_id_version_status", "task_id", "version", "status_code"),)
+    __table_args__ = (Index("ix_task_task_id", "task_id"),)
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     task_module: Mapped[str] = mapped_column(Text)
@@ -103,6 +110,9 @@ class Task(Base):
     result: Mapped[Any | None] = mapped_column(JSONType)
     output_pk: Mapped[int | None] = mapped_column(
         PrimaryKey, _fk("output_interface.pk", ondelete="SET NULL"), index=True
+    )
+    bundle_pk: Mapped[int | None] = mapped_column(
+        PrimaryKey, _fk("bundle.pk", ondelete="SET NULL"), index=True
     )
 
     @property
@@ -198,13 +208,14 @@ class DataProduct(Base):
     """A file: an SDSS data product (release, filetype, keywords) or any file (filetype ``full``)."""
 
     __tablename__ = "data_product"
-    __table_args__ = (UniqueConstraint("release", "filetype", "kwargs_hash"),)
+    # kwargs_hash first: the unique index also serves lookups by kwargs_hash alone (no second index).
+    __table_args__ = (UniqueConstraint("kwargs_hash", "release", "filetype"),)
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     release: Mapped[str] = mapped_column(Text, default="", server_default="")
     filetype: Mapped[str] = mapped_column(Text)
     kwargs: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    kwargs_hash: Mapped[str] = mapped_column(Text, index=True)
+    kwargs_hash: Mapped[str] = mapped_column(Text)
     path: Mapped[str] = mapped_column(Text)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
     created: Mapped[datetime] = mapped_column(
@@ -270,22 +281,7 @@ class Bundle(Base):
         from astra_provider.database import session_scope
 
         with session_scope() as session:
-            return list(
-                session.scalars(
-                    select(Task)
-                    .join(BundleTask, BundleTask.task_pk == Task.pk)
-                    .where(BundleTask.bundle_pk == self.pk)
-                    .order_by(BundleTask.pk)
-                )
-            )
-
-
-class BundleTask(Base):
-    __tablename__ = "bundle_task"
-
-    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
-    bundle_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("bundle.pk"), index=True)
-    task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
+            return list(session.scalars(select(Task).where(Task.bundle_pk == self.pk).order_by(Task.pk)))
 
 
 class OutputMixin:
@@ -386,7 +382,6 @@ class TheCannon(OutputMixin, Base):
 __all__ = [
     "Base",
     "Bundle",
-    "BundleTask",
     "Continuum",
     "DataProduct",
     "Doppler",

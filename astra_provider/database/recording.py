@@ -35,7 +35,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -259,15 +260,63 @@ def insert_rows(
 
     Columns a row leaves out get their Python-side default (else NULL), as with an ORM or Core insert.
     """
+    return prepare_insert(
+        session,
+        table,
+        rows,
+        same_for_all=same_for_all,
+        on_conflict_do_nothing=on_conflict_do_nothing,
+        returning=returning,
+    )()
+
+
+def _no_rows() -> list[Row]:
+    return []
+
+
+def _constant_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, Any]:
+    """The columns that every row has and that hold the very same object in every row (e.g. all None).
+
+    They are sent once, as a shared value, instead of once per row. Identity, not equality: ``0.0`` and
+    ``-0.0`` (or ``1`` and ``True``) are equal but not the same value.
+    """
+    constant = {}
+    first = rows[0]
+    for name in columns:
+        if name not in first:
+            continue
+        value = first[name]
+        if all(name in row and row[name] is value for row in rows):
+            constant[name] = value
+    return constant
+
+
+def prepare_insert(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    same_for_all: Mapping[str, Any] | None = None,
+    on_conflict_do_nothing: Sequence[str] = (),
+    returning: Sequence[str] = (),
+) -> Callable[[], list[Row]]:
+    """:func:`insert_rows` in two steps: build the statements now, return a function that executes them.
+
+    Building the parameters of a large insert is Python work; executing it is the server's. A caller can
+    build the next statement while another thread executes this one (see :class:`Pipeline`).
+    """
     if not rows:
-        return []
+        return _no_rows
     if returning and not _is_postgresql(session):  # sqlite3's executemany cannot return rows
         statement = sqlite.insert(table).returning(*(table.c[name] for name in returning))
         if on_conflict_do_nothing:
             statement = statement.on_conflict_do_nothing(index_elements=list(on_conflict_do_nothing))
-        return session.execute(statement, [{**(same_for_all or {}), **row} for row in rows]).all()
+        parameters = [{**(same_for_all or {}), **row} for row in rows]
+        return lambda: session.execute(statement, parameters).all()
 
+    same_for_all = {**_constant_columns(rows, list(rows[0])), **(same_for_all or {})}
     dialect, columns, shared, fill = _prepare(session, table, rows, same_for_all)
+    columns = [name for name in columns if name not in shared]
     quote = dialect.identifier_preparer.quote
     target = dialect.identifier_preparer.format_table(table)
     into = f"INSERT INTO {target} ({', '.join(map(quote, [*columns, *shared]))})"
@@ -278,23 +327,40 @@ def insert_rows(
         suffix += f" RETURNING {', '.join(map(quote, returning))}"
     if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
         placeholders = ", ".join("?" * (len(columns) + len(shared)))
-        values = zip(*_column_values(table, dialect, columns, rows, fill), strict=True)
-        session.connection().exec_driver_sql(
-            f"{into} VALUES ({placeholders}){suffix}", [(*row, *shared.values()) for row in values]
-        )
-        return []
+        if columns:
+            values = zip(*_column_values(table, dialect, columns, rows, fill), strict=True)
+            tuples = [(*row, *shared.values()) for row in values]
+        else:
+            tuples = [tuple(shared.values())] * len(rows)
+        sql = f"{into} VALUES ({placeholders}){suffix}"
+
+        def execute_sqlite() -> list[Row]:
+            session.connection().exec_driver_sql(sql, tuples)
+            return []
+
+        return execute_sqlite
 
     shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
-    selected = ", ".join([*(f"v.{quote(name)}" for name in columns), *shared_sql])
-    returned: list[Row] = []
+    statements = []
     for chunk in chunked(rows, PG_CHUNK):
-        source, parameters = _pg_unnest(table, dialect, columns, chunk, fill)
-        result = session.execute(
-            text(f"{into} SELECT {selected} FROM {source}{suffix}"), {**parameters, **shared_parameters}
+        if columns:
+            source, parameters = _pg_unnest(table, dialect, columns, chunk, fill)
+        else:  # every column is shared: one row per element of a series
+            source, parameters = f"generate_series(1, {len(chunk)}) AS v(n)", {}
+        selected = ", ".join([*(f"v.{quote(name)}" for name in columns), *shared_sql])
+        statements.append(
+            (text(f"{into} SELECT {selected} FROM {source}{suffix}"), {**parameters, **shared_parameters})
         )
-        if returning:
-            returned.extend(result.all())
-    return returned
+
+    def execute_postgresql() -> list[Row]:
+        returned: list[Row] = []
+        for statement, parameters in statements:
+            result = session.execute(statement, parameters)
+            if returning:
+                returned.extend(result.all())
+        return returned
+
+    return execute_postgresql
 
 
 def update_rows(
@@ -309,21 +375,37 @@ def update_rows(
 
     :param same_for_all: column values set on every row (sent once, not once per row).
     """
+    prepare_update(session, table, rows, key=key, same_for_all=same_for_all)()
+
+
+def prepare_update(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key: str = "pk",
+    same_for_all: Mapping[str, Any] | None = None,
+) -> Callable[[], None]:
+    """:func:`update_rows` in two steps, like :func:`prepare_insert`.
+
+    One ``UPDATE ... FROM unnest(...)`` on PostgreSQL, whatever the number of rows; values that are the
+    same object in every row (typically ``None``) are sent once.
+    """
     if not rows:
-        return
+        return lambda: None
     dialect = session.get_bind().dialect
     quote = dialect.identifier_preparer.quote
-    columns = [name for name in rows[0] if name != key]
-    shared = {name: _processed(table.c[name], dialect, [v])[0] for name, v in (same_for_all or {}).items()}
+    constant = {k: v for k, v in _constant_columns(rows, list(rows[0])).items() if k != key}
+    same_for_all = {**constant, **(same_for_all or {})}
+    columns = [name for name in rows[0] if name != key and name not in same_for_all]
+    shared = {name: _processed(table.c[name], dialect, [v])[0] for name, v in same_for_all.items()}
     target = dialect.identifier_preparer.format_table(table)
     if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
         assignments = ", ".join(f"{quote(name)} = ?" for name in [*columns, *shared])
         values = zip(*_column_values(table, dialect, [*columns, key], rows), strict=True)
-        session.connection().exec_driver_sql(
-            f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?",
-            [(*row[:-1], *shared.values(), row[-1]) for row in values],
-        )
-        return
+        sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?"
+        tuples = [(*row[:-1], *shared.values(), row[-1]) for row in values]
+        return lambda: session.connection().exec_driver_sql(sql, tuples) and None
 
     shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
     assignments = ", ".join(
@@ -332,14 +414,68 @@ def update_rows(
             *(f"{quote(name)} = {sql}" for name, sql in zip(shared, shared_sql, strict=True)),
         ]
     )
+    statements = []
     for chunk in chunked(rows, PG_CHUNK):
         source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk)
-        session.execute(
-            text(
-                f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE t.{quote(key)} = v.{quote(key)}"
-            ),
-            {**parameters, **shared_parameters},
+        where = f"t.{quote(key)} = v.{quote(key)}"
+        statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
+        statements.append((statement, {**parameters, **shared_parameters}))
+
+    def execute() -> None:
+        for statement, parameters in statements:
+            session.execute(statement, parameters)
+
+    return execute
+
+
+class Pipeline:
+    """Overlap building statements (Python) with executing them (the database), in one transaction.
+
+    ``submit(function, *args)`` runs ``function`` on a single worker thread, in submission order, and
+    returns a future. The session is only used by the worker while the caller builds the next statement's
+    parameters: drivers release the GIL while the server works, so on two cores the client's and the
+    server's work overlap. After a submitted function fails, the ones submitted after it raise the same
+    exception instead of running (so ``result()`` of any later future reports the first error, not the
+    aborted transaction). Leaving the ``with`` block waits for the worker, before the session commits or
+    rolls back. SQLite runs in this process (there is no server to overlap with): with ``threaded=False``
+    each function runs at once, in the caller's thread.
+    """
+
+    def __init__(self, threaded: bool = True) -> None:
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="astra-recording") if threaded else None
         )
+        self._error: BaseException | None = None
+
+    @classmethod
+    def for_session(cls, session: Session) -> Pipeline:
+        return cls(threaded=_is_postgresql(session))
+
+    def _run(self, function: Callable[..., Any], args: tuple) -> Any:
+        if self._error is not None:
+            raise self._error
+        try:
+            return function(*args)
+        except BaseException as error:
+            self._error = error
+            raise
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        if self._executor is not None:
+            return self._executor.submit(self._run, function, args)
+        future: Future = Future()
+        try:
+            future.set_result(self._run(function, args))
+        except BaseException as error:  # raised again by result(), as from the worker
+            future.set_exception(error)
+        return future
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def allocate_pks(session: Session, table: Table, n: int) -> list[int]:
