@@ -383,6 +383,21 @@ class TaskInstance:
             message, tb = str(error), ""
         self._mark_failed(item, attempt.stage, message, tb)
 
+    def read_inputs(self, read: Callable[[str], Any]) -> list[tuple[Task, DataProduct, Any]]:
+        """``(task, data_product, read(data_product.path))`` for the first input of each task to run.
+
+        The batch-first pattern of the science components: read every input, then process them together.
+        A task whose ``read`` raises ``ValueError`` or ``OSError`` (a corrupt, truncated or unusable file;
+        readers name the file) fails alone, as with :meth:`fail`, and is left out of the list.
+        """
+        loaded = []
+        for task, data_products in self.iterable():
+            try:
+                loaded.append((task, data_products[0], read(data_products[0].path)))
+            except (ValueError, OSError) as error:
+                self.fail(task, error)
+        return loaded
+
     # Execution ---------------------------------------------------------------------------------------
 
     def execute(self, *, force: bool = False, debug: bool = False, **kwargs: Any) -> Any:

@@ -45,21 +45,16 @@ class SinusoidalContinuum(TaskInstance):
         output_dir.mkdir(parents=True, exist_ok=True)
         mask = load_continuum_pixels()
 
-        spectra, owners = [], []
-        for task, data_products in self.iterable():
-            try:
-                spectrum = read_spectrum(data_products[0].path)
-                if spectrum.n_pixels != mask.size:
-                    raise ValueError(
-                        f"{data_products[0].path}: {spectrum.n_pixels} pixels, expected {mask.size}"
-                    )
-            except (ValueError, OSError) as error:
-                self.fail(task, error)
-                continue
-            spectra.append(spectrum)
-            owners.append((task, data_products[0]))
-        if not spectra:
+        def read(path: str):
+            spectrum = read_spectrum(path)
+            if spectrum.n_pixels != mask.size:
+                raise ValueError(f"{path}: {spectrum.n_pixels} pixels, expected {mask.size}")
+            return spectrum
+
+        inputs = self.read_inputs(read)
+        if not inputs:
             return []
+        spectra = [spectrum for _, _, spectrum in inputs]
         wavelength = spectra[0].wavelength
         flux = np.concatenate([s.flux for s in spectra])
         ivar = np.concatenate([s.ivar for s in spectra])
@@ -69,7 +64,7 @@ class SinusoidalContinuum(TaskInstance):
         flux_norm, ivar_norm = normalize(flux, ivar, continuum)
 
         results, start = {}, 0
-        for (task, data_product), spectrum in zip(owners, spectra, strict=True):
+        for task, data_product, spectrum in inputs:
             rows = slice(start, start + spectrum.n_spectra)
             start += spectrum.n_spectra
             failed = ~np.all(np.isfinite(continuum[rows][:, mask]), axis=1)

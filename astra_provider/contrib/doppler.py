@@ -34,28 +34,26 @@ class DopplerRadialVelocity(TaskInstance):
         from astra_provider.science.doppler import measure_visit_radial_velocities
         from astra_provider.sdss.spectrum import read_spectrum
 
-        wavelengths, fluxes, ivars, owners = [], [], [], []
-        for task, data_products in self.iterable():
-            path = data_products[0].path
-            try:
-                visit = read_spectrum(path)
-                bc = float(visit.meta.get("bc", np.nan))
-                if not np.isfinite(bc):
-                    raise ValueError(f"{path}: no barycentric correction (BC) in the header")
-            except (ValueError, OSError) as error:
-                self.fail(task, error)
-                continue
-            wavelengths.append(visit.wavelength)
-            fluxes.append(visit.flux[0])
-            ivars.append(visit.ivar[0])
-            owners.append((task, data_products[0], bc, float(visit.snr[0])))
-        if not owners:
+        def read(path: str):
+            visit = read_spectrum(path)
+            if not np.isfinite(float(visit.meta.get("bc", np.nan))):
+                raise ValueError(f"{path}: no barycentric correction (BC) in the header")
+            return visit
+
+        inputs = self.read_inputs(read)
+        if not inputs:
             return []
+        visits = [visit for _, _, visit in inputs]
         result = measure_visit_radial_velocities(
-            wavelengths, fluxes, ivars, self.model, max_velocity=float(self.max_velocity)
+            [visit.wavelength for visit in visits],
+            [visit.flux[0] for visit in visits],
+            [visit.ivar[0] for visit in visits],
+            self.model,
+            max_velocity=float(self.max_velocity),
         )
         outputs = {}
-        for index, (task, data_product, bc, snr) in enumerate(owners):
+        for index, (task, data_product, visit) in enumerate(inputs):
+            bc, snr = float(visit.meta["bc"]), float(visit.snr[0])
             row = {
                 "vrel": result.vrel[index],
                 "u_vrel": result.u_vrel[index],

@@ -110,36 +110,30 @@ class TestTheCannon(TaskInstance):
             self.model.metadata.get("continuum_deg"),
             self.model.metadata.get("continuum_length_scale"),
         )
-        spectra, owners = [], []
-        for task, data_products in self.iterable():
-            try:
-                spectrum = read_normalized(data_products[0].path)
-                used = spectrum.meta.get("continuum")
-                if used is not None and settings != (None, None) and tuple(used) != settings:
-                    raise ValueError(
-                        f"{data_products[0].path}: normalised with (deg, L) = {tuple(used)}, "
-                        f"but the model was trained with {settings}"
-                    )
-                if spectrum.n_pixels != self.model.n_pixels:
-                    raise ValueError(
-                        f"{data_products[0].path}: {spectrum.n_pixels} pixels; the model has "
-                        f"{self.model.n_pixels}"
-                    )
-            except (ValueError, OSError) as error:
-                self.fail(task, error)
-                continue
-            spectra.append(spectrum)
-            owners.append((task, data_products[0]))
-        if not spectra:
+
+        def read(path: str):
+            spectrum = read_normalized(path)
+            used = spectrum.meta.get("continuum")
+            if used is not None and settings != (None, None) and tuple(used) != settings:
+                raise ValueError(
+                    f"{path}: normalised with (deg, L) = {tuple(used)}, "
+                    f"but the model was trained with {settings}"
+                )
+            if spectrum.n_pixels != self.model.n_pixels:
+                raise ValueError(f"{path}: {spectrum.n_pixels} pixels; the model has {self.model.n_pixels}")
+            return spectrum
+
+        inputs = self.read_inputs(read)
+        if not inputs:
             return []
         result = fit(
             self.model,
-            np.concatenate([s.flux[:1] for s in spectra]),
-            np.concatenate([s.ivar[:1] for s in spectra]),
+            np.concatenate([spectrum.flux[:1] for _, _, spectrum in inputs]),
+            np.concatenate([spectrum.ivar[:1] for _, _, spectrum in inputs]),
         )
         columns = result.columns()
         outputs = {}
-        for index, (task, data_product) in enumerate(owners):
+        for index, (task, data_product, _) in enumerate(inputs):
             values = {name: _finite(column[index]) for name, column in columns.items()}
             named = {k: v for k, v in values.items() if k in _THECANNON_COLUMNS}
             self.add_result(task, TheCannon, data_product=data_product, row_index=0, labels=values, **named)
