@@ -100,6 +100,7 @@ SENSOR_FIELDS = {
     "exponential_backoff",
     "max_wait",
     "use_ctime",
+    "include_registered",
 }
 SECONDS_FIELDS = {"retry_delay", "execution_timeout"}
 PARAM_FIELDS = {
@@ -452,6 +453,13 @@ def _check_sensor_step(checker: _Checker, config: Any, sid: str) -> None:
     deferrable = config.get("deferrable", True)
     if not isinstance(deferrable, bool):
         checker.error(f"must be true or false, got {deferrable!r}", sid, "sensor.deferrable")
+    include_registered = config.get("include_registered", False)
+    if not isinstance(include_registered, bool) and not _is_template(include_registered):
+        checker.error(
+            f"must be true, false or a {{{{ template }}}}, got {include_registered!r}",
+            sid,
+            "sensor.include_registered",
+        )
 
 
 def _check_schedule(checker: _Checker, schedule: Any) -> None:

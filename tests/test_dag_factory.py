@@ -142,6 +142,14 @@ SPEC_ERRORS = [
         "steps: [{id: wait, sensor: {filetypes: [apStar]}}]",
         ["step 'wait'", "field 'sensor.root'", "required"],
     ),
+    (
+        "steps: [{id: wait, sensor: {root: /data, include_registered: maybe}}]",
+        ["step 'wait'", "field 'sensor.include_registered'", "'maybe'"],
+    ),
+    (
+        "steps: [{id: wait, sensor: {root: /data, min_age_seconds: -5}}]",
+        ["step 'wait'", "field 'sensor.min_age_seconds'", "-5"],
+    ),
     ("steps: [{id: new, asset_events: {}}]", ["step 'new'", "needs the DAG to be scheduled on an asset"]),
     (
         "schedule: '@daily'\nparams: {n: {type: integer, description: N}}\n"
@@ -254,3 +262,34 @@ def test_task_classes_and_parameter_names_are_checked(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert f"ok   {TEST_DAGS / 'astra_test_chain.yaml'}" in out and "FAIL" in out
+
+
+def test_sensor_settings_can_be_run_time_params(tmp_path):
+    """A sensor step's ``min_age_seconds`` and ``include_registered`` can be templates (run-time params)."""
+    text = """
+    params:
+      root: {type: string, default: /data, description: Data root.}
+      age: {type: integer, default: 60, minimum: 0, description: Minimum file age.}
+      again: {type: boolean, default: false, description: Take registered files too.}
+    steps:
+      - id: wait
+        sensor:
+          root: "{{ params.root }}"
+          min_age_seconds: "{{ params.age }}"
+          include_registered: "{{ params.again }}"
+    """
+    dag = dag_from_spec(write_spec(tmp_path, "astra_sensor_params", text))
+    sensor = dag.task_dict["wait"]
+    assert (sensor.min_age_seconds, sensor.include_registered) == ("{{ params.age }}", "{{ params.again }}")
+    assert {"min_age_seconds", "include_registered"} <= set(sensor.template_fields)
+    sensor.min_age_seconds, sensor.include_registered = 0, "False"  # as rendered
+    sensor._settings()
+    assert (sensor.min_age_seconds, sensor.include_registered) == (0.0, False)
+
+    plain = write_spec(
+        tmp_path,
+        "astra_sensor_plain",
+        text.replace('"{{ params.age }}"', "30").replace('"{{ params.again }}"', "true"),
+    )
+    sensor = dag_from_spec(plain).task_dict["wait"]
+    assert (sensor.min_age_seconds, sensor.include_registered) == (30.0, True)

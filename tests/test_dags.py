@@ -100,6 +100,12 @@ def test_the_pipeline_dags_chain_discovery_continuum_doppler_and_the_cannon():
     assert pipeline.params.get_param("model_path").schema == {
         "type": "string"
     }  # required in the trigger form
+    # a run over the whole data root again (rediscover), and the files' readiness age, from the trigger form
+    assert (pipeline.params["rediscover"], pipeline.params["min_file_age_seconds"]) == (False, 60)
+    assert (sensor.include_registered, sensor.min_age_seconds) == (
+        "{{ params.rediscover }}",
+        "{{ params.min_file_age_seconds }}",
+    )
     [asset] = on_new.schedule
     assert asset.name == "apogee_reduced_spectra"
     [watcher] = asset.watchers
@@ -275,6 +281,56 @@ def test_the_pipeline_discovers_new_spectra_and_runs_every_component(
             select(DataProduct.path).join(TheCannon, TheCannon.data_product_pk == DataProduct.pk)
         ).all()
     assert all(Path(path).parent == tmp_path / "normalised" for path in cannon_inputs)
+
+
+def _step_summaries(dag_id: str, run_id: str, task_id: str) -> list[dict]:
+    """The XComs of a (mapped) astra step of a run, one per map index."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return list(
+            session.scalars(
+                select(XComModel.value)
+                .where(
+                    XComModel.dag_id == dag_id,
+                    XComModel.run_id == run_id,
+                    XComModel.task_id == task_id,
+                    XComModel.key == "return_value",
+                )
+                .order_by(XComModel.map_index)
+            )
+        )
+
+
+@pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)
+def test_rediscover_runs_the_pipeline_again_over_the_data_root(airflow_db, astra_conn, survey, tmp_path):
+    """With rediscover, a second run takes the registered files again and skips every task as done; with
+    min_file_age_seconds 0, files written just now are ready."""
+    root = tmp_path / "sdss"
+    shutil.copytree(survey["data"] / "apogee", root / "apogee")  # fresh mtimes: not 60 s old
+    conf = {
+        "data_root": str(root),
+        "model_path": str(survey["model"]),
+        "output_dir": str(tmp_path / "normalised"),
+        "rediscover": True,
+        "min_file_age_seconds": 0,
+    }
+    dag = get_dag("astra_pipeline", DAGS)
+    first = dag.test(run_conf=conf)
+    _succeeded(first)
+    n_tasks, n_results = _count(Task), _count(Doppler) + _count(TheCannon) + _count(Continuum)
+    assert _statuses("DopplerRadialVelocity") == {"COMPLETED": 12}
+
+    second = dag.test(run_conf=conf)
+    _succeeded(second)
+    discovered = _step_summaries("astra_pipeline", second.run_id, "discover")[0]
+    assert discovered["counts"] == {"apStar": 6, "apVisit": 12}
+    for step, n in (("continuum", 6), ("doppler", 12), ("thecannon", 6)):
+        summaries = _step_summaries("astra_pipeline", second.run_id, step)
+        assert sum(s["skipped"] for s in summaries) == n, (step, summaries)
+        assert sum(s["completed"] + s["failed"] for s in summaries) == 0, (step, summaries)
+    assert (_count(Task), _count(Doppler) + _count(TheCannon) + _count(Continuum)) == (n_tasks, n_results)
 
 
 @pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)

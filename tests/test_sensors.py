@@ -221,3 +221,63 @@ def test_reschedule_with_a_short_interval_warns() -> None:
         warnings.simplefilter("error", UserWarning)
         DataProductSensor(task_id="w", root="/data", deferrable=False, mode="reschedule", poke_interval=300)
         DataProductSensor(task_id="w", root="/data", mode="reschedule", poke_interval=5)  # deferrable wins
+
+
+def test_include_registered_also_returns_files_registered_before(astra_conn: str, tmp_path: Path) -> None:
+    """A second pass over a data root: registered files come back too; new ones are still claimed once."""
+    old = [str(make_product(tmp_path, "apStar", i)) for i in range(3)]
+    claim_data_products(old, database_url=astra_conn)  # registered by an earlier run
+    new = str(make_product(tmp_path, "apVisit", 1))
+    make_product(tmp_path, "apVisit", 2, age=0)  # still being written: not ready
+
+    again = _sensor(tmp_path, deferrable=False, include_registered=True, encode_pks=False)
+    outcome = again.poke({})
+    registered = _registered(astra_conn)
+    assert outcome.is_done
+    assert sorted(registered[pk] for pk in outcome.xcom_value["data_product_pks"]) == sorted([*old, new])
+    assert outcome.xcom_value["counts"] == {"apStar": 3, "apVisit": 1}
+
+    # the new file was claimed by that call: a sensor that wants new files only finds nothing
+    assert _sensor(tmp_path, deferrable=False, task_id="new_only").poke({}).is_done is False
+    # and another pass returns the same four files
+    repeat = _sensor(tmp_path, deferrable=False, include_registered=True, encode_pks=False).poke({})
+    assert sorted(repeat.xcom_value["data_product_pks"]) == sorted(outcome.xcom_value["data_product_pks"])
+
+
+def test_include_registered_in_execute_complete(astra_conn: str, tmp_path: Path) -> None:
+    path = make_product(tmp_path, "apVisit", 1)
+    claim_data_products([str(path)], database_url=astra_conn)
+    event = {
+        "status": "success",
+        "root": str(tmp_path),
+        "paths": [str(path.relative_to(tmp_path))],
+        "watermark": {"mtime": path.stat().st_mtime, "path": str(path)},
+    }
+    value = _sensor(tmp_path, include_registered=True).execute_complete({}, event=event)
+    assert [_registered(astra_conn)[pk] for pk in decode_pks(value["data_product_pks"])] == [str(path)]
+
+
+def test_min_age_and_include_registered_take_rendered_templates(astra_conn: str, tmp_path: Path) -> None:
+    """Templated (trigger-form params): strings such as "False" and "0" from DAGs without native rendering."""
+    path = str(make_product(tmp_path, "apStar", 1, age=0))  # just written
+    claim_data_products([path], database_url=astra_conn)
+    sensor = _sensor(
+        tmp_path,
+        deferrable=False,
+        min_age_seconds="{{ params.min_file_age_seconds }}",
+        include_registered="{{ params.rediscover }}",
+    )
+    assert {"min_age_seconds", "include_registered"} <= set(sensor.template_fields)
+
+    sensor.min_age_seconds, sensor.include_registered = "0", "False"  # rendered as strings
+    assert sensor.poke({}).is_done is False  # registered already, and not included
+    sensor.min_age_seconds, sensor.include_registered = 0, True  # rendered as native objects
+    sensor._watermark = None  # a new run: its first check looks at every file
+    assert sensor.poke({}).is_done is True
+    sensor.min_age_seconds, sensor.include_registered = 600, "true"  # not old enough any more
+    sensor._watermark = None
+    assert sensor.poke({}).is_done is False
+
+    sensor.include_registered = "maybe"
+    with pytest.raises(ValueError, match="include_registered must be true or false"):
+        sensor.poke({})

@@ -4,7 +4,9 @@
 ``DataProduct`` rows with :func:`~astra_provider.database.recording.register_new_data_products`, and returns
 the rows *this* call created. That insert is an atomic claim on the (release, filetype, kwargs_hash)
 unique constraint: when several runs (or sensors, or watcher consumers) see the same file, exactly one of
-them gets it. "New" therefore means "not registered yet"; files already in the astra database are skipped.
+them gets it. "New" therefore means "not registered yet"; files already in the astra database are skipped,
+unless ``include_registered`` asks for them too (to process a data root again: the steps downstream then
+skip the spectra already analysed).
 
 To start a DAG run when files arrive, rather than waiting inside a run, use the asset watcher in
 :mod:`astra_provider.assets`.
@@ -82,6 +84,40 @@ def claim_data_products(
     return created, used
 
 
+def registered_data_products(paths: Sequence[str], *, database_url: str | None = None) -> list[DataProduct]:
+    """The ``DataProduct`` rows already registered for ``paths`` (files that are not registered are left out).
+
+    Nothing is inserted: claim new files with :func:`claim_data_products` first.
+    """
+    from sqlalchemy import select
+
+    from astra_provider.database import session_scope
+    from astra_provider.database.astradb import DataProduct
+    from astra_provider.database.recording import select_in
+
+    specs = {(s.release, s.filetype, s.kwargs_hash): s for s in _specs(paths)}
+    if not specs:
+        return []
+    with session_scope(database_url) as session:
+        rows = select_in(
+            session, select(DataProduct), DataProduct.kwargs_hash, sorted({key[2] for key in specs})
+        )
+        found = {(p.release, p.filetype, p.kwargs_hash): p for (p,) in rows}
+    return [found[key] for key in specs if key in found]
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """A rendered template value as a bool (``"False"`` is false: DAGs without native rendering)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off", "", "none"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
 def data_products_xcom(products: Sequence[DataProduct], *, encode: bool = True) -> dict[str, Any]:
     """The compact XCom value describing claimed data products.
 
@@ -116,6 +152,10 @@ class DataProductSensor(BaseSensorOperator):
     check all ready, unregistered files count (bound the backlog with ``max_files``); later checks only
     look at files newer than the last one seen.
 
+    With ``include_registered`` the task also returns the ready files that are registered already (new
+    files are still claimed atomically, so two runs never both *claim* a file, but both may return it):
+    for running a pipeline again over a whole data root, where the steps downstream skip what is done.
+
     ``deferrable=True`` (the default, recommended) waits in the triggerer
     (:class:`~astra_provider.triggers.data_products.NewDataProductsTrigger`) without holding a worker slot.
     ``deferrable=False`` with ``mode="poke"`` holds a worker slot and scans every ``poke_interval``.
@@ -128,8 +168,11 @@ class DataProductSensor(BaseSensorOperator):
     :param root: data root to scan (templated).
     :param filetypes: SDSS file types to look for (path-template globs; templated).
     :param pattern: explicit glob instead of ``filetypes``, absolute or relative to ``root`` (templated).
-    :param min_age_seconds: a file is ready once unmodified for this long and its size is stable.
-    :param max_files: at most this many products per run (``None``: all ready files).
+    :param min_age_seconds: a file is ready once unmodified for this long and its size is stable
+        (templated; a number, or a template that renders to one).
+    :param max_files: at most this many *new* products per run (``None``: all ready files).
+    :param include_registered: also return ready files that are already registered (templated; a bool,
+        or a template that renders to one, ``"False"`` included).
     :param astra_conn_id: Airflow connection of the astra database.
     :param deferrable: wait in the triggerer (recommended).
     :param encode_pks: write runs of consecutive pks as ``[first, last]`` (decode with
@@ -137,7 +180,7 @@ class DataProductSensor(BaseSensorOperator):
     :param use_ctime: order files by the later of mtime and ctime (for files copied with ``rsync -a``).
     """
 
-    template_fields: Sequence[str] = ("root", "filetypes", "pattern")
+    template_fields: Sequence[str] = ("root", "filetypes", "pattern", "min_age_seconds", "include_registered")
     ui_color = "#d6eaf8"
 
     def __init__(
@@ -146,8 +189,9 @@ class DataProductSensor(BaseSensorOperator):
         root: str | os.PathLike[str],
         filetypes: Sequence[str] | str = DEFAULT_FILETYPES,
         pattern: str | None = None,
-        min_age_seconds: float = 60.0,
+        min_age_seconds: float | str = 60.0,
         max_files: int | None = None,
+        include_registered: bool | str = False,
         astra_conn_id: str | None = "astra_default",
         deferrable: bool = True,
         encode_pks: bool = True,
@@ -158,8 +202,10 @@ class DataProductSensor(BaseSensorOperator):
         self.root = os.fspath(root)
         self.filetypes = [filetypes] if isinstance(filetypes, str) else list(filetypes)
         self.pattern = pattern
-        self.min_age_seconds = float(min_age_seconds)
+        # Numbers are checked now; templates ("{{ params.x }}") once rendered, by _settings().
+        self.min_age_seconds = min_age_seconds if isinstance(min_age_seconds, str) else float(min_age_seconds)
         self.max_files = int(max_files) if max_files else None
+        self.include_registered = include_registered
         self.astra_conn_id = astra_conn_id
         self.deferrable = deferrable
         self.encode_pks = encode_pks
@@ -176,6 +222,16 @@ class DataProductSensor(BaseSensorOperator):
 
     # -- scanning and claiming ------------------------------------------------------------------------
 
+    def _settings(self) -> None:
+        """Turn the rendered templated settings into their types (a no-op when they already are)."""
+        try:
+            self.min_age_seconds = float(self.min_age_seconds)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{self.task_id}: min_age_seconds must be a number, got {self.min_age_seconds!r}"
+            ) from None
+        self.include_registered = _as_bool(self.include_registered, f"{self.task_id}: include_registered")
+
     def _scan(self, watermark: Watermark | None) -> Any:
         from astra_provider.triggers.data_products import scan_data_products
 
@@ -189,28 +245,46 @@ class DataProductSensor(BaseSensorOperator):
         )
 
     def _claim(self, files: Sequence[FoundFile], scan_watermark: Watermark | None) -> list[DataProduct]:
-        """Claim ``files`` (in order); advance the watermark past the files looked at."""
-        created, used = claim_data_products(
-            [f.path for f in files],
-            database_url=astra_database_url(self.astra_conn_id),
-            max_new=self.max_files,
-        )
+        """Claim ``files`` (in order); advance the watermark past the files looked at.
+
+        Returns the rows claimed, and with ``include_registered`` the registered rows of the others too.
+        """
+        paths = [f.path for f in files]
+        products, used = self._claim_paths(paths)
         self._watermark = files[used - 1].key if used < len(files) else scan_watermark
-        if files:
+        return products
+
+    def _claim_paths(self, paths: Sequence[str]) -> tuple[list[DataProduct], int]:
+        url = astra_database_url(self.astra_conn_id)
+        created, used = claim_data_products(paths, database_url=url, max_new=self.max_files)
+        if not paths:
+            return created, used
+        if not self.include_registered:
             self.log.info(
                 "Claimed %d of %d ready files under %s (the others were registered already)",
                 len(created),
                 used,
                 self.root,
             )
-        return created
+            return created, used
+        mine = {p.pk for p in created}
+        registered = [p for p in registered_data_products(paths[:used], database_url=url) if p.pk not in mine]
+        self.log.info(
+            "Claimed %d new ready files under %s; %d more were registered already and are included "
+            "(include_registered)",
+            len(created),
+            self.root,
+            len(registered),
+        )
+        return sorted([*created, *registered], key=lambda p: p.pk), used
 
     def poke(self, context: Context) -> PokeReturnValue:
+        self._settings()
         result = self._scan(self._watermark)
-        created = self._claim(result.files, result.watermark)
-        if created:
+        products = self._claim(result.files, result.watermark)
+        if products:
             return PokeReturnValue(
-                is_done=True, xcom_value=data_products_xcom(created, encode=self.encode_pks)
+                is_done=True, xcom_value=data_products_xcom(products, encode=self.encode_pks)
             )
         if result.pending:
             self.log.info("%d new files under %s are not ready yet", result.pending, self.root)
@@ -219,6 +293,7 @@ class DataProductSensor(BaseSensorOperator):
     # -- deferrable path ------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
+        self._settings()
         if not self.deferrable:
             return super().execute(context)
         started = time.time()
@@ -262,14 +337,12 @@ class DataProductSensor(BaseSensorOperator):
         if not event or event.get("status") != "success":
             message = (event or {}).get("message", "no event")
             raise AirflowException(f"watching {self.root} for data products failed: {message}")
+        self._settings()
         watermark = watermark_from_json(event.get("watermark"))
         paths = payload_paths(event)
-        created, _ = claim_data_products(
-            paths, database_url=astra_database_url(self.astra_conn_id), max_new=self.max_files
-        )
-        self.log.info("Claimed %d of %d new files under %s", len(created), len(paths), self.root)
-        if created:
-            return data_products_xcom(created, encode=self.encode_pks)
+        products, _ = self._claim_paths(paths)
+        if products:
+            return data_products_xcom(products, encode=self.encode_pks)
         self._watermark = watermark
         self._defer(deadline=deadline if deadline is not None else time.time() + self.timeout)
 
@@ -280,4 +353,5 @@ __all__ = [
     "astra_database_url",
     "claim_data_products",
     "data_products_xcom",
+    "registered_data_products",
 ]
