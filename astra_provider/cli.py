@@ -75,7 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "synthetic-survey", help="write a synthetic SDSS survey with a known truth"
     )
     synthetic.add_argument("args", nargs=argparse.REMAINDER)
-    commands.add_parser("demo", help="run the demo pipeline on the embedded default and print a summary")
+    demo = commands.add_parser(
+        "demo",
+        help="run the pipeline through Airflow on a synthetic survey with a known truth; print a summary",
+        description="Run the APOGEE pipeline (The Cannon training, then discovery, continuum, Doppler and "
+        "The Cannon) through Airflow on a synthetic survey with a known truth, and print a summary with the "
+        "accuracy against the truth. Data, databases, plots and logs go under $ASTRA_HOME.",
+    )
+    from astra_provider.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
 
     args = parser.parse_args(argv)
     from astra_provider import database
@@ -102,9 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return survey_main(args.args)
     elif args.command == "demo":
-        from astra_provider.demo import main as demo_main
+        from astra_provider.demo import run as run_demo
 
-        return demo_main([])
+        return run_demo(args)
     return 0
 
 

@@ -1,5 +1,6 @@
-# Shared set-up, sourced by scripts/demo.sh and scripts/test.sh: a virtualenv in .venv with the project
-# (and its test and documentation tools) installed. Re-installs only when pyproject.toml changes.
+# Shared set-up, sourced by scripts/demo.sh and scripts/test.sh: a virtualenv in .venv with the project,
+# its test and documentation tools, and matplotlib for the demo's plots (extras test, docs, demo).
+# Re-installs only when pyproject.toml changes.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
@@ -16,7 +17,7 @@ STAMP="$VENV/.installed-$(sha1sum "$REPO/pyproject.toml" | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   echo "==> installing astra-provider and its dependencies into $VENV (first run: ~2 minutes)"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e "$REPO[test,docs]"
+  "$VENV/bin/pip" install -q -e "$REPO[test,docs,demo]"
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
