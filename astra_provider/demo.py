@@ -746,7 +746,7 @@ class Demo:
     # -- accuracy -----------------------------------------------------------------------------------------
 
     def rv_accuracy(self, task_pks: list[int], truth: Any) -> dict[str, Any]:
-        """Doppler results of these tasks matched to the truth by (file type, keyword hash)."""
+        """Doppler results of these tasks matched to the truth by the data products' ``kwargs_hash``."""
         import numpy as np
         from sqlalchemy import select
 
@@ -766,15 +766,14 @@ class Demo:
                     Doppler.u_vrel,
                     Doppler.bitmask_flag,
                     Doppler.chisq,
-                    DataProduct.filetype,
-                    DataProduct.kwargs,
+                    DataProduct.kwargs_hash,
                 ).join(DataProduct, DataProduct.pk == Doppler.data_product_pk),
                 Doppler.task_pk,
                 task_pks,
             )
         latest = {}
-        for task_pk, _, vhelio, u_vrel, flag, chisq, filetype, kwargs in sorted(rows, key=lambda r: r[1]):
-            latest[task_pk] = (vhelio, u_vrel, flag, chisq, by_key.get(_keywords(filetype, kwargs)))
+        for task_pk, _, vhelio, u_vrel, flag, chisq, key in sorted(rows, key=lambda r: r[1]):
+            latest[task_pk] = (vhelio, u_vrel, flag, chisq, by_key.get(key))
         matched = [(v, u, f, t, c) for v, u, f, c, t in latest.values() if t is not None and v is not None]
         if not matched:
             return {"n": 0, "n_results": len(latest)}
@@ -824,8 +823,7 @@ class Demo:
                     TheCannon.logg,
                     TheCannon.fe_h,
                     TheCannon.bitmask_flag,
-                    source.filetype,
-                    source.kwargs,
+                    source.kwargs_hash,
                 )
                 .join(
                     TaskOutputDataProduct, TaskOutputDataProduct.data_product_pk == TheCannon.data_product_pk
@@ -836,8 +834,8 @@ class Demo:
                 task_pks,
             )
         latest = {}
-        for task_pk, _, teff, logg, fe_h, flag, filetype, kwargs in sorted(rows, key=lambda r: r[1]):
-            latest[task_pk] = ((teff, logg, fe_h), flag, by_key.get(_keywords(filetype, kwargs)))
+        for task_pk, _, teff, logg, fe_h, flag, key in sorted(rows, key=lambda r: r[1]):
+            latest[task_pk] = ((teff, logg, fe_h), flag, by_key.get(key))
         matched = [
             (values, flag, row)
             for values, flag, row in latest.values()
@@ -868,7 +866,7 @@ class Demo:
             return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
         say("")
-        say("Accuracy against the truth (results matched to truth.csv by data-product keywords):")
+        say("Accuracy against the truth (results matched to truth.csv by the data products' kwargs_hash):")
         if not rv["n"]:
             say(f"  radial velocities: no Doppler result matched the truth ({rv['n_results']} results)")
         else:
@@ -1139,18 +1137,9 @@ def _flag_counts(flags: Any, module: str, name: str) -> str:
     return f"{text} (of {len(flags)})" if text else "none"
 
 
-def _keywords(filetype: str, kwargs: Any) -> tuple[str, str]:
-    """What identifies an SDSS data product: its file type and path keywords (canonical JSON)."""
-    import json
-
-    if isinstance(kwargs, str):
-        kwargs = json.loads(kwargs)
-    return filetype, json.dumps(kwargs, sort_keys=True, separators=(",", ":"))
-
-
-def _truth_by_keywords(truth: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    """The truth rows by (file type, keywords): the key under which the files are data products."""
-    return {_keywords(row["filetype"], row["kwargs"]): row for row in truth.rows}
+def _truth_by_keywords(truth: Any) -> dict[str, dict[str, Any]]:
+    """The truth rows by ``kwargs_hash``: the identity of their files as data products."""
+    return {row["kwargs_hash"]: row for row in truth.rows}
 
 
 def _log_norm(values: Any) -> Any:

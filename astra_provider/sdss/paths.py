@@ -23,14 +23,13 @@ stripped (APOGEE ``field`` values may carry whitespace). :func:`kwargs_hash` has
 (``sort_keys=True``) of the file type and the normalised keywords, so it does not depend on key order or on
 ``"59000"`` vs ``59000`` (Astra v0.2.6 bug #7).
 
-This module imports only the standard library: Airflow DAG files import it at parse time.
+This module imports only the standard library (and the stdlib-only :mod:`astra_provider.utils`): Airflow DAG
+files import it at parse time.
 """
 
 from __future__ import annotations
 
 import glob as _glob
-import hashlib
-import json
 import numbers
 import os
 import re
@@ -39,6 +38,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from astra_provider.utils import stable_hash
 
 __all__ = [
     "FILETYPES",
@@ -255,18 +256,13 @@ def normalize_kwargs(filetype: str, kwargs: Mapping[str, Any], strict: bool = Tr
 
 
 def kwargs_hash(filetype: str, kwargs: Mapping[str, Any]) -> str:
-    """SHA-1 hex digest identifying a product: canonical JSON of ``{filetype, normalised kwargs}``.
+    """The identity of a product: the ``kwargs_hash`` of its ``astra.data_product`` row.
 
-    Independent of key order, key case, surrounding whitespace and int-vs-str spelling of integer keywords.
+    ``stable_hash({"filetype": ..., **normalised kwargs})``: independent of key order, key case, surrounding
+    whitespace and int-vs-str spelling of integer keywords.
     """
     name = canonical_filetype(filetype)
-    canonical = json.dumps(
-        {"filetype": name, "kwargs": normalize_kwargs(name, kwargs)},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
-    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()
+    return stable_hash({"filetype": name, **normalize_kwargs(name, kwargs)})
 
 
 def sdss_path(filetype: str, root: str | os.PathLike[str], **kwargs: Any) -> Path:
