@@ -1,4 +1,4 @@
-"""Small helpers shared across the package: canonical JSON and stable hashes."""
+"""Small helpers shared across the package: canonical JSON, stable hashes, rendered template values."""
 
 from __future__ import annotations
 
@@ -34,3 +34,15 @@ def canonical_json(value: Any) -> str:
 def stable_hash(value: Any, length: int = 20) -> str:
     """A hex digest of the canonical JSON of ``value`` (stable across processes and machines)."""
     return hashlib.sha1(canonical_json(value).encode()).hexdigest()[:length]
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """A flag that may have been rendered from an Airflow template as a string (``"False"`` is false)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off", "", "none"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)

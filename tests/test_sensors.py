@@ -136,9 +136,15 @@ def test_claims_are_exclusive_across_threads(astra_db: str, tmp_path: Path) -> N
     barrier = threading.Barrier(len(orders))
     claimed: list[list[str]] = [[] for _ in orders]
 
+    errors: list[BaseException] = []
+
     def claim(i: int) -> None:
         barrier.wait()
-        created, used = claim_data_products(orders[i], database_url=astra_db)
+        try:
+            created, used = claim_data_products(orders[i], database_url=astra_db)
+        except BaseException as error:  # e.g. a deadlock between the claims: a test failure, not a warning
+            errors.append(error)
+            return
         assert used == len(paths)
         claimed[i] = [p.path for p in created]
 
@@ -147,6 +153,7 @@ def test_claims_are_exclusive_across_threads(astra_db: str, tmp_path: Path) -> N
         thread.start()
     for thread in threads:
         thread.join()
+    assert not errors, errors
     everything = [path for paths_of_one in claimed for path in paths_of_one]
     assert sorted(everything) == sorted(paths)  # each file exactly once
 

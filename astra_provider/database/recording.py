@@ -274,6 +274,11 @@ def _no_rows() -> list[Row]:
     return []
 
 
+def _sort_key(value: Any) -> tuple[bool, str]:
+    """A total order on key values of any type (None first)."""
+    return (value is not None, "" if value is None else str(value))
+
+
 def _constant_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, Any]:
     """The columns that every row has and that hold the very same object in every row (e.g. all None).
 
@@ -307,6 +312,10 @@ def prepare_insert(
     """
     if not rows:
         return _no_rows
+    if on_conflict_do_nothing:
+        # Concurrent writers of overlapping keys (sensors claiming the same files, bundles creating the same
+        # parameters) then take the unique-index locks in the same order, so they wait instead of deadlocking.
+        rows = sorted(rows, key=lambda row: tuple(_sort_key(row.get(key)) for key in on_conflict_do_nothing))
     if returning and not _is_postgresql(session):  # sqlite3's executemany cannot return rows
         statement = sqlite.insert(table).returning(*(table.c[name] for name in returning))
         if on_conflict_do_nothing:

@@ -17,18 +17,6 @@ if TYPE_CHECKING:
 _RANGE = re.compile(r"\d+(-\d+)?")
 
 
-def as_bool(value: Any) -> bool:
-    """A flag that may have been rendered from a template as a string."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off", "", "none"):
-            return False
-        raise ValueError(f"{value!r} is not a boolean")
-    return bool(value)
-
-
 def materialize(value: Any) -> Any:
     """A mapped task's XCom (a lazy sequence) as a list; other values unchanged."""
     if isinstance(value, Sequence) and not isinstance(value, list | tuple | str | bytes):

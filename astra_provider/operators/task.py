@@ -20,12 +20,12 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from astra_provider.operators._inputs import (
-    as_bool,
     is_discovery,
     is_summary,
     materialize,
     resolve_data_products,
 )
+from astra_provider.utils import as_bool
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -144,7 +144,7 @@ class AstraTaskOperator(BaseOperator):
         name = label or f"{type(instance).__name__} ({len(instance)} task{'s' if len(instance) != 1 else ''})"
         self.log.info("Running %s", name)
         with suppress(TaskFailedError):  # every task failed: recorded, and reported from the summary
-            instance.execute(force=as_bool(self.force))
+            instance.execute(force=as_bool(self.force, "force"))
         summary = instance.summary()
         n_tasks, done, failed = summary["n_tasks"], summary["skipped"], summary["failed"]
         if done == n_tasks:

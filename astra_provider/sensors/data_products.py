@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from astra_provider.triggers.data_products import DEFAULT_FILETYPES, FoundFile, Watermark
+from astra_provider.utils import as_bool
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -104,18 +105,6 @@ def registered_data_products(paths: Sequence[str], *, database_url: str | None =
         )
         found = {(p.release, p.filetype, p.kwargs_hash): p for (p,) in rows}
     return [found[key] for key in specs if key in found]
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    """A rendered template value as a bool (``"False"`` is false: DAGs without native rendering)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off", "", "none"):
-            return False
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return bool(value)
 
 
 def data_products_xcom(products: Sequence[DataProduct], *, encode: bool = True) -> dict[str, Any]:
@@ -230,7 +219,7 @@ class DataProductSensor(BaseSensorOperator):
             raise ValueError(
                 f"{self.task_id}: min_age_seconds must be a number, got {self.min_age_seconds!r}"
             ) from None
-        self.include_registered = _as_bool(self.include_registered, f"{self.task_id}: include_registered")
+        self.include_registered = as_bool(self.include_registered, f"{self.task_id}: include_registered")
 
     def _scan(self, watermark: Watermark | None) -> Any:
         from astra_provider.triggers.data_products import scan_data_products
