@@ -192,3 +192,29 @@ def test_shape_errors():
         fit_sinusoidal_continuum(WAVELENGTH, np.ones((2, 10)), np.ones((2, 10)), CONTINUUM_PIXELS)
     with pytest.raises(ValueError, match="continuum_mask"):
         fit_sinusoidal_continuum(WAVELENGTH, np.ones((2, 8575)), np.ones((2, 8575)), CONTINUUM_PIXELS[:10])
+
+
+def test_cos_sin_matches_numpy():
+    from astra_provider.science.continuum import _cos_sin
+
+    phase = np.r_[np.linspace(-80.0, 80.0, 100_001), 0.0, np.pi / 4, np.pi, 2 * np.pi * 12]
+    cos, sin = _cos_sin(phase)
+    assert np.abs(cos - np.cos(phase)).max() < 5e-14 and np.abs(sin - np.sin(phase)).max() < 5e-14
+
+
+def test_fit_at_own_wavelengths_equals_the_grid_fit(model):
+    """fit_sinusoidal_continuum_at (each row its own pixels; batched) = fit_sinusoidal_continuum on one grid,
+    including failed regions (NaN), masked pixels and rows padded with ivar 0."""
+    from astra_provider.science.continuum import fit_sinusoidal_continuum_at
+
+    spectra = make_spectra(model, draw_labels(5, np.random.default_rng(8)), 50, rng=9)
+    ivar = spectra.ivar.copy()
+    ivar[1, APOGEE_CHIPS_PIXELS[1][0] : APOGEE_CHIPS_PIXELS[1][1]] = 0.0  # region 1 of row 1 fails
+    ivar[2, np.flatnonzero(CONTINUUM_PIXELS)[::7]] = 0.0
+    expected = fit_sinusoidal_continuum(WAVELENGTH, spectra.flux, ivar, CONTINUUM_PIXELS, on_failure="nan")
+    shape = spectra.flux.shape
+    fitted = fit_sinusoidal_continuum_at(
+        np.broadcast_to(WAVELENGTH, shape), spectra.flux, ivar, np.broadcast_to(CONTINUUM_PIXELS, shape)
+    )
+    np.testing.assert_allclose(fitted, expected, rtol=1e-9, equal_nan=True)
+    assert np.isnan(fitted[1, APOGEE_CHIPS_PIXELS[1][0] + 10]) and np.isfinite(fitted[0]).sum() > 7000

@@ -594,6 +594,8 @@ _Evaluator = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # A signal function maps (indices (n,), scaled labels (n, K), shifts (n,)) to float32 (n, K+2, P): the model
 # minus 1, its derivatives with respect to the scaled labels and with respect to the shift, at the pixels.
 _SignalFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# A value function maps the same arguments to float32 (n, P): the model minus 1 only.
+_ValueFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -634,15 +636,23 @@ def _gauss_newton(
     tolerance: float,
     signal_at: _SignalFunction | None = None,
     max_shift: float | None = None,
+    value_at: _ValueFunction | None = None,
 ) -> _Fit:
     """Batched Gauss–Newton on χ²(x, s) with step halving when χ² rises.
 
     Parameters are scaled labels x (n, K) and the shift s (n,) in pixels. A spectrum has converged when every
     component of its step is below ``tolerance`` × its standard error; it then leaves the active set.
-    The covariance (n, K+1, K+1), with s last, is the inverse curvature at the last evaluation.
-    The model comes from ``shifter.shift(evaluate(active, x), s)`` (rest-frame model on the spectra's own
-    log-linear grid), or from ``signal_at(active, x, s)`` when given (model evaluated at observed pixels);
-    either returns float32 (n, K+2, P): m − 1, ∂m/∂x_k, ∂m/∂s. Shifts are limited to ``max_shift``.
+    The covariance (n, K+1, K+1), with s last, is the inverse curvature at the last evaluation of the
+    Jacobian. The model comes from ``shifter.shift(evaluate(active, x), s)`` (rest-frame model on the
+    spectra's own log-linear grid), or from ``signal_at(active, x, s)`` when given (model evaluated at
+    observed pixels); either returns float32 (n, K+2, P): m − 1, ∂m/∂x_k, ∂m/∂s. Shifts are limited to
+    ``max_shift``.
+
+    With ``value_at(active, x, s)`` (float32 (n, P): m − 1 only), a spectrum whose last step was within one
+    standard error in every parameter keeps its Jacobian and curvature for the next step and only the model
+    is evaluated (a simplified Newton step: the exact χ² is still minimised; the Jacobian changes by a
+    fraction ~σ_v/line width ≪ 1 over such a step, so the convergence stays fast and the covariance is that
+    of a point within ~1σ/100 of the result).
     """
     if signal_at is None:
         assert shifter is not None
@@ -664,12 +674,24 @@ def _gauss_newton(
     step = np.zeros((n, n_labels + 1))
     identity = np.eye(n_labels + 1)
     active = np.arange(n)
+    # The Jacobian kept for a simplified step (with value_at only), float32 (n, K+1, P), and where to use it.
+    stored_jacobian = np.empty((n, n_labels + 1, flux.shape[1]), dtype=np.float32) if value_at else None
+    reuse = np.zeros(n, dtype=bool)
     for _ in range(max_iterations):
         if active.size == 0:
             break
-        signal = signal_at(active, x[active], s[active])  # (n, K+2, P): m − 1, ∂m/∂x, ∂m/∂s
+        cheap = reuse[active]
+        full = active[~cheap]
+        order = np.concatenate([full, active[cheap]])  # full evaluations first, then model-only ones
+        active = order
+        n_full = full.size
+        residual = flux[active] - 1.0
+        signal = signal_at(full, x[full], s[full]) if n_full else None  # (n, K+2, P)
+        if n_full:
+            residual[:n_full] -= signal[:, 0]
+        if n_full < active.size:
+            residual[n_full:] -= value_at(active[n_full:], x[active[n_full:]], s[active[n_full:]])
         w = weight[active]
-        residual = flux[active] - 1.0 - signal[:, 0]
         new_chi2 = np.einsum("np,np,np->n", residual, w, residual)
         iterations[active] += 1
 
@@ -682,16 +704,29 @@ def _gauss_newton(
             step[idx] *= 0.5
             x[idx] -= step[idx, :n_labels]
             s[idx] -= step[idx, n_labels]
+            reuse[idx] = False
         better = np.flatnonzero(~worse)
         idx = active[better]
         chi2[idx] = new_chi2[better]
-        jacobian = signal[better, 1:]  # (n, K+1, P), float32
-        w32 = w[better].astype(np.float32)
-        hessian = ((jacobian * w32[:, None, :]) @ np.swapaxes(jacobian, 1, 2)).astype(float)
         weighted_residual = (w[better] * residual[better]).astype(np.float32)
-        gradient = (jacobian @ weighted_residual[:, :, None])[..., 0].astype(float)
+        better_full = better[better < n_full]
+        idx_full = active[better_full]
+        jacobian = (
+            signal[better_full, 1:] if n_full else np.zeros((0, n_labels + 1, flux.shape[1]), np.float32)
+        )
+        w32 = w[better_full].astype(np.float32)
+        hessian = ((jacobian * w32[:, None, :]) @ np.swapaxes(jacobian, 1, 2)).astype(float)
+        if stored_jacobian is not None:
+            stored_jacobian[idx_full] = jacobian
+        gradient = np.empty((better.size, n_labels + 1))
+        gradient[: better_full.size] = (jacobian @ weighted_residual[: better_full.size, :, None])[..., 0]
+        idx_cheap = idx[better_full.size :]
+        if idx_cheap.size:
+            gradient[better_full.size :] = (
+                stored_jacobian[idx_cheap] @ weighted_residual[better_full.size :, :, None]
+            )[..., 0]
 
-        # Invert the curvature after scaling it to unit diagonal.
+        # Invert the curvature after scaling it to unit diagonal (kept from the last full evaluation).
         scale = np.sqrt(np.diagonal(hessian, axis1=1, axis2=2))
         ok = np.all(scale > 0, axis=1) & np.all(np.isfinite(hessian), axis=(1, 2))
         safe_scale = np.where(ok[:, None], scale, 1.0)
@@ -701,12 +736,16 @@ def _gauss_newton(
             inverse = np.linalg.inv(normalised_hessian) / outer_scale
         except np.linalg.LinAlgError:
             inverse = np.linalg.pinv(normalised_hessian) / outer_scale
+        covariance[idx_full] = inverse
+        ok = np.concatenate([ok, np.ones(idx_cheap.size, dtype=bool)])
+        inverse = covariance[idx]
         new_step = np.einsum("nab,nb->na", inverse, gradient)
         sigma = np.sqrt(np.abs(np.diagonal(inverse, axis1=1, axis2=2)))
         ok &= np.all(np.isfinite(new_step), axis=1)
         new_step[~ok] = 0.0
-        covariance[idx] = inverse
         small = np.all(np.abs(new_step) <= tolerance * sigma, axis=1) & ok
+        if value_at is not None:
+            reuse[idx] = np.all(np.abs(new_step) <= sigma, axis=1) & ok
 
         new_x = np.clip(x[idx] + new_step[:, :n_labels], *x_bounds)
         new_s = s[idx] + new_step[:, n_labels]
@@ -1161,7 +1200,7 @@ def measure_radial_velocities(
 # ----------------------------------------------------------------------------------------------------------
 
 _OVERSAMPLE = 4  # table points per model pixel; cubic Hermite on it is exact to ~1e-6 of the line depths
-_TABLE_BATCH = 1  # spectra interpolated at a time (one keeps the contracted table, 1.1 MB, in cache)
+_CONTRACT_COLUMNS = 4096  # table columns contracted per GEMM call
 
 
 class _RestFrameTable:
@@ -1196,36 +1235,56 @@ class _RestFrameTable:
         self.oversample = oversample
         self.n_signals = n_signals
 
-    def __call__(self, positions: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, positions: np.ndarray, coefficients: np.ndarray, derivative: bool = True
+    ) -> np.ndarray:
         """Combinations at ``positions`` (n, Q) (model pixels) of the signals, with ``coefficients``
-        (n, M, C): float32 (n, M + 1, Q) with rows ``Σ_c a_mc·B_c(u)`` and, last, ``∂/∂u`` of row 0."""
+        (n, M, C): float32 (n, M + 1, Q) with rows ``Σ_c a_mc·B_c(u)`` and, last, ``∂/∂u`` of row 0
+        (without that last row if not ``derivative``)."""
         n, n_positions = positions.shape
         n_rows = coefficients.shape[1]
-        out = np.empty((n, n_rows + 1, n_positions), dtype=np.float32)
+        out = np.empty((n, n_rows + int(derivative), n_positions), dtype=np.float32)
         coefficients = np.asarray(coefficients, dtype=np.float32)
-        for first in range(0, n, _TABLE_BATCH):
-            part = slice(first, first + _TABLE_BATCH)
-            b = coefficients[part].shape[0]
-            q = positions[part] * self.oversample
-            node = np.clip(np.floor(q), 0, self.n_nodes - 2).astype(np.intp)
-            t = np.clip(q - node, 0.0, 1.0).astype(np.float32)[:, None, :]  # (b, 1, Q)
-            # (b, M, 2·n_nodes): per signal combination, node j at columns 2j (value) and 2j+1 (h·slope)
-            combined = (coefficients[part].reshape(b * n_rows, -1) @ self.nodes_t).reshape(b, n_rows, -1)
-            # (value, h·slope) of node j viewed as one float64: two flat gathers fetch nodes j and j+1.
-            pairs = combined.view(np.float64).reshape(-1)
-            index = (np.arange(b * n_rows) * self.n_nodes).reshape(b, n_rows, 1) + node[:, None, :]
-            at_node = pairs.take(index).view(np.float32)  # (b, M, 2Q): value, h·slope interleaved
-            at_next = pairs.take(index + 1).view(np.float32)
-            v0, s0 = at_node[..., 0::2], at_node[..., 1::2]
-            v1, s1 = at_next[..., 0::2], at_next[..., 1::2]
-            t2 = t * t
-            t3 = t2 * t
-            dv = v1 - v0
-            out[part, :n_rows] = v0 + (t3 - 2 * t2 + t) * s0 + (3 * t2 - 2 * t3) * dv + (t3 - t2) * s1
-            t, t2 = t[:, 0], t2[:, 0]
-            out[part, n_rows] = (
-                (6 * t - 6 * t2) * dv[:, 0] + (3 * t2 - 4 * t + 1) * s0[:, 0] + (3 * t2 - 2 * t) * s1[:, 0]
-            ) * self.oversample
+        q = positions * self.oversample
+        node = np.floor(q)
+        np.clip(node, 0, self.n_nodes - 2, out=node)
+        t = np.clip(q - node, 0.0, 1.0).astype(np.float32)
+        node = node.astype(np.intp)
+        # Cubic Hermite weights of (v0, h·s0, v1 − v0, h·s1) and of their derivatives (per model pixel).
+        t2 = t * t
+        t3 = t2 * t
+        w_s0, w_dv, w_s1 = t3 - 2 * t2 + t, 3 * t2 - 2 * t3, t3 - t2
+        if derivative:
+            d_s0 = (3 * t2 - 4 * t + 1) * self.oversample
+            d_dv = (6 * t - 6 * t2) * self.oversample
+            d_s1 = (3 * t2 - 2 * t) * self.oversample
+        combined = np.empty((n_rows, self.nodes_t.shape[1]), dtype=np.float32)
+        block = _CONTRACT_COLUMNS
+        for i in range(n):
+            # (M, 2·n_nodes): node j at columns 2j (value) and 2j+1 (h·slope); column blocks keep each GEMM
+            # small (single-threaded in OpenBLAS, in cache).
+            for first in range(0, combined.shape[1], block):
+                np.matmul(
+                    coefficients[i],
+                    self.nodes_t[:, first : first + block],
+                    out=combined[:, first : first + block],
+                )
+            # (value, h·slope) of node j viewed as one float64: one gather per node.
+            pairs = combined.view(np.float64)
+            at_node = pairs.take(node[i], axis=1).view(np.float32).reshape(n_rows, n_positions, 2)
+            at_next = pairs.take(node[i] + 1, axis=1).view(np.float32).reshape(n_rows, n_positions, 2)
+            v0, s0, s1 = at_node[..., 0], at_node[..., 1], at_next[..., 1]
+            value = out[i, :n_rows]
+            np.subtract(at_next[..., 0], v0, out=value)  # v1 − v0
+            if derivative:
+                slope = out[i, n_rows]
+                np.multiply(value[0], d_dv[i], out=slope)
+                slope += s0[0] * d_s0[i]
+                slope += s1[0] * d_s1[i]
+            value *= w_dv[i]
+            value += v0
+            value += s0 * w_s0[i]
+            value += s1 * w_s1[i]
         return out
 
 
@@ -1293,25 +1352,52 @@ def _observed_continuum(
     observed: _ObservedPixels,
     rest_mask: np.ndarray,
     shift: np.ndarray,
-    regions: tuple[tuple[float, float], ...],
-    deg: int,
-    length_scale: float,
+    sinusoids,
+    ridge_factor: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalise observed spectra with the pseudo-continuum fitted to the pixels whose rest-frame position
     (shifted by ``shift`` model pixels) is nearest to a continuum pixel of ``rest_mask`` (model grid).
 
-    Returns normalised flux and ivar (n, Q); pixels without a continuum get flux 1 and ivar 0.
+    ``sinusoids`` is the continuum basis at the observed wavelengths (``continuum._RowSinusoids``), shared by
+    the two fits. Returns normalised flux and ivar (n, Q); pixels without a continuum get flux 1 and ivar 0.
     """
-    from astra_provider.science.continuum import fit_sinusoidal_continuum_at, normalize
+    from astra_provider.science.continuum import normalize
 
     n_pixels = rest_mask.size
     nearest = np.rint(observed.position - np.nan_to_num(shift)[:, None]).astype(np.int64)
     inside = (nearest >= 0) & (nearest < n_pixels)
     is_continuum = inside & rest_mask[np.clip(nearest, 0, n_pixels - 1)]
-    continuum = fit_sinusoidal_continuum_at(
-        observed.wavelength, observed.flux, observed.ivar, is_continuum, regions, deg, length_scale
-    )
+    continuum = sinusoids.fit(observed.flux, observed.ivar, is_continuum, ridge_factor)
     return normalize(observed.flux, observed.ivar, continuum)
+
+
+def _resample_to_grid(observed: _ObservedPixels, flux: np.ndarray, ivar: np.ndarray, n_pixels: int):
+    """Linear resampling of normalised spectra (n, Q) onto the model grid pixels 0…P−1 (for the CCF only):
+    :func:`~astra_provider.science.resample.resample_linear` batched over spectra, using the observed pixels'
+    model-grid positions (which increase along each row)."""
+    n, n_observed = flux.shape
+    grid = np.arange(n_pixels, dtype=float)
+    right = np.empty((n, n_pixels), dtype=np.intp)
+    for i in range(n):
+        right[i] = np.searchsorted(observed.position[i], grid)
+    np.clip(right, 1, n_observed - 1, out=right)
+    right += (np.arange(n) * n_observed)[:, None]
+    left = right - 1
+    position = observed.position.ravel()
+    spacing = position[right] - position[left]
+    t = (grid - position[left]) / np.where(spacing > 0, spacing, 1.0)
+    median_spacing = np.median(np.diff(observed.position, axis=1), axis=1)
+    inside = (t >= 0) & (t <= 1) & (spacing > 0) & (spacing <= 2.0 * median_spacing[:, None])
+    usable = (ivar > 0) & np.isfinite(flux)
+    with np.errstate(divide="ignore"):
+        variance = np.where(usable, 1.0 / np.where(usable, ivar, 1.0), 0.0).ravel()
+    safe_flux = np.where(usable, flux, 0.0).ravel()
+    usable = usable.ravel()
+    new_flux = (1.0 - t) * safe_flux[left] + t * safe_flux[right]
+    new_variance = (1.0 - t) ** 2 * variance[left] + t**2 * variance[right]
+    good = usable[left] & usable[right] & inside & (new_variance > 0)
+    new_ivar = np.where(good, 1.0 / np.where(good, new_variance, 1.0), 0.0)
+    return np.where(good, new_flux, 0.0), new_ivar
 
 
 def measure_visit_radial_velocities(
@@ -1332,7 +1418,7 @@ def measure_visit_radial_velocities(
     tolerance: float = 0.01,
     use_model_scatter: bool = True,
     label_margin: float = 0.5,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
     workers: int | None = None,
 ) -> RadialVelocityResult:
     """Radial velocities and labels of raw spectra on their own wavelengths (e.g. apVisit files).
@@ -1358,8 +1444,7 @@ def measure_visit_radial_velocities(
     ``regions`` (Å, observed frame) default to the APOGEE continuum regions. Returns a
     :class:`RadialVelocityResult` (``vrel`` in the frame of the wavelengths; ``ccf_vrel`` from step 1).
     """
-    from astra_provider.science.continuum import load_continuum_pixels
-    from astra_provider.science.resample import resample_linear
+    from astra_provider.science.continuum import RIDGE_FACTOR, _RowSinusoids, load_continuum_pixels
     from astra_provider.synthetic.model import APOGEE_REGIONS_AA
 
     model_wavelength = getattr(model, "wavelength", None)
@@ -1404,7 +1489,6 @@ def measure_visit_radial_velocities(
         np.concatenate([support.fill(theta.T.copy()), -support.fill(np.ones((1, n_pixels)))], axis=0)
     )
     max_shift = float(max_lag_pixels(max_velocity, grid.log10_step) + _EDGE_PADDING_PIXELS)
-    model_grid = grid.wavelength
 
     observed_all = _ObservedPixels.build(wavelength, flux, ivar, grid)
     n_spectra = observed_all.flux.shape[0]
@@ -1417,17 +1501,10 @@ def measure_visit_radial_velocities(
         )
         n = observed.flux.shape[0]
         # 1. Rest-frame continuum pixels taken at v = 0, a resampled copy for the CCF.
-        norm_flux, norm_ivar = _observed_continuum(
-            observed, rest_mask, np.zeros(n), regions, deg, length_scale
-        )
-        resampled_flux = np.empty((n, n_pixels))
-        resampled_ivar = np.empty((n, n_pixels))
-        for i in range(n):
-            resampled_flux[i], resampled_ivar[i] = resample_linear(
-                observed.wavelength[i], norm_flux[i : i + 1], norm_ivar[i : i + 1], model_grid
-            )
+        sinusoids = _RowSinusoids(observed.wavelength, regions, deg, length_scale)
+        norm_flux, norm_ivar = _observed_continuum(observed, rest_mask, np.zeros(n), sinusoids, RIDGE_FACTOR)
         ccf = _cross_correlate(
-            *_prepare(resampled_flux, resampled_ivar),
+            *_prepare(*_resample_to_grid(observed, norm_flux, norm_ivar, n_pixels)),
             templates,
             grid.log10_step,
             max_velocity,
@@ -1438,9 +1515,7 @@ def measure_visit_radial_velocities(
         ccf_parts.append(ccf)
         shift_init = ccf.shift.copy()
         # 2. Continuum pixels at the CCF velocity.
-        norm_flux, norm_ivar = _observed_continuum(
-            observed, rest_mask, shift_init, regions, deg, length_scale
-        )
+        norm_flux, norm_ivar = _observed_continuum(observed, rest_mask, shift_init, sinusoids, RIDGE_FACTOR)
         # 3. Weights: observed pixels whose (nearest) rest pixel is usable; w̃ = w/(1 + w·s²).
         nearest = np.rint(observed.position - np.nan_to_num(shift_init)[:, None]).astype(np.int64)
         inside = (nearest >= 0) & (nearest < n_pixels)
@@ -1467,6 +1542,11 @@ def measure_visit_radial_velocities(
             signal[:, -1] *= -1.0  # ∂m/∂s = −∂m/∂u
             return signal
 
+        def value_at(active: np.ndarray, x: np.ndarray, s: np.ndarray, position=position) -> np.ndarray:
+            design, _ = basis(label_center + x * label_range)
+            coefficients = np.concatenate([design, np.ones((x.shape[0], 1))], axis=1)[:, None, :]
+            return table(position[active] - s[:, None], coefficients, derivative=False)[:, 0]
+
         fit = (
             _gauss_newton(
                 norm_flux[rows],
@@ -1480,6 +1560,7 @@ def measure_visit_radial_velocities(
                 tolerance,
                 signal_at=signal_at,
                 max_shift=max_shift,
+                value_at=value_at,
             )
             if rows.size
             else _Fit.concatenate([], observed.flux.shape[1], n_labels)
