@@ -71,10 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rerun = commands.add_parser("rerun", help="rebuild a task from the database and execute it again")
     rerun.add_argument("pk", type=int)
     rerun.add_argument("--debug", action="store_true", help="raise the first exception (for pdb)")
+    from astra_provider.synthetic.survey import DESCRIPTION as SURVEY_DESCRIPTION
+    from astra_provider.synthetic.survey import add_arguments as add_survey_arguments
+
     synthetic = commands.add_parser(
-        "synthetic-survey", help="write a synthetic SDSS survey with a known truth"
+        "synthetic-survey",
+        help="write a synthetic SDSS survey with a known truth",
+        description=SURVEY_DESCRIPTION,
     )
-    synthetic.add_argument("args", nargs=argparse.REMAINDER)
+    add_survey_arguments(synthetic)
     demo = commands.add_parser(
         "demo",
         help="run the pipeline through Airflow on a synthetic survey with a known truth; print a summary",
@@ -107,9 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = instance.execute(force=True, debug=args.debug)
         print(json.dumps({"summary": instance.summary(), "result": result}, indent=2, default=str))
     elif args.command == "synthetic-survey":
-        from astra_provider.synthetic.survey import main as survey_main
+        from astra_provider.synthetic.survey import run as run_survey
 
-        return survey_main(args.args)
+        return run_survey(args)
     elif args.command == "demo":
         from astra_provider.demo import run as run_demo
 

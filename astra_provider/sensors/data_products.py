@@ -249,11 +249,13 @@ class DataProductSensor(BaseSensorOperator):
         if not paths:
             return created, used
         if not self.include_registered:
+            skipped = used - len(created)
             self.log.info(
-                "Claimed %d of %d ready files under %s (the others were registered already)",
+                "Claimed %d of %d ready files under %s%s",
                 len(created),
                 used,
                 self.root,
+                f" ({skipped} were registered already)" if skipped else "",
             )
             return created, used
         mine = {p.pk for p in created}

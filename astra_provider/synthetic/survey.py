@@ -1152,13 +1152,14 @@ def _snr_argument(values: list[float]) -> float | tuple[float, float]:
     raise argparse.ArgumentTypeError("--snr takes one value or a LO HI range")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``astra synthetic-survey ROOT [options]`` (also ``python -m astra_provider.synthetic.survey``)."""
-    parser = argparse.ArgumentParser(
-        prog="astra synthetic-survey",
-        description="Write synthetic apStar/apVisit/specFull files in the SDSS layout under ROOT "
-        "and their truth table ROOT/truth.csv.",
-    )
+DESCRIPTION = (
+    "Write synthetic apStar/apVisit/specFull files in the SDSS layout under ROOT and their truth table "
+    "ROOT/truth.csv."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``astra synthetic-survey``."""
     parser.add_argument("root", help="data root (apogee/ and boss/ subtrees are created below it)")
     parser.add_argument("--n-stars", type=int, default=100, help="number of stars (default 100)")
     parser.add_argument(
@@ -1191,14 +1192,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing survey under ROOT")
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the survey described by the parsed options; 2 on bad options."""
     visits = args.visits_per_star
-    if len(visits) not in (1, 2):
-        parser.error("--visits-per-star takes N or LO HI")
     try:
+        if len(visits) not in (1, 2):
+            raise argparse.ArgumentTypeError("--visits-per-star takes N or LO HI")
         snr = _snr_argument(args.snr)
     except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
+        print(f"astra synthetic-survey: error: {exc}", file=sys.stderr)
+        return 2
     try:
         truth = generate_survey(
             args.root,
@@ -1223,6 +1228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = ", ".join(f"{n} {ft}" for ft, n in sorted(truth.counts().items()))
         print(f"wrote {counts} under {truth.root} in {truth.seconds:.1f} s; truth: {truth.truth_path}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m astra_provider.synthetic.survey ROOT [options]`` (same as ``astra synthetic-survey``)."""
+    parser = argparse.ArgumentParser(prog="astra synthetic-survey", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
