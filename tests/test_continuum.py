@@ -218,3 +218,99 @@ def test_fit_at_own_wavelengths_equals_the_grid_fit(model):
     )
     np.testing.assert_allclose(fitted, expected, rtol=1e-9, equal_nan=True)
     assert np.isnan(fitted[1, APOGEE_CHIPS_PIXELS[1][0] + 10]) and np.isfinite(fitted[0]).sum() > 7000
+
+
+def test_blocks_give_the_whole_batch_result(model, monkeypatch):
+    """Fit blocks and evaluate/normalise blocks (here 4 and 3 spectra) do not change any result, including the
+    spectrum indices of a failure."""
+    import astra_provider.science.continuum as continuum
+
+    spectra = make_spectra(model, draw_labels(11, np.random.default_rng(11)), 50, rng=12)
+    ivar = spectra.ivar.copy()
+    ivar[9, slice(*APOGEE_CHIPS_PIXELS[2])] = 0.0  # region 2 of spectrum 9 fails
+    whole = continuum_normalize(WAVELENGTH, spectra.flux, ivar, on_failure="nan")
+    monkeypatch.setattr(continuum, "_FIT_BLOCK", 4)
+    monkeypatch.setattr(continuum, "_ROW_BLOCK", 3)
+    blocked = continuum_normalize(WAVELENGTH, spectra.flux, ivar, on_failure="nan")
+    for expected, got in zip(whole, blocked, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, equal_nan=True)
+    with pytest.raises(ContinuumFitError) as caught:
+        continuum_normalize(WAVELENGTH, spectra.flux, ivar)
+    assert caught.value.failures == [(9, 2, 0)]
+    reference = _astra_reference_fit(spectra.flux[:9], ivar[:9])
+    np.testing.assert_allclose(blocked[2][:9], reference, rtol=1e-9, equal_nan=True)
+
+
+def test_continuum_normalize_is_fit_then_normalize(model):
+    spectra = make_spectra(model, draw_labels(4, np.random.default_rng(13)), 30, rng=14)
+    fitted = fit_sinusoidal_continuum(WAVELENGTH, spectra.flux, spectra.ivar, CONTINUUM_PIXELS)
+    expected = (*normalize(spectra.flux, spectra.ivar, fitted), fitted)
+    got = continuum_normalize(WAVELENGTH, spectra.flux, spectra.ivar)
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    single = continuum_normalize(WAVELENGTH, spectra.flux[1], spectra.ivar[1])
+    assert all(array.shape == (8575,) for array in single)
+    for a, b in zip(single, got, strict=True):
+        np.testing.assert_allclose(a, b[1], rtol=1e-10)
+
+
+def test_float32_output_is_the_float64_result_rounded(model):
+    spectra = make_spectra(model, draw_labels(3, np.random.default_rng(15)), 50, rng=16)
+    flux = spectra.flux.copy()
+    flux[0, 100:110] = np.nan
+    as64 = continuum_normalize(WAVELENGTH, flux, spectra.ivar)
+    as32 = continuum_normalize(WAVELENGTH, flux, spectra.ivar, dtype=np.float32)
+    for a, b in zip(as64, as32, strict=True):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(b, a.astype(np.float32))
+    fitted = fit_sinusoidal_continuum(WAVELENGTH, flux, spectra.ivar, CONTINUUM_PIXELS, dtype=np.float32)
+    np.testing.assert_array_equal(fitted, as32[2])
+    flux_norm, ivar_norm = normalize(flux, spectra.ivar, as64[2], dtype=np.float32)
+    np.testing.assert_array_equal(flux_norm, as32[0])
+    np.testing.assert_array_equal(ivar_norm, as32[1])
+
+
+def test_preallocated_and_in_place_outputs(model):
+    spectra = make_spectra(model, draw_labels(3, np.random.default_rng(17)), 50, rng=18)
+    expected = continuum_normalize(WAVELENGTH, spectra.flux, spectra.ivar)
+    out = tuple(np.full(spectra.flux.shape, -7.0, dtype=np.float32) for _ in range(3))
+    got = continuum_normalize(WAVELENGTH, spectra.flux, spectra.ivar, dtype=np.float32, out=out)
+    assert all(a is b for a, b in zip(got, out, strict=True))
+    np.testing.assert_array_equal(out[0], expected[0].astype(np.float32))
+    # In place: the normalised spectra overwrite flux and ivar (all spectra are fitted before any is written).
+    flux, ivar, continuum = spectra.flux.copy(), spectra.ivar.copy(), np.empty(spectra.flux.shape)
+    continuum_normalize(WAVELENGTH, flux, ivar, out=(flux, ivar, continuum))
+    for a, b in zip(expected, (flux, ivar, continuum), strict=True):
+        np.testing.assert_array_equal(a, b)
+    flux = spectra.flux.copy()
+    normalize(flux, spectra.ivar, continuum, out=(flux, np.empty(flux.shape)))
+    np.testing.assert_array_equal(flux, expected[0])
+    single = np.empty(8575)
+    assert (
+        fit_sinusoidal_continuum(WAVELENGTH, spectra.flux[0], spectra.ivar[0], CONTINUUM_PIXELS, out=single)
+        is single
+    )
+    np.testing.assert_allclose(single, expected[2][0], rtol=1e-10)
+    with pytest.raises(ValueError, match="dtype float64"):
+        continuum_normalize(WAVELENGTH, spectra.flux, spectra.ivar, out=out)
+    with pytest.raises(ValueError, match="must hold 3 arrays"):
+        continuum_normalize(WAVELENGTH, spectra.flux, spectra.ivar, out=out[:2])
+
+
+def test_unordered_wavelength_grid_gives_the_same_continuum(model):
+    """Regions that are not contiguous in pixel order (here a shuffled grid) take the gather/scatter path."""
+    spectra = make_spectra(model, draw_labels(3, np.random.default_rng(19)), 50, rng=20)
+    order = np.random.default_rng(21).permutation(WAVELENGTH.size)
+    expected = continuum_normalize(WAVELENGTH, spectra.flux, spectra.ivar)
+    shuffled = continuum_normalize(
+        WAVELENGTH[order], spectra.flux[:, order], spectra.ivar[:, order], CONTINUUM_PIXELS[order]
+    )
+    for a, b in zip(expected, shuffled, strict=True):
+        np.testing.assert_allclose(b, a[:, order], rtol=1e-9, equal_nan=True)
+
+
+def test_normalize_broadcasts():
+    flux = np.array([[2.0, 4.0], [6.0, np.nan]])
+    flux_norm, ivar_norm = normalize(flux, np.ones(2), np.array([2.0, 4.0]))
+    np.testing.assert_array_equal(flux_norm, [[1.0, 1.0], [3.0, 1.0]])
+    np.testing.assert_array_equal(ivar_norm, [[4.0, 16.0], [4.0, 0.0]])

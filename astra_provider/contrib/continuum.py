@@ -1,9 +1,9 @@
 """Sinusoidal pseudo-continuum normalisation as a task.
 
 Each task reads one apStar file, normalises every row (stacks and visits) with
-:func:`astra_provider.science.continuum.fit_sinusoidal_continuum` (batched over the whole bundle), writes the
-normalised spectra to a FITS file (an *output data product*, read back by :func:`read_normalized`), and
-records one ``astra.continuum`` row per spectrum row.
+:func:`astra_provider.science.continuum.continuum_normalize` (batched over the whole bundle; float32 results,
+as written), writes the normalised spectra to a FITS file (an *output data product*, read back by
+:func:`read_normalized`), and records one ``astra.continuum`` row per spectrum row.
 
 Output file (``{output_dir}/astraContinuum-{input file stem}.fits``): HDU 0 header with the source path and
 the fit settings; image HDUs ``WAVELENGTH`` (P,), ``FLUX`` (n, P) normalised flux, ``IVAR`` (n, P)
@@ -34,11 +34,7 @@ class SinusoidalContinuum(TaskInstance):
     def execute(self):
         import numpy as np
 
-        from astra_provider.science.continuum import (
-            fit_sinusoidal_continuum,
-            load_continuum_pixels,
-            normalize,
-        )
+        from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
         from astra_provider.sdss.spectrum import read_spectrum
 
         output_dir = Path(self.output_dir or astra_home() / "outputs" / "continuum")
@@ -58,10 +54,17 @@ class SinusoidalContinuum(TaskInstance):
         wavelength = spectra[0].wavelength
         flux = np.concatenate([s.flux for s in spectra])
         ivar = np.concatenate([s.ivar for s in spectra])
-        continuum = fit_sinusoidal_continuum(
-            wavelength, flux, ivar, mask, deg=self.deg, L=float(self.length_scale), on_failure="nan"
+        # Computed in float64, returned rounded to float32 as the file stores them: half the memory written.
+        flux_norm, ivar_norm, continuum = continuum_normalize(
+            wavelength,
+            flux,
+            ivar,
+            mask,
+            deg=self.deg,
+            L=float(self.length_scale),
+            on_failure="nan",
+            dtype=np.float32,
         )
-        flux_norm, ivar_norm = normalize(flux, ivar, continuum)
 
         results, start = {}, 0
         for task, data_product, spectrum in inputs:
@@ -86,7 +89,8 @@ class SinusoidalContinuum(TaskInstance):
             self.add_output_data_product(task, path)
             for row in range(spectrum.n_spectra):
                 used = mask & (ivar_norm[rows][row] > 0)
-                residual = (flux_norm[rows][row] - 1.0)[used] * np.sqrt(ivar_norm[rows][row][used])
+                flux_used = flux_norm[rows][row][used].astype(float)
+                residual = (flux_used - 1.0) * np.sqrt(ivar_norm[rows][row][used].astype(float))
                 self.add_result(
                     task,
                     Continuum,

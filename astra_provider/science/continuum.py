@@ -17,11 +17,13 @@ too and gives back the same shape.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Literal
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from astra_provider.synthetic.model import APOGEE_NPIX, APOGEE_REGIONS_AA
 
@@ -107,6 +109,209 @@ def _as_batch(array: np.ndarray, n_pixels: int, name: str) -> np.ndarray:
     return batch
 
 
+# Spectra fitted at a time (bounds the gathered continuum-pixel temporaries), and spectra evaluated and
+# normalised at a time: a block's float64 continuum (~70 kB a spectrum), masks and scratch stay in the
+# 1 MB L2 cache between the GEMM that writes the continuum and the passes that apply it.
+_FIT_BLOCK = 512
+_ROW_BLOCK = 8
+
+
+@dataclass(frozen=True, eq=False)
+class _RegionPlan:
+    index: int  # position in ``regions``
+    fit: slice  # this region's columns of _GridPlan.fit_pixels
+    fit_basis: np.ndarray  # (c, D) at its continuum pixels
+    products: np.ndarray  # (c, D(D+1)/2) upper-triangle products basis_d·basis_e: Mᵀ W M in one GEMM
+    pixels: slice | np.ndarray  # every pixel of the region (a slice when contiguous)
+    basis_t: np.ndarray  # (D, P_r) C-contiguous: a block's continuum is one GEMM into the output
+
+
+@dataclass(frozen=True, eq=False)
+class _GridPlan:
+    """What depends only on (wavelength grid, continuum mask, regions, deg, L), not on the spectra: cached,
+    so blocks and repeated calls reuse the design matrices and pixel lists."""
+
+    n_params: int
+    fit_pixels: np.ndarray  # the continuum pixels of every region, region after region
+    regions: tuple[_RegionPlan, ...]
+    outside: np.ndarray  # pixels outside every region
+
+
+def _grid_plan(wavelength: np.ndarray, continuum_mask: np.ndarray, regions, deg: int, L: float) -> _GridPlan:
+    regions = tuple((float(lower), float(upper)) for lower, upper in regions)
+    return _cached_grid_plan(wavelength.tobytes(), continuum_mask.tobytes(), regions, int(deg), float(L))
+
+
+@lru_cache(maxsize=8)
+def _cached_grid_plan(
+    wavelength_bytes: bytes, mask_bytes: bytes, regions: tuple[tuple[float, float], ...], deg: int, L: float
+) -> _GridPlan:
+    wavelength = np.frombuffer(wavelength_bytes, dtype=float)
+    continuum_mask = np.frombuffer(mask_bytes, dtype=bool)
+    upper_i, upper_j = np.triu_indices(2 * deg + 1)
+    outside = np.ones(wavelength.size, dtype=bool)
+    plans, fit_pixels, start = [], [], 0
+    for index, (lower, upper) in enumerate(regions):
+        in_region = (wavelength >= lower) & (wavelength <= upper)
+        pixels = np.flatnonzero(in_region)
+        if pixels.size == 0:
+            continue
+        outside &= ~in_region
+        fit = np.flatnonzero(in_region & continuum_mask)
+        fit_basis = sinusoid_basis(wavelength[fit], deg, L)
+        basis_t = np.ascontiguousarray(sinusoid_basis(wavelength[pixels], deg, L).T)
+        if pixels[-1] - pixels[0] + 1 == pixels.size:  # contiguous: written through a view
+            pixels = slice(int(pixels[0]), int(pixels[-1]) + 1)
+        products = fit_basis[:, upper_i] * fit_basis[:, upper_j]
+        plans.append(_RegionPlan(index, slice(start, start + fit.size), fit_basis, products, pixels, basis_t))
+        fit_pixels.append(fit)
+        start += fit.size
+    all_fit_pixels = np.concatenate(fit_pixels) if fit_pixels else np.zeros(0, dtype=np.intp)
+    return _GridPlan(2 * deg + 1, all_fit_pixels, tuple(plans), np.flatnonzero(outside))
+
+
+def _fit_coefficients(
+    plan: _GridPlan, flux: np.ndarray, ivar: np.ndarray, ridge_factor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients (n, R, D) of every planned region (NaN where the fit failed), and the numbers of usable
+    continuum pixels (n, R)."""
+    n_spectra, n_params, n_regions = flux.shape[0], plan.n_params, len(plan.regions)
+    upper_i, upper_j = np.triu_indices(n_params)
+    diagonal = np.arange(n_params)
+    coefficients = np.empty((n_spectra, n_regions, n_params))
+    n_usable = np.empty((n_spectra, n_regions), dtype=np.int64)
+    for first in range(0, n_spectra, _FIT_BLOCK):
+        rows = slice(first, min(first + _FIT_BLOCK, n_spectra))
+        weighted_flux = flux[rows][:, plan.fit_pixels]  # (b, c): only the continuum pixels are read
+        weights = ivar[rows][:, plan.fit_pixels]
+        with np.errstate(invalid="ignore"):
+            unusable = ~(np.isfinite(weighted_flux) & np.isfinite(weights) & (weights > 0))
+        np.copyto(weights, 0.0, where=unusable)
+        np.copyto(weighted_flux, 0.0, where=unusable)
+        weighted_flux *= weights
+        block = weights.shape[0]
+        # Batched normal equations: per region one GEMM for the unique entries of Mᵀ W M, one for Mᵀ W f.
+        normal = np.empty((block, n_regions, n_params, n_params))
+        rhs = np.empty((block, n_regions, n_params, 1))
+        for r, region in enumerate(plan.regions):
+            normal_upper = weights[:, region.fit] @ region.products
+            normal[:, r, upper_i, upper_j] = normal_upper
+            normal[:, r, upper_j, upper_i] = normal_upper
+            rhs[:, r, :, 0] = weighted_flux[:, region.fit] @ region.fit_basis
+            n_usable[rows, r] = region.fit.stop - region.fit.start
+            n_usable[rows, r] -= np.count_nonzero(unusable[:, region.fit], axis=1)
+        failed = n_usable[rows] < n_params
+        normal[failed] = np.eye(n_params)
+        normal[..., diagonal, diagonal] += ridge_factor * np.linalg.eigvalsh(normal)[..., -1:]
+        solved = np.linalg.solve(normal, rhs)[..., 0]
+        solved[failed] = np.nan
+        coefficients[rows] = solved
+    return coefficients, n_usable
+
+
+def _failures(plan: _GridPlan, n_usable: np.ndarray) -> list[tuple[int, int, int]]:
+    spectra, regions = np.nonzero(n_usable < plan.n_params)
+    return sorted(
+        (int(s), plan.regions[r].index, int(n_usable[s, r])) for s, r in zip(spectra, regions, strict=True)
+    )
+
+
+def _evaluate_into(plan: _GridPlan, coefficients: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The continuum of a block of spectra, (b, P) float64, written into ``out``."""
+    for r, region in enumerate(plan.regions):  # in order: a pixel in several regions takes the last
+        if isinstance(region.pixels, slice):
+            np.matmul(coefficients[:, r], region.basis_t, out=out[:, region.pixels])
+        else:
+            out[:, region.pixels] = coefficients[:, r] @ region.basis_t
+    out[:, plan.outside] = np.nan
+    return out
+
+
+def _normalize_into(flux, ivar, continuum, flux_out, ivar_out, good) -> None:
+    """``flux / C`` and ``ivar · C²`` into float64 (b, P) ``flux_out``, ``ivar_out`` (which may be ``flux``
+    and ``ivar``); flux 1, ivar 0 where either is non-finite, ivar is 0 or C ≤ 0. ``good``: bool scratch."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        np.divide(flux, continuum, out=flux_out)
+        np.multiply(ivar, continuum, out=ivar_out)
+        ivar_out *= continuum
+        np.greater(ivar_out, 0.0, out=good)  # False for NaN
+        good &= ivar_out < np.inf
+        good &= continuum > 0
+        good &= np.isfinite(flux_out)
+    bad = np.logical_not(good, out=good)
+    np.copyto(flux_out, 1.0, where=bad)
+    np.copyto(ivar_out, 0.0, where=bad)
+
+
+def _in_blocks(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    continuum: np.ndarray,
+    flux_norm: np.ndarray | None = None,
+    ivar_norm: np.ndarray | None = None,
+    plan: _GridPlan | None = None,
+    coefficients: np.ndarray | None = None,
+) -> None:
+    """_ROW_BLOCK spectra (rows of 2-d arrays) at a time: given ``plan`` and ``coefficients``, evaluate the
+    continuum into ``continuum``; given ``flux_norm`` and ``ivar_norm``, normalise into them. Float64 outputs
+    are written in place; other dtypes through float64 scratch blocks (the float64 result, rounded once)."""
+    n_spectra, n_pixels = flux.shape
+    size = min(_ROW_BLOCK, n_spectra)
+
+    def target(array):
+        return None if array is None or array.dtype == np.float64 else np.empty((size, n_pixels))
+
+    scratch = [target(array) for array in (continuum if plan is not None else None, flux_norm, ivar_norm)]
+    good = np.empty((size, n_pixels), dtype=bool)
+    for first in range(0, n_spectra, _ROW_BLOCK):
+        rows = slice(first, min(first + _ROW_BLOCK, n_spectra))
+        block = rows.stop - rows.start
+        blocks = [
+            None if output is None else output[rows] if work is None else work[:block]
+            for output, work in zip((continuum, flux_norm, ivar_norm), scratch, strict=True)
+        ]
+        if plan is not None:
+            _evaluate_into(plan, coefficients[rows], blocks[0])
+        if flux_norm is not None:
+            _normalize_into(flux[rows], ivar[rows], blocks[0], blocks[1], blocks[2], good[:block])
+        for output, work, computed in zip((continuum, flux_norm, ivar_norm), scratch, blocks, strict=True):
+            if work is not None:
+                output[rows] = computed
+
+
+def _output(shape: tuple[int, ...], dtype: DTypeLike, out: np.ndarray | None, name: str) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.dtype(dtype):
+        raise ValueError(f"{name} must be an array of shape {shape} and dtype {np.dtype(dtype)}")
+    return out
+
+
+def _prepare(wavelength, flux, ivar, continuum_mask, regions, deg, L, on_failure):
+    wavelength = np.asarray(wavelength, dtype=float)
+    n_pixels = wavelength.size
+    single = np.ndim(flux) == 1
+    flux = _as_batch(flux, n_pixels, "flux")
+    ivar = _as_batch(ivar, n_pixels, "ivar")
+    if flux.shape != ivar.shape:
+        raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} differ in shape")
+    continuum_mask = np.asarray(continuum_mask, dtype=bool)
+    if continuum_mask.shape != (n_pixels,):
+        raise ValueError(f"continuum_mask must have shape ({n_pixels},), got {continuum_mask.shape}")
+    if on_failure not in ("raise", "nan"):
+        raise ValueError(f"on_failure must be 'raise' or 'nan', got {on_failure!r}")
+    return _grid_plan(wavelength, continuum_mask, regions, deg, L), flux, ivar, single
+
+
+def _outputs(shape, single, dtype, out, names):
+    """Output arrays (``out`` checked, or new) and their (n, P) views."""
+    given = (None,) * len(names) if out is None else tuple(out)
+    if len(given) != len(names):
+        raise ValueError(f"out must hold {len(names)} arrays, got {len(given)}")
+    outputs = [_output(shape, dtype, array, name) for array, name in zip(given, names, strict=True)]
+    return outputs, [array[None] if single else array for array in outputs]
+
+
 def fit_sinusoidal_continuum(
     wavelength: np.ndarray,
     flux: np.ndarray,
@@ -117,6 +322,9 @@ def fit_sinusoidal_continuum(
     L: float = 1400.0,
     on_failure: Literal["raise", "nan"] = "raise",
     ridge_factor: float = RIDGE_FACTOR,
+    *,
+    dtype: DTypeLike = np.float64,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fit Astra's Sinusoidal continuum to a batch of spectra; returns the continuum (n, P).
 
@@ -133,86 +341,53 @@ def fit_sinusoidal_continuum(
     ridge_factor : ridge relative to the largest eigenvalue of each normal matrix (Astra: 1e-6). With the
         APOGEE regions and L = 1400 Å the normal matrices have condition numbers up to ~1e7, so this ridge
         is active: it costs ~4e-4 rms (up to 4e-3 at region edges) even for a noise-free in-family continuum.
+    dtype : of the result. The fit and the evaluation are float64 whatever it is; ``np.float32`` rounds the
+        result once and halves the memory written (for spectra stored as float32 anyway).
+    out : a preallocated result (the shape of ``flux``, of ``dtype``) to write into.
 
     Pixels outside every region get a NaN continuum (hence flux 1, ivar 0 after :func:`normalize`).
     """
-    wavelength = np.asarray(wavelength, dtype=float)
-    n_pixels = wavelength.size
-    single = np.ndim(flux) == 1
-    flux = _as_batch(flux, n_pixels, "flux")
-    ivar = _as_batch(ivar, n_pixels, "ivar")
-    if flux.shape != ivar.shape:
-        raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} differ in shape")
-    continuum_mask = np.asarray(continuum_mask, dtype=bool)
-    if continuum_mask.shape != (n_pixels,):
-        raise ValueError(f"continuum_mask must have shape ({n_pixels},), got {continuum_mask.shape}")
-    if on_failure not in ("raise", "nan"):
-        raise ValueError(f"on_failure must be 'raise' or 'nan', got {on_failure!r}")
-
-    n_spectra = flux.shape[0]
-    n_params = 2 * deg + 1
-    upper_i, upper_j = np.triu_indices(n_params)
-    continuum = np.empty((n_spectra, n_pixels))
-    outside_every_region = np.ones(n_pixels, dtype=bool)
-    failures: list[tuple[int, int, int]] = []
-
-    for region_index, (lower, upper) in enumerate(regions):
-        in_region = (wavelength >= lower) & (wavelength <= upper)
-        region_pixels = np.flatnonzero(in_region)
-        if region_pixels.size == 0:
-            continue
-        outside_every_region &= ~in_region
-        if region_pixels[-1] - region_pixels[0] + 1 == region_pixels.size:  # contiguous: write through a view
-            region_pixels = slice(region_pixels[0], region_pixels[-1] + 1)
-        fit_pixels = np.flatnonzero(in_region & continuum_mask)
-        fit_basis = sinusoid_basis(wavelength[fit_pixels], deg, L)  # (c, D)
-        region_flux = flux[:, fit_pixels]
-        region_ivar = ivar[:, fit_pixels]
-        usable = np.isfinite(region_flux) & np.isfinite(region_ivar) & (region_ivar > 0)
-        weights = np.where(usable, region_ivar, 0.0)
-        weighted_flux = np.where(usable, region_flux, 0.0) * weights
-
-        # Batched normal equations: one GEMM for the unique entries of Mᵀ W M, one for Mᵀ W f.
-        normal_upper = weights @ (fit_basis[:, upper_i] * fit_basis[:, upper_j])  # (n, D(D+1)/2)
-        normal = np.empty((n_spectra, n_params, n_params))
-        normal[:, upper_i, upper_j] = normal_upper
-        normal[:, upper_j, upper_i] = normal_upper
-        rhs = weighted_flux @ fit_basis  # (n, D)
-
-        n_usable = usable.sum(axis=1)
-        failed = n_usable < n_params
-        failures.extend((int(s), region_index, int(n_usable[s])) for s in np.flatnonzero(failed))
-        normal[failed] = np.eye(n_params)
-        largest_eigenvalue = np.linalg.eigvalsh(normal)[:, -1]
-        normal[:, np.arange(n_params), np.arange(n_params)] += ridge_factor * largest_eigenvalue[:, None]
-        coefficients = np.linalg.solve(normal, rhs[..., None])[..., 0]
-        coefficients[failed] = np.nan
-
-        continuum[:, region_pixels] = coefficients @ sinusoid_basis(wavelength[region_pixels], deg, L).T
-
-    continuum[:, outside_every_region] = np.nan
-
+    plan, flux, ivar, single = _prepare(wavelength, flux, ivar, continuum_mask, regions, deg, L, on_failure)
+    coefficients, n_usable = _fit_coefficients(plan, flux, ivar, ridge_factor)
+    failures = _failures(plan, n_usable)
     if failures and on_failure == "raise":
-        raise ContinuumFitError(sorted(failures), n_params, regions)
-    return continuum[0] if single else continuum
+        raise ContinuumFitError(failures, plan.n_params, regions)
+    shape = flux.shape[1:] if single else flux.shape
+    (continuum,), (rows,) = _outputs(shape, single, dtype, None if out is None else (out,), ("out",))
+    _in_blocks(flux, ivar, rows, plan=plan, coefficients=coefficients)
+    return continuum
 
 
-def normalize(flux: np.ndarray, ivar: np.ndarray, continuum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(flux / C, ivar · C²)``; where either is non-finite, ivar is 0 or C ≤ 0: flux 1, ivar 0."""
+def normalize(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    continuum: np.ndarray,
+    *,
+    dtype: DTypeLike = np.float64,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(flux / C, ivar · C²)``; where either is non-finite, ivar is 0 or C ≤ 0: flux 1, ivar 0.
+
+    Computed in float64 and returned as ``dtype``. ``out`` is an optional preallocated ``(flux_norm,
+    ivar_norm)`` pair of ``dtype`` and of the inputs' shape; for float64 it may be ``(flux, ivar)`` itself.
+    """
     flux = np.asarray(flux, dtype=float)
     ivar = np.asarray(ivar, dtype=float)
     continuum = np.asarray(continuum, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        flux_norm = np.divide(flux, continuum)
-        ivar_norm = np.square(continuum)
-        ivar_norm *= ivar
-        good = ivar_norm > 0  # False for NaN
-        good &= ivar_norm < np.inf
-        good &= continuum > 0
-        good &= np.isfinite(flux_norm)
-    bad = np.logical_not(good, out=good)
-    np.copyto(flux_norm, 1.0, where=bad)
-    np.copyto(ivar_norm, 0.0, where=bad)
+    if flux.shape == ivar.shape == continuum.shape and flux.ndim in (1, 2):
+        single = flux.ndim == 1
+        (flux_norm, ivar_norm), rows = _outputs(flux.shape, single, dtype, out, ("out[0]", "out[1]"))
+        if single:
+            flux, ivar, continuum = flux[None], ivar[None], continuum[None]
+        _in_blocks(flux, ivar, continuum, *rows)
+        return flux_norm, ivar_norm
+    # Other shapes (broadcasting, > 2 dimensions): one pass over whole arrays.
+    shape = np.broadcast_shapes(flux.shape, ivar.shape, continuum.shape)
+    (flux_norm, ivar_norm), _ = _outputs(shape, False, dtype, out, ("out[0]", "out[1]"))
+    flux, ivar, continuum = np.broadcast_arrays(flux, ivar, continuum)
+    flux_work, ivar_work = np.empty(shape), np.empty(shape)
+    _normalize_into(flux, ivar, continuum, flux_work, ivar_work, np.empty(shape, dtype=bool))
+    flux_norm[...], ivar_norm[...] = flux_work, ivar_work
     return flux_norm, ivar_norm
 
 
@@ -226,48 +401,31 @@ def continuum_normalize(
     L: float = 1400.0,
     on_failure: Literal["raise", "nan"] = "raise",
     ridge_factor: float = RIDGE_FACTOR,
+    *,
+    dtype: DTypeLike = np.float64,
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit and apply the Sinusoidal continuum: returns ``(flux_norm, ivar_norm, continuum)``.
 
-    ``continuum_mask`` defaults to the shipped APOGEE list (:func:`load_continuum_pixels`).
+    ``continuum_mask`` defaults to the shipped APOGEE list (:func:`load_continuum_pixels`). All spectra are
+    fitted first (only their continuum pixels are read); then the continuum is evaluated and applied a few
+    spectra at a time, so each output is written once and the temporaries stay in cache. ``dtype`` (of all
+    three results; computed in float64 and rounded once) and ``out`` (a preallocated triple of ``dtype``;
+    for float64 the first two may be ``flux`` and ``ivar`` themselves) are as in
+    :func:`fit_sinusoidal_continuum` and :func:`normalize`.
     """
     mask = load_continuum_pixels() if continuum_mask is None else continuum_mask
-    single = np.ndim(flux) == 1
-    wavelength = np.asarray(wavelength, dtype=float)
-    flux = _as_batch(flux, wavelength.size, "flux")
-    ivar = _as_batch(ivar, wavelength.size, "ivar")
-    if flux.shape != ivar.shape:
-        raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} differ in shape")
-    flux_norm, ivar_norm, continuum = (np.empty(flux.shape) for _ in range(3))
-    failures: list[ContinuumFitError] = []
-    # Fit and normalise _CHUNK spectra at a time: the temporaries stay in cache (measured ~2x faster than
-    # whole-batch passes over arrays of hundreds of MB).
-    for first in range(0, flux.shape[0], _CHUNK):
-        part = slice(first, first + _CHUNK)
-        try:
-            continuum[part] = fit_sinusoidal_continuum(
-                wavelength,
-                flux[part],
-                ivar[part],
-                mask,
-                regions,
-                deg,
-                L,
-                on_failure=on_failure,
-                ridge_factor=ridge_factor,
-            )
-        except ContinuumFitError as error:
-            failures.extend((s + first, r, u) for s, r, u in error.failures)
-            continue
-        flux_norm[part], ivar_norm[part] = normalize(flux[part], ivar[part], continuum[part])
-    if failures:
-        raise ContinuumFitError(sorted(failures), 2 * deg + 1, regions)
-    if single:
-        return flux_norm[0], ivar_norm[0], continuum[0]
-    return flux_norm, ivar_norm, continuum
-
-
-_CHUNK = 128  # spectra fitted and normalised at a time by continuum_normalize
+    plan, flux, ivar, single = _prepare(wavelength, flux, ivar, mask, regions, deg, L, on_failure)
+    coefficients, n_usable = _fit_coefficients(plan, flux, ivar, ridge_factor)
+    failures = _failures(plan, n_usable)
+    if failures and on_failure == "raise":
+        raise ContinuumFitError(failures, plan.n_params, regions)
+    shape = flux.shape[1:] if single else flux.shape
+    outputs, (flux_rows, ivar_rows, continuum_rows) = _outputs(
+        shape, single, dtype, out, ("out[0]", "out[1]", "out[2]")
+    )
+    _in_blocks(flux, ivar, continuum_rows, flux_rows, ivar_rows, plan=plan, coefficients=coefficients)
+    return tuple(outputs)
 
 
 def _cos_sin(phase: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
