@@ -101,7 +101,7 @@ def main() -> None:
     wavelength, mask = apogee_wavelength(), load_continuum_pixels()
     flux, ivar = spectra.flux, spectra.ivar
     n_naive = min(args.n_naive, args.n_spectra)
-    preallocated = tuple(np.empty(flux.shape) for _ in range(3))
+    preallocated = tuple(np.full(flux.shape, np.nan) for _ in range(3))  # touched: reused memory
 
     cases = {
         "fit only (float64)": (

@@ -112,7 +112,7 @@ def _as_batch(array: np.ndarray, n_pixels: int, name: str) -> np.ndarray:
 # Spectra fitted at a time (bounds the gathered continuum-pixel temporaries), and spectra evaluated and
 # normalised at a time: a block's float64 continuum (~70 kB a spectrum), masks and scratch stay in the
 # 1 MB L2 cache between the GEMM that writes the continuum and the passes that apply it.
-_FIT_BLOCK = 512
+_FIT_BLOCK = 128
 _ROW_BLOCK = 8
 
 
