@@ -3,11 +3,11 @@
 Writes a synthetic survey of ``--spectra`` apVisit files (and a small training set, from which a Cannon
 model is trained as Doppler's templates), then, in one run:
 
-1. **plain loop**: for each file, read it, resample it to the model grid, continuum-normalise it and measure
-   its radial velocity with :func:`astra_provider.science.doppler.measure_radial_velocities`, one spectrum at
-   a time, with no framework and no database; and the same loop over batches of ``--bundle-size`` spectra
-   (one science call per batch, as one per bundle in the DAG), which isolates the Airflow and framework
-   overhead;
+1. **plain loop**: for each file, read it and measure its radial velocity with
+   :func:`astra_provider.science.doppler.measure_visit_radial_velocities` (what ``DopplerRadialVelocity``
+   calls), one spectrum at a time, with no framework and no database; and the same loop over batches of
+   ``--bundle-size`` spectra (one science call per batch, as one per bundle in the DAG), which isolates the
+   Airflow and framework overhead;
 2. **DAG**: ``dag.test()`` of ``dags/astra_doppler`` (the real DAG file, in a throwaway ``AIRFLOW_HOME``
    with an SQLite metadata database and an SQLite astra database), with ``force=True`` so that every run
    does all the work. The time includes everything: parsing, Airflow's per-process warm-up (~5 s), the
@@ -84,28 +84,22 @@ def plain_loop(paths: list[str], model_path: Path, batch: int = 1) -> float:
     import numpy as np
 
     from astra_provider.science.cannon import CannonModel
-    from astra_provider.science.continuum import continuum_normalize
-    from astra_provider.science.doppler import measure_radial_velocities
-    from astra_provider.science.resample import resample_linear
+    from astra_provider.science.doppler import measure_visit_radial_velocities
     from astra_provider.sdss.spectrum import read_spectrum
 
     started = time.perf_counter()
     velocities = []
     for first in range(0, len(paths), batch):
         model = CannonModel.load(model_path)  # once per batch, as once per bundle in the DAG
-        grid = model.wavelength
-        fluxes, ivars, corrections = [], [], []
-        for path in paths[first : first + batch]:
-            visit = read_spectrum(path)
-            flux, ivar = resample_linear(visit.wavelength, visit.flux[:1], visit.ivar[:1], grid)
-            flux, ivar, _ = continuum_normalize(grid, flux, ivar)
-            fluxes.append(flux)
-            ivars.append(ivar)
-            corrections.append(float(visit.meta.get("bc", np.nan)))
-        result = measure_radial_velocities(
-            grid, np.concatenate(fluxes), np.concatenate(ivars), model, max_velocity=1000.0
+        visits = [read_spectrum(path) for path in paths[first : first + batch]]
+        result = measure_visit_radial_velocities(
+            [visit.wavelength for visit in visits],
+            [visit.flux[0] for visit in visits],
+            [visit.ivar[0] for visit in visits],
+            model,
+            max_velocity=1000.0,
         )
-        velocities.extend(result.vrel + np.array(corrections))
+        velocities.extend(result.vrel + np.array([float(visit.meta["bc"]) for visit in visits]))
     assert len(velocities) == len(paths)
     return time.perf_counter() - started
 
