@@ -1165,13 +1165,25 @@ def measure_radial_velocities(
         labels = np.full((n_spectra, len(label_names)), np.nan)
         u_labels = labels.copy()
 
+    return _radial_velocity_result(ccf, refined, labels, u_labels, label_names, grid_labels)
+
+
+def _radial_velocity_result(
+    ccf: CrossCorrelationResult,
+    refined: RefinementResult,
+    labels: np.ndarray,
+    u_labels: np.ndarray,
+    label_names: Sequence[str],
+    template_labels: np.ndarray,
+) -> RadialVelocityResult:
+    """The result of the CCF and the refinement, with Teff/logg/[Fe/H] columns found by name."""
     lowered = [name.lower() for name in label_names]
 
     def column(values: np.ndarray, name: str) -> np.ndarray:
         for alias in _LABEL_ALIASES[name]:
             if alias in lowered:
                 return values[:, lowered.index(alias)].copy()
-        return np.full(n_spectra, np.nan)
+        return np.full(len(values), np.nan)
 
     return RadialVelocityResult(
         vrel=refined.vrel,
@@ -1191,7 +1203,7 @@ def measure_radial_velocities(
         labels=labels,
         u_labels=u_labels,
         label_names=label_names,
-        template_labels=grid_labels,
+        template_labels=template_labels,
     )
 
 
@@ -1576,31 +1588,4 @@ def measure_visit_radial_velocities(
             for name in RefinementResult.__dataclass_fields__
         )
     )
-    lowered = [name.lower() for name in label_names]
-
-    def column(values: np.ndarray, name: str) -> np.ndarray:
-        for alias in _LABEL_ALIASES[name]:
-            if alias in lowered:
-                return values[:, lowered.index(alias)].copy()
-        return np.full(n_spectra, np.nan)
-
-    return RadialVelocityResult(
-        vrel=refined.vrel,
-        u_vrel=refined.u_vrel,
-        teff=column(refined.labels, "teff"),
-        u_teff=column(refined.u_labels, "teff"),
-        logg=column(refined.labels, "logg"),
-        u_logg=column(refined.u_labels, "logg"),
-        fe_h=column(refined.labels, "fe_h"),
-        u_fe_h=column(refined.u_labels, "fe_h"),
-        chisq=refined.chisq,
-        ccf_peak=ccf.ccf_peak,
-        flag=ccf.flag | refined.flag,
-        ccf_vrel=ccf.vrel,
-        template_index=ccf.template_index,
-        n_iterations=refined.n_iterations,
-        labels=refined.labels,
-        u_labels=refined.u_labels,
-        label_names=label_names,
-        template_labels=grid_labels,
-    )
+    return _radial_velocity_result(ccf, refined, refined.labels, refined.u_labels, label_names, grid_labels)
