@@ -152,30 +152,6 @@ def _absolute_sqlite(url: str) -> str:
     return url
 
 
-def _connection_value(url: str) -> str:
-    """``AIRFLOW_CONN_ASTRA_DEFAULT`` for an astra database URL (what ``AstraHook`` turns back into it)."""
-    import json
-
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return f"sqlite:///{Path(parsed.database).resolve()}"
-    extra = {"driver": parsed.get_driver_name()} if parsed.get_driver_name() != "psycopg2" else {}
-    extra.update({k: v for k, v in parsed.query.items() if isinstance(v, str)})
-    return json.dumps(
-        {
-            "conn_type": "astra",
-            "host": parsed.host,
-            "port": parsed.port,
-            "login": parsed.username,
-            "password": parsed.password,
-            "schema": parsed.database,
-            "extra": extra,
-        }
-    )
-
-
 def _dags_folder() -> Path:
     """The folder with the factory-built DAGs (``dags/`` of the repository)."""
     configured = os.environ.get("AIRFLOW__CORE__DAGS_FOLDER")
@@ -472,8 +448,10 @@ class Demo:
         os.environ["ASTRA_HOME"] = str(self.home)  # tasks' default output folders, the same in every process
         self.astra_url = _absolute_sqlite(options.database_url or database.get_database_url())
         database.configure(self.astra_url)
-        os.environ["AIRFLOW_CONN_ASTRA_DEFAULT"] = _connection_value(self.astra_url)
-        airflow = configure_airflow(self.home)
+        airflow = configure_airflow(self.home)  # before anything imports Airflow
+        from astra_provider.hooks.astra import connection_from_url
+
+        os.environ["AIRFLOW_CONN_ASTRA_DEFAULT"] = connection_from_url(self.astra_url)
 
         self.say("astra demo: the APOGEE pipeline through Airflow, on a synthetic survey with a known truth")
         self.say(f"  ASTRA_HOME        {self.home}")

@@ -71,29 +71,6 @@ def use_test_bundles() -> Any:
     return environment(AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST=bundle_config(), PYTHONPATH=python_path)
 
 
-def astra_connection(url: str) -> str:
-    """The value of ``AIRFLOW_CONN_ASTRA_DEFAULT`` for an astra database URL.
-
-    SQLite becomes a ``sqlite:////abs/path`` URI; PostgreSQL a JSON connection of type ``astra`` (the
-    provider's own connection type), exercising both forms the hook accepts.
-    """
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return f"sqlite:///{parsed.database}"
-    return json.dumps(
-        {
-            "conn_type": "astra",
-            "host": parsed.host,
-            "port": parsed.port,
-            "login": parsed.username,
-            "password": parsed.password,
-            "schema": parsed.database,
-        }
-    )
-
-
 def get_dag(dag_id: str, folder: Path = TEST_DAGS) -> Any:
     """The DAG ``dag_id`` parsed from ``folder`` (fails listing the import errors if it does not load)."""
     from airflow.dag_processing.dagbag import DagBag

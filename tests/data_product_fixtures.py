@@ -12,7 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from airflow_helpers import TEST_DAGS, astra_connection, bundle_config, init_airflow_db
+from airflow_helpers import TEST_DAGS, bundle_config, init_airflow_db
+
+from astra_provider.hooks.astra import connection_from_url
 
 
 @pytest.fixture(scope="session")
@@ -31,5 +33,5 @@ def astra_test_dags(airflow_db: None, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def astra_conn(astra_db: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """``astra_db`` (SQLite and PostgreSQL) as the Airflow connection ``astra_default``; yields its URL."""
-    monkeypatch.setenv("AIRFLOW_CONN_ASTRA_DEFAULT", astra_connection(astra_db))
+    monkeypatch.setenv("AIRFLOW_CONN_ASTRA_DEFAULT", connection_from_url(astra_db))
     return astra_db

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from airflow_helpers import DAGS, astra_connection, environment, get_dag, init_airflow_db, task_instances
+from airflow_helpers import DAGS, environment, get_dag, init_airflow_db, task_instances
 from sqlalchemy import func, select
 
 from astra_provider import database
@@ -27,6 +27,7 @@ from astra_provider.database.astradb import (
     TaskOutputDataProduct,
     TheCannon,
 )
+from astra_provider.hooks.astra import connection_from_url
 
 DAG_IDS = {
     "astra_continuum",
@@ -162,7 +163,7 @@ def survey(tmp_path_factory):
 
 @pytest.fixture
 def astra_conn(astra_db):
-    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=astra_connection(astra_db)):
+    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=connection_from_url(astra_db)):
         yield astra_db
 
 

@@ -17,7 +17,6 @@ import pytest
 from airflow_helpers import (
     REPO,
     TEST_DAGS,
-    astra_connection,
     environment,
     get_dag,
     init_airflow_db,
@@ -39,7 +38,7 @@ from astra_provider.bundling import (
 from astra_provider.contrib.examples import GreedyPrimes, ScaledSum
 from astra_provider.database import session_scope
 from astra_provider.database.astradb import Bundle, DataProduct, Status, Task, TaskOutputDataProduct
-from astra_provider.hooks.astra import AstraHook
+from astra_provider.hooks.astra import AstraHook, connection_from_url
 from astra_provider.operators._inputs import resolve_data_products
 from astra_provider.operators.bundle import BundleTasksOperator
 from astra_provider.operators.task import AstraTaskFailedError, AstraTaskOperator, ExecuteBundleOperator
@@ -58,7 +57,7 @@ class TupleLabels(TaskInstance):
 @pytest.fixture
 def astra_conn(astra_db):
     """The astra database of the test, reachable as the ``astra_default`` Airflow connection."""
-    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=astra_connection(astra_db)):
+    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=connection_from_url(astra_db)):
         yield astra_db
 
 

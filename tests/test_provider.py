@@ -7,12 +7,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from airflow_helpers import astra_connection, environment, run_airflow
+from airflow_helpers import environment, run_airflow
 from sqlalchemy import text
 
 from astra_provider import database
 from astra_provider.get_provider_info import get_provider_info
-from astra_provider.hooks.astra import AstraHook, url_from_connection
+from astra_provider.hooks.astra import AstraHook, connection_from_url, url_from_connection
 
 
 def test_provider_info_is_valid_and_matches_the_distribution():
@@ -91,6 +91,23 @@ def test_url_from_a_postgres_uri_connection_with_extras():
     assert url_from_connection(conn) == "postgresql+psycopg2://u:pw@127.0.0.1:5432/astra?sslmode=require"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg2://astra:p%40ss@db.example.org:5433/sdss",
+        "postgresql+psycopg://u:pw@127.0.0.1:5432/astra?sslmode=require",
+        "sqlite:////data/astra.db",
+    ],
+)
+def test_connection_from_url_round_trips_through_the_hook(url):
+    from airflow.sdk import Connection
+
+    value = connection_from_url(url)  # as Airflow reads an AIRFLOW_CONN_* variable: JSON or a URI
+    read = Connection.from_json if value.startswith("{") else Connection.from_uri
+    conn = read(value, conn_id="x")
+    assert url_from_connection(conn) == url
+
+
 def test_url_from_an_sqlite_connection(tmp_path):
     from airflow.sdk import Connection
 
@@ -119,7 +136,7 @@ def test_without_a_connection_the_hook_falls_back_to_the_environment_then_the_em
 
 
 def test_the_hook_reads_the_connection_and_configures_the_astra_database(astra_db):
-    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=astra_connection(astra_db)):
+    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=connection_from_url(astra_db)):
         hook = AstraHook()
         assert hook.get_database_url() == astra_db
         database.configure(None)
@@ -140,7 +157,8 @@ def test_a_connection_to_a_missing_database_reports_failure(postgres_server):
     from sqlalchemy.engine import make_url
 
     url = make_url(postgres_server).set(database="no_such_database")
-    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=astra_connection(url.render_as_string(hide_password=False))):
+    connection = connection_from_url(url.render_as_string(hide_password=False))
+    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=connection):
         ok, message = AstraHook().test_connection()
     assert not ok
     assert "no_such_database" in message

@@ -18,6 +18,7 @@ schema or host field: ``sqlite:////abs/path/astra.db``). When the connection doe
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,32 @@ def url_from_connection(conn: Connection) -> str:
         query={str(key): str(value) for key, value in extra.items()},
     )
     return url.render_as_string(hide_password=False)
+
+
+def connection_from_url(url: str) -> str:
+    """An ``AIRFLOW_CONN_<ID>`` value for an astra database URL (the inverse of :func:`url_from_connection`).
+
+    SQLite gives a ``sqlite:////abs/path`` URI; PostgreSQL a JSON connection of type ``astra`` (driver and
+    query options in its ``extra``).
+    """
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"sqlite:///{os.path.abspath(parsed.database)}"
+    extra = {"driver": parsed.get_driver_name()} if parsed.get_driver_name() != "psycopg2" else {}
+    extra.update({key: value for key, value in parsed.query.items() if isinstance(value, str)})
+    return json.dumps(
+        {
+            "conn_type": "astra",
+            "host": parsed.host,
+            "port": parsed.port,
+            "login": parsed.username,
+            "password": parsed.password,
+            "schema": parsed.database,
+            "extra": extra,
+        }
+    )
 
 
 def default_database_url() -> str:
