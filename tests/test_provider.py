@@ -79,7 +79,7 @@ def test_url_from_a_postgres_connection_escapes_credentials():
     assert parsed.drivername == "postgresql+psycopg2"
     assert (parsed.host, parsed.port, parsed.database) == ("db.example.org", 5433, "sdss")
     assert (parsed.username, parsed.password) == ("astra", "p@ss/w:rd")
-    from astra_provider.hooks.astra import redact
+    from astra_provider.database import redact
 
     assert "p@ss" not in redact(url) and "***" in redact(url)
 

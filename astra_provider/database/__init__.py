@@ -37,6 +37,11 @@ def astra_home() -> Path:
     return Path(os.environ.get("ASTRA_HOME", Path.home() / ".astra")).expanduser()
 
 
+def redact(url: str) -> str:
+    """``url`` with its password hidden, for logs and messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def get_database_url() -> str:
     """The URL of the astra database in use (see the module docstring for the order)."""
     if _configured_url:

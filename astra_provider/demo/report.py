@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from astra_provider.demo.console import format_seconds, redact
+from astra_provider.database import redact
+from astra_provider.demo.console import format_seconds
 from astra_provider.demo.dag_runs import RunResult
 from astra_provider.demo.surveys import SURVEY_SNR, TRAINING_SNR, Surveys
 

@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from astra_provider.database import redact
 from astra_provider.demo.accuracy import label_accuracy, print_accuracy, rv_accuracy
 from astra_provider.demo.airflow_setup import (
     AirflowSetup,
@@ -17,7 +18,7 @@ from astra_provider.demo.airflow_setup import (
     migrate_metadata,
     output_to,
 )
-from astra_provider.demo.console import Console, format_seconds, redact
+from astra_provider.demo.console import Console, format_seconds
 from astra_provider.demo.dag_runs import RunResult, run_dag
 from astra_provider.demo.plots import write_plots
 from astra_provider.demo.progress import StepProgress

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from astra_provider.database import redact
+
 if TYPE_CHECKING:
     from airflow.sdk import Connection
     from sqlalchemy.orm import Session
@@ -99,13 +101,6 @@ def default_database_url() -> str:
     from astra_provider.database import astra_home
 
     return os.environ.get("ASTRA_DATABASE_URL") or f"sqlite:///{astra_home() / 'astra.db'}"
-
-
-def redact(url: str) -> str:
-    """``url`` with its password hidden, for logs."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 class AstraHook(BaseHook):
