@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import DTypeLike
 
-from astra_provider.synthetic.model import APOGEE_NPIX, APOGEE_REGIONS_AA
+from astra_provider.sdss.apogee import APOGEE_NPIX, APOGEE_REGIONS_AA
 
 __all__ = [
     "ContinuumFitError",

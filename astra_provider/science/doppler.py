@@ -46,6 +46,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import scipy.fft
 
+from astra_provider.constants import SPEED_OF_LIGHT_KMS
+
 __all__ = [
     "SPEED_OF_LIGHT_KMS",
     "CrossCorrelationResult",
@@ -63,9 +65,6 @@ __all__ = [
     "refine_velocity_and_labels",
     "velocity_to_pixel_shift",
 ]
-
-SPEED_OF_LIGHT_KMS = 299792.458
-"""Speed of light in km/s."""
 
 _EDGE_PADDING_PIXELS = 16  # Fourier-shifter padding beyond the largest searched lag
 _GUARD_PIXELS = 3  # observed pixels this close to an undefined rest-frame pixel get zero weight
@@ -1457,7 +1456,7 @@ def measure_visit_radial_velocities(
     :class:`RadialVelocityResult` (``vrel`` in the frame of the wavelengths; ``ccf_vrel`` from step 1).
     """
     from astra_provider.science.continuum import RIDGE_FACTOR, _RowSinusoids, load_continuum_pixels
-    from astra_provider.synthetic.model import APOGEE_REGIONS_AA
+    from astra_provider.sdss.apogee import APOGEE_REGIONS_AA
 
     model_wavelength = getattr(model, "wavelength", None)
     if model_wavelength is None:

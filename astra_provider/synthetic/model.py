@@ -18,6 +18,20 @@ from typing import Literal
 
 import numpy as np
 
+from astra_provider.constants import SPEED_OF_LIGHT_KMS
+from astra_provider.sdss.apogee import (
+    APOGEE_CDELT1,
+    APOGEE_CHIPS_PIXELS,
+    APOGEE_CRVAL1,
+    APOGEE_LSF_RESOLUTION,
+    APOGEE_NPIX,
+    APOGEE_REGIONS_AA,
+    apogee_detector_mask,
+    apogee_wavelength,
+    velocity_per_pixel,
+)
+from astra_provider.sdss.bitmasks import APOGEE_BAD_PIXEL_MASK
+
 __all__ = [
     "APOGEE_BAD_PIXEL_BITMASK",
     "APOGEE_CDELT1",
@@ -46,25 +60,10 @@ __all__ = [
 # Constants and grid helpers
 # ------------------------------------------------------------------------------------------------------------
 
-C_KMS = 299792.458
-"""Speed of light in km/s."""
+C_KMS = SPEED_OF_LIGHT_KMS
+"""Speed of light in km/s (alias of :data:`astra_provider.constants.SPEED_OF_LIGHT_KMS`)."""
 
-APOGEE_CRVAL1 = 4.179
-APOGEE_CDELT1 = 6e-6
-APOGEE_NPIX = 8575
-APOGEE_LSF_RESOLUTION = 22_500.0
-
-APOGEE_CHIPS_PIXELS: tuple[tuple[int, int], ...] = ((246, 3274), (3585, 6080), (6344, 8335))
-"""Half-open apStar pixel ranges covered by the three detectors (DR13+); everything else is gap or edge."""
-
-APOGEE_REGIONS_AA: tuple[tuple[float, float], ...] = (
-    (15090.0, 15822.0),
-    (15823.0, 16451.0),
-    (16452.0, 16971.0),
-)
-"""Closed wavelength intervals (vacuum Å) of the per-chip continuum regions of Astra's Sinusoidal model."""
-
-APOGEE_BAD_PIXEL_BITMASK = 16639
+APOGEE_BAD_PIXEL_BITMASK = APOGEE_BAD_PIXEL_MASK
 """APOGEE_PIXMASK bits treated as bad: 0–7 (BADPIX … NOSKY) and 14 (NOT_ENOUGH_PSF)."""
 
 _BAD_PIXEL_BITS = tuple(bit for bit in range(16) if APOGEE_BAD_PIXEL_BITMASK >> bit & 1)
@@ -78,24 +77,6 @@ LABEL_SCALES = np.array([700.0, 1.4, 0.7])
 
 # Quadratic terms in AnniesLasso / TheCannon 0.7.3 order: np.triu_indices(K) of outer(x, x).
 _QUAD_I, _QUAD_J = np.triu_indices(len(LABEL_NAMES))
-
-
-def apogee_wavelength() -> np.ndarray:
-    """Vacuum wavelengths (Å) of the 8575 apStar pixels, ``10**(CRVAL1 + CDELT1·i)``."""
-    return 10.0 ** (APOGEE_CRVAL1 + APOGEE_CDELT1 * np.arange(APOGEE_NPIX))
-
-
-def apogee_detector_mask() -> np.ndarray:
-    """Boolean mask (8575,) of apStar pixels that fall on a detector (7514 pixels)."""
-    mask = np.zeros(APOGEE_NPIX, dtype=bool)
-    for start, stop in APOGEE_CHIPS_PIXELS:
-        mask[start:stop] = True
-    return mask
-
-
-def velocity_per_pixel(n_pixels: float = 1.0) -> float:
-    """Velocity (km/s) that shifts a spectrum by ``n_pixels`` apStar pixels: ``c·(10**(n·CDELT1) − 1)``."""
-    return C_KMS * (10.0 ** (n_pixels * APOGEE_CDELT1) - 1.0)
 
 
 def _pixel_coordinate(wavelength: np.ndarray | None) -> np.ndarray | None:

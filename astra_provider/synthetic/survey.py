@@ -59,7 +59,9 @@ from typing import Any
 import numpy as np
 
 from astra_provider._version import __version__
+from astra_provider.sdss.apogee import VISIT_CHIP_PIXELS, VISIT_CHIPS_AA
 from astra_provider.sdss.bitmasks import APOGEE_BAD_ERROR, APOGEE_BAD_PIXEL_BITS
+from astra_provider.sdss.boss import BOSS_CDELT, BOSS_CRVAL, BOSS_NPIX
 from astra_provider.sdss.paths import canonical_filetype, kwargs_hash, normalize_kwargs, sdss_path
 from astra_provider.synthetic.fits_writer import ImageHDU, TableHDU, write_fits
 from astra_provider.synthetic.model import (
@@ -443,8 +445,6 @@ _OVERSAMPLE = 16
 _FINE_MARGIN = 400  # apStar pixels beyond each end of the grid covered by the fine grid
 _FINE_U = np.arange(-_FINE_MARGIN * _OVERSAMPLE, (APOGEE_NPIX + _FINE_MARGIN) * _OVERSAMPLE) / _OVERSAMPLE
 #: apVisit chips (red→blue) as (first, last) wavelength in Å; wavelength descends within each chip.
-VISIT_CHIPS_AA: tuple[tuple[float, float], ...] = ((16955.0, 16473.0), (16435.0, 15857.0), (15810.0, 15143.0))
-VISIT_CHIP_PIXELS = 4096
 _HARMLESS_BITS = (11, 12)  # PERSIST_LOW, SIG_SKYLINE: set on some pixels, do not zero ivar
 
 
@@ -581,9 +581,6 @@ def _visit_wavelength(rng: np.random.Generator, telescope: str) -> np.ndarray:
 # BOSS spectra (optical; readers and discovery only)
 # ----------------------------------------------------------------------------------------------------------
 
-BOSS_CRVAL = 3.5523
-BOSS_CDELT = 1e-4
-BOSS_NPIX = 4648
 # (vacuum Å, base depth, intrinsic σ in Å, kind): kind "h" Balmer (stronger when hotter), "m" metal
 _BOSS_STRONG = (
     (6564.61, 0.55, 4.0, "h"),
