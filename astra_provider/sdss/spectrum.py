@@ -536,15 +536,34 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+_LOGLAM_FLOAT32_TOLERANCE = 1e-6  # dex; float32 LOGLAM near 3.5-4.0 is rounded by up to ~2.4e-7 dex
+
+
+def _exact_loglam(loglam: np.ndarray, header: Any) -> np.ndarray:
+    """``COEFF0 + COEFF1·i`` when the header grid matches ``LOGLAM`` to float32 precision, else ``LOGLAM``.
+
+    ``LOGLAM`` is stored as float32, whose rounding (up to 0.0024 pixel, 0.16 km/s) would make the exact
+    log-linear grid look irregular; the header coefficients restore it.
+    """
+    coeff0 = _as_float(_header_value(header, "COEFF0"))
+    coeff1 = _as_float(_header_value(header, "COEFF1"))
+    if not (np.isfinite(coeff0) and np.isfinite(coeff1) and coeff1 > 0):
+        return loglam
+    exact = coeff0 + coeff1 * np.arange(loglam.size)
+    return exact if np.max(np.abs(exact - loglam)) < _LOGLAM_FLOAT32_TOLERANCE else loglam
+
+
 def read_specfull(path: str | os.PathLike[str]) -> Spectrum:
     """Read a BOSS ``spec-…`` (specFull) file.
 
     HDU1 ``COADD`` table (case-insensitive columns; ``LOGLAM``, ``FLUX``, ``IVAR``, ``AND_MASK`` required,
-    ``OR_MASK``, ``WDISP``, ``SKY``, ``MODEL``, ``WRESL`` into ``extras`` when present); ``λ = 10**LOGLAM``;
+    ``OR_MASK``, ``WDISP``, ``SKY``, ``MODEL``, ``WRESL`` into ``extras`` when present); ``λ = 10**LOGLAM``
+    (``COEFF0 + COEFF1·i`` from HDU0 when it matches the float32 ``LOGLAM`` to 1e-6 dex);
     ``pixel_flags`` = ``AND_MASK``. HDU0 gives ``helio_rv`` (= ``bc``, km/s; NaN when missing or ``"NaN"``),
     ``ra``, ``dec``, ``mjd``, ``fiber``; the one-row HDU2 summary goes to ``meta["summary"]`` (lower-case
     keys), with ``zwarning``/``xcsao_*`` also at top level. ``snr`` = ``SN_MEDIAN_ALL`` if present, else the
-    median flux·√ivar over usable pixels.
+    median flux·√ivar over usable pixels. The wavelengths are already heliocentric (``HELIO_RV`` has been
+    applied), so a velocity measured on them is heliocentric as it is: do not add ``bc`` again.
     """
     path = Path(path)
     with _open_fits(path) as hdul:
@@ -577,6 +596,7 @@ def read_specfull(path: str | os.PathLike[str]) -> Spectrum:
         )
     if not np.all(np.isfinite(loglam)) or np.any(np.diff(loglam) <= 0):
         raise SpectrumReadError(path, "LOGLAM is not finite and strictly increasing")
+    loglam = _exact_loglam(loglam, header)
     flux, ivar = _clean(path, flux, ivar)
     kwargs = meta["kwargs"]
     helio_rv = _as_float(_header_value(header, "HELIO_RV"))

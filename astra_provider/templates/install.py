@@ -25,7 +25,7 @@ from astra_provider.science.lsf import convolve_model, lsf_sigma_from_wdisp
 from astra_provider.sdss.apogee import APOGEE_LSF_RESOLUTION, apogee_wavelength
 from astra_provider.sdss.boss import BOSS_CDELT, BOSS_CRVAL, BOSS_NPIX
 from astra_provider.templates.importer import convert_template_grid, save_model_atomically, templates_dir
-from astra_provider.templates.sources import TEMPLATE_GRIDS, cache_dir, fetch_member
+from astra_provider.templates.sources import TEMPLATE_GRIDS, cache_dir, fetch_member, real_spectrum_paths
 
 __all__ = [
     "BOSS_TEMPLATE_RESOLUTION",
@@ -112,10 +112,14 @@ def install_templates(
 ) -> dict[str, Path]:
     """Build the templates in the cache and copy them into ``home`` (default ``$ASTRA_HOME/templates``).
 
+    The real SDSS spectra of :data:`~astra_provider.templates.sources.REAL_SPECTRA` are fetched into the
+    cache as well.
+
     :param cache_only: only fill the cache (what the test command does); return the cached paths.
     :returns: name (``"coolstars-apstar"`` ...) → installed (or cached) path.
     """
     built = build_templates(cache)
+    real_spectrum_paths(cache)  # the real SDSS files the tests and examples use, into the same cache
     if cache_only:
         return built
     target = Path(home) if home is not None else templates_dir()
