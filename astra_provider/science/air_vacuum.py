@@ -12,8 +12,8 @@ The default formula is **Ciddor (1996, Applied Optics 35, 1566), eq. (1)** for s
 It is the formula of the IDL astrolib ``AIRTOVAC``/``VACTOAIR`` and of ``dlnpyutils.astro.airtovac``, which
 is what the Doppler package (and the APOGEE DR17 pipeline that uses it) applies to exactly these template
 grids; using it reproduces the source's own vacuum wavelengths. The IAU standard in the form of
-Morton (2000, ApJS 130, 403; from Birch & Downs 1994) is also provided: the two agree to
-|Δn| < 6e-9 over 3000–18000 Å (< 2 m/s), far below what a template comparison can resolve.
+Morton (2000, ApJS 130, 403; from Birch & Downs 1994) is also provided: the two refractive indices agree to
+within 6e-9 over 3000–18000 Å (< 2 m/s), far below what a template comparison can resolve.
 
 Both formulas give ``n`` as a function of the **vacuum** wavelength, so ``vacuum_to_air`` is explicit and
 ``air_to_vacuum`` solves ``λ_vac = λ_air · n(λ_vac)`` by fixed-point iteration (it converges by a factor of
