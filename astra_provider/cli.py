@@ -1,4 +1,4 @@
-"""The ``astra`` command line: database set-up, schema, inspecting and re-running tasks."""
+"""The ``astra`` command line: database set-up, schema, inspecting and re-running tasks, template grids."""
 
 from __future__ import annotations
 
@@ -90,8 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from astra_provider.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
+    from astra_provider.templates.cli import add_arguments as add_templates_arguments
+
+    templates = commands.add_parser(
+        "templates", help="import public template grids; install Doppler's grids as instrument-ready models"
+    )
+    add_templates_arguments(templates)
 
     args = parser.parse_args(argv)
+    if args.command == "templates":
+        from astra_provider.templates.cli import run as run_templates
+
+        return run_templates(args)
     from astra_provider import database
 
     if args.database_url:
