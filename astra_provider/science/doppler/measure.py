@@ -58,56 +58,86 @@ def measure_radial_velocities(
     if n_pixels != grid.n_pixels:
         raise ValueError(f"flux has {n_pixels} pixels, the wavelength grid {grid.n_pixels}")
     is_model = not isinstance(model, np.ndarray)
-    if is_model:
-        model_wavelength = getattr(model, "wavelength", None)
-        if model_wavelength is not None and not grid.matches(LogLinearGrid.from_wavelength(model_wavelength)):
-            raise ValueError("the model's wavelength grid differs from the spectra's")
-        label_names = tuple(model.label_names)
-        grid_labels, templates = _ccf_templates(model, template_labels, options.n_per_label, n_pixels)
-    else:
-        label_names = ()
-        templates = np.atleast_2d(np.asarray(model, dtype=float))
-        grid_labels = np.zeros((templates.shape[0], 0))
-    if templates.shape[1] != n_pixels:
-        raise ValueError(f"templates have {templates.shape[1]} pixels, the spectra {n_pixels}")
-
-    def measure_batch(part: slice) -> tuple[CrossCorrelationResult, RefinementResult]:
-        batch_flux, batch_weight = _masked_flux_and_weight(flux[part], ivar[part])
-        ccf = _cross_correlate_masked(
-            batch_flux, batch_weight, templates, grid.log10_step, max_velocity=max_velocity, options=options
-        )
-        if is_model and fit_labels:
-            start = _ccf_start_labels(grid_labels, ccf.template_index)
-            refined = _refine_velocity_and_labels_masked(
-                batch_flux,
-                batch_weight,
-                model,
-                start,
-                ccf.vrel,
-                grid.log10_step,
-                max_velocity=max_velocity,
-                options=options,
-            )
-        else:
-            refined = _refine_velocity_masked(
-                batch_flux,
-                batch_weight,
-                templates,
-                ccf.template_index,
-                ccf.vrel,
-                grid.log10_step,
-                max_velocity=max_velocity,
-                options=options,
-            )
-        return ccf, refined
-
+    label_names, grid_labels, templates = _templates(model, grid, template_labels, options)
+    fitted_model = model if is_model and fit_labels else None
     batch = options.batch_size
-    batches = [measure_batch(slice(first, first + batch)) for first in range(0, max(n_spectra, 1), batch)]
+    batches = [
+        _measure_batch(
+            flux[first : first + batch],
+            ivar[first : first + batch],
+            fitted_model,
+            grid_labels,
+            templates,
+            grid.log10_step,
+            max_velocity,
+            options,
+        )
+        for first in range(0, max(n_spectra, 1), batch)
+    ]
     ccf = CrossCorrelationResult.concatenate([c for c, _ in batches])
     refined = RefinementResult.concatenate([r for _, r in batches])
-    if is_model and fit_labels:
+    if fitted_model is not None:
         labels, u_labels = refined.labels, refined.u_labels
     else:
         labels = np.full((n_spectra, len(label_names)), np.nan)
         u_labels = labels.copy()
     return _radial_velocity_result(ccf, refined, labels, u_labels, label_names, grid_labels)
+
+
+def _templates(
+    model: SpectralModel | np.ndarray,
+    grid: LogLinearGrid,
+    template_labels: np.ndarray | None,
+    options: DopplerOptions,
+) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """Label names, labels (T, K) and CCF templates (T, P) of a model (K = 0 for a template array).
+
+    :raises ValueError: if the model or the templates are not on ``grid``.
+    """
+    if isinstance(model, np.ndarray):
+        templates = np.atleast_2d(np.asarray(model, dtype=float))
+        label_names, grid_labels = (), np.zeros((templates.shape[0], 0))
+    else:
+        model_wavelength = getattr(model, "wavelength", None)
+        if model_wavelength is not None and not grid.matches(LogLinearGrid.from_wavelength(model_wavelength)):
+            raise ValueError("the model's wavelength grid differs from the spectra's")
+        label_names = tuple(model.label_names)
+        grid_labels, templates = _ccf_templates(model, template_labels, options.n_per_label, grid.n_pixels)
+    if templates.shape[1] != grid.n_pixels:
+        raise ValueError(f"templates have {templates.shape[1]} pixels, the spectra {grid.n_pixels}")
+    return label_names, grid_labels, templates
+
+
+def _measure_batch(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    model: SpectralModel | None,
+    template_labels: np.ndarray,
+    templates: np.ndarray,
+    log10_step: float,
+    max_velocity: float,
+    options: DopplerOptions,
+) -> tuple[CrossCorrelationResult, RefinementResult]:
+    """Both stages for one batch: the labels of ``model`` and v refined jointly, or (no model) v alone
+    against the chosen template."""
+    flux, weight = _masked_flux_and_weight(flux, ivar)
+    ccf = _cross_correlate_masked(
+        flux, weight, templates, log10_step, max_velocity=max_velocity, options=options
+    )
+    if model is not None:
+        start = _ccf_start_labels(template_labels, ccf.template_index)
+        refined = _refine_velocity_and_labels_masked(
+            flux, weight, model, start, ccf.vrel, log10_step, max_velocity=max_velocity, options=options
+        )
+    else:
+        refined = _refine_velocity_masked(
+            flux,
+            weight,
+            templates,
+            ccf.template_index,
+            ccf.vrel,
+            log10_step,
+            max_velocity=max_velocity,
+            options=options,
+        )
+    return ccf, refined

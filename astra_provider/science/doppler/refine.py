@@ -65,14 +65,17 @@ def refine_velocity(
     :param options: ``max_iterations``, ``tolerance``, ``guard_pixels``, ``shift_padding_pixels``,
         ``velocity_chunk_size`` and ``workers`` are used; default :class:`DopplerOptions`.
     """
+    flux, weight = _masked_flux_and_weight(flux, ivar)
+    options = DopplerOptions() if options is None else options
     return _refine_velocity_masked(
-        *_masked_flux_and_weight(flux, ivar),
+        flux,
+        weight,
         templates,
         template_index,
         v_init,
         log10_step,
         max_velocity=max_velocity,
-        options=DopplerOptions() if options is None else options,
+        options=options,
     )
 
 
@@ -107,14 +110,10 @@ def refine_velocity_and_labels(
         ``guard_pixels``, ``shift_padding_pixels``, ``label_chunk_size`` and ``workers`` are used; default
         :class:`DopplerOptions`.
     """
+    flux, weight = _masked_flux_and_weight(flux, ivar)
+    options = DopplerOptions() if options is None else options
     return _refine_velocity_and_labels_masked(
-        *_masked_flux_and_weight(flux, ivar),
-        model,
-        labels_init,
-        v_init,
-        log10_step,
-        max_velocity=max_velocity,
-        options=DopplerOptions() if options is None else options,
+        flux, weight, model, labels_init, v_init, log10_step, max_velocity=max_velocity, options=options
     )
 
 
@@ -141,30 +140,14 @@ def _refine_velocity_masked(
     usable = _has_enough_pixels(weight, shift_init[:, None], 1) & (template_index >= 0)
     no_labels = _LabelScaling.without_labels()
 
-    fits = []
-    for first in range(0, n_spectra, options.velocity_chunk_size):
-        part = np.arange(first, min(first + options.velocity_chunk_size, n_spectra))
-        part = part[usable[part]]
+    def signal_for(part: np.ndarray) -> _SignalFunction:
         chosen = template_index[part]
+        return _shifted(shifter, lambda active, _x: template_ft[chosen[active]][:, None, :])
 
-        def evaluate(active: np.ndarray, _x: np.ndarray, chosen: np.ndarray = chosen) -> np.ndarray:
-            return template_ft[chosen[active]][:, None, :]
-
-        w = support.observed_weights(weight[part], None, shift_init[part])
-        fits.append(
-            _gauss_newton(
-                flux[part],
-                w,
-                shift_init[part],
-                np.zeros((part.size, 0)),
-                signal_at=_shifted(shifter, evaluate),
-                x_bounds=no_labels.bounds,
-                max_shift=shifter.max_shift,
-                max_iterations=options.max_iterations,
-                tolerance=options.tolerance,
-            )
-        )
-    fit = _Fit.concatenate(fits) if fits else _Fit.empty(n_pixels, 0)
+    fitter = _ChunkedFit(flux, weight, shift_init, support, None, shifter, options)
+    fit = fitter.run(
+        np.zeros((n_spectra, 0)), usable, no_labels.bounds, options.velocity_chunk_size, signal_for
+    )
     return _refinement_result(fit, usable, log10_step, no_labels)
 
 
@@ -194,28 +177,63 @@ def _refine_velocity_and_labels_masked(
     support = _RestFrameSupport(_model_valid_pixels(model, n_pixels), options.guard_pixels)
     model_variance = getattr(model, "s2", None) if options.use_model_scatter else None
     signal_at = _shifted(shifter, _model_evaluator(model, scaling, shifter, support))
-
-    fits = []
-    for first in range(0, n_spectra, options.label_chunk_size):
-        part = np.arange(first, min(first + options.label_chunk_size, n_spectra))
-        part = part[usable[part]]
-        if part.size:
-            w = support.observed_weights(weight[part], model_variance, shift_init[part])
-            fits.append(
-                _gauss_newton(
-                    flux[part],
-                    w,
-                    shift_init[part],
-                    x_init[part],
-                    signal_at=signal_at,
-                    x_bounds=scaling.bounds,
-                    max_shift=shifter.max_shift,
-                    max_iterations=options.max_iterations,
-                    tolerance=options.tolerance,
-                )
-            )
-    fit = _Fit.concatenate(fits) if fits else _Fit.empty(n_pixels, n_labels)
+    fitter = _ChunkedFit(flux, weight, shift_init, support, model_variance, shifter, options)
+    fit = fitter.run(x_init, usable, scaling.bounds, options.label_chunk_size, lambda _part: signal_at)
     return _refinement_result(fit, usable, log10_step, scaling)
+
+
+class _ChunkedFit:
+    """Gauss–Newton fits of masked spectra (N, P) against a rest-frame model shifted by ``shifter``.
+
+    The weights are ``support.observed_weights`` of ``weight`` with ``model_variance`` at the starting
+    shifts ``shift_init`` (N,) pixels.
+    """
+
+    def __init__(
+        self,
+        flux: np.ndarray,
+        weight: np.ndarray,
+        shift_init: np.ndarray,
+        support: _RestFrameSupport,
+        model_variance: np.ndarray | None,
+        shifter: _FourierShifter,
+        options: DopplerOptions,
+    ) -> None:
+        self.flux, self.weight, self.shift_init = flux, weight, shift_init
+        self.support, self.model_variance, self.shifter = support, model_variance, shifter
+        self.options = options
+
+    def run(
+        self,
+        x_init: np.ndarray,
+        usable: np.ndarray,
+        x_bounds: tuple[np.ndarray, np.ndarray],
+        chunk_size: int,
+        signal_for: Callable[[np.ndarray], _SignalFunction],
+    ) -> _Fit:
+        """Fits of the ``usable`` spectra from scaled labels ``x_init`` (N, K), ``chunk_size`` spectra at a
+        time, in order; ``signal_for(part)`` is the signal function of the spectra ``part`` (indices)."""
+        n_spectra, n_pixels = self.flux.shape
+        fits = []
+        for first in range(0, n_spectra, chunk_size):
+            part = np.arange(first, min(first + chunk_size, n_spectra))
+            part = part[usable[part]]
+            if part.size:
+                shift_init = self.shift_init[part]
+                fits.append(
+                    _gauss_newton(
+                        self.flux[part],
+                        self.support.observed_weights(self.weight[part], self.model_variance, shift_init),
+                        shift_init,
+                        x_init[part],
+                        signal_at=signal_for(part),
+                        x_bounds=x_bounds,
+                        max_shift=self.shifter.max_shift,
+                        max_iterations=self.options.max_iterations,
+                        tolerance=self.options.tolerance,
+                    )
+                )
+        return _Fit.concatenate(fits) if fits else _Fit.empty(n_pixels, x_init.shape[1])
 
 
 def _shifter(
