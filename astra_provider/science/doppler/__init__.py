@@ -2,7 +2,7 @@
 
 Pure numpy/scipy and batch-first: spectra are ``(n_spectra, n_pixels)`` arrays on one log-linear wavelength
 grid (e.g. the APOGEE apStar grid ``λ_i = 10**(4.179 + 6e-6·i)``, 8575 px, 4.14181 km/s per pixel), or, for
-:func:`measure_visit_radial_velocities`, each on its own wavelengths.
+:func:`.measure_visit_radial_velocities`, each on its own wavelengths.
 
 Requirements on the input
     Spectra, templates and models must be **continuum-normalised** (continuum = 1; run
@@ -17,24 +17,24 @@ Velocity convention
     ``vhelio = vrel + bc`` belongs to the task layer.
 
 Algorithm
-    1. :func:`cross_correlate` (:mod:`~astra_provider.science.doppler.ccf`): ivar-weighted,
+    1. :func:`.cross_correlate` (:mod:`~astra_provider.science.doppler.ccf`): ivar-weighted,
        mean-subtracted cross-correlation of every spectrum with every template by real FFTs (single
        precision) over ``|lag| ≤ max_lag + 1`` with ``max_lag = ceil(log10(1 + v_max/c)/Δ)`` (242 px for
        ±1000 km/s on apStar), through an orthonormal basis of the templates. The template with the **lowest
        χ² at its CCF peak** wins, and a 3-point parabola gives the sub-pixel lag.
-    2. :func:`refine_velocity` (fixed template) or :func:`refine_velocity_and_labels` (labels of a model such
-       as a Cannon model fitted jointly with v) (:mod:`~astra_provider.science.doppler.refine`): batched
+    2. :func:`.refine_velocity` (fixed template) or :func:`.refine_velocity_and_labels` (labels of a model
+       such as a Cannon model fitted jointly with v) (:mod:`~astra_provider.science.doppler.refine`): batched
        Gauss–Newton on ``χ² = Σ w̃ (f − m)²`` with step halving, the model shifted by an exact Fourier phase
        ramp. Uncertainties come from the inverse curvature matrix (the Cramér–Rao bound for a correct model
        and ivar), *not* rescaled by the reduced χ².
 
-    :func:`measure_radial_velocities` runs both stages, with CCF templates from :func:`coarse_label_grid`;
-    :func:`measure_visit_radial_velocities` does the same for raw spectra on their own pixels (apVisit),
-    evaluating the model at the observed pixels. Tuning options are one :class:`DopplerOptions` passed as
+    :func:`.measure_radial_velocities` runs both stages, with CCF templates from :func:`.coarse_label_grid`;
+    :func:`.measure_visit_radial_velocities` does the same for raw spectra on their own pixels (apVisit),
+    evaluating the model at the observed pixels. Tuning options are one :class:`.DopplerOptions` passed as
     ``options=``.
 
 Modules: :mod:`~astra_provider.science.doppler.grid` (grid, velocity conversions),
-:mod:`~astra_provider.science.doppler.model` (:class:`SpectralModel`, CCF templates),
+:mod:`~astra_provider.science.doppler.model` (:class:`.SpectralModel`, CCF templates),
 :mod:`~astra_provider.science.doppler.options`, :mod:`~astra_provider.science.doppler.result`,
 :mod:`~astra_provider.science.doppler.ccf`, :mod:`~astra_provider.science.doppler.refine`,
 :mod:`~astra_provider.science.doppler.measure`, :mod:`~astra_provider.science.doppler.visit`, and the

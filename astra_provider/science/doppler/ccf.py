@@ -45,7 +45,7 @@ def cross_correlate(
     :param templates: rest-frame templates (T, P) on the same grid (NaN where undefined).
     :param max_velocity: the search range ±km/s.
     :param options: ``min_ccf_peak``, ``batch_size``, ``ccf_chunk_size`` and ``workers`` (for ``scipy.fft``)
-        are used; default :class:`DopplerOptions`.
+        are used; default :class:`.DopplerOptions`.
     """
     options = DopplerOptions() if options is None else options
     flux = np.atleast_2d(np.asarray(flux))
@@ -74,7 +74,7 @@ def _cross_correlate_masked(
     max_velocity: float,
     options: DopplerOptions,
 ) -> CrossCorrelationResult:
-    """:func:`cross_correlate` of one batch already through :func:`_masked_flux_and_weight`."""
+    """:func:`.cross_correlate` of one batch already through :func:`_masked_flux_and_weight`."""
     n_spectra, n_pixels = flux.shape
     dev = _template_deviation(templates)
     if dev.shape[1] != n_pixels:

@@ -1,4 +1,4 @@
-"""Both stages on continuum-normalised spectra on one log-linear grid: :func:`measure_radial_velocities`."""
+"""Both stages on continuum-normalised spectra on one log-linear grid: :func:`.measure_radial_velocities`."""
 
 from __future__ import annotations
 
@@ -39,15 +39,15 @@ def measure_radial_velocities(
     template. With a template array, only v is refined and the label outputs are NaN. Spectra are processed
     ``options.batch_size`` at a time, end to end (which bounds the memory and keeps temporaries in cache).
 
-    :param wavelength: the spectra's grid: a :class:`LogLinearGrid` or a wavelength array (Å), checked to be
+    :param wavelength: the spectra's grid: a :class:`.LogLinearGrid` or a wavelength array (Å), checked to be
         log-linear.
     :param flux: continuum-normalised spectra (N, P).
     :param ivar: their inverse variances (N, P).
-    :param model: a :class:`SpectralModel` (e.g. a Cannon model) or a template array (T, P).
+    :param model: a :class:`.SpectralModel` (e.g. a Cannon model) or a template array (T, P).
     :param max_velocity: the search range ±km/s.
     :param template_labels: labels (T, K) of the CCF templates drawn from a model.
     :param fit_labels: fit the labels jointly with v (a model only).
-    :param options: the tuning options; default :class:`DopplerOptions`.
+    :param options: the tuning options; default :class:`.DopplerOptions`.
     :raises ValueError: if the spectra, the grid and the model or templates differ in their pixels.
     """
     options = DopplerOptions() if options is None else options

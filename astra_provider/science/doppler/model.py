@@ -1,4 +1,4 @@
-"""The rest-frame model behind the velocities: the :class:`SpectralModel` protocol, CCF templates drawn from
+"""The rest-frame model behind the velocities: the :class:`.SpectralModel` protocol, CCF templates drawn from
 it, and the scaling of its labels for the refinement."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _ccf_templates(
     model: SpectralModel, template_labels: np.ndarray | None, n_per_label: int | Sequence[int], n_pixels: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(labels (T, K), templates (T, P))``: the model at ``template_labels`` (default
-    :func:`coarse_label_grid`), NaN where the model is undefined."""
+    :func:`.coarse_label_grid`), NaN where the model is undefined."""
     labels = (
         coarse_label_grid(model, n_per_label)
         if template_labels is None

@@ -19,9 +19,9 @@ class DopplerOptions:
     """
 
     min_ccf_peak: float = 0.2
-    """A normalised CCF peak below this sets :attr:`RVFlag.LOW_CCF_PEAK`."""
+    """A normalised CCF peak below this sets :attr:`.RVFlag.LOW_CCF_PEAK`."""
     n_per_label: int | tuple[int, ...] = 3
-    """Points per label of the CCF template grid (:func:`coarse_label_grid`): 27 templates for 3 labels."""
+    """Points per label of the CCF template grid (:func:`.coarse_label_grid`): 27 templates for 3 labels."""
     max_iterations: int = 10
     """Model evaluations of the Gauss–Newton refinement per spectrum, at most."""
     tolerance: float = 0.01
@@ -41,18 +41,18 @@ class DopplerOptions:
     batch_size: int = 256
     """Spectra taken end to end (CCF, then refinement) at a time on a common grid (bounds the memory)."""
     visit_batch_size: int = 32
-    """The same for spectra on their own pixels (:func:`measure_visit_radial_velocities`)."""
+    """The same for spectra on their own pixels (:func:`.measure_visit_radial_velocities`)."""
     ccf_chunk_size: int | None = None
     """Spectra per FFT product of the CCF; None: ``1024 // rank`` of the template basis."""
     velocity_chunk_size: int = 256
-    """Spectra per Gauss–Newton batch when only the velocity is fitted (:func:`refine_velocity`)."""
+    """Spectra per Gauss–Newton batch when only the velocity is fitted (:func:`.refine_velocity`)."""
     label_chunk_size: int = 128
-    """Spectra per Gauss–Newton batch, joint fit of labels and v (:func:`refine_velocity_and_labels`)."""
+    """Spectra per Gauss–Newton batch, joint fit of labels and v (:func:`.refine_velocity_and_labels`)."""
     workers: int | None = None
     """Threads of ``scipy.fft`` (None: its default)."""
     continuum_regions: tuple[tuple[float, float], ...] = APOGEE_REGIONS_AA
     """Wavelength regions (Å, observed frame) of the pseudo-continuum of spectra on their own pixels
-    (:func:`measure_visit_radial_velocities`); each gets its own sinusoid series."""
+    (:func:`.measure_visit_radial_velocities`); each gets its own sinusoid series."""
     continuum_deg: int = 3
     """Harmonics of that pseudo-continuum (:class:`~astra_provider.science.continuum.RowSinusoidBasis`)."""
     continuum_length_scale: float = 1400.0

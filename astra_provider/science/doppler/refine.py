@@ -60,10 +60,10 @@ def refine_velocity(
     :param ivar: their inverse variances (N, P).
     :param templates: rest-frame templates (T, P), NaN where undefined.
     :param template_index: each spectrum's template (N,) (or one for all); −1: not measured.
-    :param v_init: starting velocities (N,) in km/s, e.g. from :func:`cross_correlate`.
+    :param v_init: starting velocities (N,) in km/s, e.g. from :func:`.cross_correlate`.
     :param max_velocity: the search range ±km/s (shifts may exceed it by ``options.shift_padding_pixels``).
     :param options: ``max_iterations``, ``tolerance``, ``guard_pixels``, ``shift_padding_pixels``,
-        ``velocity_chunk_size`` and ``workers`` are used; default :class:`DopplerOptions`.
+        ``velocity_chunk_size`` and ``workers`` are used; default :class:`.DopplerOptions`.
     """
     flux, weight = _masked_flux_and_weight(flux, ivar)
     options = DopplerOptions() if options is None else options
@@ -102,13 +102,13 @@ def refine_velocity_and_labels(
 
     :param flux: continuum-normalised spectra (N, P) on the model's log-linear grid of step ``log10_step``.
     :param ivar: their inverse variances (N, P).
-    :param model: the rest-frame model (:class:`SpectralModel`).
+    :param model: the rest-frame model (:class:`.SpectralModel`).
     :param labels_init: starting labels (N, K) (or (K,) for all) in physical units.
     :param v_init: starting velocities (N,) in km/s.
     :param max_velocity: the search range ±km/s (shifts may exceed it by ``options.shift_padding_pixels``).
     :param options: ``max_iterations``, ``tolerance``, ``use_model_scatter``, ``label_margin``,
         ``guard_pixels``, ``shift_padding_pixels``, ``label_chunk_size`` and ``workers`` are used; default
-        :class:`DopplerOptions`.
+        :class:`.DopplerOptions`.
     """
     flux, weight = _masked_flux_and_weight(flux, ivar)
     options = DopplerOptions() if options is None else options
@@ -128,7 +128,7 @@ def _refine_velocity_masked(
     max_velocity: float,
     options: DopplerOptions,
 ) -> RefinementResult:
-    """:func:`refine_velocity` of spectra already through :func:`_masked_flux_and_weight`."""
+    """:func:`.refine_velocity` of spectra already through :func:`_masked_flux_and_weight`."""
     n_spectra, n_pixels = flux.shape
     v_init = np.broadcast_to(np.asarray(v_init, dtype=float), (n_spectra,))
     template_index = np.broadcast_to(np.asarray(template_index), (n_spectra,))
@@ -162,7 +162,7 @@ def _refine_velocity_and_labels_masked(
     max_velocity: float,
     options: DopplerOptions,
 ) -> RefinementResult:
-    """:func:`refine_velocity_and_labels` of spectra already through :func:`_masked_flux_and_weight`."""
+    """:func:`.refine_velocity_and_labels` of spectra already through :func:`_masked_flux_and_weight`."""
     n_spectra, n_pixels = flux.shape
     scaling = _LabelScaling.of_model(model, options.label_margin)
     n_labels = scaling.n_labels

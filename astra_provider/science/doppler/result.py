@@ -50,12 +50,12 @@ class _Batches:
 
 @dataclass
 class CrossCorrelationResult(_Batches):
-    """Per-spectrum outcome of :func:`cross_correlate` (arrays of length N unless noted).
+    """Per-spectrum outcome of :func:`.cross_correlate` (arrays of length N unless noted).
 
     ``template_index`` is the chosen template (−1 if unusable), ``shift`` its sub-pixel CCF peak lag
     (pixels), ``vrel`` the corresponding velocity (km/s), ``ccf_peak`` the normalised CCF (weighted Pearson
     correlation) at the peak, ``peak_by_template`` (N, T) the normalised peak of every template, ``flag``
-    the :class:`RVFlag` bits CCF_AT_EDGE, LOW_CCF_PEAK and NO_USABLE_PIXELS, and ``max_lag`` the lag range.
+    the :class:`.RVFlag` bits CCF_AT_EDGE, LOW_CCF_PEAK and NO_USABLE_PIXELS, and ``max_lag`` the lag range.
     """
 
     _shared_fields = ("max_lag",)
@@ -92,7 +92,8 @@ class RadialVelocityResult(_Batches):
     """Radial velocities and labels of N spectra (arrays of length N; NaN where not measured).
 
     ``vrel`` (km/s) is relative to the spectra's wavelength frame (no barycentric correction); ``chisq`` is
-    the reduced χ² of the refinement; ``ccf_peak`` the normalised CCF peak; ``flag`` the :class:`RVFlag` bits.
+    the reduced χ² of the refinement; ``ccf_peak`` the normalised CCF peak; ``flag`` the :class:`.RVFlag`
+    bits.
     ``labels``/``u_labels`` (N, K) hold all model labels in ``label_names`` order; ``teff``, ``logg``,
     ``fe_h`` (and ``u_*``) copy the matching columns (NaN if the model lacks them or labels were not fitted).
     ``ccf_vrel`` is the stage-1 velocity, ``template_index`` the chosen CCF template, ``template_labels``

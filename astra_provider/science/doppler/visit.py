@@ -1,5 +1,5 @@
 """Spectra on their own pixels (e.g. apVisit: 3 chips on a non-log-linear wavelength solution):
-:func:`measure_visit_radial_velocities` fits the model at the observed pixels, never resampling the data
+:func:`.measure_visit_radial_velocities` fits the model at the observed pixels, never resampling the data
 for the fit."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def measure_visit_radial_velocities(
        of :func:`~astra_provider.science.continuum.fit_sinusoidal_continuum`) on the observed pixels nearest
        to the rest-frame continuum pixels ``continuum_mask``, taking the spectrum at rest; the normalised
        spectrum is resampled linearly onto the model grid **for the cross-correlation only**
-       (:func:`cross_correlate`, templates from :func:`coarse_label_grid`), which gives a starting velocity
+       (:func:`.cross_correlate`, templates from :func:`.coarse_label_grid`), which gives a starting velocity
        good to a fraction of a pixel.
     2. The continuum is fitted again, on the observed pixels whose rest-frame position at that velocity
        falls on a continuum pixel (a spectrum shifted by v has its continuum pixels shifted too).
@@ -78,7 +78,7 @@ def measure_visit_radial_velocities(
     :param template_labels: labels (T, K) of the CCF templates (default: ``coarse_label_grid(model,
         options.n_per_label)``).
     :param options: the tuning options, including the continuum's regions (observed frame), harmonics and
-        length scale, and ``visit_batch_size``; default :class:`DopplerOptions`.
+        length scale, and ``visit_batch_size``; default :class:`.DopplerOptions`.
     :returns: ``vrel`` in the frame of the wavelengths; ``ccf_vrel`` from step 1.
     :raises ValueError: for a model without a log-linear ``wavelength`` or not linear in its coefficients, a
         ``continuum_mask`` not on the model grid, or malformed spectra.
@@ -172,7 +172,7 @@ class _VisitModel:
 def _measure_visit_batch(
     observed: _ObservedPixels, visit_model: _VisitModel, max_velocity: float, options: DopplerOptions
 ) -> tuple[CrossCorrelationResult, RefinementResult]:
-    """The three steps of :func:`measure_visit_radial_velocities` for one batch of spectra."""
+    """The three steps of :func:`.measure_visit_radial_velocities` for one batch of spectra."""
     n_pixels, log10_step = visit_model.grid.n_pixels, visit_model.grid.log10_step
     scaling = visit_model.scaling
     # 1. Rest-frame continuum pixels taken at v = 0, a resampled copy for the CCF.
