@@ -298,7 +298,8 @@ class _ObservedPixels:
         valid_wave = wave[~padded]
         if valid_wave.size and (np.any(valid_wave <= 0)):
             raise ValueError("wavelengths must be positive")
-        steps = np.diff(np.where(padded, np.inf, wave), axis=1)
+        with np.errstate(invalid="ignore"):  # inf − inf between padding pixels: NaN, not a step
+            steps = np.diff(np.where(padded, np.inf, wave), axis=1)
         if np.any(steps[np.isfinite(steps)] <= 0):
             raise ValueError("each spectrum's wavelengths must be strictly increasing")
         good = ~padded & np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0) & (ivar < np.inf)
