@@ -58,7 +58,7 @@ class TrainTheCannon(TaskInstance):
                 ivar,
                 load_continuum_pixels(),
                 deg=self.deg,
-                L=float(self.length_scale),
+                length_scale=float(self.length_scale),
                 on_failure="nan",
             )
             model = train(
@@ -116,7 +116,7 @@ class TestTheCannon(TaskInstance):
             used = spectrum.meta.get("continuum")
             if used is not None and settings != (None, None) and tuple(used) != settings:
                 raise ValueError(
-                    f"{path}: normalised with (deg, L) = {tuple(used)}, "
+                    f"{path}: normalised with (deg, length_scale) = {tuple(used)}, "
                     f"but the model was trained with {settings}"
                 )
             if spectrum.n_pixels != self.model.n_pixels:
