@@ -35,7 +35,7 @@ from astra_provider.synthetic.apogee_flux import ApogeeFlux, StarFlux
 from astra_provider.synthetic.fits_writer import ImageHDU, TableHDU, write_fits
 from astra_provider.synthetic.headers import SDSS_FLUX_UNIT, SYNTHETIC_CARD, iso_date
 from astra_provider.synthetic.plan import Star, Visit
-from astra_provider.synthetic.truth import file_row
+from astra_provider.synthetic.truth import file_row, visit_columns
 
 __all__ = ["write_apstar", "write_apvisit"]
 
@@ -336,20 +336,13 @@ def write_apvisit(
         path,
         "apVisit",
         kwargs,
-        vhelio_kms=visit.vhelio,
-        bc_kms=visit.bc,
+        **visit_columns(visit),
         rv_applied_kms=vrel,
-        snr=visit.snr,
-        n_visits=1,
-        visit_number=visit.number,
         plate=visit.plate,
-        mjd=visit.mjd,
         fiber=visit.fiber,
-        jd_mid=visit.jd_mid,
         continuum_level_blue=float(chip_means[0]),
         continuum_level_green=float(chip_means[1]),
         continuum_level_red=float(chip_means[2]),
         continuum_level=float(continuum.mean()),
-        throughput=visit.throughput,
         n_flagged_pixels=int(bad.sum()),
     )

@@ -21,7 +21,7 @@ from astra_provider.sdss.paths import sdss_path
 from astra_provider.synthetic.fits_writer import ImageHDU, TableHDU, write_fits
 from astra_provider.synthetic.headers import SDSS_FLUX_UNIT, SYNTHETIC_CARD
 from astra_provider.synthetic.plan import Star, Visit
-from astra_provider.synthetic.truth import file_row
+from astra_provider.synthetic.truth import file_row, visit_columns
 
 __all__ = ["BOSS_LABEL_NAMES", "BossLineModel", "boss_labels", "require_boss_labels", "write_specfull"]
 
@@ -232,16 +232,9 @@ def write_specfull(
         path,
         "specFull",
         kwargs,
-        vhelio_kms=visit.vhelio,
-        bc_kms=visit.bc,
+        **visit_columns(visit),
         rv_applied_kms=visit.vhelio,
-        snr=visit.snr,
-        n_visits=1,
-        visit_number=visit.number,
-        mjd=visit.mjd,
         fiber=visit.boss_fiber,
-        jd_mid=visit.jd_mid,
         continuum_level=float(np.interp(5500.0, boss.wavelength, continuum)),
-        throughput=visit.throughput,
         n_flagged_pixels=int(rejected.size),
     )

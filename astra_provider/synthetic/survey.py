@@ -1,9 +1,9 @@
 """Synthetic SDSS survey: apStar, apVisit and BOSS specFull FITS files in the SDSS layout, with a truth table.
 
-``generate_survey(root, ...)`` draws a star catalogue and an observing plan (:mod:`~astra_provider.synthetic.plan`: positions,
-2MASS-style ids, catalog ids, HEALPix, magnitudes, labels from the truth model, systemic RVs, stars grouped
-into fields observed on a few epochs), and writes under the data root (layout of
-:mod:`astra_provider.sdss.paths`):
+``generate_survey(root, ...)`` draws a star catalogue and an observing plan
+(:mod:`~astra_provider.synthetic.plan`: positions, 2MASS-style ids, catalog ids, HEALPix, magnitudes, labels
+from the truth model, systemic RVs, stars grouped into fields observed on a few epochs), and writes under
+the data root (layout of :mod:`astra_provider.sdss.paths`):
 
 * ``apogee/{apred}/stars/...`` **apStar** (rest frame; rows = pixel-weighted stack, global-weighted stack,
   visits — a single row for one visit) and ``apogee/{apred}/visit/...`` **apVisit** (observed frame,
@@ -26,7 +26,8 @@ instead (several times slower).
 
 Barycentric corrections are a closed-form circular-orbit approximation (Earth speed 29.78 km/s toward the
 Sun's ecliptic longitude − 90°; good to ~1 km/s, no ephemeris or network), and are the values in headers and
-truth. HEALPix indices are nside = 128, RING ordering, computed from RA/Dec (:mod:`~astra_provider.synthetic.sky`).
+truth. HEALPix indices are nside = 128, RING ordering, computed from RA/Dec
+(:mod:`~astra_provider.synthetic.sky`).
 
 Invented header cards (not in real SDSS files): ``CATID`` (the SDSS-V catalog id; ``CATALOGID`` is too
 long for a FITS keyword) in apStar/apVisit HDU0; ``HEALPIX`` and ``APRED`` in apStar HDU0; ``FIELD`` and
@@ -34,7 +35,8 @@ long for a FITS keyword) in apStar/apVisit HDU0; ``HEALPIX`` and ``APRED`` in ap
 Measured-RV cards (``VHELIO``, ``VRAD``, ``VHBARY{i}``) are deliberately omitted so that no truth leaks into
 headers; ``XCSAO_*`` in the BOSS summary are truth plus noise of the quoted error.
 
-The command line is :mod:`~astra_provider.synthetic.cli` (``astra synthetic-survey``; ``python -m astra_provider.synthetic.survey``).
+The command line is :mod:`~astra_provider.synthetic.cli` (``astra synthetic-survey``, or
+``python -m astra_provider.synthetic.survey``).
 """
 
 from __future__ import annotations

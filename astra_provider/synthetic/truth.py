@@ -13,7 +13,7 @@ from typing import Any
 
 from astra_provider.sdss.paths import canonical_filetype, kwargs_hash, normalize_kwargs
 from astra_provider.synthetic.model import LABEL_NAMES
-from astra_provider.synthetic.plan import Star
+from astra_provider.synthetic.plan import Star, Visit
 
 __all__ = [
     "PARAMETERS_FILENAME",
@@ -23,6 +23,7 @@ __all__ = [
     "SurveyTruth",
     "file_row",
     "truth_columns",
+    "visit_columns",
 ]
 
 SURVEY_FILETYPES: tuple[str, ...] = ("apStar", "apVisit", "specFull")
@@ -218,3 +219,17 @@ def file_row(
     if missing:  # pragma: no cover - programming error
         raise RuntimeError(f"truth row lacks {sorted(missing)}")
     return {key: row[key] for key in columns}
+
+
+def visit_columns(visit: Visit) -> dict[str, Any]:
+    """Truth columns that a single-visit file (apVisit, specFull) takes from its visit."""
+    return {
+        "vhelio_kms": visit.vhelio,
+        "bc_kms": visit.bc,
+        "snr": visit.snr,
+        "n_visits": 1,
+        "visit_number": visit.number,
+        "mjd": visit.mjd,
+        "jd_mid": visit.jd_mid,
+        "throughput": visit.throughput,
+    }
