@@ -98,6 +98,7 @@ class ApogeeFlux:
 
     @property
     def label_names(self) -> tuple[str, ...]:
+        """The model's label names (the order of ``Star.labels``)."""
         return tuple(self.model.label_names)
 
     def rest_flux(self, labels: np.ndarray) -> np.ndarray:
