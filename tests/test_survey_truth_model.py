@@ -176,9 +176,16 @@ def test_a_model_without_boss_labels_writes_apogee_files_only(tmp_path: Path):
     assert "teff" not in SurveyTruth.read(truth.truth_path).columns
 
 
-def test_label_names_that_clash_with_truth_columns_are_refused(tmp_path: Path):
-    class Clashing(OneLineModel):
+def test_names_that_clash_with_the_surveys_own_are_refused(tmp_path: Path):
+    class ClashingLabel(OneLineModel):
         label_names = ("teff", "logg", "fe_h", "snr")
 
-    with pytest.raises(ValueError, match="clash with truth columns"):
-        generate_survey(tmp_path, n_stars=1, model=Clashing())
+    class ShadowingParameter(OneLineModel):
+        def survey_parameters(self) -> dict[str, Any]:
+            return {"seed": 1}
+
+    with pytest.raises(ValueError, match=r"clash with truth columns \['snr'\]"):
+        generate_survey(tmp_path / "label", n_stars=1, model=ClashingLabel())
+    with pytest.raises(ValueError, match=r"shadow survey arguments \['seed'\]"):
+        generate_survey(tmp_path / "parameter", n_stars=1, model=ShadowingParameter())
+    assert not list(tmp_path.rglob("*.fits"))  # refused before any file is written

@@ -86,30 +86,6 @@ __all__ = [
 ]
 
 
-# Keys of survey.json that the survey writes itself (a model's survey_parameters() adds others).
-_SURVEY_KEYS = frozenset(
-    (
-        "generator",
-        "version",
-        "seed",
-        "n_stars",
-        "visits_per_star",
-        "snr",
-        "filetypes",
-        "boss_visits_per_star",
-        "apred",
-        "run2d",
-        "telescopes",
-        "stars_per_field",
-        "rv_sigma_kms",
-        "rv_jitter_kms",
-        "flagged_fraction",
-        "intrinsic_scatter",
-        "exact_visits",
-    )
-)
-
-
 @functools.lru_cache(maxsize=4)
 def _default_model(seed: int) -> TruthModel:
     return TruthModel.default(seed)
@@ -199,13 +175,18 @@ def _write_files(
     return rows
 
 
-def _model_parameters(model: ApogeeTruthModel) -> dict[str, Any]:
-    """The model's keys for survey.json; they must not shadow the survey's own."""
-    keys = dict(model.survey_parameters())
-    clash = set(keys) & _SURVEY_KEYS
+def _survey_parameters(
+    model: ApogeeTruthModel, head: dict[str, Any], arguments: dict[str, Any]
+) -> dict[str, Any]:
+    """survey.json: ``head``, then the model's keys (``survey_parameters()``), then the ``arguments``.
+
+    :raises ValueError: if a key of the model would shadow one of the survey's.
+    """
+    model_keys = dict(model.survey_parameters())
+    clash = model_keys.keys() & (head.keys() | arguments.keys())
     if clash:
         raise ValueError(f"the truth model's survey_parameters() shadow survey arguments {sorted(clash)}")
-    return keys
+    return {**head, **model_keys, **arguments}
 
 
 def generate_survey(
@@ -269,11 +250,8 @@ def generate_survey(
         draw_labels=model.draw_labels,
     )
     label_names = _check_labels(model, stars, wanted)
-    parameters = {
-        "generator": "astra_provider.synthetic.survey",
-        "version": __version__,
-        "seed": seed,
-        **_model_parameters(model),
+    head = {"generator": "astra_provider.synthetic.survey", "version": __version__, "seed": seed}
+    arguments = {
         "n_stars": n_stars,
         "visits_per_star": visits_per_star,
         "snr": snr,
@@ -289,6 +267,7 @@ def generate_survey(
         "intrinsic_scatter": intrinsic_scatter,
         "exact_visits": exact_visits,
     }
+    parameters = _survey_parameters(model, head, arguments)
     rows = _write_files(root, stars, model, label_names, parameters)
 
     parameters = json.loads(json.dumps(parameters))
