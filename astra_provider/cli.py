@@ -71,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rerun = commands.add_parser("rerun", help="rebuild a task from the database and execute it again")
     rerun.add_argument("pk", type=int)
     rerun.add_argument("--debug", action="store_true", help="raise the first exception (for pdb)")
-    from astra_provider.synthetic.survey import DESCRIPTION as SURVEY_DESCRIPTION
-    from astra_provider.synthetic.survey import add_arguments as add_survey_arguments
+    from astra_provider.synthetic.cli import DESCRIPTION as SURVEY_DESCRIPTION
+    from astra_provider.synthetic.cli import add_arguments as add_survey_arguments
 
     synthetic = commands.add_parser(
         "synthetic-survey",
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = instance.execute(force=True, debug=args.debug)
         print(json.dumps({"summary": instance.summary(), "result": result}, indent=2, default=str))
     elif args.command == "synthetic-survey":
-        from astra_provider.synthetic.survey import run as run_survey
+        from astra_provider.synthetic.cli import run as run_survey
 
         return run_survey(args)
     elif args.command == "demo":
