@@ -447,7 +447,7 @@ def test_reporter_lists_each_file_once_and_a_status_when_something_changes(tmp_p
         == 1
     )
     assert lines[1].startswith(
-        f"Watching {tmp_path} for apStar (SDSS layout): 3 files match, 0 seen before, "
+        f"Watching {tmp_path} for apStar (SDSS layout): 3 files match, 1 new and ready, 1 not ready yet"
     )
     assert "1 not ready yet (the newest modified 0 s ago; ready once unmodified for 10 s)" in lines[1]
     assert "1 not taken (each listed once)" in lines[1] and "; next scan in 5 s" in lines[1]
@@ -506,8 +506,8 @@ def test_sensor_trigger_fails_on_a_missing_root_and_times_out_with_what_it_saw(t
     assert event.payload["status"] == "timeout"
     message = event.payload["message"]
     assert message.startswith(
-        f"no new data products under {tmp_path} before the deadline; last scan: 1 files match, 0 seen "
-        "before, 1 not ready yet (the newest modified "
+        f"no new data products under {tmp_path} before the deadline; last scan: 1 files match, 1 not "
+        "ready yet (the newest modified "
     )
     assert message.endswith(" s ago; ready once unmodified for 60 s)")
 

@@ -208,13 +208,19 @@ class AstraTaskOperator(BaseOperator):
             _shorten(xcom["task_pks"]),
         )
         if failed:
-            self._log_failures(summary["failed_tasks"], hook)
             fraction = failed / n_tasks
             allowed = float(self.max_failure_fraction)
             message = (
                 f"{failed} of {n_tasks} {summary['task_class'].rsplit('.', 1)[-1]} task(s) failed "
-                f"({fraction:.1%}, max_failure_fraction={allowed:g}); each is listed above"
+                f"({fraction:.1%}, max_failure_fraction={allowed:g})"
             )
+            if n_tasks == 1:  # the one failure in the message itself
+                [only] = summary["failed_tasks"]
+                paths = hook.input_data_product_paths([only["pk"]])
+                message += f": {failure_line(only, paths.get(only['pk'], []))}"
+            else:
+                self._log_failures(summary["failed_tasks"], hook)
+                message += "; each is listed above"
             if fraction > allowed:
                 raise AstraTaskFailedError(message)
             self.log.warning("%s; within max_failure_fraction, so this Airflow task succeeds", message)

@@ -295,7 +295,9 @@ def find_misplaced(
 
 def describe_scan(result: ScanResult, min_age_seconds: float) -> str:
     """What a scan saw, in words: files matched, seen before, new, not ready yet, not taken."""
-    parts = [f"{result.matched} files match", f"{result.seen_before} seen before"]
+    parts = [f"{result.matched} files match"]
+    if result.seen_before:
+        parts.append(f"{result.seen_before} seen before")
     if result.files:
         parts.append(f"{len(result.files)} new and ready")
     if result.pending:
