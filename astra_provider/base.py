@@ -78,12 +78,12 @@ from astra_provider.database.recording import (
     prepare_update,
     select_in,
 )
+from astra_provider.parameters import DictParameter, Parameter, TupleParameter
 from astra_provider.utils import canonical_json, to_jsonable
 
 log = logging.getLogger(__name__)
 
 STAGES = ("pre_execute", "execute", "post_execute")
-_MISSING = object()
 
 
 class TaskFailedError(RuntimeError):
@@ -92,61 +92,6 @@ class TaskFailedError(RuntimeError):
     def __init__(self, message: str, failures: list[tuple[Task, str, str]]):
         super().__init__(message)
         self.failures = failures
-
-
-# Parameters --------------------------------------------------------------------------------------------
-
-
-class Parameter:
-    """A task parameter, declared as a class attribute.
-
-    :param default: the value used when none is given; without it the parameter is required.
-    :param bundled: tasks can only share a bundle if their bundled parameters are equal.
-    :param description: shown in documentation and in the Airflow trigger form.
-    """
-
-    splittable: ClassVar[bool] = True
-
-    def __init__(self, default: Any = _MISSING, *, bundled: bool = False, description: str = ""):
-        self.default = default
-        self.bundled = bundled
-        self.description = description
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, instance: TaskInstance | None, owner: type) -> Any:
-        if instance is None:
-            return self
-        return instance._parameter_value(self.name)
-
-    @property
-    def required(self) -> bool:
-        return self.default is _MISSING
-
-    def normalize(self, value: Any) -> Any:
-        """Convert a value (possibly decoded from JSON) to the type the task expects."""
-        return value
-
-    def __repr__(self) -> str:
-        default = "required" if self.required else f"default={self.default!r}"
-        return f"{type(self).__name__}({default}, bundled={self.bundled})"
-
-
-class TupleParameter(Parameter):
-    """A parameter whose value is a tuple; it is never split across the tasks of a bundle."""
-
-    splittable = False
-
-    def normalize(self, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list | tuple) else value
-
-
-class DictParameter(Parameter):
-    """A parameter whose value is a dict; it is never split across the tasks of a bundle."""
-
-    splittable = False
 
 
 def _is_sequence(value: Any) -> bool:
