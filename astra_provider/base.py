@@ -42,7 +42,7 @@ import logging
 import os
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 from sqlalchemy import select, update
 
 from astra_provider._version import __version__
+from astra_provider.bundling import bundle_key, bundler
 from astra_provider.database import session_scope
 from astra_provider.database.astradb import (
     Base,
@@ -79,7 +80,7 @@ from astra_provider.database.recording import (
     select_in,
 )
 from astra_provider.parameters import DictParameter, Parameter, TupleParameter
-from astra_provider.utils import canonical_json, to_jsonable
+from astra_provider.utils import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,13 @@ class TaskInstance:
         self._attempt: _Attempt | None = None
         self._bundle: Bundle | None = None
         self._debug = False
+
+    @classmethod
+    def _from_items(cls, items: list[_Item]) -> TaskInstance:
+        """An instance of ``cls`` holding copies of ``items`` (tasks of other instances; see ``bundler``)."""
+        instance = cls.__new__(cls)
+        instance._set_items([_Item(parameters=dict(i.parameters), inputs=list(i.inputs)) for i in items])
+        return instance
 
     # Class-level introspection ---------------------------------------------------------------------
 
@@ -899,39 +907,6 @@ def _parse_input_data_products(value: Any) -> list[list[DataProductSpec | DataPr
     if not isinstance(value, list | tuple):
         return [[one(value)]]
     return [[one(x) for x in entry] if isinstance(entry, list | tuple) else [one(entry)] for entry in value]
-
-
-# Bundling ----------------------------------------------------------------------------------------------
-
-
-def bundle_key(instance: TaskInstance) -> str:
-    """What tasks must share to be bundled: their class and bundled parameter values."""
-    return canonical_json([type(instance).task_path(), instance._bundled])
-
-
-def bundler(tasks: Iterable[TaskInstance], max_size: int | None = None) -> list[TaskInstance]:
-    """Group task instances that share their class and bundled parameters into bundles.
-
-    :param max_size: split groups into bundles of at most this many tasks.
-    """
-    groups: dict[str, list[_Item]] = {}
-    first: dict[str, TaskInstance] = {}
-    for instance in tasks:
-        key = bundle_key(instance)
-        first.setdefault(key, instance)
-        groups.setdefault(key, []).extend(instance._items)
-    bundles = []
-    for key, items in groups.items():
-        size = max_size or len(items)
-        for start in range(0, len(items), size):
-            bundles.append(_from_items(type(first[key]), items[start : start + size]))
-    return bundles
-
-
-def _from_items(cls: type[TaskInstance], items: list[_Item]) -> TaskInstance:
-    instance = cls.__new__(cls)
-    instance._set_items([_Item(parameters=dict(i.parameters), inputs=list(i.inputs)) for i in items])
-    return instance
 
 
 __all__ = [

@@ -1,13 +1,15 @@
-"""Planning bundles for Airflow: group per-task keyword arguments, chunk them, and rebuild the bundles.
+"""Bundling: group tasks into bundles in process, plan bundles for Airflow, and rebuild them.
 
 This module has no Airflow imports; the operators in :mod:`astra_provider.operators` call it.
 
 * :func:`plan_bundles` takes one dict of keyword arguments per task (for example ``{"input_data_products":
-  12}``), groups them by the task class's *bundled* parameters (the semantics of
-  :func:`astra_provider.base.bundle_key`), chunks each group to ``bundle_size`` and caps the number of bundles
-  at ``max_bundles`` by growing the bundle size. It returns compact, JSON-safe bundle descriptions.
+  12}``), groups them by the task class's *bundled* parameters (the semantics of :func:`bundle_key`),
+  chunks each group to ``bundle_size`` and caps the number of bundles at ``max_bundles`` by growing the
+  bundle size. It returns compact, JSON-safe bundle descriptions.
 * :func:`instance_from_bundle` rebuilds the :class:`~astra_provider.base.TaskInstance` of one bundle.
 * :func:`encode_pks` / :func:`decode_pks` write long lists of primary keys as ranges (small XComs).
+* :func:`bundler` groups task instances that share their class and bundled parameters (:func:`bundle_key`)
+  into bundles, in process.
 
 A bundle description (the value of ``bundle`` in ``{"bundle": ...}``)::
 
@@ -258,6 +260,33 @@ def _describe(
     return description
 
 
+# Bundling task instances -----------------------------------------------------------------------------
+
+
+def bundle_key(instance: TaskInstance) -> str:
+    """What tasks must share to be bundled: their class and bundled parameter values."""
+    return canonical_json([type(instance).task_path(), instance._bundled])
+
+
+def bundler(tasks: Iterable[TaskInstance], max_size: int | None = None) -> list[TaskInstance]:
+    """Group task instances that share their class and bundled parameters into bundles.
+
+    :param tasks: task instances (each may already hold several tasks).
+    :param max_size: split groups into bundles of at most this many tasks.
+    :returns: one instance per bundle, in the order the groups first appear.
+    """
+    groups: dict[str, list[TaskInstance]] = {}
+    for instance in tasks:
+        groups.setdefault(bundle_key(instance), []).append(instance)
+    bundles = []
+    for instances in groups.values():
+        items = [item for instance in instances for item in instance._items]
+        size = max_size or len(items)
+        for start in range(0, len(items), size):
+            bundles.append(type(instances[0])._from_items(items[start : start + size]))
+    return bundles
+
+
 # Rebuilding instances --------------------------------------------------------------------------------
 
 
@@ -291,8 +320,6 @@ def instance_from_kwargs(cls: type[TaskInstance], kwargs: Mapping[str, Any]) -> 
 
 def instance_from_bundle(cls: type[TaskInstance], bundle: Mapping[str, Any]) -> TaskInstance:
     """The one :class:`~astra_provider.base.TaskInstance` (a bundle) that runs every task of ``bundle``."""
-    from astra_provider.base import bundler
-
     definitions = cls.parameter_definitions()
     shared = dict(bundle.get("shared") or {})
     columns = dict(bundle.get("columns") or {})
@@ -324,7 +351,9 @@ def instance_from_bundle(cls: type[TaskInstance], bundle: Mapping[str, Any]) -> 
 
 __all__ = [
     "bundle_items",
+    "bundle_key",
     "bundle_label",
+    "bundler",
     "choose_bundle_size",
     "decode_pks",
     "encode_pks",
