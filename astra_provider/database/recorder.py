@@ -9,8 +9,9 @@ bundle) in two steps around their execution:
 2. :meth:`Recorder.finish`, once the stages have run, stores the result rows and output data products,
    and updates every task with its status, timings, error and return value (one ``UPDATE``).
 
-Each step is one transaction of a few bulk statements (:mod:`astra_provider.database.recording`), run on a
-:class:`~astra_provider.database.recording.Pipeline` worker while this thread builds the next statement.
+Each step is one transaction of a few bulk statements (:mod:`astra_provider.database.bulk`,
+:mod:`astra_provider.database.recording`), run on a :class:`~astra_provider.database.bulk.Pipeline` worker
+while this thread builds the next statement.
 The task instance owns the execution; the recorder owns every statement about it.
 """
 
