@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from astra_provider.database.astradb import DataProduct
 from astra_provider.database.recorder import TaskItem
 from astra_provider.database.recording import DataProductSpec
-from astra_provider.utils import to_jsonable
+from astra_provider.utils import to_python_value
 
 if TYPE_CHECKING:
     from astra_provider.base import TaskInstance
@@ -76,11 +76,13 @@ def split_arguments(
             if name in lengths:
                 value = value[index]
             try:
-                item_parameters[name] = p.normalize(to_jsonable(value))
+                item_parameters[name] = p.normalize(to_python_value(value))
             except TypeError as error:
                 raise TypeError(
                     f"{cls.__name__}(): parameter {name!r} is not JSON serializable: {error}"
                 ) from None
+            except ValueError as error:
+                raise ValueError(f"{cls.__name__}(): parameter {name!r}: {error}") from None
         items.append(TaskItem(parameters=item_parameters, inputs=list(inputs[index])))
     return items
 

@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from astra_provider.utils import canonical_json, to_jsonable
+from astra_provider.utils import canonical_json, to_json_value
 
 if TYPE_CHECKING:
     from astra_provider.base import TaskInstance
@@ -100,10 +100,14 @@ _SCALARS = (str, int, bool, type(None))
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as JSON types (cheap for the common scalars)."""
-    if type(value) in _SCALARS or (type(value) is float and math.isfinite(value)):
+    """``value`` as JSON types that survive an XCom exactly (cheap for the common scalars).
+
+    ``inf``, ``nan`` and ``-0.0`` become ``{"$float": ...}`` objects
+    (:func:`~astra_provider.utils.to_json_value`), which task instances read back as those floats.
+    """
+    if type(value) in _SCALARS:
         return value
-    return to_jsonable(value)
+    return to_json_value(value)
 
 
 def _fingerprint(value: Any) -> Any:

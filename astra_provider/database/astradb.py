@@ -12,7 +12,6 @@ row a key that is unique across all result tables. Result tables (``doppler``, `
 from __future__ import annotations
 
 import enum
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 from astra_provider.database import SCHEMA
+from astra_provider.utils import parse_json
 
 # BIGINT keys on PostgreSQL; SQLite only auto-increments INTEGER PRIMARY KEY columns.
 PrimaryKey = BigInteger().with_variant(Integer(), "sqlite")
@@ -132,7 +132,7 @@ class Task(Base):
                     .join(TaskParameter, TaskParameter.parameter_pk == Parameter.pk)
                     .where(TaskParameter.task_pk == self.pk)
                 ).all()
-            cached = {name: json.loads(value) for name, value in rows}
+            cached = {name: parse_json(value) for name, value in rows}
             self.__dict__["_parameters"] = cached
         return cached
 

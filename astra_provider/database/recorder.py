@@ -55,7 +55,7 @@ from astra_provider.database.recording import (
     prepare_update,
     select_in,
 )
-from astra_provider.utils import to_jsonable
+from astra_provider.utils import to_json_value, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class Recorder:
             bundle = Bundle(
                 task_module=self.task_class.__module__,
                 task_name=self.task_class.__qualname__,
-                bundled_parameters=self.bundled,
+                bundled_parameters=to_json_value(self.bundled),  # JSON(B): inf, nan, -0.0 tagged
                 n_tasks=len(new_items),
                 created=now,
             )

@@ -48,8 +48,12 @@ def _scalar_json(value: Any) -> str | None:
     kind = type(value)
     if kind is str:
         return _json_string(value)
-    if kind is float:
-        return float.__repr__(value) if math.isfinite(value) else "null"  # to_jsonable: non-finite -> None
+    if kind is float:  # inf, nan and -0.0 are tagged objects: left to canonical_json
+        return (
+            float.__repr__(value)
+            if math.isfinite(value) and (value or math.copysign(1.0, value) > 0)
+            else None
+        )
     if kind is int:
         return int.__repr__(value)
     if value is None:
@@ -63,8 +67,9 @@ def canonical_json_fast(value: Any) -> str:
     """Exactly ``utils.canonical_json(value)``, written directly for scalars and flat dicts of them.
 
     Parameter values and data product keywords are almost always such values, and encoding them is
-    per-task work in a bundle; the generic path (``to_jsonable`` and a ``json.dumps`` per value) costs several
-    times more. Anything else (lists, nested dicts, numpy values, ...) goes to ``canonical_json``.
+    per-task work in a bundle; the generic path (``to_json_value`` and a ``json.dumps`` per value) costs
+    several times more. Anything else (lists, nested dicts, numpy values, non-finite floats and ``-0.0``,
+    ...) goes to ``canonical_json``.
     """
     encoded = _scalar_json(value)
     if encoded is not None:
