@@ -12,6 +12,7 @@ row a key that is unique across all result tables. Result tables (``doppler``, `
 from __future__ import annotations
 
 import enum
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -173,15 +174,28 @@ class Task(Base):
         return f"<Task pk={self.pk} {self.task_name} {self.task_id} status={self.status.name}>"
 
 
+def parameter_value_hash(value: str) -> str:
+    """The key of a parameter value in ``astra.parameter``: the hex SHA-256 of its canonical JSON text.
+
+    The same as PostgreSQL's ``encode(sha256(convert_to(parameter_value, 'UTF8')), 'hex')``.
+    """
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
 class Parameter(Base):
-    """A unique (name, JSON-encoded value) pair."""
+    """A unique (name, JSON-encoded value) pair, unique by name and :func:`parameter_value_hash`.
+
+    A value can be long (a list of wavelengths, a line list). PostgreSQL's btree indexes refuse an entry over
+    2,704 bytes, so the unique key holds the SHA-256 of the value, never the value itself.
+    """
 
     __tablename__ = "parameter"
-    __table_args__ = (UniqueConstraint("parameter_name", "parameter_value"),)
+    __table_args__ = (UniqueConstraint("parameter_name", "parameter_value_hash"),)
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     parameter_name: Mapped[str] = mapped_column(Text)
     parameter_value: Mapped[str] = mapped_column(Text)
+    parameter_value_hash: Mapped[str] = mapped_column(Text)
 
 
 class TaskParameter(Base):
@@ -398,4 +412,5 @@ __all__ = [
     "TaskOutputDataProduct",
     "TaskParameter",
     "TheCannon",
+    "parameter_value_hash",
 ]

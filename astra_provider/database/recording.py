@@ -22,7 +22,13 @@ from typing import Any
 from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
-from astra_provider.database.astradb import DataProduct, Parameter, Source, SourceDataProduct
+from astra_provider.database.astradb import (
+    DataProduct,
+    Parameter,
+    Source,
+    SourceDataProduct,
+    parameter_value_hash,
+)
 from astra_provider.database.bulk import (
     CHUNK,
     PG_CHUNK,
@@ -149,6 +155,7 @@ def get_or_create(
 # Data products, parameters, sources ---------------------------------------------------------------------
 
 DATA_PRODUCT_KEY = ("release", "filetype", "kwargs_hash")
+PARAMETER_KEY = ("parameter_name", "parameter_value_hash")
 
 
 @dataclass(frozen=True, eq=False)
@@ -258,14 +265,25 @@ def _link_sources(session: Session, pairs: list[tuple[DataProduct, dict[str, Any
 def get_or_create_parameters(
     session: Session, pairs: Iterable[tuple[str, str]]
 ) -> dict[tuple[str, str], int]:
-    """Primary keys of the ``(parameter_name, parameter_value)`` pairs, inserting missing ones."""
+    """Primary keys of the ``(parameter_name, parameter_value)`` pairs, inserting missing ones.
+
+    Rows are looked up and kept unique by ``(parameter_name, parameter_value_hash)``: values of any length.
+    """
+    by_key = {(name, parameter_value_hash(value)): (name, value) for name, value in pairs}
     found = get_or_create(
         session,
         Parameter.__table__,
-        ("parameter_name", "parameter_value"),
-        [{"parameter_name": name, "parameter_value": value} for name, value in pairs],
+        PARAMETER_KEY,
+        [
+            {
+                "parameter_name": name,
+                "parameter_value_hash": value_hash,
+                "parameter_value": by_key[name, value_hash][1],
+            }
+            for name, value_hash in by_key
+        ],
     )
-    return {pair: row["pk"] for pair, row in found.items()}
+    return {by_key[key]: row["pk"] for key, row in found.items()}
 
 
 def register_new_data_products(session: Session, specs: Sequence[DataProductSpec]) -> list[DataProduct]:
@@ -296,6 +314,7 @@ def register_new_data_products(session: Session, specs: Sequence[DataProductSpec
 __all__ = [
     "CHUNK",
     "DATA_PRODUCT_KEY",
+    "PARAMETER_KEY",
     "PG_CHUNK",
     "DataProductSpec",
     "Pipeline",
