@@ -33,8 +33,8 @@ def split_arguments(
     :param cls: the task class (its parameter definitions).
     :param input_data_products: a path, a ``DataProduct``, a pk, or a (nested) list of those.
     :param parameters: the parameter values given by keyword.
-    :raises TypeError: for an unknown or missing parameter, a list for a bundled parameter, or a value that
-        is not JSON serializable.
+    :raises TypeError: for an unknown or missing parameter, a list for a bundled parameter, a value that
+        is not JSON serializable, or a value that is not of its parameter's declared type.
     :raises ValueError: when the per-task values do not agree on the number of tasks, or there are none.
     """
     definitions = cls.parameter_definitions()
@@ -68,6 +68,7 @@ def split_arguments(
     if not isinstance(input_data_products, list | tuple):
         inputs = [inputs[0] if inputs else []] * n_tasks
 
+    typed = [(name, p) for name, p in definitions.items() if p.type is not None]
     items: list[TaskItem] = []
     for index in range(n_tasks):
         item_parameters = {}
@@ -83,6 +84,8 @@ def split_arguments(
                 ) from None
             except ValueError as error:
                 raise ValueError(f"{cls.__name__}(): parameter {name!r}: {error}") from None
+        for name, p in typed:
+            p.check(item_parameters[name], cls.__name__)
         items.append(TaskItem(parameters=item_parameters, inputs=list(inputs[index])))
     return items
 

@@ -104,6 +104,8 @@ class TaskInstance:
             for name, value in vars(klass).items():
                 if isinstance(value, Parameter):
                     parameters[name] = value
+                    if klass is cls:
+                        value.check_default(cls.__name__)
         cls._parameters = parameters
         # The user's execute() becomes the implementation; execute() itself stays the framework runner.
         if "execute" in vars(cls):
