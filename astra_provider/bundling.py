@@ -69,29 +69,72 @@ def encode_pks(pks: Iterable[int]) -> list[int | list[int]]:
     return encoded
 
 
-def decode_pks(value: Any) -> list[int]:
-    """The pks written by :func:`encode_pks` (plain lists of ints and ``"first-last"`` strings work too)."""
+MAX_DECODED_PKS = 5_000_000
+"""The most primary keys that :func:`decode_pks` expands from one value, ranges included.
+
+A range is expanded into a list (about 40 bytes a key): without a bound, a range typed in a trigger form,
+such as ``"1-5000000000"``, would take the worker's memory. Five million is more than the spectra of an
+SDSS data release; for more, trigger several runs.
+"""
+
+
+def decode_pks(value: Any, *, max_pks: int = MAX_DECODED_PKS) -> list[int]:
+    """The pks written by :func:`encode_pks` (plain lists of ints and ``"first-last"`` strings work too).
+
+    :param max_pks: the most pks to expand (see :data:`MAX_DECODED_PKS`).
+    :raises ValueError: for a malformed range, or for more than ``max_pks`` pks in all (naming the entry
+        that goes over), before anything is expanded.
+    """
     if value is None:
         return []
     if isinstance(value, int | str):
         value = [value]
+    check_pk_count(value, max_pks=max_pks)
     pks: list[int] = []
     for entry in value:
-        if isinstance(entry, bool):
-            raise TypeError(f"{entry!r} is not a primary key")
         if isinstance(entry, int):
             pks.append(entry)
-        elif isinstance(entry, list | tuple) and len(entry) in (2, 3):
-            first, last, step = int(entry[0]), int(entry[1]), int(entry[2]) if len(entry) == 3 else 1
-            if step < 1 or last < first or (last - first) % step:
-                raise ValueError(f"{list(entry)!r} is not a [first, last(, step)] range of primary keys")
-            pks.extend(range(first, last + 1, step))
-        elif isinstance(entry, str) and _RANGE.fullmatch(entry.strip()):
-            first, _, last = entry.strip().partition("-")
-            pks.extend(range(int(first), int(last or first) + 1))
         else:
-            raise TypeError(f"{entry!r} is not a primary key or a [first, last] range of primary keys")
+            first, last, step = _pk_range(entry)
+            pks.extend(range(first, last + 1, step))
     return pks
+
+
+def check_pk_count(entries: Iterable[Any], *, max_pks: int = MAX_DECODED_PKS) -> int:
+    """The number of pks that ``entries`` (pks and ranges, as for :func:`decode_pks`) expand to.
+
+    :raises ValueError: when that is more than ``max_pks``, naming the entry that goes over.
+    """
+    total = 0
+    for entry in entries:
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            total += 1
+        else:
+            first, last, step = _pk_range(entry)
+            total += (last - first) // step + 1
+        if total > max_pks:
+            raise ValueError(
+                f"primary keys {entry!r}: {total:,} in all, more than the {max_pks:,} that can be given at "
+                "once (astra_provider.bundling.MAX_DECODED_PKS); give fewer or smaller ranges"
+            )
+    return total
+
+
+def _pk_range(entry: Any) -> tuple[int, int, int]:
+    """``(first, last, step)`` of a ``[first, last(, step)]`` list or a ``"first-last"`` string."""
+    if isinstance(entry, bool):
+        raise TypeError(f"{entry!r} is not a primary key")
+    if isinstance(entry, list | tuple) and len(entry) in (2, 3):
+        first, last, step = int(entry[0]), int(entry[1]), int(entry[2]) if len(entry) == 3 else 1
+        if step < 1 or last < first or (last - first) % step:
+            raise ValueError(f"{list(entry)!r} is not a [first, last(, step)] range of primary keys")
+        return first, last, step
+    if isinstance(entry, str) and _RANGE.fullmatch(entry.strip()):
+        first, _, last = entry.strip().partition("-")
+        if int(last or first) < int(first):
+            raise ValueError(f"{entry!r} is not a first-last range of primary keys (last < first)")
+        return int(first), int(last or first), 1
+    raise TypeError(f"{entry!r} is not a primary key or a [first, last] range of primary keys")
 
 
 # Grouping and chunking -------------------------------------------------------------------------------
@@ -354,10 +397,12 @@ def instance_from_bundle(cls: type[TaskInstance], bundle: Mapping[str, Any]) -> 
 
 
 __all__ = [
+    "MAX_DECODED_PKS",
     "bundle_items",
     "bundle_key",
     "bundle_label",
     "bundler",
+    "check_pk_count",
     "choose_bundle_size",
     "decode_pks",
     "encode_pks",
