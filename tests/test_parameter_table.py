@@ -128,3 +128,18 @@ def test_an_old_sqlite_database_is_refused(tmp_path):
             database.get_engine(f"sqlite:///{path}")
     finally:
         database.dispose_engines()
+
+
+def test_rows_added_through_the_orm_get_their_hash(astra_db):
+    with session_scope() as session:
+        session.add(ParameterRow(parameter_name="orm", parameter_value='"added"'))
+    with session_scope() as session:
+        assert get_or_create_parameters(session, [("orm", '"added"')]) == {
+            ("orm", '"added"'): session.scalar(
+                select(ParameterRow.pk).where(ParameterRow.parameter_name == "orm")
+            )
+        }
+        stored = session.scalar(
+            select(ParameterRow.parameter_value_hash).where(ParameterRow.parameter_name == "orm")
+        )
+    assert stored == parameter_value_hash('"added"')

@@ -28,6 +28,7 @@ from sqlalchemy import (
     SmallInteger,
     Text,
     UniqueConstraint,
+    event,
     func,
     select,
 )
@@ -196,6 +197,13 @@ class Parameter(Base):
     parameter_name: Mapped[str] = mapped_column(Text)
     parameter_value: Mapped[str] = mapped_column(Text)
     parameter_value_hash: Mapped[str] = mapped_column(Text)
+
+
+@event.listens_for(Parameter, "before_insert")
+def _fill_parameter_value_hash(_mapper: Any, _connection: Any, row: Parameter) -> None:
+    """Rows added through the ORM get their hash (the bulk recording writes it itself)."""
+    if row.parameter_value_hash is None:
+        row.parameter_value_hash = parameter_value_hash(row.parameter_value)
 
 
 class TaskParameter(Base):
