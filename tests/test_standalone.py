@@ -237,7 +237,9 @@ def _sensor_pipeline(api: Api, home: Path, log: Path, model: Path, tmp_path: Pat
     assert "Trigger fired event" in trigger_log and f"Watching {data_root} for apStar, apVisit" in trigger_log
     _wait(
         "the claim in discover's log",
-        lambda: re.search(rf"Claimed {n_files} of {n_files} ready files", _task_log(home, *_ids(run), "discover")),
+        lambda: re.search(
+            rf"Claimed {n_files} of {n_files} ready files", _task_log(home, *_ids(run), "discover")
+        ),
         60,
         log,
     )
