@@ -15,6 +15,8 @@ chi-squared wins. The optimisation runs in scaled labels inside the training ran
 from __future__ import annotations
 
 import enum
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -208,7 +210,8 @@ def fit(
     bound_margin: float = 1.0,
     max_reduced_chi_sq: float = 3.0,
     scale_uncertainties: bool = False,
-    star_chunk_size: int = 512,
+    star_chunk_size: int = 256,
+    n_threads: int | None = None,
 ) -> PayneResult:
     """Fit labels to continuum-normalised spectra (S, P) with a trained Payne model, batched across stars.
 
@@ -225,6 +228,8 @@ def fit(
     :param max_reduced_chi_sq: above this :attr:`PayneFlag.HIGH_REDUCED_CHI_SQ` is set.
     :param scale_uncertainties: multiply the covariance by the reduced chi-squared.
     :param star_chunk_size: spectra processed at once (bounds the memory of the per-spectrum statistics).
+    :param n_threads: chunks fitted concurrently (default: the CPUs available to this process, at most 4);
+        the results do not depend on it.
     :returns: a :class:`PayneResult`; ``reduced_chi_sq`` is chi2 / (n_pixels_used - K) and ``snr`` the median
         of flux * sqrt(ivar) over the used pixels. A spectrum without usable pixels gets NaN labels and
         :attr:`PayneFlag.NO_USABLE_PIXELS` instead of failing the batch.
@@ -239,6 +244,10 @@ def fit(
             f"({describe_grid(model.wavelength)}); got {flux.shape} and {ivar.shape}"
         )
     n_spectra, n_labels = flux.shape[0], model.n_labels
+    if n_threads is None:
+        n_threads = min(
+            4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
     initial = None
     if initial_labels is not None:
         initial = np.broadcast_to(model.scale_labels(initial_labels), (n_spectra, n_labels))
@@ -256,23 +265,17 @@ def fit(
         "n_iter": np.zeros(n_spectra, dtype=int),
         "start_index": np.full(n_spectra, -1, dtype=int),
     }
-    for first in range(0, n_spectra, star_chunk_size):
-        rows = np.arange(first, min(first + star_chunk_size, n_spectra))
-        y, w = flux[rows], ivar[rows]
-        usable = np.isfinite(y) & (w > 0) & (w < np.inf) & ~model.pixel_mask
-        y, w = np.where(usable, y, 0.0), np.where(usable, w, 0.0)
-        out["n_used"][rows] = np.count_nonzero(usable, axis=1)
-        out["snr"][rows] = _masked_median(y * np.sqrt(w), usable)
-        weight = w / (1.0 + w * model.s2)
-        m_upper = weight @ theta_pairs
-        c = (weight * y) @ model.theta
-        k = np.einsum("sp,sp->s", weight * y, y)
-        ok = out["n_used"][rows] > n_labels
-        out["flags"][rows[~ok]] |= PayneFlag.NO_USABLE_PIXELS
+
+    def fit_rows(rows: slice) -> None:
+        m_upper, c, k, n_used, snr = _statistics(model, flux[rows], ivar[rows], theta_pairs)
+        index = np.arange(rows.start, rows.stop)
+        out["n_used"][rows], out["snr"][rows] = n_used, snr
+        ok = n_used > n_labels
+        out["flags"][index[~ok]] |= PayneFlag.NO_USABLE_PIXELS
         if ok.any():
             _fit_chunk(
                 model,
-                rows[ok],
+                index[ok],
                 m_upper[ok],
                 c[ok],
                 k[ok],
@@ -284,7 +287,39 @@ def fit(
                 tol,
                 out,
             )
+
+    chunks = [slice(i, min(i + star_chunk_size, n_spectra)) for i in range(0, n_spectra, star_chunk_size)]
+    # Chunks write disjoint rows of ``out``; numpy releases the GIL in the array work, so chunks run
+    # concurrently on n_threads cores, each with one BLAS thread (small products; see training.train).
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads > 1 and len(chunks) > 1:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                list(pool.map(fit_rows, chunks))
+        else:
+            for chunk in chunks:
+                fit_rows(chunk)
     return _result(model, out, max_reduced_chi_sq, scale_uncertainties)
+
+
+def _statistics(
+    model: PayneModel, flux: np.ndarray, ivar: np.ndarray, theta_pairs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-spectrum ``M`` (upper triangles, (S, D(D+1)/2)), ``c`` (S, D), ``k`` (S,), pixels used, S/N."""
+    usable = np.isfinite(flux)
+    usable &= ivar > 0
+    usable &= ivar < np.inf
+    usable &= ~model.pixel_mask
+    y = np.where(usable, flux, 0.0)
+    weight = np.where(usable, ivar, 0.0)
+    n_used = np.count_nonzero(usable, axis=1)
+    snr = _masked_median(y * np.sqrt(weight), usable)
+    scaled = weight * model.s2
+    scaled += 1.0
+    weight /= scaled  # ivar / (1 + ivar s2)
+    del scaled
+    m_upper = weight @ theta_pairs
+    weight *= y  # now W y
+    return m_upper, weight @ model.theta, np.einsum("sp,sp->s", weight, y), n_used, snr
 
 
 def _fit_chunk(
@@ -312,25 +347,23 @@ def _fit_chunk(
         extra = initial[rows]
         starts = np.concatenate([starts, np.where(np.isfinite(extra), extra, 0.0)[None]], axis=0)
     n_tries = starts.shape[0]
-    # Small batched products only: one BLAS thread (see training._fit_hidden).
-    with threadpool_limits(limits=1, user_api="blas"):
-        x, chi, converged, iterations = _levenberg_marquardt(
-            model.network,
-            np.tile(m, (n_tries, 1, 1)),
-            np.tile(c, (n_tries, 1)),
-            np.tile(k, n_tries),
-            starts.reshape(-1, model.n_labels),
-            lower=lower,
-            upper=upper,
-            max_iterations=max_iterations,
-            tol=tol,
-        )
-        shape = (n_tries, len(rows))
-        x, chi = x.reshape(shape + (model.n_labels,)), np.where(np.isfinite(chi), chi, np.inf).reshape(shape)
-        best = np.argmin(chi, axis=0)
-        pick = np.arange(len(rows))
-        x_best, chi_best = x[best, pick], chi[best, pick]
-        covariance, singular = _covariance(model.network, x_best, m)
+    x, chi, converged, iterations = _levenberg_marquardt(
+        model.network,
+        np.tile(m, (n_tries, 1, 1)),
+        np.tile(c, (n_tries, 1)),
+        np.tile(k, n_tries),
+        starts.reshape(-1, model.n_labels),
+        lower=lower,
+        upper=upper,
+        max_iterations=max_iterations,
+        tol=tol,
+    )
+    shape = (n_tries, len(rows))
+    x, chi = x.reshape(shape + (model.n_labels,)), np.where(np.isfinite(chi), chi, np.inf).reshape(shape)
+    best = np.argmin(chi, axis=0)
+    pick = np.arange(len(rows))
+    x_best, chi_best = x[best, pick], chi[best, pick]
+    covariance, singular = _covariance(model.network, x_best, m)
     failed = (
         ~converged.reshape(shape)[best, pick]
         | singular
