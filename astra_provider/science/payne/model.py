@@ -229,6 +229,9 @@ class PayneModel:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such Payne model file: {path}")
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"PK":  # .npz files are zip archives; np.load would try pickle otherwise
+                raise ValueError(f"{path} is not a readable .npz file, so it is not a Payne model")
         arrays: dict[str, np.ndarray] = {}
         try:
             with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
@@ -240,12 +243,6 @@ class PayneModel:
                             f"{path}: array {key!r} cannot be read without pickle ({exc})"
                         ) from None
         except (OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(
-                f"{path} is not a readable .npz file, so it is not a Payne model ({exc})"
-            ) from None
-        except ValueError as exc:
-            if "pickle" in str(exc):
-                raise
             raise ValueError(
                 f"{path} is not a readable .npz file, so it is not a Payne model ({exc})"
             ) from None

@@ -47,7 +47,7 @@ def leading_components(
 class ProjectedLoss:
     """Loss of the hidden layers with the output layer eliminated (variable projection).
 
-    ``loss = |G - A B*|^2 / (N R) + decay |W|^2`` with ``A = sqrt(a) [1, h_L(x)]``, ``B*`` the ridge
+    ``loss = (|G - A B*|^2 + lam |B*|^2) / (N R) + decay |W|^2`` with ``A = sqrt(a) [1, h_L(x)]``, ``B*`` the ridge
     solution ``(A^T A + lam I)^-1 A^T G`` and ``lam = ridge * sum(a)``, a constant, so the gradient with
     respect to A at B* is ``-2 (G - A B*) B*^T / (N R)`` (the terms through B* vanish at the optimum).
     """
@@ -90,7 +90,9 @@ class ProjectedLoss:
         coefficients = self.solve(design)
         self._last = (vector.copy(), coefficients)  # for validation_loss at the same parameters
         residual = self.target - design @ coefficients
-        loss = float(np.einsum("nr,nr->", residual, residual)) / self.norm
+        # The ridge term belongs to the objective that B* minimises; with it the gradient below is exact.
+        penalty = self.lam * float(np.einsum("dr,dr->", coefficients, coefficients))
+        loss = (float(np.einsum("nr,nr->", residual, residual)) + penalty) / self.norm
         d_design = (-2.0 / self.norm) * (residual @ coefficients.T)
         gradient = network.backward(self.x, hidden, d_design[:, 1:] * self.sqrt_weight[:, None])
         if self.weight_decay > 0:
