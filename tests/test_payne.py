@@ -3,6 +3,8 @@ known truth, the tasks through the framework (SQLite and PostgreSQL) and through
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -280,3 +282,151 @@ def test_wavelength_grid_mismatch_names_both_grids(noisy_model, test_set):
     with pytest.raises(ValueError, match=r"shape \(S, 1000\) like the model's wavelength grid \(1000 px"):
         fit(noisy_model, flux[:, :999], ivar[:, :999])
     check_wavelength(noisy_model, noisy_model.wavelength.copy())  # the same grid passes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The tasks, through the framework (SQLite and PostgreSQL) and through Airflow
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def payne_surveys(tmp_path_factory):
+    """A training survey (150 apStar files at S/N 150) with its table, and a test survey (12 at S/N 60)."""
+    from astra_provider.synthetic.survey import generate_survey
+
+    root = tmp_path_factory.mktemp("payne")
+    training = generate_survey(
+        root / "train", n_stars=150, visits_per_star=1, snr=(150.0, 150.0), seed=31, filetypes=("apStar",)
+    )
+    testing = generate_survey(
+        root / "test", n_stars=12, visits_per_star=1, snr=(60.0, 60.0), seed=32, filetypes=("apStar",)
+    )
+    table = root / "training.csv"
+    rows = [f"train/{r['path']},{r['teff']},{r['logg']},{r['fe_h']}" for r in training.of_filetype("apStar")]
+    table.write_text("\n".join(["path,teff,logg,fe_h", *rows]) + "\n")
+    return root, table, testing.of_filetype("apStar")
+
+
+def _normalise(root, truth, output_dir, **settings) -> list[str]:
+    from astra_provider.contrib.continuum import SinusoidalContinuum
+
+    task = SinusoidalContinuum(
+        input_data_products=[str(root / "test" / r["path"]) for r in truth],
+        output_dir=str(output_dir),
+        **settings,
+    )
+    task.execute()
+    return [t.output_data_products[0].path for t in task.tasks]
+
+
+def test_payne_train_and_test_tasks(astra_db, payne_surveys, tmp_path):
+    from astra_provider.contrib.thepayne import TestThePayne, TrainThePayne
+    from astra_provider.database import session_scope
+    from astra_provider.database.astradb import Status, Task, ThePayne
+    from astra_provider.synthetic.model import crb_labels
+
+    root, table, truth = payne_surveys
+    model_path = tmp_path / "payne.npz"
+    trained = TrainThePayne(input_data_products=str(table), output_path=str(model_path))
+    assert trained.execute() == [{"model_path": str(model_path), "n_training": 150, "n_excluded": 0}]
+    assert [dp.path for dp in trained.tasks[0].output_data_products] == [str(model_path)]
+    model = PayneModel.load(model_path)
+    assert (model.metadata["continuum_deg"], model.metadata["continuum_length_scale"]) == (3, 1400.0)
+    assert model.metadata["task_id"] == trained.tasks[0].task_id
+
+    inputs = _normalise(root, truth, tmp_path / "norm")
+    corrupt = tmp_path / "astraContinuum-corrupt.fits"
+    corrupt.write_bytes(b"SIMPLE  =                    T" + b" " * 100)
+    tested = TestThePayne(input_data_products=[*inputs, str(corrupt)], model_path=str(model_path))
+    labels = tested.execute()
+    assert labels[-1] is None and tested.summary()["completed"] == len(truth)
+    [failed] = [Task.get_by_id(t.pk) for t in tested.tasks if Task.get_by_id(t.pk).status == Status.FAILED]
+    assert str(corrupt) in failed.error_message
+    with session_scope() as session:
+        rows = session.scalars(select(ThePayne).order_by(ThePayne.output_pk)).all()
+    assert len(rows) == len(truth)
+    assert all(row.e_teff > 0 and 0.5 < row.reduced_chi_sq < 2 and 40 < row.snr < 80 for row in rows)
+    assert all(-1 < row.rho_teff_logg < 1 and row.labels["n_pixels_used"] > 7000 for row in rows)
+    # The residuals against the truth, in units of the Cramér-Rao bound at S/N 60. The survey adds the
+    # continuum normalisation error of each spectrum and a 150-star training set: measured on 100 test stars,
+    # rms 2.9-3.5 bounds for The Payne and 2.4-3.6 for The Cannon trained on the same table.
+    true = np.array([[r[name] for name in NAMES] for r in truth])
+    bound = crb_labels(TruthModel.default(seed=0), true, 60.0, include_scatter=True)
+    fitted = np.array([[result[name] for name in NAMES] for result in labels[:-1]])
+    scaled = (fitted - true) / bound
+    assert np.all(np.sqrt(np.mean(scaled**2, axis=0)) < 5.0), np.sqrt(np.mean(scaled**2, axis=0))
+
+
+def test_payne_tasks_refuse_bad_input(astra_db, payne_surveys, tmp_path):
+    import dataclasses
+
+    from astra_provider.base import TaskFailedError
+    from astra_provider.contrib.thepayne import TestThePayne, TrainThePayne
+    from astra_provider.database.astradb import Task
+
+    root, table, truth = payne_surveys
+    # Too small a training set: refused from the table alone (its spectra do not even exist).
+    small = tmp_path / "small.csv"
+    small.write_text(
+        "path,teff,logg,fe_h\n" + "".join(f"/nowhere/{i}.fits,4700,2.5,-0.2\n" for i in range(10))
+    )
+    with pytest.raises(
+        TaskFailedError, match=r"small.csv: training set too small: 10 spectra .* at least 23"
+    ):
+        TrainThePayne(input_data_products=str(small)).execute()
+
+    model_path = tmp_path / "payne.npz"
+    TrainThePayne(input_data_products=str(table), output_path=str(model_path), max_iterations=50).execute()
+    model = PayneModel.load(model_path)
+    inputs = _normalise(root, truth[:2], tmp_path / "norm")
+    # A model on another wavelength grid: every spectrum fails, naming both grids.
+    other = dataclasses.replace(model, wavelength=model.wavelength * (1 + 1e-4))
+    other.save(tmp_path / "other-grid.npz")
+    tested = TestThePayne(input_data_products=inputs, model_path=str(tmp_path / "other-grid.npz"))
+    grids = (
+        r"different wavelength grid \(8575 px, 15100.802-16999.807 Å\) "
+        r"than the Payne model \(8575 px, 15102.312-17001.507 Å\)"
+    )
+    with pytest.raises(TaskFailedError, match="all 2 task"):
+        tested.execute()
+    for task in tested.tasks:
+        assert re.search(grids, Task.get_by_id(task.pk).error_message)
+    # Spectra normalised with other continuum settings are refused.
+    other_settings = _normalise(root, truth[:2], tmp_path / "norm-deg2", deg=2)
+    tested = TestThePayne(input_data_products=other_settings, model_path=str(model_path))
+    settings = r"normalised with \(deg, L\) = \(2, 1400.0\), but the model was trained with \(3, 1400.0\)"
+    with pytest.raises(TaskFailedError, match=settings):
+        tested.execute()
+
+
+@pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)
+def test_payne_dags_run_in_airflow(astra_db, payne_surveys, tmp_path):
+    from airflow.utils.state import DagRunState
+    from airflow_helpers import DAGS, environment, get_dag, init_airflow_db, task_instances
+
+    from astra_provider.database import session_scope
+    from astra_provider.database.astradb import ThePayne
+    from astra_provider.hooks.astra import connection_from_url
+
+    root, table, truth = payne_surveys
+    init_airflow_db()
+    inputs = _normalise(root, truth[:4], tmp_path / "norm")
+    small = root / "training-40.csv"  # a quick training run: 40 spectra, 100 iterations
+    small.write_text("".join(table.read_text().splitlines(keepends=True)[:41]))
+    model = tmp_path / "payne.npz"
+    with environment(AIRFLOW_CONN_ASTRA_DEFAULT=connection_from_url(astra_db)):
+        train_run = get_dag("astra_thepayne_train", DAGS).test(
+            run_conf={"training_table": str(small), "output_path": str(model), "max_iterations": 100}
+        )
+        test_run = get_dag("astra_thepayne_test", DAGS).test(
+            run_conf={"data_products": inputs, "model_path": str(model), "bundle_size": 2}
+        )
+    for run in (train_run, test_run):
+        states = {key: str(ti.state) for key, ti in task_instances(run).items()}
+        assert run.state == DagRunState.SUCCESS and set(states.values()) == {"success"}, states
+    assert (
+        PayneModel.load(model).metadata["max_iterations"] == 100 and PayneModel.load(model).n_training == 40
+    )
+    with session_scope() as session:
+        teffs = list(session.scalars(select(ThePayne.teff)))
+    assert len(teffs) == 4 and all(3500 < teff < 6500 for teff in teffs)
