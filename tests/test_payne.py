@@ -231,6 +231,8 @@ def test_batches_give_the_same_answers(noisy_model, test_set):
     tolerance = 1e-3 * whole.e_labels
     assert np.all(np.abs(chunked.labels - whole.labels) < tolerance)
     assert np.all(np.abs(single.labels[0] - whole.labels[5]) < tolerance[5])
+    started = fit(noisy_model, flux[:40], ivar[:40], initial_labels=whole.labels)
+    assert np.all(np.abs(started.labels - whole.labels) < tolerance)
 
 
 # ------------------------------------------------------------------------------------------------------------

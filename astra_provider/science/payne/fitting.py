@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -253,8 +254,14 @@ def fit(
         initial = np.broadcast_to(model.scale_labels(initial_labels), (n_spectra, n_labels))
     iu, iv = _pairs(model.n_features)
     theta_pairs = model.theta[:, iu] * model.theta[:, iv]
-    lower = model.scale_labels(model.training_label_min) - bound_margin
-    upper = model.scale_labels(model.training_label_max) + bound_margin
+    options = _Options(
+        initial=initial,
+        n_starts=n_starts,
+        lower=model.scale_labels(model.training_label_min) - bound_margin,
+        upper=model.scale_labels(model.training_label_max) + bound_margin,
+        max_iterations=max_iterations,
+        tol=tol,
+    )
     out = {
         "labels": np.full((n_spectra, n_labels), np.nan),
         "covariance": np.full((n_spectra, n_labels, n_labels), np.nan),
@@ -273,20 +280,7 @@ def fit(
         ok = n_used > n_labels
         out["flags"][index[~ok]] |= PayneFlag.NO_USABLE_PIXELS
         if ok.any():
-            _fit_chunk(
-                model,
-                index[ok],
-                m_upper[ok],
-                c[ok],
-                k[ok],
-                initial,
-                n_starts,
-                lower,
-                upper,
-                max_iterations,
-                tol,
-                out,
-            )
+            _fit_chunk(model, index[ok], m_upper[ok], c[ok], k[ok], options, out)
 
     chunks = [slice(i, min(i + star_chunk_size, n_spectra)) for i in range(0, n_spectra, star_chunk_size)]
     # Chunks write disjoint rows of ``out``; numpy releases the GIL in the array work, so chunks run
@@ -322,18 +316,25 @@ def _statistics(
     return m_upper, weight @ model.theta, np.einsum("sp,sp->s", weight, y), n_used, snr
 
 
+@dataclass(frozen=True)
+class _Options:
+    """Test-step settings shared by all chunks (see :func:`fit`); labels in scaled units."""
+
+    initial: np.ndarray | None
+    n_starts: int
+    lower: np.ndarray
+    upper: np.ndarray
+    max_iterations: int
+    tol: float
+
+
 def _fit_chunk(
     model: PayneModel,
     rows: np.ndarray,
     m_upper: np.ndarray,
     c: np.ndarray,
     k: np.ndarray,
-    initial: np.ndarray | None,
-    n_starts: int,
-    lower: np.ndarray,
-    upper: np.ndarray,
-    max_iterations: int,
-    tol: float,
+    options: _Options,
     out: dict[str, np.ndarray],
 ) -> None:
     """Fit the spectra ``rows`` (all with usable pixels) from their statistics; write into ``out``."""
@@ -342,9 +343,9 @@ def _fit_chunk(
     m = np.empty((len(rows), n_features, n_features))
     m[:, iu, iv] = m_upper
     m[:, iv, iu] = m_upper
-    starts, _ = _choose_starts(model, m_upper, c, n_starts)
-    if initial is not None:
-        extra = initial[rows]
+    starts, _ = _choose_starts(model, m_upper, c, options.n_starts)
+    if options.initial is not None:
+        extra = options.initial[rows]
         starts = np.concatenate([starts, np.where(np.isfinite(extra), extra, 0.0)[None]], axis=0)
     n_tries = starts.shape[0]
     x, chi, converged, iterations = _levenberg_marquardt(
@@ -353,10 +354,10 @@ def _fit_chunk(
         np.tile(c, (n_tries, 1)),
         np.tile(k, n_tries),
         starts.reshape(-1, model.n_labels),
-        lower=lower,
-        upper=upper,
-        max_iterations=max_iterations,
-        tol=tol,
+        lower=options.lower,
+        upper=options.upper,
+        max_iterations=options.max_iterations,
+        tol=options.tol,
     )
     shape = (n_tries, len(rows))
     x, chi = x.reshape(shape + (model.n_labels,)), np.where(np.isfinite(chi), chi, np.inf).reshape(shape)

@@ -47,9 +47,10 @@ def leading_components(
 class ProjectedLoss:
     """Loss of the hidden layers with the output layer eliminated (variable projection).
 
-    ``loss = (|G - A B*|^2 + lam |B*|^2) / (N R) + decay |W|^2`` with ``A = sqrt(a) [1, h_L(x)]``, ``B*`` the ridge
-    solution ``(A^T A + lam I)^-1 A^T G`` and ``lam = ridge * sum(a)``, a constant, so the gradient with
-    respect to A at B* is ``-2 (G - A B*) B*^T / (N R)`` (the terms through B* vanish at the optimum).
+    ``loss = (|G - A B*|^2 + lam |B*|^2) / (N R) + decay |W|^2`` with ``A = sqrt(a) [1, h_L(x)]``, ``B*``
+    the ridge solution ``(A^T A + lam I)^-1 A^T G`` (which minimises the bracket) and ``lam = ridge *
+    sum(a)``, a constant, so the gradient with respect to A at B* is ``-2 (G - A B*) B*^T / (N R)``: the
+    terms through B* vanish at its optimum (envelope theorem).
     """
 
     def __init__(
