@@ -148,18 +148,58 @@ def _split_evenly(n: int, n_chunks: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _short(value: Any, width: int = 40) -> str:
+def _short(value: Any, width: int = 24, path_width: int = 40) -> str:
+    """A value for a label: a path by its base name, anything else cut at ``width`` characters."""
     text = value if isinstance(value, str) else canonical_json(value)
     if isinstance(value, str) and os.sep in value:
-        text = os.path.basename(value.rstrip(os.sep)) or value
-    return text if len(text) <= width else text[: width - 3] + "..."
+        text, width = os.path.basename(value.rstrip(os.sep)) or value, path_width
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def bundle_label(class_name: str, key: Mapping[str, Any], size: int, index: int, n_chunks: int) -> str:
-    """A readable name for one bundle: class, bundled parameters, number of tasks and chunk."""
-    parts = [class_name, *(f"{name}={_short(value)}" for name, value in key.items())]
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. arrays: not the same for a label
+        return False
+
+
+def bundle_label(
+    class_name: str,
+    key: Mapping[str, Any],
+    size: int,
+    index: int,
+    n_chunks: int,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    varying: Iterable[str] = (),
+) -> str:
+    """A short name for one bundle (the mapped task's label): ``"ScaledSum offset=1.0 (250 tasks, 1/4)"``.
+
+    Shows the class, the bundled parameters whose value differs from its default (in ``defaults``) or
+    between the bundles of the plan (``varying``), paths by their base name, long values cut short, and
+    ``None`` values never; then the number of tasks and, for a group split in chunks, ``i/n``.
+    """
+    defaults = defaults or {}
+    varying = set(varying)
+    parts = [class_name]
+    for name, value in key.items():
+        if value is None or (name not in varying and name in defaults and _same(value, defaults[name])):
+            continue
+        parts.append(f"{name}={_short(value)}")
     chunk = f", {index + 1}/{n_chunks}" if n_chunks > 1 else ""
     return f"{' '.join(parts)} ({size} task{'s' if size != 1 else ''}{chunk})"
+
+
+def _label_context(cls: type[TaskInstance], keys: list[dict[str, Any]]) -> dict[str, Any]:
+    """``defaults`` and ``varying`` of :func:`bundle_label` for the bundles with these bundled values."""
+    definitions = cls.parameter_definitions()
+    defaults = {
+        name: _plain(definitions[name].normalize(definitions[name].default))
+        for name in cls.bundled_parameter_names()
+        if not definitions[name].required
+    }
+    varying = {name for name in (keys[0] if keys else {}) if len({_fingerprint(k[name]) for k in keys}) > 1}
+    return {"defaults": defaults, "varying": varying}
 
 
 def _check_names(cls: type[TaskInstance], names: frozenset[str], where: str) -> None:
@@ -220,12 +260,15 @@ def plan_bundles(
         group[1].append(kwargs)
 
     size = choose_bundle_size([len(members) for _, members in groups.values()], bundle_size, max_bundles)
+    labels = _label_context(cls, [key for key, _ in groups.values()])
     bundles = []
     for key, members in sorted(groups.values(), key=lambda group: canonical_json(group[0])):
         instance_from_kwargs(cls, members[0])  # fail here, naming the problem, rather than in every bundle
         n_chunks = math.ceil(len(members) / size)
         for index, (start, stop) in enumerate(_split_evenly(len(members), n_chunks)):
-            bundles.append(_describe(cls, key, members[start:stop], index, n_chunks))
+            description = _describe(cls, key, members[start:stop], index, n_chunks)
+            description["label"] = bundle_label(cls.__name__, key, stop - start, index, n_chunks, **labels)
+            bundles.append(description)
     return bundles
 
 
@@ -244,7 +287,7 @@ def _describe(
         else:
             columns[name] = values
     description: dict[str, Any] = {
-        "label": bundle_label(cls.__name__, key, len(members), index, n_chunks),
+        "label": "",  # set by plan_bundles(), which knows every bundle of the plan
         "key": key,
         "size": len(members),
         "shared": shared,

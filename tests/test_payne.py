@@ -396,7 +396,9 @@ def test_payne_tasks_refuse_bad_input(astra_db, payne_surveys, tmp_path):
     # Spectra normalised with other continuum settings are refused.
     other_settings = _normalise(root, truth[:2], tmp_path / "norm-deg2", deg=2)
     tested = TestThePayne(input_data_products=other_settings, model_path=str(model_path))
-    settings = r"normalised with \(deg, L\) = \(2, 1400.0\), but the model was trained with \(3, 1400.0\)"
+    settings = (
+        r"normalised with \(deg, length_scale\) = \(2, 1400.0\), but the model was trained with \(3, 1400.0\)"
+    )
     with pytest.raises(TaskFailedError, match=settings):
         tested.execute()
 

@@ -61,7 +61,7 @@ class SinusoidalContinuum(TaskInstance):
             ivar,
             mask,
             deg=self.deg,
-            L=float(self.length_scale),
+            length_scale=float(self.length_scale),
             on_failure="nan",
             dtype=np.float32,
         )

@@ -101,7 +101,7 @@ class TestTheCannon(TaskInstance):
             used = spectrum.meta.get("continuum")
             if used is not None and settings != (None, None) and tuple(used) != settings:
                 raise ValueError(
-                    f"{path}: normalised with (deg, L) = {tuple(used)}, "
+                    f"{path}: normalised with (deg, length_scale) = {tuple(used)}, "
                     f"but the model was trained with {settings}"
                 )
             if spectrum.n_pixels != self.model.n_pixels:
@@ -188,7 +188,7 @@ def normalized_training_spectra(table_path: str, paths: list[str], deg: int, len
         np.concatenate([s.ivar[:1] for s in spectra]),
         load_continuum_pixels(),
         deg=deg,
-        L=length_scale,
+        length_scale=length_scale,
         on_failure="nan",
     )
     return keep, wavelength, flux, ivar

@@ -112,7 +112,7 @@ class TestThePayne(TaskInstance):
             used = spectrum.meta.get("continuum")
             if used is not None and settings != (None, None) and tuple(used) != settings:
                 raise ValueError(
-                    f"{path}: normalised with (deg, L) = {tuple(used)}, "
+                    f"{path}: normalised with (deg, length_scale) = {tuple(used)}, "
                     f"but the model was trained with {settings}"
                 )
             check_wavelength(self.model, spectrum.wavelength, source=f"{path}: the spectra")
