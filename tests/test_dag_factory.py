@@ -70,7 +70,9 @@ def test_a_spec_builds_a_dag(tmp_path):
     assert set(dag.task_dict) == {"fit_bundles", "fit", "primes"}
     assert dag.task_dict["fit_bundles"].downstream_task_ids == {"fit"}
     assert dag.task_dict["fit"].downstream_task_ids == {"primes"}
-    assert "- `fit`: `ScaledSum`, in bundles\n- `primes`: `GreedyPrimes`, one task (after `fit`)" in dag.doc_md
+    assert (
+        "- `fit`: `ScaledSum`, in bundles\n- `primes`: `GreedyPrimes`, one task (after `fit`)" in dag.doc_md
+    )
 
     bundles = dag.task_dict["fit_bundles"]
     assert bundles.items == "{{ params.values }}"
