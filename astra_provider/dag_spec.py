@@ -41,6 +41,11 @@ TRIGGER_RULES = (
     *("one_success", "one_failed", "one_done", "none_failed", "none_failed_min_one_success", "none_skipped"),
 )
 PARAM_TYPES = ("string", "integer", "number", "boolean", "array", "object", "null")
+PARAM_KEYWORDS = {  # the JSON-schema keywords of a param besides type, description and default
+    *("title", "enum", "values_display", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"),
+    *("multipleOf", "minLength", "maxLength", "pattern", "format", "items", "minItems", "maxItems"),
+    *("uniqueItems", "examples", "section", "const"),
+}
 ERROR_TYPE = "astra_spec"  # the pydantic error type of the messages written here
 
 
@@ -68,32 +73,28 @@ def _parse_date(value: Any) -> Any:
         fail(f"must be a date (YYYY-MM-DD), got {value!r}")
 
 
+def _matching(pattern: str, message: str) -> Any:
+    """A string type matching ``pattern``, with one message."""
+    return Annotated[str, StringConstraints(pattern=pattern), _one_error(message)]
+
+
+def _or_template(number: Any, message: str) -> Any:
+    """A number type that may also be a ``{{ template }}`` (rendered when the task runs)."""
+    return Annotated[number | Template, _one_error(f"{message} or a {{{{ template }}}}")]
+
+
 Template = Annotated[str, StringConstraints(pattern=r"\{\{")]
-OR_TEMPLATE = "or a {{ template }}"
-TaskId = Annotated[
-    str,
-    StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,200}$"),
-    _one_error("must be letters, digits, '_', '-' or '.'"),
-]
-DottedPath = Annotated[
-    str,
-    StringConstraints(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$"),
-    _one_error("must be the dotted path of a task class (module.Class)"),
-]
-ParamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_]\w*$"), _one_error("must be an identifier")]
-Count = Annotated[
-    Annotated[StrictInt, Field(ge=1)] | Template, _one_error(f"must be an integer >= 1 {OR_TEMPLATE}")
-]
+TaskId = _matching(r"^[A-Za-z0-9_.\-]{1,200}$", "must be letters, digits, '_', '-' or '.'")
+DottedPath = _matching(
+    r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$", "must be the dotted path of a task class (module.Class)"
+)
+ParamName = _matching(r"^[A-Za-z_]\w*$", "must be an identifier")
+Count = _or_template(Annotated[StrictInt, Field(ge=1)], "must be an integer >= 1")
+Seconds = _or_template(Annotated[float, Field(ge=0)], "must be a number >= 0")
+Fraction = _or_template(Annotated[float, Field(ge=0, le=1)], "must be a number between 0 and 1")
 PositiveInt = Annotated[StrictInt, Field(ge=1), _one_error("must be an integer >= 1")]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0), _one_error("must be an integer >= 0")]
-Seconds = Annotated[
-    Annotated[float, Field(ge=0)] | Template, _one_error(f"must be a number >= 0 {OR_TEMPLATE}")
-]
-Fraction = Annotated[
-    Annotated[float, Field(ge=0, le=1)] | Template,
-    _one_error(f"must be a number between 0 and 1 {OR_TEMPLATE}"),
-]
-Flag = Annotated[StrictBool | Template, _one_error(f"must be true, false {OR_TEMPLATE}")]
+Flag = _or_template(StrictBool, "must be true, false")
 Bool = Annotated[StrictBool, _one_error("must be true or false")]
 TriggerRule = Annotated[
     Literal[TRIGGER_RULES],  # type: ignore[valid-type]
@@ -109,6 +110,7 @@ class _Model(BaseModel):
 class ParamSpec(_Model):
     """A run-time parameter: a JSON-schema mapping that becomes an ``airflow.sdk.Param``."""
 
+    model_config = ConfigDict(extra="allow")  # the JSON-schema keywords of PARAM_KEYWORDS
     type: Annotated[
         ParamType | list[ParamType],
         _one_error(f"must be one of {', '.join(PARAM_TYPES)} (or a list of them)"),
@@ -117,25 +119,6 @@ class ParamSpec(_Model):
         Field(description="Shown in the trigger form.")
     )
     default: Any = Field(None, description="Without a default, the trigger form requires a value.")
-    title: str | None = None
-    enum: list[Any] | None = None
-    values_display: dict[str, str] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusiveMinimum: float | None = None  # noqa: N815 (the JSON-schema keywords)
-    exclusiveMaximum: float | None = None  # noqa: N815
-    multipleOf: float | None = None  # noqa: N815
-    minLength: NonNegativeInt | None = None  # noqa: N815
-    maxLength: NonNegativeInt | None = None  # noqa: N815
-    pattern: str | None = None
-    format: str | None = None
-    items: dict[str, Any] | None = None
-    minItems: NonNegativeInt | None = None  # noqa: N815
-    maxItems: NonNegativeInt | None = None  # noqa: N815
-    uniqueItems: bool | None = None  # noqa: N815
-    examples: list[Any] | None = None
-    section: str | None = None
-    const: Any = None
 
     @property
     def has_default(self) -> bool:
@@ -151,6 +134,8 @@ class ParamSpec(_Model):
 
     @model_validator(mode="after")
     def _default_is_valid(self) -> ParamSpec:
+        if unknown := sorted(set(self.model_extra or {}) - PARAM_KEYWORDS):
+            fail(f"unknown keyword(s) {', '.join(unknown)} (allowed: {', '.join(sorted(PARAM_KEYWORDS))})")
         if self.has_default:
             try:
                 self.to_param().resolve(suppress_exception=False)

@@ -1,14 +1,9 @@
-"""Loading a pipeline spec: environment references, validation into a :class:`~astra_provider.dag_spec.
-PipelineSpec`, and every problem reported at once by :class:`SpecError` as ``file: step 'x': field 'y': ...``.
+"""Loading a pipeline spec: ``${ASTRA_...}`` references, validation into a
+:class:`~astra_provider.dag_spec.PipelineSpec`, checks across fields, and every problem reported at once by
+:class:`SpecError` as ``file: step 'x': field 'y': message``.
 
-``${NAME}`` and ``${NAME:-default}`` are replaced by environment variables when the spec is loaded (when the
-DAG file is parsed), for ``ASTRA_*`` names and the names listed in ``$ASTRA_DAG_ENV_ALLOW`` only, and never
-for a name that may hold a secret: whatever they hold ends up in the UI.
-
-Besides the models' own checks: step ids unique, ``after`` and ``inputs.step`` naming steps defined above,
-params used in templates defined, no logical-date template variables, defaults for the params of scheduled
-DAGs, ``asset_events`` steps only on asset schedules, and the extra arguments of sensors and asset watchers
-accepted by their classes.
+``${NAME}`` and ``${NAME:-default}`` are replaced when the spec is loaded, for ``ASTRA_*`` names and those
+listed in ``$ASTRA_DAG_ENV_ALLOW`` only, never for a name that may hold a secret: the values end up in the UI.
 """
 
 from __future__ import annotations
@@ -35,15 +30,6 @@ ENV_REFERENCE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 ENV_ALLOW_VARIABLE = "ASTRA_DAG_ENV_ALLOW"
 #: Names refused even when allowed, because they may hold a secret.
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE|_KEY$|DATABASE_URL|_CONN", re.I)
-_PLAIN = {
-    "list_type": "must be a list",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "string_type": "must be a string",
-    "bool_type": "must be true or false",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-}
 
 
 class SpecError(ValueError):
@@ -134,17 +120,14 @@ def _describe(error: Any, data: Mapping[str, Any], path: str) -> str:
     elif loc[:1] == ["schedule"]:
         loc = ["schedule", *loc[2:]]  # without the union's tag
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p != "[key]").lstrip(".")
-    kind, models = error["type"], _models_holding(error["loc"])
+    kind, models, name = error["type"], _models_holding(error["loc"]), error["loc"][-1]
     if kind == "extra_forbidden":
         message = f"unknown field (allowed: {', '.join(sorted({n for m in models for n in m.model_fields}))})"
     elif kind == "missing":
-        name = error["loc"][-1]
         about = next((m.model_fields[name].description for m in models if name in m.model_fields), None)
         message = f"is required ({about[0].lower()}{about[1:].rstrip('.')})" if about else "is required"
-    elif kind in _PLAIN:
-        message = f"{_PLAIN[kind]}, got {error['input']!r}"
-    else:  # ERROR_TYPE: written for this field; others: pydantic's own
-        message = error["msg"] if kind == ERROR_TYPE else error["msg"][0].lower() + error["msg"][1:]
+    else:  # written for this field (ERROR_TYPE), or pydantic's own
+        message = error["msg"] if kind == ERROR_TYPE else f"{error['msg'].lower()}, got {error['input']!r}"
     return _line(path, step, field or None, message)
 
 

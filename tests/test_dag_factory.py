@@ -124,6 +124,11 @@ SPEC_ERRORS = [
         ["field 'params.n.description'", "is required (shown in the trigger form)"],
     ),
     (
+        "params: {n: {type: integer, default: 1, minimun: 1, description: N}}\n"
+        "steps: [{id: fit, task: a.B, bundle: false}]",
+        ["field 'params.n'", "unknown keyword(s) minimun (allowed: ", "minimum"],
+    ),
+    (
         "params: {n: {type: integer, default: -1, minimum: 1, description: N}}\n"
         "steps: [{id: fit, task: a.B, bundle: false}]",
         ["field 'params.n'", "the default -1 is invalid"],
