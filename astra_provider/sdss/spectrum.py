@@ -312,9 +312,13 @@ def read_apstar(path: str | os.PathLike[str]) -> Spectrum:
 
     Rows: with NVISITS > 1, row 0 is the pixel-weighted stack, row 1 the global-weighted stack and rows
     2.. the visits (``meta["row_kind"]`` says which, ``meta["visit_number"]`` is 0 for stacks and 1..N for
-    visits); with NVISITS == 1 the single row is the (one-visit) stack, ``visit_number`` 1. ``meta["snr"]``
-    is ``[SNR, SNR, SNRVIS1..N]`` (``[SNR]`` for one visit). Per-visit header cards ``BC{i}``, ``JD{i}``,
-    ``FIBER{i}``, ``VRAD{i}``, ``VHBARY{i}`` become per-row arrays ``bc``, ``jd``... (NaN for stacks).
+    visits); with NVISITS == 1 the single row is the (one-visit) stack, ``visit_number`` 1 (DR17 files add a
+    second, all-zero row for one visit; it is dropped). ``meta["snr"]`` is ``[SNR, SNR, SNRVIS1..N]``
+    (``[SNR]`` for one visit). Per-visit header cards ``BC{i}``,
+    ``JD{i}``, ``FIBER{i}``, ``VRAD{i}``, ``VHBARY{i}`` become per-row arrays ``bc``, ``jd``... (NaN for
+    stacks); ``vhelio`` is ``VHELIO{i}`` for a visit row and the mean ``VHELIO`` for a stack of several
+    visits. The pipeline's RV-template labels ``RV_TEFF``/``RV_LOGG``/``RV_FEH`` become ``rv_teff``,
+    ``rv_logg``, ``rv_fe_h``.
     Wavelengths ``10**(CRVAL1 + CDELT1·(i + 1 − CRPIX1))`` from the HDU1 header (HDU0 as fallback).
     """
     path = Path(path)
@@ -353,11 +357,15 @@ def read_apstar(path: str | os.PathLike[str]) -> Spectrum:
     if nvisits is None:
         nvisits = 1 if n_rows == 1 else n_rows - 2
     nvisits = int(nvisits)
-    expected_rows = 1 if nvisits == 1 else nvisits + 2
-    if nvisits < 1 or n_rows != expected_rows:
+    # One visit: one row (DR16 and earlier), or both stacks of that one visit (DR17 writes 2 rows).
+    allowed_rows = (1, 2) if nvisits == 1 else (nvisits + 2,)
+    if nvisits < 1 or n_rows not in allowed_rows:
+        expected = " or ".join(str(n) for n in allowed_rows)
         raise SpectrumReadError(
-            path, f"NVISITS = {nvisits} implies {expected_rows} flux rows, found {n_rows} (shape mismatch)"
+            path, f"NVISITS = {nvisits} implies {expected} flux rows, found {n_rows} (shape mismatch)"
         )
+    if nvisits == 1 and n_rows == 2:  # DR17: the second (global-weighting) row of a one-visit star is empty
+        flux, sigma, mask, n_rows = flux[:1], sigma[:1], mask[:1], 1
 
     ivar = sigma_to_ivar(sigma)
     ivar[(mask & APOGEE_BAD_PIXEL_MASK) != 0] = 0.0
@@ -395,7 +403,22 @@ def read_apstar(path: str | os.PathLike[str]) -> Spectrum:
         values = [np.nan if i is None else _as_float(_header_value(header, f"{card}{i}")) for i in visit_rows]
         if not np.all(np.isnan(values)):
             meta[key] = np.array(values)
+    # Heliocentric RVs of the pipeline: per visit VHELIO{i}; a stack of several visits gets the mean VHELIO.
+    mean_vhelio = _as_float(_header_value(header, "VHELIO"))
+    vhelio = [
+        mean_vhelio if i is None else _as_float(_header_value(header, f"VHELIO{i}", default=mean_vhelio))
+        for i in visit_rows
+    ]
+    if not np.all(np.isnan(vhelio)):
+        meta["vhelio"] = np.array(vhelio)
+    meta.update(_doppler_labels(header, "RV_TEFF", "RV_LOGG", "RV_FEH"))
     return Spectrum(wavelength, flux, ivar, mask, meta)
+
+
+def _doppler_labels(header: Any, teff: str, logg: str, fe_h: str) -> dict[str, float]:
+    """The pipeline's RV-template labels as ``rv_teff``/``rv_logg``/``rv_fe_h`` (only the cards present)."""
+    cards = {"rv_teff": teff, "rv_logg": logg, "rv_fe_h": fe_h}
+    return {key: _as_float(header[card]) for key, card in cards.items() if card in header}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,7 +433,8 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
     descending within each chip; both the chip order and the pixel order are reversed (Astra v0.2.6 bug #19
     reversed only the chips). Files with fewer than 5 HDUs are corrupt. ``meta``: ``bc`` (km/s, header
     ``BC``), ``mjd`` (``MJD5``), ``fiber`` (``FIBERID``), ``plate``, ``telescope``, ``objid``, ``jd_mid``,
-    ``vhelio``/``vrad`` when present, ``dithered`` (4096 pixels per chip) and ``snr`` = ``[SNR]``.
+    ``vhelio``/``vrad`` when present, ``dithered`` (4096 pixels per chip), ``snr`` = ``[SNR]`` and the
+    pipeline's RV-template labels ``rv_teff``/``rv_logg``/``rv_fe_h`` (``RVTEFF``... cards) when present.
     """
     path = Path(path)
     with _open_fits(path) as hdul:
@@ -474,6 +498,7 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
             "vrad": _as_float(_header_value(header, "VRAD")),
             "starflag": _header_value(header, "STARFLAG"),
             "dithered": flux.shape[1] == 4096,
+            **_doppler_labels(header, "RVTEFF", "RVLOGG", "RVFEH"),
             "snr": np.array([_as_float(_header_value(header, "SNR"))]),
             "row_kind": np.array(["visit"]),
         }
@@ -511,15 +536,34 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+_LOGLAM_FLOAT32_TOLERANCE = 1e-6  # dex; float32 LOGLAM near 3.5-4.0 is rounded by up to ~2.4e-7 dex
+
+
+def _exact_loglam(loglam: np.ndarray, header: Any) -> np.ndarray:
+    """``COEFF0 + COEFF1·i`` when the header grid matches ``LOGLAM`` to float32 precision, else ``LOGLAM``.
+
+    ``LOGLAM`` is stored as float32, whose rounding (up to 0.0024 pixel, 0.16 km/s) would make the exact
+    log-linear grid look irregular; the header coefficients restore it.
+    """
+    coeff0 = _as_float(_header_value(header, "COEFF0"))
+    coeff1 = _as_float(_header_value(header, "COEFF1"))
+    if not (np.isfinite(coeff0) and np.isfinite(coeff1) and coeff1 > 0):
+        return loglam
+    exact = coeff0 + coeff1 * np.arange(loglam.size)
+    return exact if np.max(np.abs(exact - loglam)) < _LOGLAM_FLOAT32_TOLERANCE else loglam
+
+
 def read_specfull(path: str | os.PathLike[str]) -> Spectrum:
     """Read a BOSS ``spec-…`` (specFull) file.
 
     HDU1 ``COADD`` table (case-insensitive columns; ``LOGLAM``, ``FLUX``, ``IVAR``, ``AND_MASK`` required,
-    ``OR_MASK``, ``WDISP``, ``SKY``, ``MODEL``, ``WRESL`` into ``extras`` when present); ``λ = 10**LOGLAM``;
+    ``OR_MASK``, ``WDISP``, ``SKY``, ``MODEL``, ``WRESL`` into ``extras`` when present); ``λ = 10**LOGLAM``
+    (``COEFF0 + COEFF1·i`` from HDU0 when it matches the float32 ``LOGLAM`` to 1e-6 dex);
     ``pixel_flags`` = ``AND_MASK``. HDU0 gives ``helio_rv`` (= ``bc``, km/s; NaN when missing or ``"NaN"``),
     ``ra``, ``dec``, ``mjd``, ``fiber``; the one-row HDU2 summary goes to ``meta["summary"]`` (lower-case
     keys), with ``zwarning``/``xcsao_*`` also at top level. ``snr`` = ``SN_MEDIAN_ALL`` if present, else the
-    median flux·√ivar over usable pixels.
+    median flux·√ivar over usable pixels. The wavelengths are already heliocentric (``HELIO_RV`` has been
+    applied), so a velocity measured on them is heliocentric as it is: do not add ``bc`` again.
     """
     path = Path(path)
     with _open_fits(path) as hdul:
@@ -552,6 +596,7 @@ def read_specfull(path: str | os.PathLike[str]) -> Spectrum:
         )
     if not np.all(np.isfinite(loglam)) or np.any(np.diff(loglam) <= 0):
         raise SpectrumReadError(path, "LOGLAM is not finite and strictly increasing")
+    loglam = _exact_loglam(loglam, header)
     flux, ivar = _clean(path, flux, ivar)
     kwargs = meta["kwargs"]
     helio_rv = _as_float(_header_value(header, "HELIO_RV"))
