@@ -199,5 +199,7 @@ def test_run_step_names_the_corrupt_file(demo_home, tmp_path, capfd):
     captured = capfd.readouterr()
     [error] = captured.err.strip().splitlines()
     assert error.startswith("error: astra_continuum.continuum[0] failed: AstraTaskFailedError: 1 of 1 ")
-    assert str(corrupt) in error
+    # the file, by its base name (as the operator writes it), and the reason
+    assert "task(s) failed (100.0%, max_failure_fraction=0.1): task " in error
+    assert f"[execute] {corrupt.name}: SpectrumReadError: not a valid FITS file" in error
     assert summary(captured.out) == [("continuum_bundles", "success"), ("continuum[0]", "failed")]
