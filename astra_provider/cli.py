@@ -157,6 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from astra_provider.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
+    from astra_provider import run_step
+
+    run_step.add_arguments(
+        commands.add_parser(
+            "run-step",
+            help="run one step of a DAG (and the steps it needs) in a run; exit 1 if a task failed",
+            description=run_step.__doc__.split("\n\n")[1],
+        )
+    )
     from astra_provider.templates.cli import add_arguments as add_templates_arguments
 
     templates = commands.add_parser(
@@ -198,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from astra_provider.demo import run as run_demo
 
         return run_demo(args)
+    elif args.command == "run-step":
+        return run_step.main(args)
     return 0
 
 
