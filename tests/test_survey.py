@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from astra_provider.fits import ImageHDU, TableHDU, format_card, write_fits
 from astra_provider.sdss.paths import iter_products, kwargs_hash, parse_path, split_data_root
 from astra_provider.sdss.spectrum import read_spectrum
-from astra_provider.synthetic.fits_writer import ImageHDU, TableHDU, format_card, write_fits
 from astra_provider.synthetic.model import TruthModel, apogee_wavelength, draw_continuum
 from astra_provider.synthetic.survey import (
     TRUTH_COLUMNS,

@@ -59,11 +59,11 @@ from typing import Any
 import numpy as np
 
 from astra_provider._version import __version__
+from astra_provider.fits import ImageHDU, TableHDU, write_fits
 from astra_provider.sdss.apogee import VISIT_CHIP_PIXELS, VISIT_CHIPS_AA
 from astra_provider.sdss.bitmasks import APOGEE_BAD_ERROR, APOGEE_BAD_PIXEL_BITS
 from astra_provider.sdss.boss import BOSS_CDELT, BOSS_CRVAL, BOSS_NPIX
 from astra_provider.sdss.paths import canonical_filetype, kwargs_hash, normalize_kwargs, sdss_path
-from astra_provider.synthetic.fits_writer import ImageHDU, TableHDU, write_fits
 from astra_provider.synthetic.model import (
     APOGEE_CDELT1,
     APOGEE_CHIPS_PIXELS,
