@@ -242,13 +242,6 @@ def write_normalized(
     )
 
 
-def _rows_of(product: Any) -> tuple[str, slice | None]:
-    kwargs = getattr(product, "kwargs", None) or {}
-    if getattr(product, "filetype", None) == OUTPUT_FILETYPE and "row_start" in kwargs:
-        return product.path, slice(int(kwargs["row_start"]), int(kwargs["row_stop"]))
-    return os.fspath(getattr(product, "path", product)), None
-
-
 def read_normalized(product: str | os.PathLike | DataProduct, rows: slice | None = None) -> Spectrum:
     """The normalised spectra of one task: a data product recorded by :class:`SinusoidalContinuum`, or a
     path and the ``rows`` to read (``None``: the whole file, which must then hold one task).
@@ -297,6 +290,26 @@ def read_normalized_inputs(
                 except (ValueError, OSError) as error:
                     instance.fail(task, error)
     return [loaded[task.pk] for task, _ in instance.iterable() if task.pk in loaded]
+
+
+def find_normalized(output_dir: str | os.PathLike, source: str | os.PathLike) -> Spectrum | None:
+    """The normalised spectra of input file ``source`` in the newest file of ``output_dir`` that has them.
+
+    For looking around by hand (the database says exactly where each task's rows are: its output data
+    product); ``None`` when no file there holds ``source``.
+    """
+    import numpy as np
+
+    wanted = os.path.abspath(os.fspath(source))
+    files = sorted(Path(output_dir).glob(f"{OUTPUT_FILETYPE}-*.fits"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(files):
+        with _open_normalized(str(path)) as handle:
+            if "SOURCE" not in handle.column_names("ROWS"):
+                continue
+            hits = np.flatnonzero(handle.read_table("ROWS", ["SOURCE"])["SOURCE"] == wanted)
+            if hits.size:
+                return _read_rows(str(path), handle, slice(int(hits[0]), int(hits[-1]) + 1))
+    return None
 
 
 def _rows_of(product: Any) -> tuple[str, slice | None]:
