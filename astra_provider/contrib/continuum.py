@@ -157,21 +157,16 @@ class SinusoidalContinuum(TaskInstance):
         return [results.get(task.pk) for task, _ in self.iterable()]
 
 
-def _residual_rms(flux, ivar, mask, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def _residual_rms(flux, ivar, mask) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the usable continuum pixels and the RMS of ``(flux - 1)·√ivar`` over them (float64)."""
     import numpy as np
 
-    n_used = np.zeros(flux.shape[0], dtype=np.int64)
-    rms = np.full(flux.shape[0], np.nan)
-    for start in range(0, flux.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        used = mask & (ivar[rows] > 0)
-        residual = (flux[rows].astype(float) - 1.0) * np.sqrt(np.where(used, ivar[rows], 0.0).astype(float))
-        n_used[rows] = used.sum(axis=1)
-        squares = np.where(used, residual, 0.0) ** 2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rms[rows] = np.sqrt(squares.sum(axis=1) / n_used[rows])
-    return n_used, rms
+    flux, ivar = flux[:, mask].astype(float), ivar[:, mask].astype(float)
+    used = ivar > 0
+    n_used = used.sum(axis=1)
+    squares = np.where(used, (flux - 1.0) ** 2 * ivar, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return n_used, np.sqrt(squares.sum(axis=1) / n_used)
 
 
 def output_name(instance: TaskInstance, tasks: Sequence[Task]) -> str:
@@ -248,14 +243,14 @@ def read_normalized(product: str | os.PathLike | DataProduct, rows: slice | None
 
     Also reads the one-task-per-file layout of astra-provider 0.4. ``meta`` has ``path``, ``source``,
     ``continuum`` = ``(deg, L)``, and per row ``snr``, plus ``row_index`` and ``task_pk`` when the file has
-    them.
+    them; ``extras["continuum"]`` is the fitted continuum.
 
     :raises SpectrumReadError: the file is missing, corrupt, not a normalised-spectrum file, or holds several
         tasks and no rows were given.
     """
     path, product_rows = _rows_of(product)
-    with _open_normalized(path) as handle:
-        return _read_rows(path, handle, rows if rows is not None else product_rows)
+    with NormalizedFile(path) as normalized:
+        return normalized.spectrum(rows if rows is not None else product_rows)
 
 
 def read_normalized_inputs(
@@ -263,10 +258,10 @@ def read_normalized_inputs(
 ) -> list[tuple[Task, DataProduct, Spectrum]]:
     """``(task, data_product, spectrum)`` for the first input of each task of ``instance`` still to run.
 
-    The inputs are normalised spectra (:func:`read_normalized`). Each file is opened once for all the tasks
-    whose rows it holds. A file that cannot be read fails the tasks that read it; ``check(path, spectrum)``
-    raising ``ValueError`` fails only its own task. Failures are recorded with :meth:`TaskInstance.fail`,
-    and their messages name the file.
+    The inputs are normalised spectra, as :func:`read_normalized` reads them but without the continuum.
+    Each file is opened once for all the tasks whose rows it holds. A file that cannot be read fails the
+    tasks that read it; ``check(path, spectrum)`` raising ``ValueError`` fails only its own task. Failures
+    are recorded with :meth:`TaskInstance.fail`, and their messages name the file.
     """
     by_file: dict[str, list[tuple[Task, DataProduct, slice | None]]] = {}
     for task, data_products in instance.iterable():
@@ -275,15 +270,15 @@ def read_normalized_inputs(
     loaded = {}
     for path, wanted in by_file.items():
         try:
-            handle = _open_normalized(path)
+            normalized = NormalizedFile(path)
         except (ValueError, OSError) as error:
             for task, *_ in wanted:
                 instance.fail(task, error)
             continue
-        with handle:
+        with normalized:
             for task, product, rows in wanted:
                 try:
-                    spectrum = _read_rows(path, handle, rows)
+                    spectrum = normalized.spectrum(rows, continuum=False)
                     if check is not None:
                         check(path, spectrum)
                     loaded[task.pk] = (task, product, spectrum)
@@ -303,12 +298,10 @@ def find_normalized(output_dir: str | os.PathLike, source: str | os.PathLike) ->
     wanted = os.path.abspath(os.fspath(source))
     files = sorted(Path(output_dir).glob(f"{OUTPUT_FILETYPE}-*.fits"), key=lambda p: p.stat().st_mtime)
     for path in reversed(files):
-        with _open_normalized(str(path)) as handle:
-            if "SOURCE" not in handle.column_names("ROWS"):
-                continue
-            hits = np.flatnonzero(handle.read_table("ROWS", ["SOURCE"])["SOURCE"] == wanted)
+        with NormalizedFile(str(path)) as normalized:
+            hits = np.flatnonzero(normalized.table.get("SOURCE", np.array([])) == wanted)
             if hits.size:
-                return _read_rows(str(path), handle, slice(int(hits[0]), int(hits[-1]) + 1))
+                return normalized.spectrum(slice(int(hits[0]), int(hits[-1]) + 1))
     return None
 
 
@@ -320,81 +313,100 @@ def _rows_of(product: Any) -> tuple[str, slice | None]:
     return os.fspath(getattr(product, "path", product)), None
 
 
-def _open_normalized(path: str):
-    """An open :class:`~astra_provider.fits.FitsFile` with every HDU of the layout."""
-    from astra_provider.fits import FitsError, FitsFile
-    from astra_provider.sdss.spectrum import SpectrumReadError
+class NormalizedFile:
+    """An open normalised-spectrum file; its header, wavelengths and ``ROWS`` table are read once.
 
-    if not os.path.isfile(path):
-        raise SpectrumReadError(path, "file does not exist")
-    try:
-        handle = FitsFile(path)
-    except (FitsError, OSError) as error:
-        raise SpectrumReadError(path, f"cannot read normalised spectra ({error})") from None
-    try:
-        missing = [name for name in _HDUS if not _has_hdu(handle, name)]
-    except FitsError as error:
-        handle.close()
-        raise SpectrumReadError(path, f"cannot read normalised spectra ({error})") from None
-    if missing:
-        handle.close()
-        raise SpectrumReadError(path, f"not a normalised-spectrum file: missing HDU(s) {missing}")
-    return handle
+    :raises SpectrumReadError: the file is missing, not FITS, or lacks an HDU of the layout.
+    """
 
+    def __init__(self, path: str | os.PathLike) -> None:
+        from astra_provider.fits import FitsError, FitsFile
+        from astra_provider.sdss.spectrum import SpectrumReadError
 
-def _has_hdu(handle: Any, name: str) -> bool:
-    try:
-        handle.hdu(name)
-    except IndexError:
-        return False
-    return True
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise SpectrumReadError(self.path, "file does not exist")
+        try:
+            self._handle = FitsFile(self.path)
+        except (FitsError, OSError) as error:
+            raise SpectrumReadError(self.path, f"cannot read normalised spectra ({error})") from None
+        try:
+            missing = [name for name in _HDUS if not self._has_hdu(name)]
+            if missing:
+                raise SpectrumReadError(
+                    self.path, f"not a normalised-spectrum file: missing HDU(s) {missing}"
+                )
+            self.header = self._handle.header(0)
+            self.n_rows = int(self._handle.header("ROWS").get("NAXIS2", 0))
+            self.table = self._handle.read_table("ROWS")
+            self.wavelength = self._handle.read_image("WAVELENGTH").astype(float)
+        except FitsError as error:
+            self.close()
+            raise SpectrumReadError(self.path, f"cannot read normalised spectra ({error})") from None
+        except BaseException:
+            self.close()
+            raise
 
+    def _has_hdu(self, name: str) -> bool:
+        try:
+            self._handle.hdu(name)
+        except IndexError:
+            return False
+        return True
 
-def _read_rows(path: str, handle: Any, rows: slice | None) -> Spectrum:
-    import numpy as np
+    def close(self) -> None:
+        self._handle.close()
 
-    from astra_provider.fits import FitsError
-    from astra_provider.sdss.spectrum import Spectrum, SpectrumReadError
+    def __enter__(self) -> NormalizedFile:
+        return self
 
-    try:
-        n_rows = int(handle.header("ROWS").get("NAXIS2", 0))
-        if rows is not None and not 0 <= rows.start < rows.stop <= n_rows:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def spectrum(self, rows: slice | None, continuum: bool = True) -> Spectrum:
+        """The spectra of ``rows`` (all rows when ``None``: the file must then hold one task's)."""
+        import numpy as np
+
+        from astra_provider.fits import FitsError
+        from astra_provider.sdss.spectrum import Spectrum, SpectrumReadError
+
+        path, table = self.path, self.table
+        if rows is None:
+            task_pks = set(table["TASK_PK"].tolist()) if "TASK_PK" in table else set()
+            if len(task_pks) > 1:
+                raise SpectrumReadError(
+                    path,
+                    f"holds the spectra of {len(task_pks)} tasks: read one task's rows "
+                    "(pass its output data product, or rows=)",
+                )
+            rows = slice(0, self.n_rows)
+        if not 0 <= rows.start < rows.stop <= self.n_rows:
             raise SpectrumReadError(
-                path, f"rows {rows.start}:{rows.stop} are not within the file's {n_rows} rows"
+                path, f"rows {rows.start}:{rows.stop} are not within the file's {self.n_rows} rows"
             )
-        table = handle.read_table("ROWS", rows=rows)
-        task_pks = table.get("TASK_PK")
-        if rows is None and task_pks is not None and len(set(task_pks.tolist())) > 1:
-            raise SpectrumReadError(
-                path,
-                f"holds the spectra of {len(set(task_pks.tolist()))} tasks: read one task's rows "
-                "(pass its output data product, or rows=)",
+        try:
+            flux = self._handle.read_image("FLUX", rows).astype(float)
+            ivar = self._handle.read_image("IVAR", rows).astype(float)
+            extras = (
+                {"continuum": self._handle.read_image("CONTINUUM", rows).astype(float)} if continuum else {}
             )
-        header = handle.header(0)
-        flux = handle.read_image("FLUX", rows).astype(float)
-        ivar = handle.read_image("IVAR", rows).astype(float)
-        continuum = handle.read_image("CONTINUUM", rows).astype(float)
-        wavelength = handle.read_image("WAVELENGTH").astype(float)
-    except FitsError as error:
-        raise SpectrumReadError(path, f"cannot read normalised spectra ({error})") from None
-    sources = sorted(set(table["SOURCE"].tolist())) if "SOURCE" in table else [header.get("SOURCE")]
-    meta = {
-        "path": os.fspath(path),
-        "filetype": OUTPUT_FILETYPE,
-        "source": sources[0] if len(sources) == 1 else sources,
-        "continuum": (header.get("CONTDEG"), header.get("CONTL")),
-        "snr": np.asarray(table["SNR"], dtype=float),
-    }
-    for column, key in (("ROW_INDEX", "row_index"), ("TASK_PK", "task_pk")):
-        if column in table:
-            meta[key] = np.asarray(table[column])
-    try:
-        return Spectrum(
-            wavelength=wavelength,
-            flux=flux,
-            ivar=np.where(np.isfinite(flux), ivar, 0.0),
-            meta=meta,
-            extras={"continuum": continuum},
+        except FitsError as error:
+            raise SpectrumReadError(path, f"cannot read normalised spectra ({error})") from None
+        sources = (
+            sorted(set(table["SOURCE"][rows].tolist())) if "SOURCE" in table else [self.header.get("SOURCE")]
         )
-    except ValueError as error:
-        raise SpectrumReadError(path, f"inconsistent normalised-spectrum file ({error})") from None
+        meta = {
+            "path": path,
+            "filetype": OUTPUT_FILETYPE,
+            "source": sources[0] if len(sources) == 1 else sources,
+            "continuum": (self.header.get("CONTDEG"), self.header.get("CONTL")),
+            "snr": np.asarray(table["SNR"][rows], dtype=float),
+        }
+        for column, key in (("ROW_INDEX", "row_index"), ("TASK_PK", "task_pk")):
+            if column in table:
+                meta[key] = np.asarray(table[column][rows])
+        np.copyto(ivar, 0.0, where=~np.isfinite(flux))
+        try:
+            return Spectrum(wavelength=self.wavelength, flux=flux, ivar=ivar, meta=meta, extras=extras)
+        except ValueError as error:
+            raise SpectrumReadError(path, f"inconsistent normalised-spectrum file ({error})") from None
