@@ -177,3 +177,38 @@ def test_bad_inputs_fail_only_their_own_tasks(astra_db, stars, tmp_path):
         Status.COMPLETED,
     ]
     assert all(str(damaged) in Task.get_by_id(t.pk).error_message for t in reader.tasks[:2])
+
+
+def test_files_of_the_previous_layout_are_still_read(tmp_path):
+    """astra-provider 0.4 wrote one file per input, with the settings and source in the primary header."""
+    rng = np.random.default_rng(8)
+    flux = rng.normal(1.0, 0.01, (2, 50)).astype(np.float32)
+    flux[1, 3] = np.nan
+    header = fits.Header()
+    header["SOURCE"] = "/data/" + "long/" * 20 + "apStar-x.fits"
+    header["CONTDEG"], header["CONTL"] = 3, 1400.0
+    path = tmp_path / "astraContinuum-apStar-x.fits"
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(header=header),
+            fits.ImageHDU(np.linspace(15100.0, 17000.0, 50), name="WAVELENGTH"),
+            fits.ImageHDU(flux, name="FLUX"),
+            fits.ImageHDU(np.full((2, 50), 4.0, np.float32), name="IVAR"),
+            fits.ImageHDU(np.ones((2, 50), np.float32), name="CONTINUUM"),
+            fits.BinTableHDU.from_columns(
+                [fits.Column(name="SNR", format="E", array=[50.0, 40.0])], name="ROWS"
+            ),
+        ]
+    ).writeto(path)
+    spectrum = read_normalized(path)
+    assert spectrum.meta["source"] == header["SOURCE"] and spectrum.meta["continuum"] == (3, 1400.0)
+    assert spectrum.flux.shape == (2, 50) and spectrum.ivar[1, 3] == 0 and spectrum.ivar[0, 3] == 4.0
+    np.testing.assert_allclose(spectrum.snr, [50.0, 40.0])
+    with pytest.raises(SpectrumReadError, match="missing HDU"):
+        read_normalized(_write_primary_only(tmp_path))
+
+
+def _write_primary_only(tmp_path: Path) -> Path:
+    path = tmp_path / "primary-only.fits"
+    fits.PrimaryHDU(np.zeros(3)).writeto(path)
+    return path

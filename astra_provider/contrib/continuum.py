@@ -407,6 +407,6 @@ class NormalizedFile:
                 meta[key] = np.asarray(table[column][rows])
         np.copyto(ivar, 0.0, where=~np.isfinite(flux))
         try:
-            return Spectrum(wavelength=self.wavelength, flux=flux, ivar=ivar, meta=meta, extras=extras)
+            return Spectrum(wavelength=self.wavelength.copy(), flux=flux, ivar=ivar, meta=meta, extras=extras)
         except ValueError as error:
             raise SpectrumReadError(path, f"inconsistent normalised-spectrum file ({error})") from None

@@ -101,14 +101,6 @@ class ImageHDU:
         if self.data is not None and np.asarray(self.data).size:
             _pad(handle, _write_array(handle, np.asarray(self.data)))
 
-    def to_bytes(self, primary: bool) -> bytes:
-        """The HDU as bytes (header and padded data)."""
-        import io
-
-        buffer = io.BytesIO()
-        self.write(buffer, primary)
-        return buffer.getvalue()
-
 
 @dataclass
 class TableHDU:
@@ -172,14 +164,6 @@ class TableHDU:
         data = record.tobytes()
         handle.write(data)
         _pad(handle, len(data))
-
-    def to_bytes(self, primary: bool = False) -> bytes:
-        """The HDU as bytes (header and padded data)."""
-        import io
-
-        buffer = io.BytesIO()
-        self.write(buffer, primary)
-        return buffer.getvalue()
 
 
 def temporary_path(path: str | os.PathLike[str]) -> Path:
