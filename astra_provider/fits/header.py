@@ -96,8 +96,12 @@ def _value(field: str) -> tuple[Any, str, bool]:
     return _number(text.strip()), comment.strip(), False
 
 
+@functools.lru_cache(maxsize=512)
 def parse_header(data: bytes) -> Header:
     """The cards of a header's bytes (up to its ``END`` card).
+
+    Identical headers (the extension headers of files of one kind, which differ only in their sizes) are
+    parsed once: the result is cached, so treat a :class:`Header` as read-only.
 
     :raises ValueError: the bytes are not ASCII.
     """
