@@ -208,23 +208,26 @@ def run_tasks(stars: list[str], visits: list[str], model: Path, workdir: Path, t
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _bare_reader() -> tuple[str, Callable[[str, list[Any], slice | None], list[np.ndarray]]]:
+def _bare_reader() -> tuple[str, Callable[..., list[Any]]]:
+    """``bare(path, hdus, slices=None)``: whole HDUs, or for each row slice those rows of each HDU."""
     try:
         import fitsio
     except ImportError:
         from astra_provider.fits import FitsFile
 
-        def own(path: str, hdus: list[Any], rows: slice | None) -> list[np.ndarray]:
+        def own(path: str, hdus: list[Any], slices: list[slice] | None = None) -> list[Any]:
             with FitsFile(path) as handle:
-                return [handle.read_image(h, rows) for h in hdus]
+                if slices is None:
+                    return [handle.read_image(h) for h in hdus]
+                return [[handle.read_image(h, rows) for h in hdus] for rows in slices]
 
         return "astra_provider.fits (fitsio not installed)", own
 
-    def bare(path: str, hdus: list[Any], rows: slice | None) -> list[np.ndarray]:
+    def bare(path: str, hdus: list[Any], slices: list[slice] | None = None) -> list[Any]:
         with fitsio.FITS(path) as handle:
-            if rows is None:
+            if slices is None:
                 return [handle[h].read() for h in hdus]
-            return [handle[h][rows.start : rows.stop, :] for h in hdus]
+            return [[handle[h][rows.start : rows.stop, :] for h in hdus] for rows in slices]
 
     return "cfitsio (fitsio " + fitsio.__version__ + ")", bare
 
@@ -286,19 +289,19 @@ def floors(stars: list[str], visits: list[str], model: Path, workdir: Path) -> t
     )
     result["doppler"] = {"read": read_seconds, "kernel": kernel_seconds, "write": 0.0}
     # thecannon: FLUX and IVAR rows of each task in the normalised file; the kernel on the first rows
-    database.configure(f"sqlite:///{workdir / 'bench-floor.db'}")
-    (workdir / "bench-floor.db").unlink(missing_ok=True)
-    database.configure(f"sqlite:///{workdir / 'bench-floor.db'}")
+    floor_db = workdir / f"bench-floor-{time.time_ns()}.db"  # a new database: the tasks run
+    database.configure(f"sqlite:///{floor_db}")
     out = workdir / "outputs" / "floor"
     normalised = SinusoidalContinuum(input_data_products=stars, output_dir=str(out))
     normalised.execute()
-    products = [task.output_data_products[0] for task in normalised.tasks]  # untimed look-up
-    read_seconds, rows = timed(
-        lambda: [
-            bare(p.path, ["FLUX", "IVAR"], slice(p.kwargs["row_start"], p.kwargs["row_stop"]))
-            for p in products
-        ]
-    )
+    by_file: dict[str, list[slice]] = {}
+    for task in normalised.tasks:  # untimed look-up of where each task's rows are
+        product = task.output_data_products[0]
+        by_file.setdefault(product.path, []).append(
+            slice(product.kwargs["row_start"], product.kwargs["row_stop"])
+        )
+    read_seconds, per_file = timed(lambda: [bare(path, ["FLUX", "IVAR"], s) for path, s in by_file.items()])
+    rows = [task_rows for file_rows in per_file for task_rows in file_rows]
     first_flux = np.stack([r[0][0] for r in rows]).astype(float)
     first_ivar = np.stack([r[1][0] for r in rows]).astype(float)
     kernel_seconds, _ = timed(lambda: fit(the_model, first_flux, first_ivar))
@@ -306,6 +309,7 @@ def floors(stars: list[str], visits: list[str], model: Path, workdir: Path) -> t
     for path in out.iterdir():
         path.unlink()
     (workdir / "floor.fits").unlink(missing_ok=True)
+    floor_db.unlink(missing_ok=True)
     return name, result
 
 

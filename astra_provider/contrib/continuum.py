@@ -95,7 +95,7 @@ class SinusoidalContinuum(TaskInstance):
             if failed[span].all():
                 self.fail(task, f"{data_product.path}: too few usable continuum pixels to fit any row")
             else:
-                kept.append((task, data_product, spectrum, span))
+                kept.append((task, data_product, spectrum))
                 rows.append(np.arange(span.start, span.stop))
         if not kept:
             return []
@@ -112,7 +112,7 @@ class SinusoidalContinuum(TaskInstance):
                 flux_norm,
                 ivar_norm,
                 continuum,
-                [(task, data_product, spectrum) for task, data_product, spectrum, _ in kept],
+                kept,
                 failed,
                 deg=self.deg,
                 length_scale=float(self.length_scale),
@@ -128,7 +128,7 @@ class SinusoidalContinuum(TaskInstance):
         """One output data product and one ``astra.continuum`` row per spectrum row, for every task."""
         n_used, rms = _residual_rms(flux_norm, ivar_norm, mask)
         results, row = {}, 0
-        for task, data_product, spectrum, _ in kept:
+        for task, data_product, spectrum in kept:
             start = row
             self.add_output_data_product(
                 task,
