@@ -169,7 +169,8 @@ def test_region_without_continuum_pixels(model):
 
     fitted = fit_sinusoidal_continuum(WAVELENGTH, spectra.flux, ivar, CONTINUUM_PIXELS, on_failure="nan")
     alone = fit_sinusoidal_continuum(WAVELENGTH, spectra.flux[:3], ivar[:3], CONTINUUM_PIXELS)
-    np.testing.assert_allclose(fitted[:3], alone, rtol=1e-6, equal_nan=True)  # other spectra unaffected
+    # Other spectra unaffected (to rounding: BLAS may block a batch of 4 and one of 3 differently).
+    np.testing.assert_allclose(fitted[:3], alone, rtol=1e-6, equal_nan=True)
     assert np.all(np.isnan(fitted[3, green]))
     assert np.all(np.isfinite(fitted[3, slice(*APOGEE_CHIPS_PIXELS[0])]))
     flux_norm, ivar_norm = normalize(spectra.flux, ivar, fitted)

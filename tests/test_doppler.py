@@ -8,12 +8,14 @@ import pytest
 from astra_provider.science import cannon
 from astra_provider.science.doppler import (
     SPEED_OF_LIGHT_KMS,
+    DopplerOptions,
     LogLinearGrid,
     RVFlag,
     coarse_label_grid,
     cross_correlate,
     max_lag_pixels,
     measure_radial_velocities,
+    measure_visit_radial_velocities,
     pixel_shift_to_velocity,
     refine_velocity,
     refine_velocity_and_labels,
@@ -315,6 +317,51 @@ def test_generic_model_path_matches_linear_fast_path(truth, cannon_model):
     np.testing.assert_allclose(fast.labels, slow.labels, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fast.u_vrel, slow.u_vrel, rtol=1e-4)
     assert np.all((fast.flag & RVFlag.NOT_CONVERGED) == 0)
+
+
+def test_batch_and_chunk_sizes_do_not_change_the_results(truth, cannon_model):
+    """DopplerOptions' batch and chunk sizes only split the work: the same velocities and labels (to the
+    rounding of differently blocked BLAS calls), on a common grid and on the spectra's own pixels."""
+    rng = np.random.default_rng(17)
+    labels = draw_labels(7, rng)
+    velocities = rng.uniform(-200.0, 200.0, 7)
+    spectra = make_spectra(truth, labels, 60.0, velocities, rng, continuum=False, intrinsic_scatter=False)
+    small = DopplerOptions(batch_size=3, ccf_chunk_size=2, label_chunk_size=2, velocity_chunk_size=2)
+    for fit_labels in (True, False):
+        default = measure_radial_velocities(
+            GRID, spectra.flux, spectra.ivar, cannon_model, fit_labels=fit_labels
+        )
+        chunked = measure_radial_velocities(
+            GRID, spectra.flux, spectra.ivar, cannon_model, fit_labels=fit_labels, options=small
+        )
+        assert np.all(default.flag == chunked.flag) and np.all(
+            default.template_index == chunked.template_index
+        )
+        np.testing.assert_allclose(chunked.vrel, default.vrel, rtol=0, atol=1e-6)  # km/s; σ_v ≈ 0.02 km/s
+        np.testing.assert_allclose(chunked.labels, default.labels, rtol=1e-6, equal_nan=True)
+
+    # Own pixels: each spectrum on its own non-log-linear wavelengths, of its own length.
+    with_continuum = make_spectra(
+        truth, labels, 60.0, velocities, rng, continuum=True, intrinsic_scatter=False
+    )
+    wavelength = [np.geomspace(15150.0, 16950.0, 9000 + 41 * i) ** 1.0000001 for i in range(7)]
+    flux = [np.interp(w, GRID.wavelength, f) for w, f in zip(wavelength, with_continuum.flux)]
+    ivar = [np.interp(w, GRID.wavelength, v) for w, v in zip(wavelength, with_continuum.ivar)]
+    default = measure_visit_radial_velocities(wavelength, flux, ivar, cannon_model)
+    chunked = measure_visit_radial_velocities(
+        wavelength, flux, ivar, cannon_model, options=DopplerOptions(visit_batch_size=2, ccf_chunk_size=3)
+    )
+    assert np.all(default.flag == chunked.flag)
+    assert np.all(np.abs(default.vrel - velocities) < 0.5)  # the visits were measured at all
+    np.testing.assert_allclose(chunked.vrel, default.vrel, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(chunked.labels, default.labels, rtol=1e-6)
+
+
+def test_options_out_of_range_are_named():
+    with pytest.raises(ValueError, match=r"batch_size=0, guard_pixels=-1"):
+        DopplerOptions(batch_size=0, guard_pixels=-1)
+    with pytest.raises(ValueError, match="continuum_length_scale=0"):
+        DopplerOptions(continuum_length_scale=0.0)
 
 
 def test_batch_without_any_usable_spectrum(lines, cannon_model):

@@ -51,9 +51,13 @@ _HDUS = ("WAVELENGTH", "FLUX", "IVAR", "CONTINUUM", "ROWS")
 class SinusoidalContinuum(TaskInstance):
     """Normalise apStar spectra by a sum of sines and cosines fitted to fixed continuum pixels."""
 
-    deg = Parameter(default=3, bundled=True, description="Number of sine/cosine pairs per region.")
-    length_scale = Parameter(default=1400.0, bundled=True, description="Period L of the sinusoids (Å).")
-    output_dir = Parameter(default=None, bundled=True, description="Where to write the normalised spectra.")
+    deg = Parameter(default=3, type=int, bundled=True, description="Number of sine/cosine pairs per region.")
+    length_scale = Parameter(
+        default=1400.0, type=float, bundled=True, description="Period L of the sinusoids (Å)."
+    )
+    output_dir = Parameter(
+        default=None, type=str, bundled=True, description="Where to write the normalised spectra."
+    )
 
     def execute(self):
         import numpy as np
@@ -83,7 +87,7 @@ class SinusoidalContinuum(TaskInstance):
             np.concatenate([s.ivar for s in spectra]),
             mask,
             deg=self.deg,
-            L=float(self.length_scale),
+            length_scale=float(self.length_scale),
             on_failure="nan",
             dtype=np.float32,
         )
@@ -242,8 +246,8 @@ def read_normalized(product: str | os.PathLike | DataProduct, rows: slice | None
     path and the ``rows`` to read (``None``: the whole file, which must then hold one task).
 
     Also reads the one-task-per-file layout of astra-provider 0.4. ``meta`` has ``path``, ``source``,
-    ``continuum`` = ``(deg, L)``, and per row ``snr``, plus ``row_index`` and ``task_pk`` when the file has
-    them; ``extras["continuum"]`` is the fitted continuum.
+    ``continuum`` = ``(deg, length_scale)``, and per row ``snr``, plus ``row_index`` and ``task_pk``
+    when the file has them; ``extras["continuum"]`` is the fitted continuum.
 
     :raises SpectrumReadError: the file is missing, corrupt, not a normalised-spectrum file, or holds several
         tasks and no rows were given.

@@ -30,11 +30,13 @@ class TrainTheCannon(TaskInstance):
     by the extension of ``output_path``) and recorded as the task's output data product.
     """
 
-    label_names = TupleParameter(default=NAMED_LABELS, description="Label columns of the training table.")
-    regularization = Parameter(default=0.0, description="L1 regularisation strength (0: none).")
-    output_path = Parameter(default=None, description="Model file to write (.npz or .fits).")
-    deg = Parameter(default=3, description="Continuum: sine/cosine pairs per region.")
-    length_scale = Parameter(default=1400.0, description="Continuum: sinusoid period (Å).")
+    label_names = TupleParameter(
+        default=NAMED_LABELS, type=str, description="Label columns of the training table."
+    )
+    regularization = Parameter(default=0.0, type=float, description="L1 regularisation strength (0: none).")
+    output_path = Parameter(default=None, type=str, description="Model file to write (.npz or .fits).")
+    deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
+    length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
 
     def execute(self):
         import numpy as np
@@ -58,7 +60,7 @@ class TrainTheCannon(TaskInstance):
                 ivar,
                 load_continuum_pixels(),
                 deg=self.deg,
-                L=float(self.length_scale),
+                length_scale=float(self.length_scale),
                 on_failure="nan",
             )
             model = train(
@@ -93,7 +95,7 @@ class TestTheCannon(TaskInstance):
 
     __test__ = False  # not a pytest test class
 
-    model_path = Parameter(bundled=True, description="A model written by TrainTheCannon.")
+    model_path = Parameter(type=str, bundled=True, description="A model written by TrainTheCannon.")
 
     def pre_execute(self):
         from astra_provider.science.cannon import CannonModel
@@ -115,7 +117,7 @@ class TestTheCannon(TaskInstance):
             used = spectrum.meta.get("continuum")
             if used is not None and settings != (None, None) and tuple(used) != settings:
                 raise ValueError(
-                    f"{path}: normalised with (deg, L) = {tuple(used)}, "
+                    f"{path}: normalised with (deg, length_scale) = {tuple(used)}, "
                     f"but the model was trained with {settings}"
                 )
             if spectrum.n_pixels != self.model.n_pixels:

@@ -3,7 +3,7 @@
 Per wavelength region r (one per APOGEE detector) the continuum is a truncated Fourier series in the absolute
 wavelength,
 
-    C_r(λ) = a_0 + Σ_{k=1..deg} a_k cos(2πkλ/L) + b_k sin(2πkλ/L),
+    C_r(λ) = a_0 + Σ_{k=1..deg} a_k cos(2πkλ/L) + b_k sin(2πkλ/L),    L = ``length_scale`` (1400 Å),
 
 fitted by inverse-variance-weighted least squares on a fixed list of continuum pixels only, with the ridge
 ``A += 1e-6·λ_max(A)·I`` on the normal matrix A (AnniesLasso / Astra, Casey+2016 eq. 4), and evaluated over
@@ -30,8 +30,10 @@ from astra_provider.sdss.apogee import APOGEE_NPIX, APOGEE_REGIONS_AA
 __all__ = [
     "ContinuumFitError",
     "RIDGE_FACTOR",
+    "RowSinusoidBasis",
     "continuum_normalize",
     "fit_sinusoidal_continuum",
+    "fit_sinusoidal_continuum_at",
     "load_continuum_pixels",
     "normalize",
     "sinusoid_basis",
@@ -128,7 +130,7 @@ class _RegionPlan:
 
 @dataclass(frozen=True, eq=False)
 class _GridPlan:
-    """What depends only on (wavelength grid, continuum mask, regions, deg, L), not on the spectra: cached,
+    """What depends only on (wavelength grid, continuum mask, regions, deg, length_scale), not on the spectra:
     so blocks and repeated calls reuse the design matrices and pixel lists."""
 
     n_params: int
@@ -137,14 +139,22 @@ class _GridPlan:
     outside: np.ndarray  # pixels outside every region
 
 
-def _grid_plan(wavelength: np.ndarray, continuum_mask: np.ndarray, regions, deg: int, L: float) -> _GridPlan:
+def _grid_plan(
+    wavelength: np.ndarray, continuum_mask: np.ndarray, regions, deg: int, length_scale: float
+) -> _GridPlan:
     regions = tuple((float(lower), float(upper)) for lower, upper in regions)
-    return _cached_grid_plan(wavelength.tobytes(), continuum_mask.tobytes(), regions, int(deg), float(L))
+    return _cached_grid_plan(
+        wavelength.tobytes(), continuum_mask.tobytes(), regions, int(deg), float(length_scale)
+    )
 
 
 @lru_cache(maxsize=8)
 def _cached_grid_plan(
-    wavelength_bytes: bytes, mask_bytes: bytes, regions: tuple[tuple[float, float], ...], deg: int, L: float
+    wavelength_bytes: bytes,
+    mask_bytes: bytes,
+    regions: tuple[tuple[float, float], ...],
+    deg: int,
+    length_scale: float,
 ) -> _GridPlan:
     wavelength = np.frombuffer(wavelength_bytes, dtype=float)
     continuum_mask = np.frombuffer(mask_bytes, dtype=bool)
@@ -158,8 +168,8 @@ def _cached_grid_plan(
             continue
         outside &= ~in_region
         fit = np.flatnonzero(in_region & continuum_mask)
-        fit_basis = sinusoid_basis(wavelength[fit], deg, L)
-        basis_t = np.ascontiguousarray(sinusoid_basis(wavelength[pixels], deg, L).T)
+        fit_basis = sinusoid_basis(wavelength[fit], deg, length_scale)
+        basis_t = np.ascontiguousarray(sinusoid_basis(wavelength[pixels], deg, length_scale).T)
         if pixels[-1] - pixels[0] + 1 == pixels.size:  # contiguous: written through a view
             pixels = slice(int(pixels[0]), int(pixels[-1]) + 1)
         products = fit_basis[:, upper_i] * fit_basis[:, upper_j]
@@ -287,7 +297,10 @@ def _output(shape: tuple[int, ...], dtype: DTypeLike, out: np.ndarray | None, na
     return out
 
 
-def _prepare(wavelength, flux, ivar, continuum_mask, regions, deg, L, on_failure):
+def _validated_plan_and_batches(
+    wavelength, flux, ivar, continuum_mask, regions, deg, length_scale, on_failure
+):
+    """The cached :class:`_GridPlan`, flux and ivar as (n, P) batches, and whether one spectrum was given."""
     wavelength = np.asarray(wavelength, dtype=float)
     n_pixels = wavelength.size
     single = np.ndim(flux) == 1
@@ -300,7 +313,7 @@ def _prepare(wavelength, flux, ivar, continuum_mask, regions, deg, L, on_failure
         raise ValueError(f"continuum_mask must have shape ({n_pixels},), got {continuum_mask.shape}")
     if on_failure not in ("raise", "nan"):
         raise ValueError(f"on_failure must be 'raise' or 'nan', got {on_failure!r}")
-    return _grid_plan(wavelength, continuum_mask, regions, deg, L), flux, ivar, single
+    return _grid_plan(wavelength, continuum_mask, regions, deg, length_scale), flux, ivar, single
 
 
 def _outputs(shape, single, dtype, out, names):
@@ -319,7 +332,7 @@ def fit_sinusoidal_continuum(
     continuum_mask: np.ndarray,
     regions: tuple[tuple[float, float], ...] = APOGEE_REGIONS_AA,
     deg: int = 3,
-    L: float = 1400.0,
+    length_scale: float = 1400.0,
     on_failure: Literal["raise", "nan"] = "raise",
     ridge_factor: float = RIDGE_FACTOR,
     *,
@@ -328,26 +341,30 @@ def fit_sinusoidal_continuum(
 ) -> np.ndarray:
     """Fit Astra's Sinusoidal continuum to a batch of spectra; returns the continuum (n, P).
 
-    Parameters
-    ----------
-    wavelength : (P,) absolute wavelengths (Å); the basis uses λ itself, not a centred λ.
-    flux, ivar : (n, P) or (P,). Non-finite flux or ivar, and ivar ≤ 0, mark a pixel unusable.
-    continuum_mask : (P,) bool, the fixed continuum pixels (e.g. :func:`load_continuum_pixels`).
-    regions : closed wavelength intervals fitted independently.
-    deg, L : number of harmonics and their fundamental period (Å).
-    on_failure : a region of a spectrum with fewer than ``2·deg + 1`` usable continuum pixels either raises
-        :class:`ContinuumFitError` naming every (spectrum, region) concerned (``"raise"``, the default), or
-        gets a NaN continuum (``"nan"``), which :func:`normalize` turns into flux 1, ivar 0.
-    ridge_factor : ridge relative to the largest eigenvalue of each normal matrix (Astra: 1e-6). With the
-        APOGEE regions and L = 1400 Å the normal matrices have condition numbers up to ~1e7, so this ridge
-        is active: it costs ~4e-4 rms (up to 4e-3 at region edges) even for a noise-free in-family continuum.
-    dtype : of the result. The fit and the evaluation are float64 whatever it is; ``np.float32`` rounds the
-        result once and halves the memory written (for spectra stored as float32 anyway).
-    out : a preallocated result (the shape of ``flux``, of ``dtype``) to write into.
+    :param wavelength: (P,) absolute wavelengths (Å); the basis uses λ itself, not a centred λ.
+    :param flux: (n, P) or (P,). Non-finite flux or ivar, and ivar ≤ 0, mark a pixel unusable.
+    :param ivar: the inverse variances, of the shape of ``flux``.
+    :param continuum_mask: (P,) bool, the fixed continuum pixels (e.g. :func:`load_continuum_pixels`).
+    :param regions: closed wavelength intervals fitted independently.
+    :param deg: number of harmonics.
+    :param length_scale: their fundamental period L (Å).
+    :param on_failure: a region of a spectrum with fewer than ``2·deg + 1`` usable continuum pixels either
+        raises :class:`ContinuumFitError` naming every (spectrum, region) concerned (``"raise"``, the
+        default), or gets a NaN continuum (``"nan"``), which :func:`normalize` turns into flux 1, ivar 0.
+    :param ridge_factor: ridge relative to the largest eigenvalue of each normal matrix (Astra: 1e-6). With
+        the APOGEE regions and L = 1400 Å the normal matrices have condition numbers up to ~1e7, so this
+        ridge is active: it costs ~4e-4 rms (up to 4e-3 at region edges) even for a noise-free in-family
+        continuum.
+    :param dtype: of the result. The fit and the evaluation are float64 whatever it is; ``np.float32``
+        rounds the result once and halves the memory written (for spectra stored as float32 anyway).
+    :param out: a preallocated result (the shape of ``flux``, of ``dtype``) to write into.
+    :raises ContinuumFitError: with ``on_failure="raise"``, as above.
 
     Pixels outside every region get a NaN continuum (hence flux 1, ivar 0 after :func:`normalize`).
     """
-    plan, flux, ivar, single = _prepare(wavelength, flux, ivar, continuum_mask, regions, deg, L, on_failure)
+    plan, flux, ivar, single = _validated_plan_and_batches(
+        wavelength, flux, ivar, continuum_mask, regions, deg, length_scale, on_failure
+    )
     coefficients, n_usable = _fit_coefficients(plan, flux, ivar, ridge_factor)
     failures = _failures(plan, n_usable)
     if failures and on_failure == "raise":
@@ -398,7 +415,7 @@ def continuum_normalize(
     continuum_mask: np.ndarray | None = None,
     regions: tuple[tuple[float, float], ...] = APOGEE_REGIONS_AA,
     deg: int = 3,
-    L: float = 1400.0,
+    length_scale: float = 1400.0,
     on_failure: Literal["raise", "nan"] = "raise",
     ridge_factor: float = RIDGE_FACTOR,
     *,
@@ -415,7 +432,9 @@ def continuum_normalize(
     :func:`fit_sinusoidal_continuum` and :func:`normalize`.
     """
     mask = load_continuum_pixels() if continuum_mask is None else continuum_mask
-    plan, flux, ivar, single = _prepare(wavelength, flux, ivar, mask, regions, deg, L, on_failure)
+    plan, flux, ivar, single = _validated_plan_and_batches(
+        wavelength, flux, ivar, mask, regions, deg, length_scale, on_failure
+    )
     coefficients, n_usable = _fit_coefficients(plan, flux, ivar, ridge_factor)
     failures = _failures(plan, n_usable)
     if failures and on_failure == "raise":
@@ -458,21 +477,32 @@ def _cos_sin(phase: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cos_q, sin_q
 
 
-class _RowSinusoids:
-    """The sinusoid basis (n, Q, 2·deg+1) of spectra that each have their own wavelengths (n, Q), computed
-    once and reused by several fits (the Doppler step fits each visit twice, with different masks)."""
+class RowSinusoidBasis:
+    """The Sinusoidal continuum basis of spectra that each have their own wavelengths, for repeated fits.
+
+    Built once for wavelengths (n, Q) (one row per spectrum, e.g. the pixels of apVisit files, which are not
+    on a common grid), it holds the basis (n, Q, 2·deg+1) and the region of every pixel; :meth:`fit` then
+    fits the continuum to any flux, ivar and continuum mask on those pixels, batched over spectra (the
+    Doppler step fits each visit twice, with the continuum pixels taken at two velocities). The model and
+    the fit are those of :func:`fit_sinusoidal_continuum`.
+
+    :param wavelength: (n, Q) or (Q,) absolute wavelengths (Å), each row a spectrum's own pixels.
+    :param regions: closed wavelength intervals fitted independently; a pixel in several takes the last.
+    :param deg: number of harmonics.
+    :param length_scale: their fundamental period L (Å).
+    """
 
     def __init__(
         self,
         wavelength: np.ndarray,
-        regions: tuple[tuple[float, float], ...],
-        deg: int,
-        L: float,
+        regions: tuple[tuple[float, float], ...] = APOGEE_REGIONS_AA,
+        deg: int = 3,
+        length_scale: float = 1400.0,
     ) -> None:
         wavelength = np.atleast_2d(np.asarray(wavelength, dtype=float))
         n, n_pixels = wavelength.shape
         self.n_params = 2 * deg + 1
-        cos1, sin1 = _cos_sin((2.0 * np.pi / L) * wavelength)
+        cos1, sin1 = _cos_sin((2.0 * np.pi / length_scale) * wavelength)
         basis = np.empty((n, n_pixels, self.n_params))
         basis[..., 0] = 1.0
         if deg >= 1:
@@ -489,9 +519,23 @@ class _RowSinusoids:
         self.region = region
         self.n_regions = len(regions)
 
-    def fit(self, flux: np.ndarray, ivar: np.ndarray, continuum_mask: np.ndarray, ridge_factor: float):
-        """Continuum (n, Q) fitted to the usable pixels of ``continuum_mask``; NaN outside every region and in
-        a region with fewer than ``2·deg + 1`` usable continuum pixels."""
+    def fit(
+        self,
+        flux: np.ndarray,
+        ivar: np.ndarray,
+        continuum_mask: np.ndarray,
+        ridge_factor: float = RIDGE_FACTOR,
+    ) -> np.ndarray:
+        """The continuum (n, Q) fitted to the usable pixels of ``continuum_mask`` (never raises).
+
+        :param flux: (n, Q) flux on the basis's pixels; non-finite flux or ivar and ivar ≤ 0 (e.g. padding)
+            mark a pixel unusable.
+        :param ivar: (n, Q) inverse variances.
+        :param continuum_mask: (n, Q) bool, the pixels to fit (each spectrum its own).
+        :param ridge_factor: as in :func:`fit_sinusoidal_continuum`.
+        :returns: the continuum (n, Q); NaN outside every region and in a region of a spectrum with fewer
+            than ``2·deg + 1`` usable continuum pixels.
+        """
         n, n_pixels, n_params = self.basis.shape
         usable = continuum_mask & np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0) & (self.region >= 0)
         rows, columns = np.nonzero(usable)
@@ -531,7 +575,7 @@ def fit_sinusoidal_continuum_at(
     continuum_mask: np.ndarray,
     regions: tuple[tuple[float, float], ...] = APOGEE_REGIONS_AA,
     deg: int = 3,
-    L: float = 1400.0,
+    length_scale: float = 1400.0,
     ridge_factor: float = RIDGE_FACTOR,
 ) -> np.ndarray:
     """The Sinusoidal continuum of spectra that each have their own wavelengths (e.g. apVisit pixels).
@@ -539,7 +583,10 @@ def fit_sinusoidal_continuum_at(
     Same model and fit as :func:`fit_sinusoidal_continuum`, batched over spectra whose ``wavelength``,
     ``flux``, ``ivar`` and ``continuum_mask`` are all (n, Q) (each row its own pixels; padding pixels need
     ivar 0). Returns the continuum (n, Q); NaN outside every region and in a region of a spectrum with fewer
-    than ``2·deg + 1`` usable continuum pixels (never raises).
+    than ``2·deg + 1`` usable continuum pixels (never raises). To fit the same pixels several times, build a
+    :class:`RowSinusoidBasis` once.
+
+    :raises ValueError: if the four arrays differ in shape.
     """
     wavelength = np.atleast_2d(np.asarray(wavelength, dtype=float))
     flux = np.atleast_2d(np.asarray(flux, dtype=float))
@@ -547,4 +594,6 @@ def fit_sinusoidal_continuum_at(
     continuum_mask = np.atleast_2d(np.asarray(continuum_mask, dtype=bool))
     if not (wavelength.shape == flux.shape == ivar.shape == continuum_mask.shape):
         raise ValueError("wavelength, flux, ivar and continuum_mask must have the same shape (n, Q)")
-    return _RowSinusoids(wavelength, regions, deg, L).fit(flux, ivar, continuum_mask, ridge_factor)
+    return RowSinusoidBasis(wavelength, regions, deg, length_scale).fit(
+        flux, ivar, continuum_mask, ridge_factor
+    )

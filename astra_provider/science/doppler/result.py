@@ -1,0 +1,164 @@
+"""What the radial-velocity functions return: flag bits and per-spectrum result dataclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from enum import IntFlag
+from typing import ClassVar, Self
+
+import numpy as np
+
+__all__ = ["CrossCorrelationResult", "RVFlag", "RadialVelocityResult", "RefinementResult"]
+
+
+class RVFlag(IntFlag):
+    """Bits of the ``flag`` arrays (0 = all good)."""
+
+    CCF_AT_EDGE = 1
+    """The CCF maximum is at the edge of the searched lag range (true velocity probably outside it)."""
+    LOW_CCF_PEAK = 2
+    """The normalised CCF peak is below ``min_ccf_peak`` (weak or no detection)."""
+    NOT_CONVERGED = 4
+    """Refinement not converged in ``max_iterations``, shift out of range, or singular curvature."""
+    NO_USABLE_PIXELS = 8
+    """Too few pixels with ivar > 0 and finite flux; all outputs are NaN."""
+    LABELS_AT_EDGE = 16
+    """Fitted labels outside the model's training-label range."""
+
+
+class _Batches:
+    """Mixin of the per-spectrum dataclasses: :meth:`concatenate` joins results of consecutive batches."""
+
+    _shared_fields: ClassVar[tuple[str, ...]] = ()  # fields that describe the whole call, not one spectrum
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Self]) -> Self:
+        """One result of consecutive batches (at least one): every per-spectrum array joined along its first
+        axis, the fields that describe the whole call taken from the first batch."""
+        if not parts:
+            raise ValueError(f"{cls.__name__}.concatenate needs at least one batch")
+        return cls(
+            **{
+                f.name: getattr(parts[0], f.name)
+                if f.name in cls._shared_fields
+                else np.concatenate([getattr(part, f.name) for part in parts])
+                for f in fields(cls)
+            }
+        )
+
+
+@dataclass
+class CrossCorrelationResult(_Batches):
+    """Per-spectrum outcome of :func:`.cross_correlate` (arrays of length N unless noted).
+
+    ``template_index`` is the chosen template (−1 if unusable), ``shift`` its sub-pixel CCF peak lag
+    (pixels), ``vrel`` the corresponding velocity (km/s), ``ccf_peak`` the normalised CCF (weighted Pearson
+    correlation) at the peak, ``peak_by_template`` (N, T) the normalised peak of every template, ``flag``
+    the :class:`.RVFlag` bits CCF_AT_EDGE, LOW_CCF_PEAK and NO_USABLE_PIXELS, and ``max_lag`` the lag range.
+    """
+
+    _shared_fields = ("max_lag",)
+
+    template_index: np.ndarray
+    shift: np.ndarray
+    vrel: np.ndarray
+    ccf_peak: np.ndarray
+    peak_by_template: np.ndarray
+    flag: np.ndarray
+    max_lag: int
+
+
+@dataclass
+class RefinementResult(_Batches):
+    """Outcome of the Gauss–Newton refinement (arrays of length N unless noted).
+
+    ``labels``/``u_labels`` are (N, K) in physical units (K = 0 for a fixed template); ``chisq`` is the
+    reduced χ² ``Σw̃r²/(n_pixels_used − n_parameters)``; ``n_iterations`` counts model evaluations;
+    ``flag`` holds NOT_CONVERGED, NO_USABLE_PIXELS and LABELS_AT_EDGE bits.
+    """
+
+    vrel: np.ndarray
+    u_vrel: np.ndarray
+    labels: np.ndarray
+    u_labels: np.ndarray
+    chisq: np.ndarray
+    n_iterations: np.ndarray
+    flag: np.ndarray
+
+
+@dataclass
+class RadialVelocityResult(_Batches):
+    """Radial velocities and labels of N spectra (arrays of length N; NaN where not measured).
+
+    ``vrel`` (km/s) is relative to the spectra's wavelength frame (no barycentric correction); ``chisq`` is
+    the reduced χ² of the refinement; ``ccf_peak`` the normalised CCF peak; ``flag`` the :class:`.RVFlag`
+    bits.
+    ``labels``/``u_labels`` (N, K) hold all model labels in ``label_names`` order; ``teff``, ``logg``,
+    ``fe_h`` (and ``u_*``) copy the matching columns (NaN if the model lacks them or labels were not fitted).
+    ``ccf_vrel`` is the stage-1 velocity, ``template_index`` the chosen CCF template, ``template_labels``
+    (T, K) the CCF label grid and ``n_iterations`` the number of model evaluations of the refinement.
+    """
+
+    _shared_fields = ("label_names", "template_labels")
+
+    vrel: np.ndarray
+    u_vrel: np.ndarray
+    teff: np.ndarray
+    u_teff: np.ndarray
+    logg: np.ndarray
+    u_logg: np.ndarray
+    fe_h: np.ndarray
+    u_fe_h: np.ndarray
+    chisq: np.ndarray
+    ccf_peak: np.ndarray
+    flag: np.ndarray
+    ccf_vrel: np.ndarray
+    template_index: np.ndarray
+    n_iterations: np.ndarray
+    labels: np.ndarray
+    u_labels: np.ndarray
+    label_names: tuple[str, ...] = ()
+    template_labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+
+_LABEL_ALIASES = {"teff": ("teff",), "logg": ("logg",), "fe_h": ("fe_h", "feh", "[fe/h]", "m_h", "[m/h]")}
+
+
+def _radial_velocity_result(
+    ccf: CrossCorrelationResult,
+    refined: RefinementResult,
+    labels: np.ndarray,
+    u_labels: np.ndarray,
+    label_names: Sequence[str],
+    template_labels: np.ndarray,
+) -> RadialVelocityResult:
+    """The result of the CCF and the refinement, with Teff/logg/[Fe/H] columns found by name."""
+    lowered = [name.lower() for name in label_names]
+
+    def column(values: np.ndarray, name: str) -> np.ndarray:
+        for alias in _LABEL_ALIASES[name]:
+            if alias in lowered:
+                return values[:, lowered.index(alias)].copy()
+        return np.full(len(values), np.nan)
+
+    return RadialVelocityResult(
+        vrel=refined.vrel,
+        u_vrel=refined.u_vrel,
+        teff=column(labels, "teff"),
+        u_teff=column(u_labels, "teff"),
+        logg=column(labels, "logg"),
+        u_logg=column(u_labels, "logg"),
+        fe_h=column(labels, "fe_h"),
+        u_fe_h=column(u_labels, "fe_h"),
+        chisq=refined.chisq,
+        ccf_peak=ccf.ccf_peak,
+        flag=ccf.flag | refined.flag,
+        ccf_vrel=ccf.vrel,
+        template_index=ccf.template_index,
+        n_iterations=refined.n_iterations,
+        labels=labels,
+        u_labels=u_labels,
+        label_names=label_names,
+        template_labels=template_labels,
+    )
