@@ -236,7 +236,9 @@ class FitsFile:
         shape = info.shape
         if info.kind != "image" or not shape:
             raise FitsError(f"HDU{info.index} holds no image data")
-        bitpix = int(info.header["BITPIX"])
+        bitpix = info.header.get("BITPIX")
+        if bitpix not in _IMAGE_DTYPE:
+            raise FitsError(f"HDU{info.index}: invalid BITPIX {bitpix!r}")
         dtype = np.dtype(_IMAGE_DTYPE[bitpix])
         row_size = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         start, stop, step = (rows or slice(None)).indices(shape[0])
