@@ -15,6 +15,7 @@ from astra_provider.base import TaskFailedError, TaskInstance
 from astra_provider.contrib.continuum import (
     OUTPUT_FILETYPE,
     SinusoidalContinuum,
+    find_normalized,
     read_normalized,
     read_normalized_inputs,
 )
@@ -76,6 +77,9 @@ def test_each_task_reads_back_exactly_its_rows(astra_db, stars, tmp_path):
         np.testing.assert_array_equal(spectrum.flux, hdul_rows(out / name, "FLUX", start, stop))
     with pytest.raises(SpectrumReadError, match=f"holds the spectra of {len(stars)} tasks"):
         read_normalized(out / name)
+    found = find_normalized(out, stars[1])  # by hand, without the database
+    assert found.meta["source"] == stars[1] and found.n_spectra == results[1]["rows"]
+    assert find_normalized(out, "/no/such/apStar.fits") is None
     # Reading them as inputs of a next step: one open file, each task gets its own source's rows.
     reader = ReadNormalized(
         input_data_products=[Task.get_by_id(t.pk).output_data_products[0].pk for t in run.tasks]
