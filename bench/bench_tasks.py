@@ -17,7 +17,7 @@ pass warms the page cache. Each task's wall time is split into
 * **record**: the rest (recording tasks, results and outputs in the database, and the tasks' own code).
 
 The **floor**, measured in the same run on the same files: a bare read of the same data with cfitsio
-(``fitsio``; the package's own reader if fitsio is not installed: ``pip install fitsio``), the kernel alone
+(``fitsio``: ``pip install -e ".[bench]"``; without it, the package's own reader), the kernel alone
 on the arrays already in memory, and a bare cfitsio write of the arrays the task writes. The ratio is
 whole task / floor. Best (and median) of ``--repeats``; the load average is printed before and after: the
 machine may be running other work.
