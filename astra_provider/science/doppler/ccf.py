@@ -95,7 +95,9 @@ def _cross_correlate_masked(
         weighted_x, dev, search, options.ccf_chunk_size, options.workers
     )
     pearson = _Pearson(weight, dev, var_x, np.where(usable, sum_w, 1.0)[:, None])
-    chosen, first, second, peak_by_template = _lowest_chi2_template(peak_lag, around_peak, mean, pearson)
+    chosen, first, second, peak_by_template, chi2 = _lowest_chi2_template(
+        peak_lag, around_peak, mean, pearson
+    )
 
     rows = np.arange(n_spectra)
     c_minus, c_zero, c_plus = np.moveaxis(around_peak[rows, chosen], -1, 0)
@@ -121,6 +123,7 @@ def _cross_correlate_masked(
         peak_by_template=peak_by_template,
         flag=flag,
         max_lag=search - 1,
+        chi2_by_template=chi2,
     )
 
 
@@ -187,9 +190,10 @@ class _Pearson:
 
 def _lowest_chi2_template(
     peak_lag: np.ndarray, around_peak: np.ndarray, mean: np.ndarray, pearson: _Pearson
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The template (N,) with the lowest χ² at its CCF peak, the template moments (N, T) it was chosen with,
-    and every template's normalised CCF peak (N, T)."""
+    every template's normalised CCF peak (N, T) and its χ² up to a per-spectrum constant (N, T; +inf where
+    undefined)."""
     # The template moments depend (weakly) on the lag through the masked pixels: take them at the peak lag of
     # a provisional choice (best lag-0 Pearson peak); the templates' peaks differ by a pixel or so.
     rows = np.arange(peak_lag.shape[0])
@@ -201,5 +205,6 @@ def _lowest_chi2_template(
     # χ² of the unit-amplitude template at its peak: Σw(f − 1 − d_k)² = Σw(f − 1)² − 2Σw(f − 1)d_k + Σw d_k²,
     # with Σw(f − 1)d_k = C + (mean − 1)·Σw d_k. The template with the lowest χ² is chosen.
     chi2 = -2.0 * (around_peak[..., 1] + (mean[:, None] - 1.0) * first) + second
-    chosen = np.argmin(np.where(np.isfinite(peak_by_template), chi2, np.inf), axis=1)
-    return chosen, first, second, peak_by_template
+    chi2 = np.where(np.isfinite(peak_by_template), chi2, np.inf)
+    chosen = np.argmin(chi2, axis=1)
+    return chosen, first, second, peak_by_template, chi2
