@@ -166,17 +166,16 @@ def _read_input(path: str) -> _Input:
 
     :raises ValueError: if the file is not an APOGEE or BOSS spectrum, or lacks what its frame needs.
     """
-    from astra_provider.sdss.spectrum import read_spectrum
+    from astra_provider.sdss.spectrum import infer_filetype, read_spectrum
 
-    try:
-        spectrum = read_spectrum(path)
-    except ValueError as error:
-        raise ValueError(f"{error} (DopplerRadialVelocity measures APOGEE and BOSS spectra)") from None
-    instrument = _INSTRUMENTS.get(spectrum.filetype)
-    if instrument is None:
+    filetype = infer_filetype(path)
+    if _INSTRUMENTS.get(filetype) is None:
         raise ValueError(
-            f"{path}: a {spectrum.filetype} file is neither an APOGEE (apVisit, apStar) nor a BOSS spectrum"
+            f"{path}: neither an APOGEE (apVisit, apStar) nor a BOSS (spec, specFull) spectrum "
+            f"(file type {filetype or 'unknown'}); DopplerRadialVelocity measures only those"
         )
+    spectrum = read_spectrum(path, filetype)
+    instrument = _INSTRUMENTS[spectrum.filetype]
     readers = {"apVisit": _apvisit_visits, "apStar": _apstar_visits, "specFull": _boss_visits}
     return _Input(str(path), instrument, readers[spectrum.filetype](spectrum))
 
