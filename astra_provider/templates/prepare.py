@@ -15,8 +15,9 @@ For each instrument a grid is prepared from the most suitable of its files:
   steps of ×1.15 (11 members), so that each spectrum's own ``WDISP`` sets its LSF pixel by pixel; else a
   log-linear model (e.g. ``doppler-<grid>-boss.npz``, R = 2000) as it is, with a single LSF.
 
-Prepared models are kept in memory for the process and, for LSF stacks (3–4 s to build), on disk in the
-cache (``$ASTRA_CACHE_DIR/templates/prepared``), keyed by the source file's path, size and modification time.
+Prepared models are kept in memory for the process (keyed by the source file's path, size and modification
+time) and, for LSF stacks (4–13 s to build on a loaded machine), on disk in the cache
+(``$ASTRA_CACHE_DIR/templates/prepared``, keyed by the sha256 of the source file).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from astra_provider.science.lsf import LsfStack, convolve_model_stack, lsf_sigma
 from astra_provider.sdss.apogee import APOGEE_LSF_RESOLUTION
 from astra_provider.sdss.boss import BOSS_CDELT
 from astra_provider.templates.install import apstar_model
-from astra_provider.templates.sources import cache_dir
+from astra_provider.templates.sources import cache_dir, sha256_file
 
 __all__ = [
     "BOSS_MODEL_LOG10_STEP",
@@ -137,7 +138,7 @@ def prepared_model(grid: TemplateGrid, instrument: str) -> CannonModel | LsfStac
     key = (str(source.path.resolve()), stat.st_size, stat.st_mtime_ns, instrument, action, PREPARE_VERSION)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _prepare(source.path, action, key)
+            _CACHE[key] = _prepare(source.path, action, instrument)
         return _CACHE[key]
 
 
@@ -162,13 +163,15 @@ def _choose(infos: list[_FileInfo], instrument: str) -> tuple[_FileInfo, str]:
     )
 
 
-def _prepare(path: Path, action: str, key: tuple) -> CannonModel | LsfStack:
+def _prepare(path: Path, action: str, instrument: str) -> CannonModel | LsfStack:
     model = CannonModel.load(path)
     if action == "as-is":
         return model
     if action == "apstar":
         return apstar_model(model)
-    cached = cache_dir() / "templates" / "prepared" / f"{hashlib.sha1(repr(key).encode()).hexdigest()}.npz"
+    # On disk, keyed by the content of the source (an installed copy of a cached grid shares the stack).
+    key = f"{sha256_file(path)}-{instrument}-{action}-v{PREPARE_VERSION}"
+    cached = cache_dir() / "templates" / "prepared" / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
     if cached.is_file():
         try:
             return LsfStack.load(cached)

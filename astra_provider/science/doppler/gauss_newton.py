@@ -284,22 +284,40 @@ def _project_continuum(
     model = 1.0 + deviation  # float32 (n, P)
     directions = basis * model[:, None, :]  # φ_b·m, (n, B, P)
     weighted = directions * weight[:, None, :].astype(np.float32)
-    gram = (weighted.astype(float) @ directions.swapaxes(1, 2).astype(float)).astype(float)  # (n, B, B)
+    gram = _pixel_sum(weighted, directions)  # (n, B, B)
     diagonal = np.diagonal(gram, axis1=1, axis2=2)
     # A basis function without weighted pixels gets a = 0; a tiny ridge keeps the solve well posed.
     ridge = np.where(diagonal > 0, 1e-10 * diagonal.max(axis=1, keepdims=True), 1.0)
     gram[:, np.arange(gram.shape[1]), np.arange(gram.shape[1])] += ridge
-    coefficients = np.linalg.solve(gram, (weighted.astype(float) @ flux[..., None]))[..., 0]  # (n, B)
-    multiplier = np.einsum("nb,nbp->np", coefficients, basis)
+    rhs = _pixel_sum(weighted, flux.astype(np.float32)[:, None, :])[..., 0]  # (n, B)
+    coefficients = np.linalg.solve(gram, rhs[..., None])[..., 0]  # (n, B)
+    multiplier = (coefficients.astype(np.float32)[:, None, :] @ basis)[:, 0]  # (n, P)
     residual = flux - multiplier * model
     if signal is not None and signal.shape[0]:
         n_full = signal.shape[0]
         jacobian = signal[:, 1:]
-        jacobian *= multiplier[:n_full, None, :].astype(np.float32)
-        overlap = weighted[:n_full] @ jacobian.swapaxes(1, 2)  # (n, B, K+1)
-        projection = np.linalg.solve(gram[:n_full], overlap.astype(float)).astype(np.float32)
-        jacobian -= projection.swapaxes(1, 2) @ directions[:n_full]
+        jacobian *= multiplier[:n_full, None, :]
+        overlap = _pixel_sum(weighted[:n_full], jacobian)  # (n, B, K+1)
+        projection = np.linalg.solve(gram[:n_full], overlap).astype(np.float32).swapaxes(1, 2)
+        for first in range(0, jacobian.shape[-1], _PIXELS_PER_SUM):
+            part = slice(first, first + _PIXELS_PER_SUM)
+            jacobian[..., part] -= projection @ directions[:n_full, :, part]
     return residual, coefficients
+
+
+# Pixels per partial sum of :func:`_pixel_sum`: (B × 1536) @ (1536 × B') GEMMs stay below OpenBLAS's threading
+# threshold (m·n·k < 262,144 for B, B' ≤ 12), single-threaded and in cache; the partial sums add in float64.
+_PIXELS_PER_SUM = 1536
+
+
+def _pixel_sum(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``Σ_p left[n, a, p]·right[n, b, p]`` (n, A, B) in float64, from float32 arrays (n, A, P), (n, B, P)."""
+    n_pixels = left.shape[-1]
+    total = np.zeros((left.shape[0], left.shape[1], right.shape[1]))
+    for first in range(0, n_pixels, _PIXELS_PER_SUM):
+        part = slice(first, first + _PIXELS_PER_SUM)
+        total += left[..., part] @ right[..., part].swapaxes(1, 2)
+    return total
 
 
 def _inverse_curvature(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

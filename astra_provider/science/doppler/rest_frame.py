@@ -11,7 +11,9 @@ import scipy.fft
 
 from astra_provider.science.doppler.arrays import _shift_rows
 
-_CONTRACT_COLUMNS = 4096  # table columns contracted per GEMM call (small single-threaded GEMMs, in cache)
+# Table columns contracted per GEMM call: (M × C) @ (C × 2048) stays below OpenBLAS's threading threshold
+# (m·n·k < 262,144 for M ≤ 6 rows and C ≤ 21 signals), so each GEMM runs single-threaded and in cache.
+_CONTRACT_COLUMNS = 2048
 # Positions per contraction: (2·1024 × C) @ (C × M) stays below OpenBLAS's threading threshold
 # (m·n·k < 262,144), so each small GEMM runs single-threaded and in cache instead of waking every thread.
 _POSITIONS_PER_BLOCK = 1024

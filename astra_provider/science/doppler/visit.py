@@ -4,6 +4,7 @@ resampling the data for the fit."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import fields
 
@@ -12,7 +13,7 @@ import scipy.stats
 
 from astra_provider.science.continuum import RowSinusoidBasis
 from astra_provider.science.doppler.arrays import _has_enough_pixels, _masked_flux_and_weight
-from astra_provider.science.doppler.ccf import _cross_correlate_masked
+from astra_provider.science.doppler.ccf import _CcfTemplates, _cross_correlate_masked
 from astra_provider.science.doppler.gauss_newton import _Fit, _gauss_newton
 from astra_provider.science.doppler.grid import velocity_to_pixel_shift
 from astra_provider.science.doppler.model import SpectralModel
@@ -104,9 +105,9 @@ def measure_visit_radial_velocities(
     """
     options = DopplerOptions() if options is None else options
     models = list(model) if isinstance(model, (list, tuple)) else [model]
-    visit_models = [
-        _VisitModel.build(m, continuum_mask, template_labels, max_velocity, options) for m in models
-    ]
+    visit_models, ccf_templates = _prepared_models(
+        models, continuum_mask, template_labels, max_velocity, options
+    )
     _check_compatible(visit_models, lsf_sigma is not None)
     observed = _ObservedPixels.build(
         wavelength, flux, ivar, visit_models[0].grid, options.observed_mask_windows
@@ -115,7 +116,9 @@ def measure_visit_radial_velocities(
         observed.lsf_sigma = _lsf_rows(lsf_sigma, observed.flux.shape)
     batch = options.visit_batch_size
     batches = [
-        _measure_visit_batch(observed.rows(slice(first, first + batch)), visit_models, max_velocity, options)
+        _measure_visit_batch(
+            observed.rows(slice(first, first + batch)), visit_models, ccf_templates, max_velocity, options
+        )
         for first in range(0, max(observed.flux.shape[0], 1), batch)
     ]
     ccf = CrossCorrelationResult.concatenate([part[0] for part in batches])
@@ -130,6 +133,43 @@ def measure_visit_radial_velocities(
         grid_index=np.concatenate([part[2] for part in batches]),
         model_mismatch=np.concatenate([part[3] for part in batches]),
     )
+
+
+# What depends only on the models and the settings, kept for the models of the last few calls (a task that
+# measures several bundles in one process builds the tables once): key → (weak references to the models,
+# visit models, CCF templates).
+_PREPARED: dict[tuple, tuple[list[weakref.ref], list[_VisitModel], _CcfTemplates]] = {}
+_PREPARED_KEEP = 4
+
+
+def _prepared_models(
+    models: list[SpectralModel | LsfStack],
+    continuum_mask: np.ndarray | None,
+    template_labels: np.ndarray | None,
+    max_velocity: float,
+    options: DopplerOptions,
+) -> tuple[list[_VisitModel], _CcfTemplates]:
+    """The visit models of ``models`` and their CCF templates, reused while the same model objects are
+    measured with the same settings (default continuum mask and CCF labels only)."""
+    cacheable = continuum_mask is None and template_labels is None
+    key = (tuple(id(m) for m in models), float(max_velocity), options)
+    if cacheable and key in _PREPARED:
+        references, visit_models, ccf_templates = _PREPARED[key]
+        if all(reference() is m for reference, m in zip(references, models, strict=True)):
+            return visit_models, ccf_templates
+    visit_models = [
+        _VisitModel.build(m, continuum_mask, template_labels, max_velocity, options) for m in models
+    ]
+    ccf_templates = _CcfTemplates(np.concatenate([vm.templates for vm in visit_models]))
+    if cacheable:
+        try:
+            references = [weakref.ref(m) for m in models]
+        except TypeError:  # a model that cannot be weakly referenced is not cached
+            return visit_models, ccf_templates
+        _PREPARED[key] = (references, visit_models, ccf_templates)
+        while len(_PREPARED) > _PREPARED_KEEP:
+            _PREPARED.pop(next(iter(_PREPARED)))
+    return visit_models, ccf_templates
 
 
 def _check_compatible(visit_models: list[_VisitModel], has_lsf_sigma: bool) -> None:
@@ -158,7 +198,11 @@ def _lsf_rows(lsf_sigma: np.ndarray | Sequence[np.ndarray], shape: tuple[int, in
 
 
 def _measure_visit_batch(
-    observed: _ObservedPixels, visit_models: list[_VisitModel], max_velocity: float, options: DopplerOptions
+    observed: _ObservedPixels,
+    visit_models: list[_VisitModel],
+    ccf_templates: _CcfTemplates,
+    max_velocity: float,
+    options: DopplerOptions,
 ) -> tuple[CrossCorrelationResult, RefinementResult, np.ndarray, np.ndarray]:
     """Steps 1–4 of :func:`.measure_visit_radial_velocities` for one batch: the CCF, the refinement, the grid
     of each spectrum and the model mismatch."""
@@ -173,7 +217,7 @@ def _measure_visit_batch(
     )
     ccf = _cross_correlate_masked(
         *_masked_flux_and_weight(*_resample_to_grid(observed, norm_flux, norm_ivar, n_pixels)),
-        np.concatenate([vm.templates for vm in visit_models]),
+        ccf_templates,
         first.grid.log10_step,
         max_velocity=max_velocity,
         options=options,
