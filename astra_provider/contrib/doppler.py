@@ -63,10 +63,13 @@ class DopplerRadialVelocity(TaskInstance):
     """Radial velocity and template labels of APOGEE (apVisit, apStar) and BOSS spectra."""
 
     model_path = Parameter(
+        type=str,
         bundled=True,
         description="A template grid (Cannon model file), or a directory of them: every grid in it is used.",
     )
-    max_velocity = Parameter(default=1000.0, bundled=True, description="Largest |velocity| searched (km/s).")
+    max_velocity = Parameter(
+        default=1000.0, type=float, bundled=True, description="Largest |velocity| searched (km/s)."
+    )
 
     def pre_execute(self):
         from astra_provider.templates.prepare import template_grids

@@ -3,8 +3,8 @@
 Provenance tables: ``task``, ``parameter`` and the ``task_parameter`` junction, ``data_product`` with the
 ``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` (a task's bundle is its
 ``bundle_pk``), ``source`` and ``source_data_product``, and ``output_interface``, which gives every result
-row a key that is unique across all result tables. Result tables (``doppler``, ``thecannon``, ...) use
-:class:`OutputMixin`.
+row a key that is unique across all result tables. Result tables (``doppler``, ``thecannon``,
+``thepayne``, ...) use :class:`OutputMixin`.
 
 ``schema/astradb.sql`` is generated from these models (``astra schema``) and a test keeps the two equal.
 """
@@ -12,7 +12,7 @@ row a key that is unique across all result tables. Result tables (``doppler``, `
 from __future__ import annotations
 
 import enum
-import json
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from sqlalchemy import (
     SmallInteger,
     Text,
     UniqueConstraint,
+    event,
     func,
     select,
 )
@@ -35,6 +36,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 from astra_provider.database import SCHEMA
+from astra_provider.utils import parse_json
 
 # BIGINT keys on PostgreSQL; SQLite only auto-increments INTEGER PRIMARY KEY columns.
 PrimaryKey = BigInteger().with_variant(Integer(), "sqlite")
@@ -132,7 +134,7 @@ class Task(Base):
                     .join(TaskParameter, TaskParameter.parameter_pk == Parameter.pk)
                     .where(TaskParameter.task_pk == self.pk)
                 ).all()
-            cached = {name: json.loads(value) for name, value in rows}
+            cached = {name: parse_json(value) for name, value in rows}
             self.__dict__["_parameters"] = cached
         return cached
 
@@ -173,15 +175,35 @@ class Task(Base):
         return f"<Task pk={self.pk} {self.task_name} {self.task_id} status={self.status.name}>"
 
 
+def parameter_value_hash(value: str) -> str:
+    """The key of a parameter value in ``astra.parameter``: the hex SHA-256 of its canonical JSON text.
+
+    The same as PostgreSQL's ``encode(sha256(convert_to(parameter_value, 'UTF8')), 'hex')``.
+    """
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
 class Parameter(Base):
-    """A unique (name, JSON-encoded value) pair."""
+    """A unique (name, JSON-encoded value) pair, unique by name and :func:`parameter_value_hash`.
+
+    A value can be long (a list of wavelengths, a line list). PostgreSQL's btree indexes refuse an entry over
+    2,704 bytes, so the unique key holds the SHA-256 of the value, never the value itself.
+    """
 
     __tablename__ = "parameter"
-    __table_args__ = (UniqueConstraint("parameter_name", "parameter_value"),)
+    __table_args__ = (UniqueConstraint("parameter_name", "parameter_value_hash"),)
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     parameter_name: Mapped[str] = mapped_column(Text)
     parameter_value: Mapped[str] = mapped_column(Text)
+    parameter_value_hash: Mapped[str] = mapped_column(Text)
+
+
+@event.listens_for(Parameter, "before_insert")
+def _fill_parameter_value_hash(_mapper: Any, _connection: Any, row: Parameter) -> None:
+    """Rows added through the ORM get their hash (the bulk recording writes it itself)."""
+    if row.parameter_value_hash is None:
+        row.parameter_value_hash = parameter_value_hash(row.parameter_value)
 
 
 class TaskParameter(Base):
@@ -389,6 +411,33 @@ class TheCannon(OutputMixin, Base):
     labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
+class ThePayne(OutputMixin, Base):
+    """Labels from The Payne for one spectrum (3-label model: teff, logg, fe_h).
+
+    Like :class:`TheCannon`: models with other label sets store all labels in ``labels`` (JSON: name ->
+    value, ``e_<name>``, ``rho_<a>_<b>``, fit statistics); the named columns are filled for the labels they
+    name. ``bitmask_flag`` holds :class:`~astra_provider.science.payne.PayneFlag` bits.
+    """
+
+    __tablename__ = "thepayne"
+
+    row_index: Mapped[int] = mapped_column(Integer, default=0)
+    snr: Mapped[float | None] = mapped_column(Float)
+    teff: Mapped[float | None] = mapped_column(Float)
+    e_teff: Mapped[float | None] = mapped_column(Float)
+    logg: Mapped[float | None] = mapped_column(Float)
+    e_logg: Mapped[float | None] = mapped_column(Float)
+    fe_h: Mapped[float | None] = mapped_column(Float)
+    e_fe_h: Mapped[float | None] = mapped_column(Float)
+    rho_teff_logg: Mapped[float | None] = mapped_column(Float)
+    rho_teff_fe_h: Mapped[float | None] = mapped_column(Float)
+    rho_logg_fe_h: Mapped[float | None] = mapped_column(Float)
+    chi_sq: Mapped[float | None] = mapped_column(Float)
+    reduced_chi_sq: Mapped[float | None] = mapped_column(Float)
+    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
 __all__ = [
     "Base",
     "Bundle",
@@ -408,4 +457,6 @@ __all__ = [
     "TaskOutputDataProduct",
     "TaskParameter",
     "TheCannon",
+    "ThePayne",
+    "parameter_value_hash",
 ]

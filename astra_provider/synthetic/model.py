@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -399,6 +399,17 @@ class TruthModel:
         )[..., 0]
         d_shift_d_v = 1.0 / ((C_KMS + rv) * _LN_STEP)
         return -d_profile_d_shift * d_shift_d_v[:, None]
+
+    # ---- the survey's protocol (astra_provider.synthetic.truth_model.ApogeeTruthModel) --------------------
+
+    def draw_labels(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Labels (n, 3) of the giant-like population of
+        :func:`~astra_provider.synthetic.model.draw_labels`."""
+        return draw_labels(n, rng)
+
+    def survey_parameters(self) -> dict[str, Any]:
+        """``{"model_seed": seed}``, for survey.json (``TruthModel.default(seed)`` rebuilds the model)."""
+        return {"model_seed": self.seed}
 
     # ---- label-space summaries -----------------------------------------------------------------------------
 

@@ -1,0 +1,291 @@
+"""Cannon model files: ``.npz`` (read with ``allow_pickle=False``) and FITS; never pickle.
+
+Both formats hold the same named arrays (:data:`REQUIRED_ARRAYS`); a file says what it is (``kind`` =
+:data:`MODEL_KIND`) and which format version wrote it. The terms are saved as strings, so a file describes
+its own polynomial (and with it the model's order).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from astra_provider.science.cannon.model import CannonModel
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MODEL_KIND",
+    "REQUIRED_ARRAYS",
+    "cannon_model_arrays",
+    "cannon_model_fields",
+    "read_cannon_model_arrays",
+    "write_cannon_model",
+]
+
+#: The ``kind`` of every Cannon model file (unchanged since the model lived in one module of this name).
+MODEL_KIND = "astra_provider.science.cannon.CannonModel"
+#: Newest file format version this code writes and reads.
+FORMAT_VERSION = 1
+#: The arrays of a model file (npz members; FITS HDUs and columns map onto the same names).
+REQUIRED_ARRAYS = (
+    "kind",
+    "format_version",
+    "label_names",
+    "terms",
+    "offsets",
+    "scales",
+    "theta",
+    "s2",
+    "wavelength",
+    "pixel_mask",
+    "training_label_min",
+    "training_label_max",
+    "training_label_percentile_levels",
+    "training_label_percentiles",
+    "n_training",
+    "regularization",
+    "metadata_json",
+)
+_FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
+_FITS_HDUS = ("THETA", "PIXELS", "LABELS", "PERCENTILE_LEVELS", "TERMS", "METADATA")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+
+def cannon_model_arrays(model: CannonModel) -> dict[str, np.ndarray]:
+    """The named arrays of :data:`REQUIRED_ARRAYS` for ``model``; the metadata is stored as JSON text.
+
+    :raises ValueError: if the metadata is not JSON-serialisable.
+    """
+    try:
+        metadata_json = json.dumps(model.metadata, default=_json_default, sort_keys=True)
+    except TypeError as exc:
+        raise ValueError(f"cannot save CannonModel metadata: {exc}") from None
+    return {
+        "kind": np.array(MODEL_KIND),
+        "format_version": np.array(FORMAT_VERSION),
+        "label_names": np.array(model.label_names, dtype=str),
+        "terms": np.array(model.terms, dtype=str),
+        "offsets": model.offsets,
+        "scales": model.scales,
+        "theta": model.theta,
+        "s2": model.s2,
+        "wavelength": model.wavelength,
+        "pixel_mask": model.pixel_mask,
+        "training_label_min": model.training_label_min,
+        "training_label_max": model.training_label_max,
+        "training_label_percentile_levels": np.array(model.percentile_levels, dtype=np.float64),
+        "training_label_percentiles": model.training_label_percentiles,
+        "n_training": np.array(model.n_training),
+        "regularization": np.atleast_1d(np.asarray(model.regularization, dtype=np.float64)),
+        "metadata_json": np.array(metadata_json),
+    }
+
+
+def cannon_model_fields(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
+    """Keyword arguments of :class:`~astra_provider.science.cannon.model.CannonModel` from a file's arrays.
+
+    :param arrays: the arrays read from ``path``.
+    :param path: the file, named in error messages.
+    :raises ValueError: if the arrays are of another kind, incomplete, unparseable or of a newer format.
+    """
+    missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
+    kind = str(arrays["kind"]) if "kind" in arrays else None
+    if kind is not None and kind != MODEL_KIND:
+        raise ValueError(f"{path} is not a Cannon model: kind is {kind!r}, expected {MODEL_KIND!r}")
+    if missing:
+        raise ValueError(f"{path} is not a Cannon model file: missing {', '.join(missing)}")
+    try:
+        version = int(arrays["format_version"])
+        regularization = np.asarray(arrays["regularization"], dtype=np.float64)
+        metadata = json.loads(str(arrays["metadata_json"]))
+    except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a valid Cannon model file: {exc}") from None
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has Cannon model format version {version}; this code reads <= {FORMAT_VERSION}"
+        )
+    try:
+        return {
+            "label_names": tuple(str(s) for s in np.atleast_1d(arrays["label_names"])),
+            "terms": tuple(str(s) for s in np.atleast_1d(arrays["terms"])),
+            "offsets": arrays["offsets"],
+            "scales": arrays["scales"],
+            "theta": arrays["theta"],
+            "s2": arrays["s2"],
+            "wavelength": arrays["wavelength"],
+            "pixel_mask": arrays["pixel_mask"],
+            "training_label_min": arrays["training_label_min"],
+            "training_label_max": arrays["training_label_max"],
+            "training_label_percentiles": arrays["training_label_percentiles"],
+            "percentile_levels": tuple(np.atleast_1d(arrays["training_label_percentile_levels"]).tolist()),
+            "n_training": int(arrays["n_training"]),
+            "regularization": float(regularization[0]) if regularization.size == 1 else regularization,
+            "metadata": metadata,
+        }
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def write_cannon_model(model: CannonModel, path: Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` as ``.npz`` (compressed) or FITS, chosen by the suffix of ``path``.
+
+    :returns: ``path``.
+    :raises FileExistsError: if ``path`` exists and ``overwrite`` is not set.
+    :raises ValueError: for an unknown suffix or metadata that is not JSON-serialisable.
+    """
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (use overwrite=True)")
+    arrays = cannon_model_arrays(model)
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        with open(path, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    elif name.endswith(_FITS_SUFFIXES):
+        _write_fits_model(path, arrays)
+    else:
+        raise ValueError(f"unknown Cannon model format for {path}: use .npz or .fits")
+    return path
+
+
+def read_cannon_model_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a model file, recognised by its first bytes (zip: npz; ``SIMPLE`` or gzip: FITS).
+
+    :raises FileNotFoundError: if there is no such file.
+    :raises ValueError: if the file is neither format, unreadable, or needs pickle.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no such Cannon model file: {path}")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic.startswith(b"PK"):
+        return _read_npz_model_arrays(path)
+    if magic == b"SIMPLE" or magic.startswith(b"\x1f\x8b"):
+        return _read_fits_model_arrays(path)
+    raise ValueError(f"{path} is neither an .npz nor a FITS file, so it is not a Cannon model")
+
+
+def _read_npz_model_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
+            arrays = {}
+            for key in npz.files:
+                try:
+                    arrays[key] = npz[key]
+                except ValueError as exc:  # object arrays need pickle: refuse them
+                    raise ValueError(f"{path}: array {key!r} cannot be read without pickle ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a readable .npz file ({exc})") from None
+    return arrays
+
+
+def _write_fits_model(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write the arrays as a primary header and six HDUs: THETA, PIXELS, LABELS, PERCENTILE_LEVELS, TERMS,
+    METADATA (one row of JSON text)."""
+    from astropy.io import fits
+
+    primary = fits.PrimaryHDU()
+    primary.header["KIND"] = (MODEL_KIND, "file content")
+    primary.header["FMTVER"] = (FORMAT_VERSION, "Cannon model format version")
+    primary.header["NTRAIN"] = (int(arrays["n_training"]), "number of training spectra")
+    theta = fits.ImageHDU(np.asarray(arrays["theta"]), name="THETA")
+    regularization = np.broadcast_to(arrays["regularization"], arrays["s2"].shape)
+    pixels = fits.BinTableHDU.from_columns(
+        [
+            fits.Column(name="WAVELENGTH", format="D", array=arrays["wavelength"]),
+            fits.Column(name="S2", format="D", array=arrays["s2"]),
+            fits.Column(name="PIXEL_MASK", format="L", array=arrays["pixel_mask"]),
+            fits.Column(name="REGULARIZATION", format="D", array=regularization),
+        ],
+        name="PIXELS",
+    )
+    pixels.header["REGSCAL"] = (arrays["regularization"].size == 1, "regularization is one scalar")
+    n_levels = len(arrays["training_label_percentile_levels"])
+    name_width = max(1, max(len(s) for s in arrays["label_names"]))
+    labels = fits.BinTableHDU.from_columns(
+        [
+            fits.Column(name="NAME", format=f"{name_width}A", array=arrays["label_names"]),
+            fits.Column(name="OFFSET", format="D", array=arrays["offsets"]),
+            fits.Column(name="SCALE", format="D", array=arrays["scales"]),
+            fits.Column(name="TRAIN_MIN", format="D", array=arrays["training_label_min"]),
+            fits.Column(name="TRAIN_MAX", format="D", array=arrays["training_label_max"]),
+            fits.Column(
+                name="PERCENTILES",
+                format=f"{n_levels}D",
+                array=np.asarray(arrays["training_label_percentiles"]).T,
+            ),
+        ],
+        name="LABELS",
+    )
+    levels = fits.ImageHDU(np.asarray(arrays["training_label_percentile_levels"]), name="PERCENTILE_LEVELS")
+    term_width = max(1, max(len(s) for s in arrays["terms"]))
+    terms = fits.BinTableHDU.from_columns(
+        [fits.Column(name="TERM", format=f"{term_width}A", array=arrays["terms"])], name="TERMS"
+    )
+    text = str(arrays["metadata_json"])
+    metadata = fits.BinTableHDU.from_columns(
+        [fits.Column(name="JSON", format=f"{max(1, len(text.encode()))}A", array=np.array([text]))],
+        name="METADATA",
+    )
+    fits.HDUList([primary, theta, pixels, labels, levels, terms, metadata]).writeto(path, overwrite=True)
+
+
+def _read_fits_model_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a FITS model file written by ``_write_fits_model``."""
+    from astropy.io import fits
+
+    try:
+        hdus = fits.open(path, memmap=False)
+    except OSError as exc:
+        raise ValueError(f"{path} is not a readable FITS file ({exc})") from None
+    with hdus:
+        kind = hdus[0].header.get("KIND")
+        if kind != MODEL_KIND:
+            raise ValueError(
+                f"{path} is not a Cannon model: primary header KIND is {kind!r}, expected {MODEL_KIND!r}"
+            )
+        missing = [name for name in _FITS_HDUS if name not in hdus]
+        if missing:
+            raise ValueError(
+                f"{path} is not a complete Cannon model file: missing HDU(s) {', '.join(missing)}"
+            )
+        try:
+            pixels, labels = hdus["PIXELS"].data, hdus["LABELS"].data
+            regularization = np.asarray(pixels["REGULARIZATION"], dtype=np.float64)
+            if hdus["PIXELS"].header.get("REGSCAL", False):
+                regularization = regularization[:1]
+            return {
+                "kind": np.array(kind),
+                "format_version": np.array(hdus[0].header.get("FMTVER", 0)),
+                "n_training": np.array(hdus[0].header.get("NTRAIN", 0)),
+                "theta": np.asarray(hdus["THETA"].data, dtype=np.float64),
+                "wavelength": np.asarray(pixels["WAVELENGTH"], dtype=np.float64),
+                "s2": np.asarray(pixels["S2"], dtype=np.float64),
+                "pixel_mask": np.asarray(pixels["PIXEL_MASK"], dtype=bool),
+                "regularization": regularization,
+                "label_names": np.array([str(s).strip() for s in labels["NAME"]]),
+                "offsets": np.asarray(labels["OFFSET"], dtype=np.float64),
+                "scales": np.asarray(labels["SCALE"], dtype=np.float64),
+                "training_label_min": np.asarray(labels["TRAIN_MIN"], dtype=np.float64),
+                "training_label_max": np.asarray(labels["TRAIN_MAX"], dtype=np.float64),
+                "training_label_percentiles": np.asarray(labels["PERCENTILES"], dtype=np.float64).T,
+                "training_label_percentile_levels": np.asarray(
+                    hdus["PERCENTILE_LEVELS"].data, dtype=np.float64
+                ),
+                "terms": np.array([str(s).strip() for s in hdus["TERMS"].data["TERM"]]),
+                "metadata_json": np.array(str(hdus["METADATA"].data["JSON"][0])),
+            }
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a complete Cannon model file: {exc}") from None

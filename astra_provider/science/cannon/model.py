@@ -1,0 +1,225 @@
+"""The trained Cannon model (:class:`CannonModel`), its label scaling and the result flags."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from astra_provider.science.cannon.io import cannon_model_fields, read_cannon_model_arrays, write_cannon_model
+from astra_provider.science.cannon.vectorizer import PolynomialVectorizer, validate_label_names
+
+__all__ = [
+    "PERCENTILE_LEVELS",
+    "CannonFlag",
+    "CannonModel",
+    "label_offsets_and_scales",
+]
+
+#: Training-label percentiles stored with every model (rows of ``training_label_percentiles``).
+PERCENTILE_LEVELS = (0.5, 2.5, 16.0, 50.0, 84.0, 97.5, 99.5)
+
+
+class CannonFlag(enum.IntFlag):
+    """Bits of :attr:`~astra_provider.science.cannon.fit.CannonResult.flags` (``bitmask_flag`` in the result
+    columns)."""
+
+    #: At least one fitted label lies outside the [min, max] range of the training labels.
+    OUTSIDE_TRAINING_RANGE = 1
+    #: Reduced chi-squared above ``max_reduced_chi_sq`` (default 3).
+    HIGH_REDUCED_CHI_SQ = 2
+    #: The optimiser did not converge, or the covariance could not be computed.  Labels are kept if finite.
+    FIT_FAILED = 4
+    #: Fewer usable pixels than labels + 1 (e.g. all-NaN flux or ivar = 0).  Labels are NaN.
+    NO_USABLE_PIXELS = 8
+
+
+def label_offsets_and_scales(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (median) and scales ((p97.5 - p2.5) / 4) of training labels.
+
+    A label with zero spread falls back to its standard deviation, then to 1.
+
+    :param labels: training labels (N, K).
+    :returns: offsets (K,) and scales (K,).
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    offsets = np.median(labels, axis=0)
+    low, high = np.percentile(labels, [2.5, 97.5], axis=0)
+    scales = (high - low) / 4.0
+    std = np.std(labels, axis=0)
+    tiny = 1e-9 * np.abs(offsets)  # below this a spread is rounding error of a constant label
+    scales = np.where(scales > tiny, scales, np.where(std > tiny, std, 1.0))
+    return offsets, scales
+
+
+@dataclass(eq=False)
+class CannonModel:
+    """A trained Cannon model.
+
+    ``theta`` (P, D) are the coefficients of ``terms`` in *scaled* labels ``(label - offsets) / scales``.
+    The terms define the polynomial (:attr:`order` is their highest degree: 2 for the standard quadratic
+    Cannon, 3 for a cubic template grid). ``s2`` (P,) is the intrinsic variance per pixel. ``pixel_mask``
+    (P,) is True where the pixel could not be trained (no data, fewer than ``min_stars_per_pixel`` stars,
+    non-finite solution). Those pixels have ``theta = [1, 0, ...]`` and ``s2 = 0``, they predict a flux of 1,
+    and :func:`~astra_provider.science.cannon.fit.fit` ignores them. ``regularization`` is the L1 strength
+    ``Lambda`` (scalar, or one value per pixel) on the scaled coefficients, excluding ``theta_0``.
+    """
+
+    label_names: tuple[str, ...]
+    terms: tuple[str, ...]
+    offsets: np.ndarray
+    scales: np.ndarray
+    theta: np.ndarray
+    s2: np.ndarray
+    wavelength: np.ndarray
+    pixel_mask: np.ndarray
+    training_label_min: np.ndarray
+    training_label_max: np.ndarray
+    training_label_percentiles: np.ndarray
+    n_training: int
+    regularization: float | np.ndarray = 0.0
+    percentile_levels: tuple[float, ...] = PERCENTILE_LEVELS
+    metadata: dict[str, Any] = field(default_factory=dict)
+    vectorizer: PolynomialVectorizer = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.label_names = validate_label_names(self.label_names)
+        self.terms = tuple(str(t) for t in self.terms)
+        self.vectorizer = PolynomialVectorizer(self.label_names, self.terms)
+        self.offsets = np.asarray(self.offsets, dtype=np.float64).reshape(-1)
+        self.scales = np.asarray(self.scales, dtype=np.float64).reshape(-1)
+        self.theta = np.asarray(self.theta, dtype=np.float64)
+        self.s2 = np.asarray(self.s2, dtype=np.float64).reshape(-1)
+        self.wavelength = np.asarray(self.wavelength, dtype=np.float64).reshape(-1)
+        self.pixel_mask = np.asarray(self.pixel_mask, dtype=bool).reshape(-1)
+        self.training_label_min = np.asarray(self.training_label_min, dtype=np.float64).reshape(-1)
+        self.training_label_max = np.asarray(self.training_label_max, dtype=np.float64).reshape(-1)
+        self.percentile_levels = tuple(float(q) for q in self.percentile_levels)
+        self.training_label_percentiles = np.asarray(self.training_label_percentiles, dtype=np.float64)
+        self.n_training = int(self.n_training)
+        if np.ndim(self.regularization) == 0:
+            self.regularization = float(self.regularization)
+        else:
+            self.regularization = np.asarray(self.regularization, dtype=np.float64).reshape(-1)
+        problems = self._shape_problems()
+        if problems:
+            raise ValueError("invalid CannonModel: " + "; ".join(problems))
+
+    def _shape_problems(self) -> list[str]:
+        """Inconsistencies between the array shapes, the labels and the terms (empty if none)."""
+        k, d = len(self.label_names), len(self.terms)
+        p = self.theta.shape[0] if self.theta.ndim == 2 else -1
+        problems = []
+        if self.theta.ndim != 2 or self.theta.shape[1] != d:
+            problems.append(f"theta has shape {self.theta.shape}, expected (P, {d})")
+        for name in ("offsets", "scales", "training_label_min", "training_label_max"):
+            if getattr(self, name).shape != (k,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({k},)")
+        for name in ("s2", "wavelength", "pixel_mask"):
+            if getattr(self, name).shape != (p,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({p},)")
+        if self.training_label_percentiles.shape != (len(self.percentile_levels), k):
+            problems.append(
+                f"training_label_percentiles has shape {self.training_label_percentiles.shape}, "
+                f"expected ({len(self.percentile_levels)}, {k})"
+            )
+        if isinstance(self.regularization, np.ndarray) and self.regularization.shape != (p,):
+            problems.append(f"regularization has shape {self.regularization.shape}, expected () or ({p},)")
+        if np.any(~(self.scales > 0)):
+            problems.append("scales must be positive")
+        return problems
+
+    # -- sizes and scaling -----------------------------------------------------------------------------------
+    @property
+    def n_labels(self) -> int:
+        """Number of labels K."""
+        return self.vectorizer.n_labels
+
+    @property
+    def n_terms(self) -> int:
+        """Number of terms D."""
+        return self.vectorizer.n_terms
+
+    @property
+    def order(self) -> int:
+        """Polynomial order of the model: the highest degree of its terms (saved with them)."""
+        return self.vectorizer.order
+
+    @property
+    def n_pixels(self) -> int:
+        """Number of pixels P."""
+        return self.theta.shape[0]
+
+    def scale_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Physical labels (..., K) -> scaled labels."""
+        return (np.asarray(labels, dtype=np.float64) - self.offsets) / self.scales
+
+    def unscale_labels(self, x: np.ndarray) -> np.ndarray:
+        """Scaled labels (..., K) -> physical labels."""
+        return np.asarray(x, dtype=np.float64) * self.scales + self.offsets
+
+    def _labels_2d(self, labels: np.ndarray) -> tuple[np.ndarray, bool]:
+        labels = np.asarray(labels, dtype=np.float64)
+        single = labels.ndim == 1
+        labels = np.atleast_2d(labels)
+        if labels.ndim != 2 or labels.shape[1] != self.n_labels:
+            raise ValueError(f"expected labels of shape (N, {self.n_labels}) or ({self.n_labels},)")
+        return labels, single
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def design_matrix(self, labels: np.ndarray) -> np.ndarray:
+        """Design matrix (N, D) for physical labels (N, K)."""
+        labels, _ = self._labels_2d(labels)
+        return self.vectorizer.design_matrix(self.scale_labels(labels))
+
+    def predict(self, labels: np.ndarray) -> np.ndarray:
+        """Model flux (N, P) at physical labels (N, K); a single label vector (K,) gives (P,)."""
+        labels, single = self._labels_2d(labels)
+        flux = self.vectorizer.design_matrix(self.scale_labels(labels)) @ self.theta.T
+        return flux[0] if single else flux
+
+    def predict_with_jacobian(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model flux (N, P) and its derivative with respect to the *physical* labels (N, P, K).
+
+        A single label vector (K,) gives (P,) and (P, K).
+        """
+        labels, single = self._labels_2d(labels)
+        design, derivative = self.vectorizer.design_matrix_and_derivative(self.scale_labels(labels))
+        flux = design @ self.theta.T
+        # (P, D) @ (N, D, K) -> (N, P, K), then d/dlabel = d/dx / scale.
+        jacobian = np.matmul(self.theta, derivative / self.scales)
+        if single:
+            return flux[0], jacobian[0]
+        return flux, jacobian
+
+    # -- persistence (formats in astra_provider.science.cannon.io) ------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model to ``path``: ``.npz`` (compressed) or FITS (``.fits``, ``.fit``, ``.fits.gz``).
+
+        :param path: the file to write; its suffix chooses the format.
+        :param overwrite: replace an existing file.
+        :returns: the path written.
+        :raises FileExistsError: if ``path`` exists and ``overwrite`` is not set.
+        :raises ValueError: for an unknown suffix, or metadata that is not JSON-serialisable.
+        """
+        return write_cannon_model(self, Path(path), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CannonModel:
+        """Read a model written by :meth:`save` (never unpickling anything).
+
+        :param path: an ``.npz`` or FITS model file.
+        :returns: the model.
+        :raises FileNotFoundError: if there is no such file.
+        :raises ValueError: if the file is not a (complete, consistent, readable) Cannon model; the message
+            names the file.
+        """
+        path = Path(path)
+        fields = cannon_model_fields(read_cannon_model_arrays(path), path)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
