@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from astra_provider.science.cannon import CannonModel
+from astra_provider.science.cannon.io import cannon_model_arrays, cannon_model_fields
 
 __all__ = [
     "LsfStack",
@@ -210,7 +211,7 @@ class LsfStack:
         path = Path(path)
         arrays = {"kind": np.array(_STACK_KIND), "sigmas": self.sigmas}
         for index, model in enumerate(self.models):
-            arrays.update({f"m{index}_{key}": value for key, value in model._arrays().items()})
+            arrays.update({f"m{index}_{key}": value for key, value in cannon_model_arrays(model).items()})
         with open(path, "wb") as handle:
             np.savez(handle, **arrays)
         return path
@@ -227,13 +228,11 @@ class LsfStack:
                 raise ValueError(f"{path} is not an LSF stack")
             arrays = {key: npz[key] for key in npz.files}
         sigmas = arrays["sigmas"]
-        models = tuple(
-            CannonModel._from_arrays(
-                {key.split("_", 1)[1]: value for key, value in arrays.items() if key.startswith(f"m{i}_")},
-                path,
-            )
+        members = [
+            {key.split("_", 1)[1]: value for key, value in arrays.items() if key.startswith(f"m{i}_")}
             for i in range(sigmas.size)
-        )
+        ]
+        models = tuple(CannonModel(**cannon_model_fields(member, path)) for member in members)
         return cls(models, sigmas)
 
 
