@@ -5,6 +5,10 @@ Each task reads one apStar file, normalises every row (stacks and visits) with
 as written), writes the normalised spectra to a FITS file (an *output data product*, read back by
 :func:`read_normalized`), and records one ``astra.continuum`` row per spectrum row.
 
+The continuum pixels are those of ``continuum_pixels_path`` (a pixel file), else of the Cannon model at
+``model_path`` (the pixels its training spectra were normalised with), else the shipped synthetic-quadratic
+list; their set id is recorded as ``CONTPIX``, which ``TestTheCannon`` checks against its model.
+
 Output file (``{output_dir}/astraContinuum-{input file stem}.fits``): HDU 0 header with the source path and
 the fit settings; image HDUs ``WAVELENGTH`` (P,), ``FLUX`` (n, P) normalised flux, ``IVAR`` (n, P)
 normalised inverse variance, ``CONTINUUM`` (n, P) the fitted continuum in the input flux units, and a
@@ -30,16 +34,29 @@ class SinusoidalContinuum(TaskInstance):
     deg = Parameter(default=3, bundled=True, description="Number of sine/cosine pairs per region.")
     length_scale = Parameter(default=1400.0, bundled=True, description="Period L of the sinusoids (Å).")
     output_dir = Parameter(default=None, bundled=True, description="Where to write the normalised spectra.")
+    model_path = Parameter(
+        default=None, bundled=True, description="A Cannon model: normalise with its continuum pixels."
+    )
+    continuum_pixels_path = Parameter(
+        default=None,
+        bundled=True,
+        description="A continuum-pixel file (one pixel index per line); default: the model's pixels, else "
+        "the shipped synthetic-quadratic list.",
+    )
 
     def execute(self):
         import numpy as np
 
-        from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
+        from astra_provider.science.cannon.continuum_pixels import resolve_continuum_pixels
+        from astra_provider.science.continuum import continuum_normalize
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id
+        from astra_provider.sdss.apogee import apogee_wavelength
         from astra_provider.sdss.spectrum import read_spectrum
 
         output_dir = Path(self.output_dir or astra_home() / "outputs" / "continuum")
         output_dir.mkdir(parents=True, exist_ok=True)
-        mask = load_continuum_pixels()
+        mask, _ = resolve_continuum_pixels(apogee_wavelength(), self.model_path, self.continuum_pixels_path)
+        pixels_id = continuum_pixel_set_id(mask)
 
         def read(path: str):
             spectrum = read_spectrum(path)
@@ -85,6 +102,7 @@ class SinusoidalContinuum(TaskInstance):
                 source=data_product.path,
                 deg=self.deg,
                 length_scale=float(self.length_scale),
+                continuum_pixels_id=pixels_id,
             )
             self.add_output_data_product(task, path)
             for row in range(spectrum.n_spectra):
@@ -120,6 +138,7 @@ def write_normalized(
     source: str,
     deg: int,
     length_scale: float,
+    continuum_pixels_id: str | None = None,
 ) -> None:
     """Write normalised spectra (see the module docstring for the layout)."""
     import numpy as np
@@ -131,6 +150,8 @@ def write_normalized(
     header["SOURCE"] = os.fspath(source)  # the input spectrum file (long paths use CONTINUE cards)
     header["CONTDEG"] = (deg, "sinusoid pairs per region")
     header["CONTL"] = (length_scale, "sinusoid period (Angstrom)")
+    if continuum_pixels_id is not None:
+        header["CONTPIX"] = (continuum_pixels_id, "continuum-pixel set id")
     header["V_ASTRA"] = (__version__, "astra-provider version")
     hdus = [
         fits.PrimaryHDU(header=header),
@@ -171,6 +192,7 @@ def read_normalized(path: str | os.PathLike):
                     "filetype": "astraContinuum",
                     "source": hdul[0].header.get("SOURCE"),
                     "continuum": (hdul[0].header.get("CONTDEG"), hdul[0].header.get("CONTL")),
+                    "continuum_pixels_id": hdul[0].header.get("CONTPIX"),
                     "snr": np.asarray(hdul["ROWS"].data["SNR"], dtype=float),
                 },
                 extras={"continuum": np.asarray(hdul["CONTINUUM"].data, dtype=float)},
