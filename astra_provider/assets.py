@@ -20,10 +20,15 @@ only emits paths; the first task of the run registers them. Several events can b
 (apache/airflow#56050, #56750), so that task reads *every* triggering event; events delivered twice (HA
 triggerers, a restart between an event and its watermark) are harmless because registration claims each
 file once. Watchers only run while the DAG is unpaused.
+
+Payloads are not trusted: anyone allowed to post asset events through the REST API can write one. Their
+paths are resolved (``..``, symbolic links) and only those under the root that the asset's watcher watches
+are registered; the others are refused and logged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +37,7 @@ from urllib.parse import urlencode
 
 from airflow.sdk import Asset, AssetWatcher
 
-from astra_provider.triggers.data_products import DEFAULT_FILETYPES
+from astra_provider.triggers.scan import DEFAULT_FILETYPES, DEFAULT_MIN_AGE_SECONDS, DEFAULT_POLL_INTERVAL
 
 
 def reduced_spectra_asset(
@@ -42,8 +47,8 @@ def reduced_spectra_asset(
     *,
     pattern: str | None = None,
     uri: str | None = None,
-    min_age_seconds: float = 60.0,
-    poll_interval: float = 60.0,
+    min_age_seconds: float = DEFAULT_MIN_AGE_SECONDS,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
     max_files_per_event: int = 1000,
     emit_existing: bool = True,
     use_ctime: bool = False,
@@ -86,58 +91,131 @@ def reduced_spectra_asset(
     )
 
 
-def _events(triggering_asset_events: Mapping[Any, Sequence[Any]] | None, asset: Any) -> list[Any]:
+def watched_root(asset: Any) -> str | None:
+    """The root watched by the data-product watcher of ``asset`` (``None`` if it has none)."""
+    from astra_provider.triggers.data_products import NewDataProductsEventTrigger
+
+    for watcher in getattr(asset, "watchers", None) or []:
+        trigger = getattr(watcher, "trigger", None)
+        if isinstance(trigger, NewDataProductsEventTrigger):
+            return trigger.root
+    return None
+
+
+def dag_assets(dag: Any) -> list[Any]:
+    """The assets a DAG is scheduled on (``schedule=[...]`` or an asset condition), nested ones included."""
+    condition = getattr(getattr(dag, "timetable", None), "asset_condition", None)
+    assets: list[Any] = []
+    stack = [condition] if condition is not None else []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Asset):
+            assets.append(item)
+        stack.extend(reversed(getattr(item, "objects", None) or []))
+    return assets
+
+
+def _as_list(asset: Any) -> list[Any]:
+    if asset is None:
+        return []
+    return list(asset) if isinstance(asset, list | tuple) else [asset]
+
+
+def _event_items(
+    triggering_asset_events: Mapping[Any, Sequence[Any]] | None, assets: list[Any]
+) -> list[tuple[Any, Any]]:
+    """``(key, event)`` for the events of ``assets`` (of every asset if none is given; aliases skipped)."""
     if not triggering_asset_events:
         return []
-    if asset is not None:
-        try:
-            return list(triggering_asset_events[asset])
-        except KeyError:
-            return []
+    if assets:
+        items = []
+        for asset in assets:
+            try:
+                items.extend((asset, event) for event in triggering_asset_events[asset])
+            except KeyError:
+                continue
+        return items
     from airflow.sdk import AssetAlias
 
-    events: list[Any] = []
-    for key in list(triggering_asset_events):
-        if not isinstance(key, AssetAlias):  # an alias lists the events of its assets again
-            events.extend(triggering_asset_events[key])
-    return events
+    return [
+        (key, event)
+        for key in list(triggering_asset_events)
+        if not isinstance(key, AssetAlias)  # an alias lists the events of its assets again
+        for event in triggering_asset_events[key]
+    ]
+
+
+def _payload(event: Any) -> dict[str, Any] | None:
+    from astra_provider.triggers.data_products import PAYLOAD_KIND
+
+    extra = event.extra if hasattr(event, "extra") else event.get("extra", {})
+    payload = (extra or {}).get("payload")
+    if isinstance(payload, Mapping) and payload.get("kind") == PAYLOAD_KIND:
+        return dict(payload)
+    return None
 
 
 def asset_event_payloads(
     triggering_asset_events: Mapping[Any, Sequence[Any]] | None, asset: Any = None
 ) -> list[dict[str, Any]]:
-    """The payloads of all data-product watcher events that triggered this run (of ``asset``, or of all),
-    in watermark order (the order in which the watcher found the files).
+    """The payloads of all data-product watcher events that triggered this run (of ``asset``, an asset or
+    a list of them, or of all), in watermark order (the order in which the watcher found the files).
 
     Use it with the ``triggering_asset_events`` context variable. Events that did not come from
-    :class:`~astra_provider.triggers.data_products.NewDataProductsEventTrigger` are skipped.
+    :class:`~astra_provider.triggers.data_products.NewDataProductsEventTrigger` are skipped. The payloads
+    are as posted: read their paths with :func:`asset_event_paths`, which confines them.
     """
-    from astra_provider.triggers.data_products import PAYLOAD_KIND
-
-    payloads = []
-    for event in _events(triggering_asset_events, asset):
-        extra = event.extra if hasattr(event, "extra") else event.get("extra", {})
-        payload = (extra or {}).get("payload")
-        if isinstance(payload, Mapping) and payload.get("kind") == PAYLOAD_KIND:
-            payloads.append(dict(payload))
-    return sorted(payloads, key=_watermark_order)
+    payloads = [_payload(event) for _, event in _event_items(triggering_asset_events, _as_list(asset))]
+    return sorted((p for p in payloads if p is not None), key=_watermark_order)
 
 
 def _watermark_order(payload: Mapping[str, Any]) -> tuple[float, str]:
-    from astra_provider.triggers.data_products import watermark_from_json
+    from astra_provider.triggers.scan import watermark_from_json
 
-    return watermark_from_json(payload.get("watermark")) or (float("-inf"), "")
+    try:
+        return watermark_from_json(payload.get("watermark")) or (float("-inf"), "")
+    except (TypeError, ValueError, KeyError):
+        return (float("-inf"), "")
 
 
 def asset_event_paths(
-    triggering_asset_events: Mapping[Any, Sequence[Any]] | None, asset: Any = None
+    triggering_asset_events: Mapping[Any, Sequence[Any]] | None,
+    asset: Any = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    logger: Any = None,
 ) -> list[str]:
-    """The absolute paths of every triggering watcher event, in event order, without repeats."""
+    """The absolute paths of every triggering watcher event, in event order, without repeats, confined to
+    the watched root.
+
+    The watched root is ``root`` when given, else that of the watcher of the event's asset (``asset``: an
+    asset or a list of them, as declared with :func:`reduced_spectra_asset`). Paths outside it (after
+    resolving ``..`` and links), and the events of an asset whose watched root is unknown, are refused and
+    logged.
+    """
     from astra_provider.triggers.data_products import payload_paths
 
+    logger = logger or logging.getLogger(__name__)
+    assets = _as_list(asset)
+    by_name = {a.name: a for a in assets}
     paths: dict[str, None] = {}
-    for payload in asset_event_payloads(triggering_asset_events, asset):
-        paths.update(dict.fromkeys(payload_paths(payload)))
+    items = _event_items(triggering_asset_events, assets)
+    ordered = sorted(
+        ((key, payload) for key, event in items if (payload := _payload(event)) is not None),
+        key=lambda item: _watermark_order(item[1]),
+    )
+    for key, payload in ordered:
+        name = getattr(key, "name", None)
+        watched = root if root is not None else watched_root(by_name.get(name, key))
+        if watched is None:
+            logger.warning(
+                "Refused the %d paths of an event of asset %r: no data-product watcher of that asset is "
+                "known here, so neither is its watched root (pass the asset, or root=)",
+                len(payload.get("paths") or []),
+                name,
+            )
+            continue
+        paths.update(dict.fromkeys(payload_paths(payload, watched, logger=logger)))
     return list(paths)
 
 
@@ -145,6 +223,7 @@ def register_asset_event_data_products(
     triggering_asset_events: Mapping[Any, Sequence[Any]] | None,
     asset: Any = None,
     *,
+    root: str | os.PathLike[str] | None = None,
     astra_conn_id: str | None = "astra_default",
     encode_pks: bool = True,
     skip_if_empty: bool = False,
@@ -152,19 +231,19 @@ def register_asset_event_data_products(
     """Register the files of all triggering watcher events and return the rows this call created.
 
     The first task of a DAG scheduled on a :func:`reduced_spectra_asset` calls this with the
-    ``triggering_asset_events`` context variable. It returns the same XCom as
-    :class:`~astra_provider.sensors.data_products.DataProductSensor` (``data_product_pks``,
-    ``by_filetype``, ``counts``). Files already registered (by an earlier run, a duplicate event, or a
+    ``triggering_asset_events`` context variable and the asset (or the list of them). It returns the same
+    XCom as :class:`~astra_provider.sensors.data_products.DataProductSensor` (``data_product_pks``,
+    ``by_filetype``, ``counts``). Only paths under the watched root are registered (see
+    :func:`asset_event_paths`). Files already registered (by an earlier run, a duplicate event, or a
     concurrent run) are not returned. With ``skip_if_empty`` the task is skipped when nothing was new.
     """
-    from astra_provider.sensors.data_products import (
-        astra_database_url,
-        claim_data_products,
-        data_products_xcom,
-    )
+    from astra_provider.hooks.astra import AstraHook
+    from astra_provider.hooks.data_products import data_products_xcom
 
-    paths = asset_event_paths(triggering_asset_events, asset)
-    created, _ = claim_data_products(paths, database_url=astra_database_url(astra_conn_id))
+    hook = AstraHook(astra_conn_id)
+    paths = asset_event_paths(triggering_asset_events, asset, root=root, logger=hook.log)
+    created, _ = hook.claim_data_products(paths)
+    hook.log.info("Registered %d new data products of %d files in the events", len(created), len(paths))
     if not created and skip_if_empty:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -175,6 +254,8 @@ def register_asset_event_data_products(
 __all__ = [
     "asset_event_paths",
     "asset_event_payloads",
+    "dag_assets",
     "reduced_spectra_asset",
     "register_asset_event_data_products",
+    "watched_root",
 ]

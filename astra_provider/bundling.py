@@ -1,13 +1,15 @@
-"""Planning bundles for Airflow: group per-task keyword arguments, chunk them, and rebuild the bundles.
+"""Bundling: group tasks into bundles in process, plan bundles for Airflow, and rebuild them.
 
 This module has no Airflow imports; the operators in :mod:`astra_provider.operators` call it.
 
 * :func:`plan_bundles` takes one dict of keyword arguments per task (for example ``{"input_data_products":
-  12}``), groups them by the task class's *bundled* parameters (the semantics of
-  :func:`astra_provider.base.bundle_key`), chunks each group to ``bundle_size`` and caps the number of bundles
-  at ``max_bundles`` by growing the bundle size. It returns compact, JSON-safe bundle descriptions.
+  12}``), groups them by the task class's *bundled* parameters (the semantics of :func:`bundle_key`),
+  chunks each group to ``bundle_size`` and caps the number of bundles at ``max_bundles`` by growing the
+  bundle size. It returns compact, JSON-safe bundle descriptions.
 * :func:`instance_from_bundle` rebuilds the :class:`~astra_provider.base.TaskInstance` of one bundle.
 * :func:`encode_pks` / :func:`decode_pks` write long lists of primary keys as ranges (small XComs).
+* :func:`bundler` groups task instances that share their class and bundled parameters (:func:`bundle_key`)
+  into bundles, in process.
 
 A bundle description (the value of ``bundle`` in ``{"bundle": ...}``)::
 
@@ -30,7 +32,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from astra_provider.utils import canonical_json, to_jsonable
+from astra_provider.utils import canonical_json, to_json_value
 
 if TYPE_CHECKING:
     from astra_provider.base import TaskInstance
@@ -67,29 +69,72 @@ def encode_pks(pks: Iterable[int]) -> list[int | list[int]]:
     return encoded
 
 
-def decode_pks(value: Any) -> list[int]:
-    """The pks written by :func:`encode_pks` (plain lists of ints and ``"first-last"`` strings work too)."""
+MAX_DECODED_PKS = 5_000_000
+"""The most primary keys that :func:`decode_pks` expands from one value, ranges included.
+
+A range is expanded into a list (about 40 bytes a key): without a bound, a range typed in a trigger form,
+such as ``"1-5000000000"``, would take the worker's memory. Five million is more than the spectra of an
+SDSS data release; for more, trigger several runs.
+"""
+
+
+def decode_pks(value: Any, *, max_pks: int = MAX_DECODED_PKS) -> list[int]:
+    """The pks written by :func:`encode_pks` (plain lists of ints and ``"first-last"`` strings work too).
+
+    :param max_pks: the most pks to expand (see :data:`MAX_DECODED_PKS`).
+    :raises ValueError: for a malformed range, or for more than ``max_pks`` pks in all (naming the entry
+        that goes over), before anything is expanded.
+    """
     if value is None:
         return []
     if isinstance(value, int | str):
         value = [value]
+    check_pk_count(value, max_pks=max_pks)
     pks: list[int] = []
     for entry in value:
-        if isinstance(entry, bool):
-            raise TypeError(f"{entry!r} is not a primary key")
         if isinstance(entry, int):
             pks.append(entry)
-        elif isinstance(entry, list | tuple) and len(entry) in (2, 3):
-            first, last, step = int(entry[0]), int(entry[1]), int(entry[2]) if len(entry) == 3 else 1
-            if step < 1 or last < first or (last - first) % step:
-                raise ValueError(f"{list(entry)!r} is not a [first, last(, step)] range of primary keys")
-            pks.extend(range(first, last + 1, step))
-        elif isinstance(entry, str) and _RANGE.fullmatch(entry.strip()):
-            first, _, last = entry.strip().partition("-")
-            pks.extend(range(int(first), int(last or first) + 1))
         else:
-            raise TypeError(f"{entry!r} is not a primary key or a [first, last] range of primary keys")
+            first, last, step = _pk_range(entry)
+            pks.extend(range(first, last + 1, step))
     return pks
+
+
+def check_pk_count(entries: Iterable[Any], *, max_pks: int = MAX_DECODED_PKS) -> int:
+    """The number of pks that ``entries`` (pks and ranges, as for :func:`decode_pks`) expand to.
+
+    :raises ValueError: when that is more than ``max_pks``, naming the entry that goes over.
+    """
+    total = 0
+    for entry in entries:
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            total += 1
+        else:
+            first, last, step = _pk_range(entry)
+            total += (last - first) // step + 1
+        if total > max_pks:
+            raise ValueError(
+                f"primary keys {entry!r}: {total:,} in all, more than the {max_pks:,} that can be given at "
+                "once (astra_provider.bundling.MAX_DECODED_PKS); give fewer or smaller ranges"
+            )
+    return total
+
+
+def _pk_range(entry: Any) -> tuple[int, int, int]:
+    """``(first, last, step)`` of a ``[first, last(, step)]`` list or a ``"first-last"`` string."""
+    if isinstance(entry, bool):
+        raise TypeError(f"{entry!r} is not a primary key")
+    if isinstance(entry, list | tuple) and len(entry) in (2, 3):
+        first, last, step = int(entry[0]), int(entry[1]), int(entry[2]) if len(entry) == 3 else 1
+        if step < 1 or last < first or (last - first) % step:
+            raise ValueError(f"{list(entry)!r} is not a [first, last(, step)] range of primary keys")
+        return first, last, step
+    if isinstance(entry, str) and _RANGE.fullmatch(entry.strip()):
+        first, _, last = entry.strip().partition("-")
+        if int(last or first) < int(first):
+            raise ValueError(f"{entry!r} is not a first-last range of primary keys (last < first)")
+        return int(first), int(last or first), 1
+    raise TypeError(f"{entry!r} is not a primary key or a [first, last] range of primary keys")
 
 
 # Grouping and chunking -------------------------------------------------------------------------------
@@ -98,10 +143,14 @@ _SCALARS = (str, int, bool, type(None))
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as JSON types (cheap for the common scalars)."""
-    if type(value) in _SCALARS or (type(value) is float and math.isfinite(value)):
+    """``value`` as JSON types that survive an XCom exactly (cheap for the common scalars).
+
+    ``inf``, ``nan`` and ``-0.0`` become ``{"$float": ...}`` objects
+    (:func:`~astra_provider.utils.to_json_value`), which task instances read back as those floats.
+    """
+    if type(value) in _SCALARS:
         return value
-    return to_jsonable(value)
+    return to_json_value(value)
 
 
 def _fingerprint(value: Any) -> Any:
@@ -148,18 +197,58 @@ def _split_evenly(n: int, n_chunks: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _short(value: Any, width: int = 40) -> str:
+def _short(value: Any, width: int = 24, path_width: int = 40) -> str:
+    """A value for a label: a path by its base name, anything else cut at ``width`` characters."""
     text = value if isinstance(value, str) else canonical_json(value)
     if isinstance(value, str) and os.sep in value:
-        text = os.path.basename(value.rstrip(os.sep)) or value
-    return text if len(text) <= width else text[: width - 3] + "..."
+        text, width = os.path.basename(value.rstrip(os.sep)) or value, path_width
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def bundle_label(class_name: str, key: Mapping[str, Any], size: int, index: int, n_chunks: int) -> str:
-    """A readable name for one bundle: class, bundled parameters, number of tasks and chunk."""
-    parts = [class_name, *(f"{name}={_short(value)}" for name, value in key.items())]
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. arrays: not the same for a label
+        return False
+
+
+def bundle_label(
+    class_name: str,
+    key: Mapping[str, Any],
+    size: int,
+    index: int,
+    n_chunks: int,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    varying: Iterable[str] = (),
+) -> str:
+    """A short name for one bundle (the mapped task's label): ``"ScaledSum offset=1.0 (250 tasks, 1/4)"``.
+
+    Shows the class, the bundled parameters whose value differs from its default (in ``defaults``) or
+    between the bundles of the plan (``varying``), paths by their base name, long values cut short, and
+    ``None`` values never; then the number of tasks and, for a group split in chunks, ``i/n``.
+    """
+    defaults = defaults or {}
+    varying = set(varying)
+    parts = [class_name]
+    for name, value in key.items():
+        if value is None or (name not in varying and name in defaults and _same(value, defaults[name])):
+            continue
+        parts.append(f"{name}={_short(value)}")
     chunk = f", {index + 1}/{n_chunks}" if n_chunks > 1 else ""
     return f"{' '.join(parts)} ({size} task{'s' if size != 1 else ''}{chunk})"
+
+
+def _label_context(cls: type[TaskInstance], keys: list[dict[str, Any]]) -> dict[str, Any]:
+    """``defaults`` and ``varying`` of :func:`bundle_label` for the bundles with these bundled values."""
+    definitions = cls.parameter_definitions()
+    defaults = {
+        name: _plain(definitions[name].normalize(definitions[name].default))
+        for name in cls.bundled_parameter_names()
+        if not definitions[name].required
+    }
+    varying = {name for name in (keys[0] if keys else {}) if len({_fingerprint(k[name]) for k in keys}) > 1}
+    return {"defaults": defaults, "varying": varying}
 
 
 def _check_names(cls: type[TaskInstance], names: frozenset[str], where: str) -> None:
@@ -220,12 +309,15 @@ def plan_bundles(
         group[1].append(kwargs)
 
     size = choose_bundle_size([len(members) for _, members in groups.values()], bundle_size, max_bundles)
+    labels = _label_context(cls, [key for key, _ in groups.values()])
     bundles = []
     for key, members in sorted(groups.values(), key=lambda group: canonical_json(group[0])):
         instance_from_kwargs(cls, members[0])  # fail here, naming the problem, rather than in every bundle
         n_chunks = math.ceil(len(members) / size)
         for index, (start, stop) in enumerate(_split_evenly(len(members), n_chunks)):
-            bundles.append(_describe(cls, key, members[start:stop], index, n_chunks))
+            description = _describe(cls, key, members[start:stop], index, n_chunks)
+            description["label"] = bundle_label(cls.__name__, key, stop - start, index, n_chunks, **labels)
+            bundles.append(description)
     return bundles
 
 
@@ -244,7 +336,7 @@ def _describe(
         else:
             columns[name] = values
     description: dict[str, Any] = {
-        "label": bundle_label(cls.__name__, key, len(members), index, n_chunks),
+        "label": "",  # set by plan_bundles(), which knows every bundle of the plan
         "key": key,
         "size": len(members),
         "shared": shared,
@@ -256,6 +348,33 @@ def _describe(
     elif any(value is not None for value in inputs):
         description[INPUTS] = [_plain(value) for value in inputs]
     return description
+
+
+# Bundling task instances -----------------------------------------------------------------------------
+
+
+def bundle_key(instance: TaskInstance) -> str:
+    """What tasks must share to be bundled: their class and bundled parameter values."""
+    return canonical_json([type(instance).task_path(), instance._bundled])
+
+
+def bundler(tasks: Iterable[TaskInstance], max_size: int | None = None) -> list[TaskInstance]:
+    """Group task instances that share their class and bundled parameters into bundles.
+
+    :param tasks: task instances (each may already hold several tasks).
+    :param max_size: split groups into bundles of at most this many tasks.
+    :returns: one instance per bundle, in the order the groups first appear.
+    """
+    groups: dict[str, list[TaskInstance]] = {}
+    for instance in tasks:
+        groups.setdefault(bundle_key(instance), []).append(instance)
+    bundles = []
+    for instances in groups.values():
+        items = [item for instance in instances for item in instance._items]
+        size = max_size or len(items)
+        for start in range(0, len(items), size):
+            bundles.append(type(instances[0])._from_items(items[start : start + size]))
+    return bundles
 
 
 # Rebuilding instances --------------------------------------------------------------------------------
@@ -291,8 +410,6 @@ def instance_from_kwargs(cls: type[TaskInstance], kwargs: Mapping[str, Any]) -> 
 
 def instance_from_bundle(cls: type[TaskInstance], bundle: Mapping[str, Any]) -> TaskInstance:
     """The one :class:`~astra_provider.base.TaskInstance` (a bundle) that runs every task of ``bundle``."""
-    from astra_provider.base import bundler
-
     definitions = cls.parameter_definitions()
     shared = dict(bundle.get("shared") or {})
     columns = dict(bundle.get("columns") or {})
@@ -323,8 +440,12 @@ def instance_from_bundle(cls: type[TaskInstance], bundle: Mapping[str, Any]) -> 
 
 
 __all__ = [
+    "MAX_DECODED_PKS",
     "bundle_items",
+    "bundle_key",
     "bundle_label",
+    "bundler",
+    "check_pk_count",
     "choose_bundle_size",
     "decode_pks",
     "encode_pks",

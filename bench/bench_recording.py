@@ -34,6 +34,7 @@ from astra_provider.database.astradb import (
     Task,
     TaskInputDataProduct,
     TaskParameter,
+    parameter_value_hash,
 )
 from astra_provider.database.astradb import Parameter as ParameterRow
 from astra_provider.devtools import create_database, temporary_postgres
@@ -107,13 +108,16 @@ def naive(paths: list[str], offset: float) -> float:
             session.flush()
             for name, value in values.items():
                 encoded = canonical_json(value)
+                value_hash = parameter_value_hash(encoded)  # the unique key: (name, hash of the value)
                 row = session.scalars(
                     select(ParameterRow).where(
-                        ParameterRow.parameter_name == name, ParameterRow.parameter_value == encoded
+                        ParameterRow.parameter_name == name, ParameterRow.parameter_value_hash == value_hash
                     )
                 ).first()
                 if row is None:
-                    row = ParameterRow(parameter_name=name, parameter_value=encoded)
+                    row = ParameterRow(
+                        parameter_name=name, parameter_value=encoded, parameter_value_hash=value_hash
+                    )
                     session.add(row)
                     session.flush()
                 session.add(TaskParameter(task_pk=task.pk, parameter_pk=row.pk))

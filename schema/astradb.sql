@@ -44,8 +44,9 @@ CREATE TABLE astra.parameter (
 	pk BIGSERIAL NOT NULL,
 	parameter_name TEXT NOT NULL,
 	parameter_value TEXT NOT NULL,
+	parameter_value_hash TEXT NOT NULL,
 	PRIMARY KEY (pk),
-	UNIQUE (parameter_name, parameter_value)
+	UNIQUE (parameter_name, parameter_value_hash)
 );
 
 CREATE TABLE astra.source (

@@ -22,6 +22,11 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["ASTRA_HOME"] = str(_SESSION_DIR / "astra-home")
 os.environ.pop("ASTRA_DATABASE_URL", None)
+# Task classes are imported by dotted path only from allowed modules (astra_provider.task_classes). The test
+# suite's own task classes live in top-level modules of tests/ (on sys.path, as for Airflow's DAG files):
+# allow those that are looked up by path, as a deployment allows its own packages. Subprocesses inherit it.
+TASK_MODULE_PREFIXES = "astra_provider.,astra_test_tasks,test_core,test_parameter_values"
+os.environ["ASTRA_TASK_MODULE_PREFIXES"] = TASK_MODULE_PREFIXES
 
 import pytest  # noqa: E402
 

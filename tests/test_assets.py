@@ -59,11 +59,11 @@ def test_reduced_spectra_asset_has_a_data_product_watcher() -> None:
     assert glob_asset.watchers[0].trigger.pattern == "**/*.fits"
 
 
-def _event(asset_name: str, payload: dict, alias: str | None = None):
+def _event(asset_name: str, payload: dict, alias: str | None = None, uri: str | None = None):
     from airflow.sdk import Asset
     from airflow.sdk.execution_time.comms import AssetEventDagRunReferenceResult
 
-    uri = Asset(name=asset_name, uri=f"astra-test://{asset_name}").uri  # normalised, as stored
+    uri = Asset(name=asset_name, uri=uri or f"astra-test://{asset_name}").uri  # normalised, as stored
     return AssetEventDagRunReferenceResult.model_validate(
         {
             "asset": {"name": asset_name, "uri": uri, "extra": {}},
@@ -76,6 +76,10 @@ def _event(asset_name: str, payload: dict, alias: str | None = None):
             "timestamp": "2026-11-23T12:00:00Z",
         }
     )
+
+
+def _reduced(root: Path) -> object:
+    return reduced_spectra_asset("reduced", root, uri="astra-test://reduced")
 
 
 def test_asset_event_helpers_read_every_triggering_event(tmp_path: Path) -> None:
@@ -93,14 +97,19 @@ def test_asset_event_helpers_read_every_triggering_event(tmp_path: Path) -> None
             _event("unrelated", other),
         ]
     )
+    reduced = _reduced(tmp_path)
 
     assert [p["counts"] for p in asset_event_payloads(events)] == [{"apStar": 2}, {"apStar": 3}]
-    assert asset_event_paths(events) == [f.path for f in files]
-    reduced = Asset(name="reduced", uri="astra-test://reduced")
     assert asset_event_paths(events, reduced) == [f.path for f in files]
+    assert asset_event_paths(events, [reduced, Asset(name="unrelated", uri="astra-test://unrelated")]) == [
+        f.path for f in files
+    ]
+    assert asset_event_paths(events, root=tmp_path) == [f.path for f in files]
     assert asset_event_paths(events, Asset(name="nothing", uri="astra-test://nothing")) == []
     assert asset_event_paths(None) == []
     assert payload_paths(first) == [f.path for f in files[:2]]
+    # Without the watched asset (or a root), the watched root is unknown: nothing is accepted.
+    assert asset_event_paths(events) == []
 
 
 def test_register_with_no_new_file_can_skip(astra_db: str, tmp_path: Path) -> None:
@@ -116,13 +125,79 @@ def test_register_with_no_new_file_can_skip(astra_db: str, tmp_path: Path) -> No
     events = TriggeringAssetEventsAccessor.build(
         [_event("reduced", event_payload(str(tmp_path), found, None))]
     )
-    value = register_asset_event_data_products(events, astra_conn_id=None, encode_pks=False)
+    reduced = _reduced(tmp_path)
+    value = register_asset_event_data_products(events, reduced, astra_conn_id=None, encode_pks=False)
     assert len(value["data_product_pks"]) == 1
 
     from airflow.sdk.exceptions import AirflowSkipException
 
     with pytest.raises(AirflowSkipException):
-        register_asset_event_data_products(events, astra_conn_id=None, skip_if_empty=True)
+        register_asset_event_data_products(events, reduced, astra_conn_id=None, skip_if_empty=True)
+
+
+def test_asset_event_payloads_cannot_register_files_outside_the_watched_root(
+    astra_db: str, tmp_path: Path, capfd
+) -> None:
+    """Issue #12: anyone who may post asset events (REST API) writes the payload; only files under the
+    root that the asset's watcher watches are registered, links resolved."""
+    from airflow.sdk.execution_time.context import TriggeringAssetEventsAccessor
+
+    root = tmp_path / "root"
+    good = make_product(root, "apVisit", 1)
+    secret = make_product(tmp_path / "private", "apStar", 2)
+    (root / "apogee" / "linked.fits").symlink_to(secret)
+    hostile = {
+        "kind": "astra.new_data_products",
+        "root": str(root),
+        "paths": ["../../../../etc/passwd", "/etc/shadow", "apogee/linked.fits", str(secret)],
+    }
+    forged_root = {
+        **hostile,
+        "root": str(tmp_path / "private"),
+        "paths": [str(secret.relative_to(tmp_path / "private"))],
+    }
+    honest = event_payload(str(root), [FoundFile(1.0, str(good), 64, "apVisit")], None)
+    events = TriggeringAssetEventsAccessor.build(
+        [_event("reduced", hostile), _event("reduced", forged_root), _event("reduced", honest)]
+    )
+
+    value = register_asset_event_data_products(events, _reduced(root), astra_conn_id=None, encode_pks=False)
+
+    with session_scope(astra_db) as session:
+        registered = dict(session.execute(select(DataProduct.pk, DataProduct.path)).all())
+    assert registered == {value["data_product_pks"][0]: str(good)}
+    out = capfd.readouterr().out
+    for path in ("../../../../etc/passwd", "/etc/shadow", "apogee/linked.fits", str(secret)):
+        assert f"Refused path {path}: outside the data root {root}" in out
+    assert f"Refused path {tmp_path / 'private'}: an event root other than the watched root {root}" in out
+
+
+def test_the_asset_events_operator_confines_to_the_roots_its_dag_watches(
+    astra_conn: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``astra_pipeline_on_new_spectra`` (YAML): its register step reads the watched root from the DAG."""
+    from airflow.sdk.execution_time.context import TriggeringAssetEventsAccessor
+    from airflow_helpers import DAGS, get_dag
+
+    from astra_provider.assets import dag_assets, watched_root
+
+    root = tmp_path / "sdss"
+    monkeypatch.setenv("ASTRA_DATA_ROOT", str(root))
+    dag = get_dag("astra_pipeline_on_new_spectra", DAGS)
+    (asset,) = dag_assets(dag)
+    assert (asset.name, watched_root(asset)) == ("apogee_reduced_spectra", str(root))
+    trigger = asset.watchers[0].trigger
+    assert (trigger.min_age_seconds, trigger.poll_interval) == (5, 5)  # a drop starts a run within ~15 s
+
+    good = make_product(root, "apStar", 1)
+    payload = event_payload(str(root), [FoundFile(1.0, str(good), 64, "apStar")], None)
+    payload["paths"] += ["../../etc/passwd", "/etc/shadow"]
+    events = TriggeringAssetEventsAccessor.build([_event(asset.name, payload, uri=asset.uri)])
+    value = dag.task_dict["register"].execute({"triggering_asset_events": events})
+    with session_scope(astra_conn) as session:
+        registered = dict(session.execute(select(DataProduct.pk, DataProduct.path)).all())
+    assert [registered[pk] for pk in decode_pks(value["data_product_pks"])] == [str(good)]
+    assert list(registered.values()) == [str(good)]
 
 
 def _watcher_trigger_from_db() -> tuple[int, NewDataProductsEventTrigger, object]:

@@ -102,7 +102,7 @@ def test_the_pipeline_dags_chain_discovery_continuum_doppler_and_the_cannon():
         "type": "string"
     }  # required in the trigger form
     # a run over the whole data root again (rediscover), and the files' readiness age, from the trigger form
-    assert (pipeline.params["rediscover"], pipeline.params["min_file_age_seconds"]) == (False, 60)
+    assert (pipeline.params["rediscover"], pipeline.params["min_file_age_seconds"]) == (False, 5)
     assert (sensor.include_registered, sensor.min_age_seconds) == (
         "{{ params.rediscover }}",
         "{{ params.min_file_age_seconds }}",
@@ -215,8 +215,8 @@ def test_component_dags_run_on_synthetic_spectra(airflow_db, astra_conn, survey,
     )
     _succeeded(run)
     labels = sorted(ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "continuum")
-    prefix = "SinusoidalContinuum deg=3 length_scale=1400.0 output_dir=normalised model_path="
-    assert [label.startswith(prefix) and "model.npz" in label for label in labels] == [True, True], labels
+    # short labels: the class, the non-default parameters (here the model, whose pixels are used), the bundle
+    assert all(label.startswith("SinusoidalContinuum ") and "model" in label for label in labels), labels
     assert [label[-len("(3 tasks, 1/2)") :] for label in labels] == ["(3 tasks, 1/2)", "(3 tasks, 2/2)"]
     assert _statuses("SinusoidalContinuum") == {"COMPLETED": 6}
     assert _count(Bundle, Bundle.task_name == "SinusoidalContinuum") == 2

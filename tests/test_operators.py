@@ -27,6 +27,7 @@ from airflow_helpers import (
 from astra_test_tasks import ReadScale
 from sqlalchemy import func, select
 
+from astra_provider import database
 from astra_provider.base import Parameter, TaskInstance, TupleParameter
 from astra_provider.bundling import (
     choose_bundle_size,
@@ -216,17 +217,65 @@ def test_a_bundle_with_failures_fails_only_past_the_failure_fraction(astra_conn,
         {"pk": failed_pk, "stage": "execute", "error": "ValueError: value is None"}
     ]
     out = capfd.readouterr().out
-    assert f"task {failed_pk} [execute] inputs=[]: ValueError: value is None" in out
+    listed = f"1 failed task(s) (details: `astra show <pk>`):\n  task {failed_pk} [execute]: ValueError"
+    assert listed in out
+    assert out.count("value is None") == 1  # each failure is logged once
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Bundle)) == 1
     assert _statuses() == {"COMPLETED": 9, "FAILED": 1}
 
     # Run again, strictly: the 9 completed tasks are skipped, the failed one runs again and fails again.
     strict = ExecuteBundleOperator(task_id="run", task_class=ScaledSum, bundle=bundle, max_failure_fraction=0)
-    with pytest.raises(AstraTaskFailedError, match=r"1 of 10 .* failed \(10.0%\).*max_failure_fraction=0"):
+    message = r"1 of 10 ScaledSum task\(s\) failed \(10.0%, max_failure_fraction=0\); each is listed above"
+    with pytest.raises(AstraTaskFailedError, match=message):
         strict.execute(context={})
     assert "9 of 10 task(s) already done" in capfd.readouterr().out
     assert _statuses() == {"COMPLETED": 9, "FAILED": 2}
+
+
+def test_bundle_labels_are_short():
+    """Map-index labels: the class, the bundled parameters that differ (from their default, or between the
+    bundles), paths by base name, no nulls, the count and i/n."""
+    from astra_provider.contrib.continuum import SinusoidalContinuum
+    from astra_provider.contrib.doppler import DopplerRadialVelocity
+
+    items = [{"input_data_products": pk} for pk in range(1, 5)]
+    defaults = {"deg": 3, "length_scale": 1400.0, "output_dir": None}
+    labels = [
+        b["label"] for b in plan_bundles(SinusoidalContinuum, items, parameters=defaults, bundle_size=2)
+    ]
+    assert labels == ["SinusoidalContinuum (2 tasks, 1/2)", "SinusoidalContinuum (2 tasks, 2/2)"]
+    model = "/data/astra/models/thecannon-training-300stars-seed1.npz"
+    [doppler] = plan_bundles(DopplerRadialVelocity, items, parameters={"model_path": model})
+    assert (
+        doppler["label"] == "DopplerRadialVelocity model_path=thecannon-training-300stars-seed1.npz (4 tasks)"
+    )
+    mixed = [{**item, "deg": 3 + i % 2} for i, item in enumerate(items)]  # deg varies: shown, default or not
+    assert [b["label"] for b in plan_bundles(SinusoidalContinuum, mixed)] == [
+        "SinusoidalContinuum deg=3 (2 tasks)",
+        "SinusoidalContinuum deg=4 (2 tasks)",
+    ]
+
+
+def test_an_operator_without_the_connection_warns_that_it_uses_the_embedded_database(tmp_path, capfd):
+    with environment(
+        AIRFLOW_CONN_ASTRA_DEFAULT=None, ASTRA_DATABASE_URL=None, ASTRA_HOME=str(tmp_path / "home")
+    ):
+        database.configure(None)
+        try:
+            summary = AstraTaskOperator(
+                task_id="primes", task_class=GreedyPrimes, parameters={"max_value": 10}
+            ).execute(context={})
+        finally:
+            database.dispose_engines()
+    assert summary["completed"] == 1
+    out = capfd.readouterr().out
+    assert (
+        "No Airflow connection 'astra_default' and no ASTRA_DATABASE_URL: falling back to the embedded "
+        f"SQLite database sqlite:///{tmp_path / 'home' / 'astra.db'}. Create the connection with "
+        "`astra airflow-setup`"
+    ) in out
+    assert (tmp_path / "home" / "astra.db").exists()
 
 
 def test_bundle_operator_takes_sensor_and_operator_xcoms(astra_conn, tmp_path):

@@ -7,9 +7,10 @@ import math
 import pytest
 from sqlalchemy import text
 
-from astra_provider.base import Parameter, TaskInstance, _encode, _task_id
+from astra_provider.base import Parameter, TaskInstance
 from astra_provider.database import session_scope
 from astra_provider.database.astradb import Continuum
+from astra_provider.database.recorder import encode_parameter_value, task_id
 from astra_provider.database.recording import canonical_json_fast, pg_array
 from astra_provider.utils import canonical_json, stable_hash
 
@@ -56,7 +57,8 @@ def test_task_id_is_the_stable_hash_of_the_task(value):
     parameters = {"a": value, "b": -0.0}
     identities = ["/full/abc", "dr19/apVisit/é"]
     expected = "Identity_" + stable_hash([Identity.__module__, Identity.__qualname__, parameters, identities])
-    assert _task_id(Identity, {k: _encode(v) for k, v in parameters.items()}, identities) == expected
+    encoded = {k: encode_parameter_value(v) for k, v in parameters.items()}
+    assert task_id(Identity, encoded, identities) == expected
 
 
 def test_pg_array_round_trips(postgres_db):

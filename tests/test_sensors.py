@@ -5,8 +5,10 @@ the exclusive claims that keep one file from being handed to two runs.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -17,7 +19,12 @@ from sqlalchemy import select
 from astra_provider.bundling import decode_pks
 from astra_provider.database import session_scope
 from astra_provider.database.astradb import DataProduct
-from astra_provider.sensors.data_products import DataProductSensor, claim_data_products
+from astra_provider.hooks.data_products import DataRootError
+from astra_provider.sensors.data_products import (
+    DEFERRAL_GRACE_SECONDS,
+    DataProductSensor,
+    claim_data_products,
+)
 from astra_provider.triggers.data_products import NewDataProductsTrigger, watermark_from_json
 
 pytest_plugins = ["data_product_fixtures"]  # fixtures: airflow_db, astra_test_dags, astra_conn
@@ -188,8 +195,10 @@ def test_deferrable_sensor_defers_after_the_files_it_has_seen(astra_conn: str, t
     assert deferred.value.method_name == "execute_complete"
     assert trigger.watermark == (old.stat().st_mtime, str(old))
     assert (trigger.min_age_seconds, trigger.poll_interval) == (30, 0.1)
-    assert 0 < deferred.value.timeout.total_seconds() <= 300
-    assert deferred.value.kwargs["deadline"] > 0
+    # The trigger gives up at the deadline itself (with what it saw); the deferral timeout is a backstop.
+    assert trigger.deadline == deferred.value.kwargs["deadline"]
+    assert 0 < trigger.deadline - time.time() <= 300
+    assert 300 < deferred.value.timeout.total_seconds() <= 300 + DEFERRAL_GRACE_SECONDS
 
 
 def test_execute_complete_waits_again_when_other_runs_claimed_the_files(
@@ -288,3 +297,194 @@ def test_min_age_and_include_registered_take_rendered_templates(astra_conn: str,
     sensor.include_registered = "maybe"
     with pytest.raises(ValueError, match="include_registered must be true or false"):
         sensor.poke({})
+
+
+# Failing fast, logging what it sees, templated intervals, re-runs --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make_root", "message"),
+    [
+        (
+            lambda tmp: tmp / "no" / "such" / "dir",
+            "data root {root} does not exist (its nearest existing parent is {tmp})",
+        ),
+        (
+            lambda tmp: (tmp / "a-file").write_text("x") and tmp / "a-file",
+            "data root {root} is not a directory",
+        ),
+        (lambda tmp: "", "the data root is empty: give the directory to watch (the data_root param)"),
+    ],
+    ids=["missing", "file", "empty"],
+)
+@pytest.mark.parametrize("deferrable", [True, False], ids=["deferrable", "poke"])
+def test_a_bad_data_root_fails_at_once_naming_it(
+    tmp_path: Path, make_root, message: str, deferrable: bool
+) -> None:
+    root = make_root(tmp_path)
+    sensor = _sensor(root, deferrable=deferrable, soft_fail=True, timeout=600)  # soft_fail: still a failure
+    expected = message.format(root=root, tmp=tmp_path)
+    with pytest.raises(DataRootError) as failure:  # at once: nothing deferred, no poke loop
+        sensor.execute({})
+    assert str(failure.value) == expected
+    from airflow.sdk.exceptions import AirflowFailException
+
+    assert isinstance(failure.value, AirflowFailException)  # no retries
+
+
+def test_a_root_that_disappears_while_deferred_fails_even_with_soft_fail(tmp_path: Path) -> None:
+    sensor = _sensor(tmp_path, soft_fail=True)
+    event = {"status": "error", "kind": "data_root", "message": f"data root {tmp_path}/gone does not exist"}
+    with pytest.raises(DataRootError, match="gone does not exist"):
+        sensor.resume_execution("execute_complete", {"event": event, "deadline": time.time() + 60}, {})
+    from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
+
+    timeout = {"status": "timeout", "message": f"no new data products under {tmp_path} before the deadline"}
+    with pytest.raises(AirflowSensorTimeout, match="before the deadline"):
+        _sensor(tmp_path).execute_complete({}, event=timeout)
+    with pytest.raises(AirflowSkipException):  # soft_fail applies to the timeout, as documented
+        sensor.resume_execution("execute_complete", {"event": timeout}, {})
+
+
+def test_resuming_without_an_event_starts_over(astra_conn: str, tmp_path: Path) -> None:
+    """``airflow tasks test`` on a task that had deferred resumes it without a trigger event."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    sensor = _sensor(tmp_path, timeout=300)
+    with pytest.raises(TaskDeferred):  # nothing there yet: it checks the root and defers again
+        sensor.resume_execution("execute_complete", {"deadline": time.time() + 60}, {})
+    path = make_product(tmp_path, "apStar", 1)
+    value = _sensor(tmp_path).resume_execution("execute_complete", {"deadline": time.time() + 60}, {})
+    assert [_registered(astra_conn)[pk] for pk in decode_pks(value["data_product_pks"])] == [str(path)]
+
+
+def test_a_wrong_data_root_fails_the_dag_run_without_deferring(
+    airflow_db, astra_conn, tmp_path, capfd
+) -> None:
+    """``astra_test_discovery`` (a YAML DAG with a deferrable sensor step) with a mistyped root."""
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    from airflow_helpers import get_dag, task_instances, use_test_bundles
+
+    wrong = tmp_path / "sdss-typo"
+    with use_test_bundles():
+        dag_run = get_dag("astra_test_discovery").test(
+            run_conf={"root": str(wrong), "output_dir": str(tmp_path)}
+        )
+    assert dag_run.state == DagRunState.FAILED
+    tis = task_instances(dag_run)
+    assert tis[("discover", -1)].state == TaskInstanceState.FAILED
+    assert tis[("discover", -1)].next_method is None  # it never deferred
+    assert tis[("scale_bundles", -1)].state == TaskInstanceState.UPSTREAM_FAILED
+    output = capfd.readouterr()
+    assert f"data root {wrong} does not exist" in output.out + output.err
+
+
+def test_templated_poke_interval_and_timeout_reach_the_trigger(astra_conn: str, tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    sensor = _sensor(
+        tmp_path,
+        poke_interval="{{ params.poll }}",
+        timeout="{{ params.wait }}",
+        pattern="{{ params.pattern }}",
+    )
+    assert {"poke_interval", "timeout", "pattern"} <= set(sensor.template_fields)
+    sensor.poke_interval, sensor.timeout, sensor.pattern = "2.5", "30", ""  # as rendered without native types
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute({})
+    trigger = deferred.value.trigger
+    assert (trigger.poll_interval, trigger.pattern) == (2.5, None)
+    assert 0 < trigger.deadline - time.time() <= 30
+
+    sensor.poke_interval = "soon"
+    with pytest.raises(ValueError, match="wait: poke_interval must be a number >= 0, got 'soon'"):
+        sensor.execute({})
+
+
+def test_the_sensor_logs_each_file_it_does_not_take_once(astra_conn: str, tmp_path: Path, capfd) -> None:
+    root = tmp_path / "sas"
+    placed = make_product(root, "apStar", 1)
+    deeper = make_product(root / "reduced", "apVisit", 2)  # one directory too deep for the SDSS layout
+    sensor = _sensor(root, deferrable=False)
+
+    value = sensor.execute({})  # poke mode: checks the root and the layout, then pokes until done
+    registered = _registered(astra_conn)
+    assert [registered[pk] for pk in decode_pks(value["data_product_pks"])] == [str(placed)]
+    sensor._start()  # checked again (a second task): nothing is listed twice
+    assert sensor.poke({}).is_done is False
+    out = capfd.readouterr().out
+    assert out.count(f"Not taking {deeper}: named like apVisit but not where the SDSS layout puts it") == 1
+    assert f"Watching {root} for apStar, apVisit (SDSS layout): 1 files match, 1 new and ready" in out
+
+    # The documented way to watch that tree: a pattern; files whose path ends in the layout keep their type.
+    value = _sensor(root, deferrable=False, pattern="**/apVisit-*.fits", task_id="deep").poke({}).xcom_value
+    assert value["counts"] == {"apVisit": 1}
+    assert str(deeper) in _registered(astra_conn).values()
+
+
+def test_event_paths_outside_the_root_are_refused(astra_conn: str, tmp_path: Path, capfd) -> None:
+    """Issue #12: an event naming files elsewhere must not register them as data products."""
+    root = tmp_path / "root"
+    good = make_product(root, "apVisit", 1)
+    outside = make_product(tmp_path / "elsewhere", "apStar", 3)
+    link = root / "apogee" / "apStar-link.fits"
+    link.symlink_to(outside)
+    event = {
+        "status": "success",
+        "root": str(root),
+        "paths": [
+            "../../../../etc/passwd",
+            "/etc/shadow",
+            str(link.relative_to(root)),
+            str(outside),
+            str(good.relative_to(root)),
+        ],
+        "watermark": {"mtime": good.stat().st_mtime, "path": str(good)},
+    }
+    value = _sensor(root, encode_pks=False).execute_complete({}, event=event)
+    assert [_registered(astra_conn)[pk] for pk in value["data_product_pks"]] == [str(good)]
+    assert set(_registered(astra_conn).values()) == {str(good)}
+    out = capfd.readouterr().out
+    for refused in ("../../../../etc/passwd", "/etc/shadow", "apogee/apStar-link.fits", str(outside)):
+        assert f"Refused path {refused}: outside the data root {root}" in out
+    assert f"a link to {outside}" in out
+
+
+def test_sigterm_stops_airflow_tasks_test_while_its_trigger_runs_in_process(airflow_db, tmp_path) -> None:
+    """``airflow tasks test`` runs the trigger in its own process; SIGTERM must end it (issue #14)."""
+    import signal
+    import subprocess
+
+    from airflow_helpers import AIRFLOW, use_test_bundles
+
+    with use_test_bundles():
+        process = subprocess.Popen(
+            [
+                str(AIRFLOW),
+                "tasks",
+                "test",
+                "astra_test_sensor_deferrable",
+                "wait_for_data_products",
+                "-t",
+                f'{{"root": "{tmp_path}"}}',
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ),
+        )
+    lines: list[str] = []
+    try:
+        for line in process.stdout:  # until the trigger runs in-process
+            lines.append(line)
+            if "giving up in" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = "".join(lines) + output
+    assert any("giving up in" in line for line in lines), log[-3000:]
+    assert f"wait_for_data_products: terminated while waiting for files in {tmp_path}" in log, log[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from astra_provider.triggers.data_products import (
     watermark_from_json,
     watermark_to_json,
 )
+from astra_provider.triggers.scan import ScanReporter, find_misplaced
 
 pytest_plugins = ["data_product_fixtures"]  # fixtures: airflow_db, astra_test_dags, astra_conn
 
@@ -347,3 +349,196 @@ def test_large_scan_runs_off_the_event_loop(tmp_path: Path) -> None:
     # each gap as long as a scan.
     assert len(gaps) >= 20, f"the event loop ticked {len(gaps)} times in {elapsed:.2f} s"
     assert max(gaps) < elapsed / 2, f"the event loop stalled for {max(gaps):.2f} s of {elapsed:.2f} s"
+
+
+# Confinement, layout checks and what the scans report ------------------------------------------------
+
+
+class _Records(logging.Handler):
+    """A logger whose records are kept (what the trigger or sensor logged)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger(name)
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def lines(self, level: int = logging.DEBUG) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+def test_scan_never_takes_a_link_to_a_file_outside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    inside = make_product(root, "apStar", 1)
+    secret = tmp_path / "secret.fits"
+    secret.write_bytes(b"\0" * 64)
+    set_age(secret, 600)
+    link = inside.parent.parent / "1002" / "apStar-1.4-apo25m-2M00000002.fits"  # a valid SDSS path
+    link.parent.mkdir()
+    link.symlink_to(secret)
+    alias = inside.parent.parent / "1003" / "apStar-1.4-apo25m-2M00000003.fits"
+    alias.parent.mkdir()
+    alias.symlink_to(inside)  # a link that stays under the root is fine
+
+    result = scan_data_products(root, min_age_seconds=1)
+
+    assert sorted(f.path for f in result.files) == sorted([str(inside), str(alias)])
+    assert result.skipped == [(str(link), f"outside the data root {root}, a link to {secret}")]
+    glob_result = scan_data_products(root, pattern="**/*.fits", min_age_seconds=1)
+    assert str(link) not in [f.path for f in glob_result.files]
+    with pytest.raises(ValueError, match="must stay under the data root"):
+        scan_data_products(root, pattern="../*.fits")
+    with pytest.raises(ValueError, match="must stay under the data root"):
+        scan_data_products(root, pattern=str(tmp_path / "*.fits"))
+
+
+def test_scan_reports_why_a_matched_file_is_not_taken(tmp_path: Path) -> None:
+    bad = tmp_path / "apogee/1.4/stars/apo25m/9/1001/apStar-1.4-apo25m-2M99.fits"  # healpix group wrong
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"x")
+    set_age(bad, 50)
+    result = scan_data_products(tmp_path, min_age_seconds=10)
+    assert result.skipped == [
+        (str(bad), "directories are inconsistent with the keywords of this apStar file")
+    ]
+
+
+def test_files_outside_the_sdss_layout_are_found_and_explained(tmp_path: Path) -> None:
+    """A data root given one directory too high: the layout globs see nothing; the layout check does."""
+    placed = make_product(tmp_path / "sas", "apStar", 1)
+    deeper = make_product(tmp_path / "sas" / "extra", "apVisit", 2)  # <root>/extra/apogee/...
+    make_product(tmp_path / "sas", "specFull", 3)  # not a watched file type: not reported
+
+    assert [f.path for f in scan_data_products(tmp_path / "sas", min_age_seconds=1).files] == [str(placed)]
+    misplaced = find_misplaced(tmp_path / "sas", ["apStar", "apVisit"])
+    assert [path for path, _ in misplaced] == [str(deeper)]
+    assert "not where the SDSS layout puts it" in misplaced[0][1] and "'**/apVisit-*.fits'" in misplaced[0][1]
+
+    # The documented way to watch such a tree: a pattern. Files whose path ends in the SDSS layout keep
+    # their file type; others are plain files.
+    found = scan_data_products(tmp_path / "sas", pattern="**/apVisit-*.fits", min_age_seconds=1)
+    assert [(f.path, f.filetype) for f in found.files] == [(str(deeper), "apVisit")]
+
+
+def test_reporter_lists_each_file_once_and_a_status_when_something_changes(tmp_path: Path) -> None:
+    captured = _Records("astra-test-reporter")
+    make_product(tmp_path, "apStar", 1, age=600)
+    young = make_product(tmp_path, "apStar", 2, age=0)
+    bad = tmp_path / "apogee/1.4/stars/apo25m/9/1001/apStar-1.4-apo25m-2M99.fits"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"x")
+    set_age(bad, 50)
+    reporter = ScanReporter(captured.logger, str(tmp_path), "apStar (SDSS layout)", min_age_seconds=10)
+
+    first = scan_data_products(tmp_path, min_age_seconds=10)
+    assert reporter.status(first, "; next scan in 5 s") is True
+    assert reporter.status(scan_data_products(tmp_path, min_age_seconds=10)) is False  # nothing changed
+    set_age(young, 30)
+    assert reporter.status(scan_data_products(tmp_path, min_age_seconds=10)) is True
+
+    lines = captured.lines()
+    assert (
+        lines.count(f"Not taking {bad}: directories are inconsistent with the keywords of this apStar file")
+        == 1
+    )
+    assert lines[1].startswith(
+        f"Watching {tmp_path} for apStar (SDSS layout): 3 files match, 1 new and ready, 1 not ready yet"
+    )
+    assert "1 not ready yet (the newest modified 0 s ago; ready once unmodified for 10 s)" in lines[1]
+    assert "1 not taken (each listed once)" in lines[1] and "; next scan in 5 s" in lines[1]
+    assert "2 new and ready" in lines[2] and "not ready" not in lines[2]
+    assert len(lines) == 3
+
+
+def test_payload_paths_are_confined_to_the_watched_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    good = make_product(root, "apVisit", 1)
+    (root / "escape.fits").symlink_to("/etc/hostname")
+    captured = _Records("astra-test-payload")
+    payload = {
+        "kind": PAYLOAD_KIND,
+        "root": str(root),
+        "paths": [
+            str(good.relative_to(root)),
+            "../../../../etc/passwd",
+            "/etc/shadow",
+            "escape.fits",
+            str(good),  # absolute, but under the root: fine
+            17,
+        ],
+    }
+    assert payload_paths(payload, root, logger=captured.logger) == [str(good), str(good)]
+    refused = captured.lines(logging.WARNING)
+    assert refused == [
+        f"Refused path ../../../../etc/passwd: outside the data root {root}",
+        f"Refused path /etc/shadow: outside the data root {root}",
+        f"Refused path escape.fits: outside the data root {root}, a link to /etc/hostname",
+        "Refused path 17: not a path",
+    ]
+    # A payload that claims another root (a forged event) is refused as a whole.
+    assert payload_paths({**payload, "root": "/"}, root, logger=captured.logger) == []
+    assert (
+        captured.lines(logging.WARNING)[-1]
+        == f"Refused path /: an event root other than the watched root {root}"
+    )
+
+
+def test_sensor_trigger_fails_on_a_missing_root_and_times_out_with_what_it_saw(tmp_path: Path) -> None:
+    missing = NewDataProductsTrigger(root=tmp_path / "nope", poll_interval=0.1)
+    (event,) = asyncio.run(_events(missing, 1))
+    nearest = f"its nearest existing parent is {tmp_path}"
+    assert event.payload == {
+        "status": "error",
+        "kind": "data_root",
+        "message": f"data root {tmp_path / 'nope'} does not exist ({nearest})",
+    }
+
+    make_product(tmp_path, "apStar", 1, age=0)  # never ready within the deadline
+    waiting = NewDataProductsTrigger(
+        root=tmp_path, min_age_seconds=60, poll_interval=0.1, deadline=time.time() + 0.5
+    )
+    (event,) = asyncio.run(_events(waiting, 1))
+    assert event.payload["status"] == "timeout"
+    message = event.payload["message"]
+    assert message.startswith(
+        f"no new data products under {tmp_path} before the deadline; last scan: 1 files match, 1 not "
+        "ready yet (the newest modified "
+    )
+    assert message.endswith(" s ago; ready once unmodified for 60 s)")
+
+
+def test_watcher_waits_for_a_missing_root_and_logs_it(tmp_path: Path) -> None:
+    root = tmp_path / "later"
+    trigger = NewDataProductsEventTrigger(root=root, min_age_seconds=0.2, poll_interval=0.1)
+    captured = _Records("astra-test-watcher")
+    trigger._log = captured.logger  # what LoggingMixin.log returns
+
+    async def scenario():
+        generator = trigger.run()
+        pending = asyncio.ensure_future(generator.__anext__())
+        await asyncio.sleep(0.5)
+        assert not pending.done()
+        path = make_product(root, "apStar", 1, age=5)
+        event = await asyncio.wait_for(pending, 10)
+        await generator.aclose()
+        return event, path
+
+    event, path = asyncio.run(scenario())
+    assert payload_paths(event.payload) == [str(path)]
+    errors = captured.lines(logging.ERROR)
+    assert errors == [
+        f"Cannot watch data root {root} does not exist (its nearest existing parent is {tmp_path}); "
+        "checking again every 0.1 s"
+    ]
+
+
+def test_defaults_hand_a_file_on_within_seconds() -> None:
+    trigger = NewDataProductsEventTrigger(root="/data")
+    sensor_trigger = NewDataProductsTrigger(root="/data")
+    assert (trigger.min_age_seconds, trigger.poll_interval) == (5.0, 5.0)
+    assert (sensor_trigger.min_age_seconds, sensor_trigger.poll_interval) == (5.0, 5.0)

@@ -31,14 +31,19 @@ FLAG_FIT_FAILED = 1  # too few usable continuum pixels in a region: the row is n
 class SinusoidalContinuum(TaskInstance):
     """Normalise apStar spectra by a sum of sines and cosines fitted to fixed continuum pixels."""
 
-    deg = Parameter(default=3, bundled=True, description="Number of sine/cosine pairs per region.")
-    length_scale = Parameter(default=1400.0, bundled=True, description="Period L of the sinusoids (Å).")
-    output_dir = Parameter(default=None, bundled=True, description="Where to write the normalised spectra.")
+    deg = Parameter(default=3, type=int, bundled=True, description="Number of sine/cosine pairs per region.")
+    length_scale = Parameter(
+        default=1400.0, type=float, bundled=True, description="Period L of the sinusoids (Å)."
+    )
+    output_dir = Parameter(
+        default=None, type=str, bundled=True, description="Where to write the normalised spectra."
+    )
     model_path = Parameter(
-        default=None, bundled=True, description="A Cannon model: normalise with its continuum pixels."
+        default=None, type=str, bundled=True, description="A Cannon model: normalise with its continuum pixels"
     )
     continuum_pixels_path = Parameter(
         default=None,
+        type=str,
         bundled=True,
         description="A continuum-pixel file (one pixel index per line); default: the model's pixels, else "
         "the shipped synthetic-quadratic list.",

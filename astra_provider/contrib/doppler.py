@@ -20,8 +20,12 @@ from astra_provider.database.astradb import Doppler
 class DopplerRadialVelocity(TaskInstance):
     """Radial velocity and template labels of apVisit spectra."""
 
-    model_path = Parameter(bundled=True, description="A Cannon model file (templates for the CCF and fit).")
-    max_velocity = Parameter(default=1000.0, bundled=True, description="Largest |velocity| searched (km/s).")
+    model_path = Parameter(
+        type=str, bundled=True, description="A Cannon model file (templates for the CCF and fit)."
+    )
+    max_velocity = Parameter(
+        default=1000.0, type=float, bundled=True, description="Largest |velocity| searched (km/s)."
+    )
 
     def pre_execute(self):
         from astra_provider.science.cannon import CannonModel

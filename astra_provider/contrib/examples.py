@@ -11,8 +11,8 @@ from astra_provider.database.astradb import RandomNumberGenerator
 class GreedyPrimes(TaskInstance):
     """The primes in ``[min_value, max_value)``, by trial division."""
 
-    min_value = Parameter(default=2)
-    max_value = Parameter()
+    min_value = Parameter(default=2, type=int)
+    max_value = Parameter(type=int)
 
     def execute(self):
         primes = []
@@ -28,9 +28,9 @@ class GreedyPrimes(TaskInstance):
 class RandomNumberGeneratorTask(TaskInstance):
     """Draw ``draws`` normal deviates with ``seed`` and write them to ``astra.random_number_generator``."""
 
-    seed = Parameter(description="The random seed to use.")
-    draws = Parameter(default=1, description="The number of draws to make.")
-    delay_time = Parameter(default=0, description="Seconds to wait before drawing.")
+    seed = Parameter(type=int, description="The random seed to use.")
+    draws = Parameter(default=1, type=int, description="The number of draws to make.")
+    delay_time = Parameter(default=0, type=float, description="Seconds to wait before drawing.")
 
     def execute(self):
         import numpy as np

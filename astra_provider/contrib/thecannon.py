@@ -33,13 +33,16 @@ class TrainTheCannon(TaskInstance):
     by the extension of ``output_path``) and recorded as the task's output data product.
     """
 
-    label_names = TupleParameter(default=NAMED_LABELS, description="Label columns of the training table.")
-    regularization = Parameter(default=0.0, description="L1 regularisation strength (0: none).")
-    output_path = Parameter(default=None, description="Model file to write (.npz or .fits).")
-    deg = Parameter(default=3, description="Continuum: sine/cosine pairs per region.")
-    length_scale = Parameter(default=1400.0, description="Continuum: sinusoid period (Å).")
+    label_names = TupleParameter(
+        default=NAMED_LABELS, type=str, description="Label columns of the training table."
+    )
+    regularization = Parameter(default=0.0, type=float, description="L1 regularisation strength (0: none).")
+    output_path = Parameter(default=None, type=str, description="Model file to write (.npz or .fits).")
+    deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
+    length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
     continuum_pixels_path = Parameter(
         default=None,
+        type=str,
         description="A continuum-pixel file (one pixel index per line) for the training spectra; default: "
         "derive the pixels from the training set (stored in the model either way).",
     )
@@ -125,7 +128,7 @@ class TestTheCannon(TaskInstance):
 
     __test__ = False  # not a pytest test class
 
-    model_path = Parameter(bundled=True, description="A model written by TrainTheCannon.")
+    model_path = Parameter(type=str, bundled=True, description="A model written by TrainTheCannon.")
 
     def pre_execute(self):
         from astra_provider.science.cannon import CannonModel

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -103,19 +103,36 @@ def get_engine(url: str | None = None) -> Engine:
                 psycopg2 = make_url(url).get_driver_name() == "psycopg2"
                 options = {"executemany_mode": "values_plus_batch"} if psycopg2 else {}
                 engine = create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000, **options)
-            init_database(engine)
+            init_database(engine, url)
             _engines[url] = engine
     return engine
 
 
-def init_database(engine: Engine) -> None:
-    """Create the ``astra`` schema (PostgreSQL) and every table that does not exist yet."""
+def init_database(engine: Engine, url: str | None = None) -> None:
+    """Create the ``astra`` schema (PostgreSQL) and every table that does not exist yet.
+
+    :param url: the database's URL, named in errors (default: the engine's).
+    :raises RuntimeError: when an existing table lacks a column this version needs (see
+        ``docs/database.md``, *Upgrading*).
+    """
     from astra_provider.database.astradb import Base
 
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         Base.metadata.create_all(connection)
+        _check_upgraded(connection, url or engine.url.render_as_string(hide_password=False))
+
+
+def _check_upgraded(connection: Connection, url: str) -> None:
+    """Refuse a database whose ``parameter`` table predates the key on the hash of the value."""
+    columns = {column["name"] for column in inspect(connection).get_columns("parameter", schema=SCHEMA)}
+    if "parameter_value_hash" not in columns:
+        raise RuntimeError(
+            f"the astra database {redact(url)} was created by an "
+            "earlier astra-provider: its table astra.parameter has no column parameter_value_hash. Upgrade "
+            "it as described in the documentation (docs/database.md, 'Upgrading from earlier versions')"
+        )
 
 
 def dispose_engines() -> None:

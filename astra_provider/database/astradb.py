@@ -12,7 +12,7 @@ row a key that is unique across all result tables. Result tables (``doppler``, `
 from __future__ import annotations
 
 import enum
-import json
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from sqlalchemy import (
     SmallInteger,
     Text,
     UniqueConstraint,
+    event,
     func,
     select,
 )
@@ -35,6 +36,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 from astra_provider.database import SCHEMA
+from astra_provider.utils import parse_json
 
 # BIGINT keys on PostgreSQL; SQLite only auto-increments INTEGER PRIMARY KEY columns.
 PrimaryKey = BigInteger().with_variant(Integer(), "sqlite")
@@ -132,7 +134,7 @@ class Task(Base):
                     .join(TaskParameter, TaskParameter.parameter_pk == Parameter.pk)
                     .where(TaskParameter.task_pk == self.pk)
                 ).all()
-            cached = {name: json.loads(value) for name, value in rows}
+            cached = {name: parse_json(value) for name, value in rows}
             self.__dict__["_parameters"] = cached
         return cached
 
@@ -173,15 +175,35 @@ class Task(Base):
         return f"<Task pk={self.pk} {self.task_name} {self.task_id} status={self.status.name}>"
 
 
+def parameter_value_hash(value: str) -> str:
+    """The key of a parameter value in ``astra.parameter``: the hex SHA-256 of its canonical JSON text.
+
+    The same as PostgreSQL's ``encode(sha256(convert_to(parameter_value, 'UTF8')), 'hex')``.
+    """
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
 class Parameter(Base):
-    """A unique (name, JSON-encoded value) pair."""
+    """A unique (name, JSON-encoded value) pair, unique by name and :func:`parameter_value_hash`.
+
+    A value can be long (a list of wavelengths, a line list). PostgreSQL's btree indexes refuse an entry over
+    2,704 bytes, so the unique key holds the SHA-256 of the value, never the value itself.
+    """
 
     __tablename__ = "parameter"
-    __table_args__ = (UniqueConstraint("parameter_name", "parameter_value"),)
+    __table_args__ = (UniqueConstraint("parameter_name", "parameter_value_hash"),)
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     parameter_name: Mapped[str] = mapped_column(Text)
     parameter_value: Mapped[str] = mapped_column(Text)
+    parameter_value_hash: Mapped[str] = mapped_column(Text)
+
+
+@event.listens_for(Parameter, "before_insert")
+def _fill_parameter_value_hash(_mapper: Any, _connection: Any, row: Parameter) -> None:
+    """Rows added through the ORM get their hash (the bulk recording writes it itself)."""
+    if row.parameter_value_hash is None:
+        row.parameter_value_hash = parameter_value_hash(row.parameter_value)
 
 
 class TaskParameter(Base):
@@ -398,4 +420,5 @@ __all__ = [
     "TaskOutputDataProduct",
     "TaskParameter",
     "TheCannon",
+    "parameter_value_hash",
 ]

@@ -12,15 +12,21 @@ files::
 The connection's *schema* field is the database name. Connection types ``astra``, ``postgres`` and
 ``postgresql`` give a PostgreSQL URL (driver ``psycopg2`` unless ``extra`` has ``"driver"``; other ``extra``
 keys become URL query parameters, e.g. ``sslmode``); type ``sqlite`` gives an SQLite file (the path is the
-schema or host field: ``sqlite:////abs/path/astra.db``). When the connection does not exist, the hook uses
-``ASTRA_DATABASE_URL``, then the embedded SQLite default under ``$ASTRA_HOME``.
+schema or host field: ``sqlite:////abs/path/astra.db``), as does type ``astra`` with no host and an absolute
+path as the schema (the form ``astra airflow-setup`` writes, which the connection form can test). When
+the connection does not exist, the hook uses ``ASTRA_DATABASE_URL``, then the embedded SQLite default under
+``$ASTRA_HOME`` (with a warning naming it; ``astra airflow-setup`` creates the connection).
+
+The hook also registers new files as data products (:meth:`AstraHook.claim_data_products`, for the data
+product sensor and the asset-event operator), confined to the watched data root; the functions behind it
+are in :mod:`astra_provider.hooks.data_products`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +34,13 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from astra_provider.database import redact
+from astra_provider.hooks.data_products import claim_data_products, registered_data_products
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
     from sqlalchemy.orm import Session
+
+    from astra_provider.database.astradb import DataProduct
 
 POSTGRES_TYPES = ("astra", "postgres", "postgresql")
 
@@ -42,6 +51,8 @@ def url_from_connection(conn: Connection) -> str:
 
     conn_type = (conn.conn_type or "astra").lower()
     extra = dict(conn.extra_dejson or {})
+    if conn_type == "astra" and not conn.host and (conn.schema or "").startswith("/"):
+        conn_type = "sqlite"  # an astra connection to an SQLite file: the path in the schema field
     if conn_type == "sqlite":
         path = conn.schema or conn.host
         if not path or not os.path.isabs(path):
@@ -81,7 +92,8 @@ def connection_from_url(url: str) -> str:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return f"sqlite:///{os.path.abspath(parsed.database)}"
-    extra = {"driver": parsed.get_driver_name()} if parsed.get_driver_name() != "psycopg2" else {}
+    driver = parsed.drivername.partition("+")[2]  # none given: the hook's default (psycopg2)
+    extra = {"driver": driver} if driver and driver != "psycopg2" else {}
     extra.update({key: value for key, value in parsed.query.items() if isinstance(value, str)})
     return json.dumps(
         {
@@ -107,7 +119,9 @@ class AstraHook(BaseHook):
     """Sessions on the astra database described by an Airflow connection.
 
     :param astra_conn_id: the Airflow connection of the astra database (type ``astra``, a PostgreSQL URI,
-        or ``sqlite``); when it does not exist, ``ASTRA_DATABASE_URL`` then the embedded default are used.
+        or ``sqlite``); when it does not exist, ``ASTRA_DATABASE_URL`` then the embedded default are used
+        (with a warning naming the embedded SQLite file). ``None`` uses the process's database
+        (:func:`astra_provider.database.get_database_url`), without looking for a connection.
     """
 
     conn_name_attr = "astra_conn_id"
@@ -115,7 +129,7 @@ class AstraHook(BaseHook):
     conn_type = "astra"
     hook_name = "Astra database"
 
-    def __init__(self, astra_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+    def __init__(self, astra_conn_id: str | None = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.astra_conn_id = astra_conn_id
         self._url: str | None = None
@@ -132,18 +146,31 @@ class AstraHook(BaseHook):
     def get_database_url(self) -> str:
         """The SQLAlchemy URL of the astra database (contains the password: do not log it)."""
         if self._url is None:
+            if self.astra_conn_id is None:
+                from astra_provider.database import get_database_url
+
+                return get_database_url()
             try:
                 conn = self.get_connection(self.astra_conn_id)
             except AirflowNotFoundException:
                 self._url = default_database_url()
-                self.log.info(
-                    "No connection %r; using the astra database %s",
-                    self.astra_conn_id,
-                    redact(self._url),
-                )
+                self._log_fallback(self._url)
             else:
                 self._url = url_from_connection(conn)
         return self._url
+
+    def _log_fallback(self, url: str) -> None:
+        if os.environ.get("ASTRA_DATABASE_URL"):
+            self.log.info(
+                "No Airflow connection %r; using ASTRA_DATABASE_URL: %s", self.astra_conn_id, redact(url)
+            )
+            return
+        self.log.warning(
+            "No Airflow connection %r and no ASTRA_DATABASE_URL: falling back to the embedded SQLite "
+            "database %s. Create the connection with `astra airflow-setup` (from ASTRA_DATABASE_URL).",
+            self.astra_conn_id,
+            redact(url),
+        )
 
     def configure(self) -> str:
         """Make this database the astra database of the process (what task classes write to).
@@ -178,15 +205,57 @@ class AstraHook(BaseHook):
             yield session
 
     def test_connection(self) -> tuple[bool, str]:
-        """Connect and run ``SELECT 1`` (the "Test" button of the connection form)."""
-        from sqlalchemy import text
+        """Connect and run ``SELECT 1``: the *Test* button of the connection form.
+
+        The connection must exist (no fallback to the embedded database), and nothing is created in the
+        database. Airflow shows the button when ``[core] test_connection`` is ``Enabled``.
+        """
+        try:
+            url = url_from_connection(self.get_connection(self.astra_conn_id))
+        except Exception as error:
+            return False, f"{type(error).__name__}: {error}"
+        return self.check_database(url)
+
+    @staticmethod
+    def check_database(url: str) -> tuple[bool, str]:
+        """``(True, "Connected to <url, password hidden> (<server>)")`` if ``SELECT 1`` runs on ``url``,
+        else ``(False, <error>)``; no table is created."""
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
 
         try:
-            with self.session_scope() as session:
-                session.execute(text("SELECT 1"))
+            engine = create_engine(url, poolclass=NullPool)
+            try:
+                with engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+                    version = ".".join(map(str, engine.dialect.server_version_info or ()))
+            finally:
+                engine.dispose()
         except Exception as error:
-            return False, str(error)
-        return True, f"Connected to {redact(self.get_database_url())}"
+            return False, f"{type(error).__name__}: {error}"
+        return True, f"Connected to {redact(url)} ({' '.join(filter(None, [engine.dialect.name, version]))})"
+
+    # Data products -------------------------------------------------------------------------------------
+
+    def claim_data_products(
+        self,
+        paths: Sequence[str],
+        *,
+        root: str | os.PathLike[str] | None = None,
+        max_new: int | None = None,
+    ) -> tuple[list[DataProduct], int]:
+        """Register new files as data products; see :func:`claim_data_products` (``root`` confines)."""
+        return claim_data_products(
+            paths, database_url=self.get_database_url(), max_new=max_new, root=root, logger=self.log
+        )
+
+    def registered_data_products(
+        self, paths: Sequence[str], *, root: str | os.PathLike[str] | None = None
+    ) -> list[DataProduct]:
+        """The rows already registered for ``paths``; see :func:`registered_data_products`."""
+        return registered_data_products(
+            paths, database_url=self.get_database_url(), root=root, logger=self.log
+        )
 
     # Provenance look-ups used by the operators -------------------------------------------------------
 

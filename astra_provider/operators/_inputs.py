@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from astra_provider.bundling import decode_pks
+from astra_provider.bundling import check_pk_count, decode_pks
 
 if TYPE_CHECKING:
     from astra_provider.hooks.astra import AstraHook
@@ -106,9 +106,11 @@ def resolve_data_products(value: Any, hook: AstraHook, filetypes: Sequence[str] 
 
 
 def _from_list(value: Sequence[Any], hook: AstraHook, filetypes: Sequence[str] | None) -> list[Any]:
+    # pks and ranges (e.g. "100-250" typed in a trigger form) are counted before any range is expanded
+    check_pk_count(entry for entry in value if not _is_path(entry))
     entries: list[Any] = []
     for entry in value:
-        if isinstance(entry, str) and not _RANGE.fullmatch(entry.strip()):
+        if _is_path(entry):
             if glob.has_magic(entry):
                 matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
                 if not matches:
@@ -123,3 +125,8 @@ def _from_list(value: Sequence[Any], hook: AstraHook, filetypes: Sequence[str] |
         keep = set(hook.data_product_pks_by_filetype(pks, filetypes)) if pks else set()
         entries = [entry for entry in entries if not isinstance(entry, int) or entry in keep]
     return entries
+
+
+def _is_path(entry: Any) -> bool:
+    """Whether a list entry is a path or glob pattern (not a pk, a digit string or a range)."""
+    return isinstance(entry, str) and not _RANGE.fullmatch(entry.strip())

@@ -12,8 +12,10 @@ when more than ``max_failure_fraction`` of the tasks failed, listing the failed 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import suppress
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -71,9 +73,46 @@ def compact_summary(summary: Mapping[str, Any], label: str | None = None) -> dic
     return compact
 
 
-def _shorten(value: Any, width: int = 200) -> str:
+LOGGED_FAILURES = 20
+
+
+def _shorten(value: Any, width: int = 100) -> str:
     text = str(value)
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def failure_line(failure: Mapping[str, Any], inputs: Sequence[str]) -> str:
+    """One failed task on one line: pk, stage, input file names and the error, paths by base name."""
+    names = [os.path.basename(path) for path in inputs]
+    error = str(failure["error"])
+    for path, name in zip(inputs, names, strict=True):
+        error = error.replace(f"{path}: ", "").replace(path, name)
+    where = f" {', '.join(names)}" if names else ""
+    return f"task {failure['pk']} [{failure['stage']}]{where}: {_shorten(error, 160)}"
+
+
+class _FailuresLoggedOnce(logging.Filter):
+    """Drops the task framework's own failure warnings while an operator runs a bundle: the operator lists
+    each failed task once, compactly, at the end (the same errors are in the astra database)."""
+
+    LOGGER = "astra_provider.base"
+    MESSAGES = (
+        "%s: %d of %d task(s) failed: %s",
+        "%s: task %s failed in %s (%s); running %s again for the other tasks",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.MESSAGES
+
+    @classmethod
+    @contextmanager
+    def applied(cls) -> Iterator[None]:
+        logger, quiet = logging.getLogger(cls.LOGGER), cls()
+        logger.addFilter(quiet)
+        try:
+            yield
+        finally:
+            logger.removeFilter(quiet)
 
 
 class AstraTaskOperator(BaseOperator):
@@ -143,7 +182,7 @@ class AstraTaskOperator(BaseOperator):
 
         name = label or f"{type(instance).__name__} ({len(instance)} task{'s' if len(instance) != 1 else ''})"
         self.log.info("Running %s", name)
-        with suppress(TaskFailedError):  # every task failed: recorded, and reported from the summary
+        with _FailuresLoggedOnce.applied(), suppress(TaskFailedError):  # all failed: see the summary
             instance.execute(force=as_bool(self.force, "force"))
         summary = instance.summary()
         n_tasks, done, failed = summary["n_tasks"], summary["skipped"], summary["failed"]
@@ -169,30 +208,31 @@ class AstraTaskOperator(BaseOperator):
             _shorten(xcom["task_pks"]),
         )
         if failed:
-            self._log_failures(summary["failed_tasks"], hook)
             fraction = failed / n_tasks
             allowed = float(self.max_failure_fraction)
-            first = summary["failed_tasks"][0]
             message = (
-                f"{failed} of {n_tasks} {summary['task_class']} task(s) failed ({fraction:.1%}); first: task "
-                f"{first['pk']} ({first['stage']}): {first['error']}"
+                f"{failed} of {n_tasks} {summary['task_class'].rsplit('.', 1)[-1]} task(s) failed "
+                f"({fraction:.1%}, max_failure_fraction={allowed:g})"
             )
+            if n_tasks == 1:  # the one failure in the message itself
+                [only] = summary["failed_tasks"]
+                paths = hook.input_data_product_paths([only["pk"]])
+                message += f": {failure_line(only, paths.get(only['pk'], []))}"
+            else:
+                self._log_failures(summary["failed_tasks"], hook)
+                message += "; each is listed above"
             if fraction > allowed:
-                raise AstraTaskFailedError(f"{message} (max_failure_fraction={allowed:g})")
-            self.log.warning(
-                "%s; within max_failure_fraction=%g, so this Airflow task succeeds", message, allowed
-            )
+                raise AstraTaskFailedError(message)
+            self.log.warning("%s; within max_failure_fraction, so this Airflow task succeeds", message)
         return xcom
 
     def _log_failures(self, failures: list[dict[str, Any]], hook: AstraHook) -> None:
-        paths = hook.input_data_product_paths([item["pk"] for item in failures])
-        lines = [
-            f"  task {item['pk']} [{item['stage']}] inputs={paths.get(item['pk'], [])}: {item['error']}"
-            for item in failures
-        ]
-        self.log.error(
-            "%d failed task(s) (inspect one with `astra show <pk>`):\n%s", len(failures), "\n".join(lines)
-        )
+        shown = failures[:LOGGED_FAILURES]
+        paths = hook.input_data_product_paths([item["pk"] for item in shown])
+        lines = [f"  {failure_line(item, paths.get(item['pk'], []))}" for item in shown]
+        if len(failures) > len(shown):
+            lines.append(f"  ... and {len(failures) - len(shown)} more")
+        self.log.error("%d failed task(s) (details: `astra show <pk>`):\n%s", len(failures), "\n".join(lines))
 
     def execute(self, context: Context) -> dict[str, Any]:
         hook = self.get_hook()

@@ -1,206 +1,63 @@
 """Triggers that watch a data root for new, completely written data products.
 
-* :func:`scan_data_products` is the scanning core: a plain, blocking function (glob + ``os.stat``) that the
-  triggers run in a worker thread (``asyncio.to_thread``), so the triggerer's event loop never blocks.
 * :class:`NewDataProductsEventTrigger` drives an ``AssetWatcher``: it keeps a watermark in the asset state
   store and emits one ``TriggerEvent`` per batch of new files, forever.
 * :class:`NewDataProductsTrigger` backs the deferrable
   :class:`~astra_provider.sensors.data_products.DataProductSensor`: it fires once, when at least one new
-  file is ready.
+  file is ready, or when the data root cannot be read, or at its deadline.
 
-**New** means "after the watermark": files are ordered by ``(mtime, path)`` and the watermark is the key of
-the last file handed on. **Ready** (stable) means not modified for ``min_age_seconds`` and with the same
-size and mtime on two ``stat`` calls; the files that are not ready yet hold the watermark back, so no file
-still being written is ever skipped. Hidden files (``.name``, e.g. rsync's temporary files) never match.
+Both scan with :func:`~astra_provider.triggers.scan.scan_data_products` (the rules for *new* and *ready*
+are there) in a worker thread, and log what they see: every file seen but not taken, once, with the
+reason; a status line when the counts change and every ``status_interval`` seconds.
 
 Triggers do not touch the astra database: payloads carry paths, and the sensor (or the first task of the
 DAG scheduled on the asset) registers them with
-:func:`~astra_provider.database.recording.register_new_data_products`, whose atomic claim gives every file
-to exactly one run even when events are delivered twice.
+:meth:`~astra_provider.hooks.astra.AstraHook.claim_data_products`, whose atomic claim gives every file to
+exactly one run even when events are delivered twice. Whoever reads a payload confines its paths to the
+watched root (:func:`payload_paths`): an asset event can also be posted through the REST API.
 """
 
 from __future__ import annotations
 
 import asyncio
-import glob
+import logging
 import os
-import stat
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
-#: Default SDSS file types to watch.
-DEFAULT_FILETYPES: tuple[str, ...] = ("apStar", "apVisit")
+from astra_provider.hooks.data_products import DataRootError, check_data_root, confine_paths, log_refused
+from astra_provider.triggers.scan import (
+    DEFAULT_FILETYPES,
+    DEFAULT_MIN_AGE_SECONDS,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_STATUS_INTERVAL,
+    OTHER_FILETYPE,
+    FoundFile,
+    ScanReporter,
+    ScanResult,
+    Watermark,
+    describe_scan,
+    describe_watch,
+    find_misplaced,
+    scan_data_products,
+    scan_patterns,
+    take_batch,
+    watermark_from_json,
+    watermark_to_json,
+)
+
 #: Key of the watermark in the asset state store.
 WATERMARK_KEY = "data_products_watermark"
 #: ``payload["kind"]`` of the events these triggers emit.
 PAYLOAD_KIND = "astra.new_data_products"
-#: ``filetype`` given to files found by an explicit glob that are not SDSS products.
-OTHER_FILETYPE = "full"
+#: Seconds between two layout checks (:func:`~astra_provider.triggers.scan.find_misplaced`) of a watcher.
+LAYOUT_CHECK_INTERVAL = 600.0
 
-Watermark = tuple[float, str]
-
-
-@dataclass(frozen=True, slots=True)
-class FoundFile:
-    """A file found by a scan."""
-
-    mtime: float
-    path: str
-    size: int
-    filetype: str
-
-    @property
-    def key(self) -> Watermark:
-        """The sort key, and the watermark once this file has been handed on."""
-        return (self.mtime, self.path)
-
-
-@dataclass(slots=True)
-class ScanResult:
-    """What one scan found beyond the watermark."""
-
-    #: Ready files newer than the watermark, sorted by ``(mtime, path)``.
-    files: list[FoundFile]
-    #: Where the next scan starts: the key of the last ready file looked at (including files that
-    #: did not parse as the requested file types), else the watermark the scan was given.
-    watermark: Watermark | None
-    #: Files newer than the watermark that are not ready yet (still being written, or too recent).
-    pending: int = 0
-    #: Ready files that matched a file-type glob but did not parse as that SDSS file type.
-    ignored: int = 0
-    #: Files matched by the globs, old ones included.
-    matched: int = 0
-    seconds: float = field(default=0.0, compare=False)
-
-
-def watermark_to_json(watermark: Watermark | None) -> dict[str, Any] | None:
-    """``{"mtime": ..., "path": ...}`` (``None`` stays ``None``)."""
-    if watermark is None:
-        return None
-    return {"mtime": float(watermark[0]), "path": str(watermark[1])}
-
-
-def watermark_from_json(value: Any) -> Watermark | None:
-    """Read a stored watermark: a ``{"mtime", "path"}`` dict, an ``[mtime, path]`` pair or a bare mtime."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, dict):
-        return (float(value["mtime"]), str(value.get("path", "")))
-    if isinstance(value, list | tuple):
-        return (float(value[0]), str(value[1]) if len(value) > 1 else "")
-    return (float(value), "")
-
-
-def scan_patterns(
-    root: str | os.PathLike[str], filetypes: Iterable[str] = DEFAULT_FILETYPES, pattern: str | None = None
-) -> list[tuple[str, str | None]]:
-    """The ``(glob, filetype)`` pairs a scan walks; ``filetype`` is ``None`` for an explicit ``pattern``.
-
-    An explicit ``pattern`` (absolute, or relative to ``root``; ``**`` recurses) takes precedence over
-    ``filetypes``; otherwise each SDSS file type contributes its path-template glob.
-    """
-    root_text = os.fspath(root)
-    if pattern:
-        return [(os.path.join(root_text, os.fspath(pattern)), None)]
-    from astra_provider.sdss.paths import canonical_filetype, glob_pattern
-
-    names = [canonical_filetype(name) for name in ([filetypes] if isinstance(filetypes, str) else filetypes)]
-    if not names:
-        raise ValueError("give at least one SDSS file type, or an explicit glob pattern")
-    return [(glob_pattern(name, root_text), name) for name in dict.fromkeys(names)]
-
-
-def _stat_time(st: os.stat_result, use_ctime: bool) -> float:
-    return max(st.st_mtime, st.st_ctime) if use_ctime else st.st_mtime
-
-
-def scan_data_products(
-    root: str | os.PathLike[str],
-    *,
-    filetypes: Iterable[str] = DEFAULT_FILETYPES,
-    pattern: str | None = None,
-    watermark: Watermark | None = None,
-    min_age_seconds: float = 60.0,
-    use_ctime: bool = False,
-    now: float | None = None,
-) -> ScanResult:
-    """Find the ready files under ``root`` that are newer than ``watermark``.
-
-    Blocking (one ``stat`` per matched file, a second one per new ready file); run it through
-    ``asyncio.to_thread`` from async code. ``use_ctime`` orders files by the later of mtime and ctime, so
-    that files copied with their original mtime (``rsync -a``, ``cp -p``) still count as new; ``chmod`` or
-    ``chown`` then make old files new again too (registering them again claims nothing).
-    """
-    started = time.perf_counter()
-    now = time.time() if now is None else now
-    found: dict[str, tuple[float, int, int, str | None]] = {}
-    matched = 0
-    for glob_text, filetype in scan_patterns(root, filetypes, pattern):
-        for path in glob.iglob(glob_text, recursive=True):
-            try:
-                st = os.stat(path)
-            except OSError:  # deleted meanwhile, dangling link
-                continue
-            if not stat.S_ISREG(st.st_mode) or path in found:
-                continue
-            matched += 1
-            mtime = _stat_time(st, use_ctime)
-            if watermark is not None and (mtime, path) <= watermark:
-                continue
-            found[path] = (mtime, st.st_size, st.st_mtime_ns, filetype)
-
-    from astra_provider.sdss.paths import parse_path
-
-    ordered = sorted(found.items(), key=lambda item: (item[1][0], item[0]))
-    files: list[FoundFile] = []
-    ignored = 0
-    last = watermark
-    ready = 0
-    for path, (mtime, size, mtime_ns, filetype) in ordered:
-        if now - mtime < min_age_seconds:
-            break  # this file and every later one are too recent
-        try:
-            again = os.stat(path)
-        except OSError:
-            ready += 1  # gone: nothing to hand on, but do not let it block the files after it
-            last = (mtime, path)
-            continue
-        if again.st_size != size or again.st_mtime_ns != mtime_ns:
-            break  # still being written
-        ready += 1
-        last = (mtime, path)
-        parsed = parse_path(path)
-        if filetype is None:
-            files.append(FoundFile(mtime, path, size, parsed[0] if parsed else OTHER_FILETYPE))
-        elif parsed is not None and parsed[0] == filetype:
-            files.append(FoundFile(mtime, path, size, filetype))
-        else:
-            ignored += 1
-    return ScanResult(
-        files=files,
-        watermark=last,
-        pending=len(ordered) - ready,
-        ignored=ignored,
-        matched=matched,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def take_batch(result: ScanResult, size: int | None) -> tuple[list[FoundFile], Watermark | None]:
-    """The first ``size`` files of a scan (all of them when ``size`` is falsy) and the watermark after them.
-
-    The watermark is the last file's key, or the scan's watermark when the batch takes every file (so the
-    files that did not parse are not looked at again).
-    """
-    if size and len(result.files) > size:
-        files = result.files[:size]
-        return files, files[-1].key
-    return list(result.files), result.watermark
+log = logging.getLogger(__name__)
 
 
 def event_payload(
@@ -231,10 +88,28 @@ def event_payload(
     }
 
 
-def payload_paths(payload: dict[str, Any]) -> list[str]:
-    """The absolute paths in an event payload made by :func:`event_payload`."""
-    root = payload.get("root") or ""
-    return [os.path.join(root, path) for path in payload.get("paths", [])]
+def payload_paths(
+    payload: dict[str, Any], root: str | os.PathLike[str] | None = None, *, logger: Any = log
+) -> list[str]:
+    """The absolute paths of an event payload made by :func:`event_payload`, confined to ``root``.
+
+    ``root`` is the *watched* root (the sensor's, or the watcher's of the event's asset); without it the
+    payload's own ``root`` is used. Paths that lead outside it (``..``, absolute paths elsewhere, links to
+    files elsewhere) are refused and logged, as is the whole payload when its ``root`` is not the watched
+    one.
+    """
+    paths = payload.get("paths") or []
+    if not isinstance(paths, list):
+        logger.warning("Refused an event payload whose paths are not a list: %r", paths)
+        return []
+    watched = os.path.abspath(os.fspath(root if root is not None else payload.get("root") or ""))
+    claimed_root = payload.get("root")
+    if root is not None and claimed_root and os.path.abspath(str(claimed_root)) != watched:
+        log_refused(logger, [(str(claimed_root), f"an event root other than the watched root {watched}")])
+        return []
+    confined = confine_paths(watched, paths)
+    log_refused(logger, confined.refused)
+    return confined.accepted
 
 
 class _ScanningTrigger:
@@ -246,6 +121,8 @@ class _ScanningTrigger:
     min_age_seconds: float
     poll_interval: float
     use_ctime: bool
+    status_interval: float
+    log: Any
 
     def _init_scan(
         self,
@@ -255,14 +132,17 @@ class _ScanningTrigger:
         min_age_seconds: float,
         poll_interval: float,
         use_ctime: bool,
+        status_interval: float,
     ) -> None:
-        self.root = os.fspath(root)
+        self.root = os.path.abspath(os.fspath(root))
         self.filetypes = [filetypes] if isinstance(filetypes, str) else list(filetypes)
-        self.pattern = pattern
+        self.pattern = pattern or None
         self.min_age_seconds = float(min_age_seconds)
         self.poll_interval = float(poll_interval)
         self.use_ctime = bool(use_ctime)
-        scan_patterns(self.root, self.filetypes, self.pattern)  # validate file types early
+        self.status_interval = float(status_interval)
+        scan_patterns(self.root, self.filetypes, self.pattern)  # validate file types and pattern early
+        self._reporter: ScanReporter | None = None
 
     def _scan_kwargs(self) -> dict[str, Any]:
         return {
@@ -272,7 +152,20 @@ class _ScanningTrigger:
             "min_age_seconds": self.min_age_seconds,
             "poll_interval": self.poll_interval,
             "use_ctime": self.use_ctime,
+            "status_interval": self.status_interval,
         }
+
+    @property
+    def reporter(self) -> ScanReporter:
+        if self._reporter is None:
+            self._reporter = ScanReporter(
+                self.log,
+                self.root,
+                describe_watch(self.filetypes, self.pattern),
+                min_age_seconds=self.min_age_seconds,
+                status_interval=self.status_interval,
+            )
+        return self._reporter
 
     async def _scan(self, watermark: Watermark | None) -> ScanResult:
         return await asyncio.to_thread(
@@ -284,6 +177,21 @@ class _ScanningTrigger:
             min_age_seconds=self.min_age_seconds,
             use_ctime=self.use_ctime,
         )
+
+    async def _check_root(self) -> str | None:
+        """``None`` if the root can be watched, else why not (naming the path)."""
+        try:
+            await asyncio.to_thread(check_data_root, self.root)
+        except DataRootError as error:
+            return str(error)
+        return None
+
+    async def _check_layout(self) -> None:
+        """Log the files named like the watched file types that the layout globs cannot see (once each)."""
+        if self.pattern:
+            return
+        misplaced = await asyncio.to_thread(find_misplaced, self.root, self.filetypes)
+        self.reporter.not_taken(misplaced)
 
 
 class NewDataProductsEventTrigger(_ScanningTrigger, BaseEventTrigger):
@@ -299,11 +207,16 @@ class NewDataProductsEventTrigger(_ScanningTrigger, BaseEventTrigger):
 
     Delivery is at least once: the watermark is saved after each event is yielded, so a triggerer that
     dies in between (or two triggerers running the same watcher) can repeat a batch. Consumers register
-    the paths with ``register_new_data_products``, which claims each file once, so repeats are harmless.
+    the paths with ``AstraHook.claim_data_products``, which claims each file once, so repeats are harmless.
+
+    A root that is missing or unreadable is logged (as an error, every ``status_interval``) and watched
+    again at each poll; files named like the watched file types outside the SDSS layout are logged once
+    (a layout check at start and every :data:`LAYOUT_CHECK_INTERVAL` seconds).
 
     :param root: the data root to scan.
     :param filetypes: SDSS file types (path-template globs) to watch; ignored when ``pattern`` is given.
-    :param pattern: an explicit glob, absolute or relative to ``root`` (``**`` recurses).
+    :param pattern: an explicit glob, relative to ``root`` (``**`` recurses; it must stay under ``root``):
+        for deeper or non-SDSS layouts.
     :param min_age_seconds: a file is ready once unmodified for this long (and its size is stable).
     :param poll_interval: seconds between scans.
     :param max_files_per_event: cap on the paths in one event (keeps ``AssetEvent.extra`` small).
@@ -312,6 +225,7 @@ class NewDataProductsEventTrigger(_ScanningTrigger, BaseEventTrigger):
     :param use_ctime: order files by the later of mtime and ctime; use it when files arrive with their
         original mtimes (``rsync -a``, ``cp -p``), which would otherwise sort before the watermark.
     :param asset_name: the watched asset's name; makes the trigger (and its state) specific to that asset.
+    :param status_interval: seconds between status lines while nothing changes.
     """
 
     def __init__(
@@ -320,15 +234,16 @@ class NewDataProductsEventTrigger(_ScanningTrigger, BaseEventTrigger):
         root: str | os.PathLike[str],
         filetypes: Iterable[str] | str = DEFAULT_FILETYPES,
         pattern: str | None = None,
-        min_age_seconds: float = 60.0,
-        poll_interval: float = 60.0,
+        min_age_seconds: float = DEFAULT_MIN_AGE_SECONDS,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_files_per_event: int = 1000,
         emit_existing: bool = True,
         use_ctime: bool = False,
         asset_name: str | None = None,
+        status_interval: float = DEFAULT_STATUS_INTERVAL,
     ) -> None:
         super().__init__()
-        self._init_scan(root, filetypes, pattern, min_age_seconds, poll_interval, use_ctime)
+        self._init_scan(root, filetypes, pattern, min_age_seconds, poll_interval, use_ctime, status_interval)
         if int(max_files_per_event) < 1:
             raise ValueError("max_files_per_event must be at least 1")
         self.max_files_per_event = int(max_files_per_event)
@@ -392,30 +307,39 @@ class NewDataProductsEventTrigger(_ScanningTrigger, BaseEventTrigger):
         except Exception as exc:
             self.log.warning("Cannot store the watermark %s (%s)", watermark, exc)
 
+    async def _wait_for_root(self) -> None:
+        """Return once the root can be read; log why not (now, then every ``status_interval``)."""
+        last_told = float("-inf")
+        while (problem := await self._check_root()) is not None:
+            if time.monotonic() - last_told >= self.status_interval:
+                self.log.error("Cannot watch %s; checking again every %g s", problem, self.poll_interval)
+                last_told = time.monotonic()
+            await asyncio.sleep(self.poll_interval)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         found, watermark = await self.load_watermark()
+        await self._wait_for_root()
+        await self._check_layout()
+        layout_checked = time.monotonic()
         if not found and not self.emit_existing:
             result = await self._scan(None)
             watermark = result.watermark
             await self.save_watermark(watermark)
             self.log.info("Starting after the %d files already in %s", len(result.files), self.root)
             await asyncio.sleep(self.poll_interval)
+        note = f"; scanning every {self.poll_interval:g} s"
         while True:
+            await self._wait_for_root()
+            if time.monotonic() - layout_checked >= LAYOUT_CHECK_INTERVAL:
+                await self._check_layout()
+                layout_checked = time.monotonic()
             try:
                 result = await self._scan(watermark)
             except Exception:  # e.g. a file system hiccup: keep watching
                 self.log.exception("Scanning %s failed; retrying in %.0f s", self.root, self.poll_interval)
                 await asyncio.sleep(self.poll_interval)
                 continue
-            self.log.debug(
-                "Scanned %s in %.2f s: %d new, %d pending, %d ignored, %d matched",
-                self.root,
-                result.seconds,
-                len(result.files),
-                result.pending,
-                result.ignored,
-                result.matched,
-            )
+            self.reporter.status(result, note)
             files, new_watermark = take_batch(result, self.max_files_per_event)
             if files:
                 yield TriggerEvent(
@@ -437,8 +361,16 @@ class NewDataProductsEventTrigger(_ScanningTrigger, BaseEventTrigger):
 class NewDataProductsTrigger(_ScanningTrigger, BaseTrigger):
     """Wait until at least one ready file newer than ``watermark`` exists, then fire once (deferrable sensor).
 
-    The event is ``{"status": "success", **event_payload(...)}`` with at most ``max_files`` paths and the
-    watermark of the last one; ``{"status": "error", "message": ...}`` if scanning fails.
+    Events: ``{"status": "success", **event_payload(...)}`` with at most ``max_files`` paths and the
+    watermark of the last one; ``{"status": "error", "kind": "data_root", "message": ...}`` when the root
+    is missing or unreadable; ``{"status": "error", "message": ...}`` if scanning fails;
+    ``{"status": "timeout", "message": ...}`` (what was seen) at ``deadline``.
+
+    :param deadline: the time (seconds since the epoch) at which to give up; ``None`` waits forever. The
+        trigger enforces it itself, so that a trigger run in-process (``airflow tasks test``,
+        ``dag.test()``, which ignore the deferral timeout) ends too.
+
+    The other parameters are those of :class:`NewDataProductsEventTrigger`.
     """
 
     def __init__(
@@ -447,16 +379,19 @@ class NewDataProductsTrigger(_ScanningTrigger, BaseTrigger):
         root: str | os.PathLike[str],
         filetypes: Iterable[str] | str = DEFAULT_FILETYPES,
         pattern: str | None = None,
-        min_age_seconds: float = 60.0,
-        poll_interval: float = 60.0,
+        min_age_seconds: float = DEFAULT_MIN_AGE_SECONDS,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
         watermark: Any = None,
         max_files: int | None = None,
         use_ctime: bool = False,
+        deadline: float | None = None,
+        status_interval: float = DEFAULT_STATUS_INTERVAL,
     ) -> None:
         super().__init__()
-        self._init_scan(root, filetypes, pattern, min_age_seconds, poll_interval, use_ctime)
+        self._init_scan(root, filetypes, pattern, min_age_seconds, poll_interval, use_ctime, status_interval)
         self.watermark = watermark_from_json(watermark)
         self.max_files = int(max_files) if max_files else None
+        self.deadline = float(deadline) if deadline is not None else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -465,11 +400,22 @@ class NewDataProductsTrigger(_ScanningTrigger, BaseTrigger):
                 **self._scan_kwargs(),
                 "watermark": watermark_to_json(self.watermark),
                 "max_files": self.max_files,
+                "deadline": self.deadline,
             },
         )
 
+    def _note(self) -> str:
+        note = f"; next scan in {self.poll_interval:g} s"
+        if self.deadline is not None:
+            note += f", giving up in {max(self.deadline - time.time(), 0.0) / 60:.1f} min"
+        return note
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         while True:
+            problem = await self._check_root()
+            if problem is not None:
+                yield TriggerEvent({"status": "error", "kind": "data_root", "message": problem})
+                return
             try:
                 result = await self._scan(self.watermark)
             except Exception as exc:
@@ -487,14 +433,20 @@ class NewDataProductsTrigger(_ScanningTrigger, BaseTrigger):
                 )
                 yield TriggerEvent({"status": "success", **payload})
                 return
-            if result.pending:
-                self.log.info("%d new files in %s are not ready yet", result.pending, self.root)
-            self.watermark = watermark  # skip unparseable files next time
-            await asyncio.sleep(self.poll_interval)
+            self.reporter.status(result, self._note())
+            self.watermark = watermark  # do not look at the files that were not taken again
+            left = None if self.deadline is None else self.deadline - time.time()
+            if left is not None and left <= 0:
+                seen = describe_scan(result, self.min_age_seconds)
+                message = f"no new data products under {self.root} before the deadline; last scan: {seen}"
+                yield TriggerEvent({"status": "timeout", "message": message})
+                return
+            await asyncio.sleep(self.poll_interval if left is None else min(self.poll_interval, left))
 
 
 __all__ = [
     "DEFAULT_FILETYPES",
+    "LAYOUT_CHECK_INTERVAL",
     "OTHER_FILETYPE",
     "PAYLOAD_KIND",
     "WATERMARK_KEY",

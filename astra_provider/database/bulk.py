@@ -1,0 +1,494 @@
+"""Bulk statements: insert, update and select any number of rows in a handful of statements.
+
+Recording a bundle of 10,000 tasks writes about 70,000 rows. Everything here issues a handful of statements
+per call, whatever the number of rows: :func:`insert_rows` and :func:`update_rows` write any number of
+rows of any table, :func:`select_in` reads rows by a list of values, :func:`allocate_pks` reserves primary
+keys, and :class:`Pipeline` overlaps building a statement with executing the previous one. The
+get-or-create helpers of :mod:`astra_provider.database.recording` and the
+:class:`~astra_provider.database.recorder.Recorder` are built from those.
+
+**The PostgreSQL fast path.** psycopg2 sends every value of an ``executemany`` (even batched or as a
+multi-row ``VALUES``) as a separate SQL literal that the server has to parse; that, not the writing, is most
+of the cost of a large insert. Instead, each *column* travels as one bound parameter holding a PostgreSQL
+array literal (``'{1,2,3}'``, written by :func:`pg_array`), and one statement turns the arrays back into
+rows::
+
+    INSERT INTO astra.task_parameter (task_pk, parameter_pk)
+    SELECT v.task_pk, v.parameter_pk
+    FROM unnest(CAST(:a0 AS BIGINT[]), CAST(:a1 AS BIGINT[])) AS v(task_pk, parameter_pk)
+
+The server reads an array literal with its array input function, about as fast as ``COPY``, and unlike
+``COPY`` the same statement can also carry ``ON CONFLICT DO NOTHING`` and ``RETURNING``, and feed an
+``UPDATE ... FROM``. Values are still bound parameters: nothing is formatted into the SQL text. Values are
+first converted by their column type's bind processor (JSON columns are serialized exactly as SQLAlchemy
+would), so the stored data is the same as with an ORM or Core insert.
+
+SQLite runs in-process, so it keeps ``executemany``: sqlite3's own, on the same processed values
+(SQLAlchemy Core's ``insertmanyvalues`` when rows must be returned).
+
+Primary keys of new tasks and results are reserved first (:func:`allocate_pks`), so no statement has to
+return keys in input order.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Column, Select, Table, Text, any_, cast, func, literal, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect, Row
+from sqlalchemy.orm import Session, configure_mappers
+
+CHUNK = 2000  # values per IN list (SQLite)
+PG_CHUNK = 50_000  # rows per statement (PostgreSQL)
+
+
+def build(model: type, values: Mapping[str, Any]) -> Any:
+    """A transient ``model`` instance holding ``values`` (column name -> value), built without ORM events.
+
+    Building thousands of ORM objects through their constructors dominates the cost of recording a
+    large bundle; this fills the instance dictionary directly. The objects are not attached to a session.
+    """
+    instance = model.__mapper__.class_manager.new_instance()
+    state = instance.__dict__
+    state.update(values)
+    for column_name, attribute in _renamed_attributes(model):  # e.g. DataProduct "metadata" -> metadata_
+        if column_name in state:
+            state[attribute] = state.pop(column_name)
+    return instance
+
+
+@functools.cache
+def _renamed_attributes(model: type) -> tuple[tuple[str, str], ...]:
+    """(column name, attribute name) for the columns whose attribute has another name."""
+    configure_mappers()  # instrumented attributes are only usable once mappers are configured
+    return tuple((column.name, key) for key, column in model.__mapper__.columns.items() if key != column.name)
+
+
+def chunked(items: Sequence, size: int = CHUNK) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# Bulk statements ------------------------------------------------------------------------------------------
+
+
+def _is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _pg_element(value: Any) -> str:
+    """One element of a PostgreSQL array literal."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return float.__repr__(value)  # nan, inf and -inf are valid input too
+    if isinstance(value, str):
+        return _pg_string(value)
+    if isinstance(value, datetime | date):
+        return '"' + value.isoformat() + '"'
+    raise TypeError(f"cannot send a {type(value).__name__} in a PostgreSQL array")
+
+
+def _pg_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'  # quoted: only " and \ are escaped
+
+
+def pg_array(values: Sequence[Any]) -> str:
+    """A PostgreSQL array literal, e.g. ``'{1,NULL,"a\\"b"}'``, of None, bool, int, float, str, datetime."""
+    kinds = set(map(type, values))
+    if kinds == {int}:  # the common columns (keys) first, without a call per element
+        body = ",".join(map(int.__repr__, values))
+    elif kinds == {float}:
+        body = ",".join(map(float.__repr__, values))
+    elif kinds == {str}:
+        body = ",".join(map(_pg_string, values))
+    else:
+        body = ",".join(map(_pg_element, values))
+    return "{" + body + "}"
+
+
+def _pg_type(column: Column, dialect: Dialect) -> str:
+    return column.type.compile(dialect=dialect)
+
+
+def _processed(column: Column, dialect: Dialect, values: Iterable[Any]) -> list[Any]:
+    """``values`` as SQLAlchemy would send them for ``column`` (e.g. JSON serialized)."""
+    process = column.type.dialect_impl(dialect).bind_processor(dialect)
+    if process is None:
+        return list(values)
+    null = process(None)  # e.g. JSON 'null': computed once, as most values of a JSON column are None
+    return [null if value is None else process(value) for value in values]
+
+
+def _python_defaults(table: Table) -> dict[str, Any]:
+    """The Python-side defaults (``default=``) of ``table``'s columns, as Core applies them to an insert."""
+    defaults = {}
+    for column in table.columns:
+        if column.default is not None and column.default.is_scalar:
+            defaults[column.name] = column.default.arg
+        elif column.default is not None and column.default.is_callable:  # e.g. utcnow, once per statement
+            defaults[column.name] = column.default.arg(None)
+    return defaults
+
+
+def _insert_columns(
+    session: Session, table: Table, rows: Sequence[Mapping[str, Any]], same_for_all: Mapping[str, Any] | None
+) -> tuple[Dialect, list[str], dict[str, Any], dict[str, Any]]:
+    """The dialect, the rows' columns, the (processed) values shared by all rows, and per-column fillers.
+
+    A row may leave out a column that other rows have: it gets the column's default (else NULL), as if
+    it had been inserted alone. Columns no row has get their default as a shared value.
+    """
+    dialect = session.get_bind().dialect
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    defaults = _python_defaults(table)
+    shared = dict(same_for_all or {})
+    shared |= {name: value for name, value in defaults.items() if name not in columns and name not in shared}
+    shared = {name: _processed(table.c[name], dialect, [value])[0] for name, value in shared.items()}
+    return dialect, columns, shared, {name: defaults.get(name) for name in columns}
+
+
+def _column_values(
+    table: Table,
+    dialect: Dialect,
+    columns: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    fill: Mapping[str, Any] | None = None,
+) -> list[list[Any]]:
+    """The processed values of each column of ``rows``; with ``fill``, rows may leave columns out."""
+    if fill is None:
+        return [_processed(table.c[name], dialect, [row[name] for row in rows]) for name in columns]
+    return [
+        _processed(table.c[name], dialect, [row.get(name, fill[name]) for row in rows]) for name in columns
+    ]
+
+
+def _pg_unnest(
+    table: Table,
+    dialect: Dialect,
+    columns: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    fill: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, str]]:
+    """``unnest(CAST(:a0 AS T0[]), ...) AS v(c0, ...)`` and its parameters: an array literal per column."""
+    quote = dialect.identifier_preparer.quote
+    types = [_pg_type(table.c[name], dialect) for name in columns]
+    arrays = ", ".join(f"CAST(:a{i} AS {sql_type}[])" for i, sql_type in enumerate(types))
+    values = _column_values(table, dialect, columns, rows, fill)
+    parameters = {f"a{i}": pg_array(column) for i, column in enumerate(values)}
+    return f"unnest({arrays}) AS v({', '.join(map(quote, columns))})", parameters
+
+
+def _pg_shared(table: Table, dialect: Dialect, shared: Mapping[str, Any]) -> tuple[list[str], dict]:
+    """``CAST(:k0 AS T0)``, ... and their parameters, for (processed) values shared by every row."""
+    expressions = [f"CAST(:k{i} AS {_pg_type(table.c[name], dialect)})" for i, name in enumerate(shared)]
+    return expressions, {f"k{i}": value for i, value in enumerate(shared.values())}
+
+
+def insert_rows(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    same_for_all: Mapping[str, Any] | None = None,
+    on_conflict_do_nothing: Sequence[str] = (),
+    returning: Sequence[str] = (),
+) -> list[Row]:
+    """Insert ``rows`` (dicts: column -> value) into ``table`` in bulk; the ``returning`` rows if asked.
+
+    :param same_for_all: column values shared by every row (sent once, not once per row).
+    :param on_conflict_do_nothing: skip rows that collide on this unique key (only the inserted rows are
+        returned).
+    :param returning: columns to return for the inserted rows (in no particular order: return a key).
+
+    Columns a row leaves out get their Python-side default (else NULL), as with an ORM or Core insert.
+    """
+    return prepare_insert(
+        session,
+        table,
+        rows,
+        same_for_all=same_for_all,
+        on_conflict_do_nothing=on_conflict_do_nothing,
+        returning=returning,
+    )()
+
+
+def _no_rows() -> list[Row]:
+    return []
+
+
+def _sort_key(value: Any) -> tuple[bool, str]:
+    """A total order on key values of any type (None first)."""
+    return (value is not None, "" if value is None else str(value))
+
+
+def _constant_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, Any]:
+    """The columns that every row has and that hold the very same object in every row (e.g. all None).
+
+    They are sent once, as a shared value, instead of once per row. Identity, not equality: ``0.0`` and
+    ``-0.0`` (or ``1`` and ``True``) are equal but not the same value.
+    """
+    constant = {}
+    first = rows[0]
+    for name in columns:
+        if name not in first:
+            continue
+        value = first[name]
+        if all(name in row and row[name] is value for row in rows):
+            constant[name] = value
+    return constant
+
+
+def prepare_insert(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    same_for_all: Mapping[str, Any] | None = None,
+    on_conflict_do_nothing: Sequence[str] = (),
+    returning: Sequence[str] = (),
+) -> Callable[[], list[Row]]:
+    """:func:`insert_rows` in two steps: build the statements now, return a function that executes them.
+
+    Building the parameters of a large insert is Python work; executing it is the server's. A caller can
+    build the next statement while another thread executes this one (see :class:`Pipeline`).
+    """
+    if not rows:
+        return _no_rows
+    if on_conflict_do_nothing:
+        # Concurrent writers of overlapping keys (sensors claiming the same files, bundles creating the same
+        # parameters) then take the unique-index locks in the same order, so they wait instead of deadlocking.
+        rows = sorted(rows, key=lambda row: tuple(_sort_key(row.get(key)) for key in on_conflict_do_nothing))
+    if returning and not _is_postgresql(session):  # sqlite3's executemany cannot return rows
+        statement = sqlite.insert(table).returning(*(table.c[name] for name in returning))
+        if on_conflict_do_nothing:
+            statement = statement.on_conflict_do_nothing(index_elements=list(on_conflict_do_nothing))
+        parameters = [{**(same_for_all or {}), **row} for row in rows]
+        return lambda: session.execute(statement, parameters).all()
+
+    same_for_all = {**_constant_columns(rows, list(rows[0])), **(same_for_all or {})}
+    dialect, columns, shared, fill = _insert_columns(session, table, rows, same_for_all)
+    columns = [name for name in columns if name not in shared]
+    quote = dialect.identifier_preparer.quote
+    target = dialect.identifier_preparer.format_table(table)
+    into = f"INSERT INTO {target} ({', '.join(map(quote, [*columns, *shared]))})"
+    suffix = ""
+    if on_conflict_do_nothing:
+        suffix += f" ON CONFLICT ({', '.join(map(quote, on_conflict_do_nothing))}) DO NOTHING"
+    if returning:
+        suffix += f" RETURNING {', '.join(map(quote, returning))}"
+    if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
+        placeholders = ", ".join("?" * (len(columns) + len(shared)))
+        if columns:
+            values = zip(*_column_values(table, dialect, columns, rows, fill), strict=True)
+            tuples = [(*row, *shared.values()) for row in values]
+        else:
+            tuples = [tuple(shared.values())] * len(rows)
+        sql = f"{into} VALUES ({placeholders}){suffix}"
+
+        def execute_sqlite() -> list[Row]:
+            session.connection().exec_driver_sql(sql, tuples)
+            return []
+
+        return execute_sqlite
+
+    shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
+    statements = []
+    for chunk in chunked(rows, PG_CHUNK):
+        if columns:
+            source, parameters = _pg_unnest(table, dialect, columns, chunk, fill)
+        else:  # every column is shared: one row per element of a series
+            source, parameters = f"generate_series(1, {len(chunk)}) AS v(n)", {}
+        selected = ", ".join([*(f"v.{quote(name)}" for name in columns), *shared_sql])
+        statements.append(
+            (text(f"{into} SELECT {selected} FROM {source}{suffix}"), {**parameters, **shared_parameters})
+        )
+
+    def execute_postgresql() -> list[Row]:
+        returned: list[Row] = []
+        for statement, parameters in statements:
+            result = session.execute(statement, parameters)
+            if returning:
+                returned.extend(result.all())
+        return returned
+
+    return execute_postgresql
+
+
+def update_rows(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key: str = "pk",
+    same_for_all: Mapping[str, Any] | None = None,
+) -> None:
+    """Update, for each of ``rows`` (dicts with the same keys, ``key`` among them), the row it names.
+
+    :param same_for_all: column values set on every row (sent once, not once per row).
+    """
+    prepare_update(session, table, rows, key=key, same_for_all=same_for_all)()
+
+
+def prepare_update(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key: str = "pk",
+    same_for_all: Mapping[str, Any] | None = None,
+) -> Callable[[], None]:
+    """:func:`update_rows` in two steps, like :func:`prepare_insert`.
+
+    One ``UPDATE ... FROM unnest(...)`` on PostgreSQL, whatever the number of rows; values that are the
+    same object in every row (typically ``None``) are sent once.
+    """
+    if not rows:
+        return lambda: None
+    dialect = session.get_bind().dialect
+    quote = dialect.identifier_preparer.quote
+    constant = {k: v for k, v in _constant_columns(rows, list(rows[0])).items() if k != key}
+    same_for_all = {**constant, **(same_for_all or {})}
+    columns = [name for name in rows[0] if name != key and name not in same_for_all]
+    shared = {name: _processed(table.c[name], dialect, [v])[0] for name, v in same_for_all.items()}
+    target = dialect.identifier_preparer.format_table(table)
+    if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
+        assignments = ", ".join(f"{quote(name)} = ?" for name in [*columns, *shared])
+        values = zip(*_column_values(table, dialect, [*columns, key], rows), strict=True)
+        sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?"
+        tuples = [(*row[:-1], *shared.values(), row[-1]) for row in values]
+        return lambda: session.connection().exec_driver_sql(sql, tuples) and None
+
+    shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
+    assignments = ", ".join(
+        [
+            *(f"{quote(name)} = v.{quote(name)}" for name in columns),
+            *(f"{quote(name)} = {sql}" for name, sql in zip(shared, shared_sql, strict=True)),
+        ]
+    )
+    statements = []
+    for chunk in chunked(rows, PG_CHUNK):
+        source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk)
+        where = f"t.{quote(key)} = v.{quote(key)}"
+        statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
+        statements.append((statement, {**parameters, **shared_parameters}))
+
+    def execute() -> None:
+        for statement, parameters in statements:
+            session.execute(statement, parameters)
+
+    return execute
+
+
+class Pipeline:
+    """Overlap building statements (Python) with executing them (the database), in one transaction.
+
+    ``submit(function, *args)`` runs ``function`` on a single worker thread, in submission order, and
+    returns a future. The session is only used by the worker while the caller builds the next statement's
+    parameters: drivers release the GIL while the server works, so on two cores the client's and the
+    server's work overlap. After a submitted function fails, the ones submitted after it raise the same
+    exception instead of running (so ``result()`` of any later future reports the first error, not the
+    aborted transaction). Leaving the ``with`` block waits for the worker, before the session commits or
+    rolls back. SQLite runs in this process (there is no server to overlap with): with ``threaded=False``
+    each function runs at once, in the caller's thread.
+    """
+
+    def __init__(self, threaded: bool = True) -> None:
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="astra-recording") if threaded else None
+        )
+        self._error: BaseException | None = None
+
+    @classmethod
+    def for_session(cls, session: Session) -> Pipeline:
+        return cls(threaded=_is_postgresql(session))
+
+    def _run(self, function: Callable[..., Any], args: tuple) -> Any:
+        if self._error is not None:
+            raise self._error
+        try:
+            return function(*args)
+        except BaseException as error:
+            self._error = error
+            raise
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        if self._executor is not None:
+            return self._executor.submit(self._run, function, args)
+        future: Future = Future()
+        try:
+            future.set_result(self._run(function, args))
+        except BaseException as error:  # raised again by result(), as from the worker
+            future.set_exception(error)
+        return future
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def allocate_pks(session: Session, table: Table, n: int) -> list[int]:
+    """``n`` new primary keys of ``table`` for this transaction's inserts.
+
+    Rows inserted with keys known in advance need no ``RETURNING`` (whose row order PostgreSQL does not
+    promise to match the input order). PostgreSQL: ``nextval`` of the ``pk`` sequence. SQLite: the keys
+    after the largest one; safe because every transaction of the astra SQLite engine takes the write lock
+    when it begins (``BEGIN IMMEDIATE``, see :mod:`astra_provider.database`), so no one else can insert.
+    """
+    if n <= 0:
+        return []
+    if _is_postgresql(session):
+        return list(
+            session.execute(
+                text("SELECT nextval(pg_get_serial_sequence(:table, 'pk')) FROM generate_series(1, :n)"),
+                {"table": table.fullname, "n": n},
+            ).scalars()
+        )
+    start = session.execute(select(func.coalesce(func.max(table.c.pk), 0))).scalar_one() + 1
+    return list(range(start, start + n))
+
+
+def select_in(session: Session, statement: Select, column: Any, values: Iterable[Any]) -> list[Row]:
+    """The rows of ``statement`` where ``column`` is one of ``values``.
+
+    One statement with ``column = ANY(array)`` on PostgreSQL (an indexed lookup whatever the number of
+    values); ``IN`` lists of ``CHUNK`` values on SQLite.
+    """
+    values = list(values)
+    if not values:
+        return []
+    if _is_postgresql(session):
+        array = cast(literal(pg_array(values), Text), postgresql.ARRAY(column.type))
+        return session.execute(statement.where(column == any_(array))).all()
+    rows: list[Row] = []
+    for chunk in chunked(values):
+        rows.extend(session.execute(statement.where(column.in_(chunk))).all())
+    return rows
+
+
+__all__ = [
+    "CHUNK",
+    "PG_CHUNK",
+    "Pipeline",
+    "allocate_pks",
+    "build",
+    "chunked",
+    "insert_rows",
+    "pg_array",
+    "prepare_insert",
+    "prepare_update",
+    "select_in",
+    "update_rows",
+]
