@@ -39,7 +39,10 @@ class SinusoidalContinuum(TaskInstance):
         default=None, type=str, bundled=True, description="Where to write the normalised spectra."
     )
     model_path = Parameter(
-        default=None, type=str, bundled=True, description="A Cannon model: normalise with its continuum pixels"
+        default=None,
+        type=str,
+        bundled=True,
+        description="A Cannon model: normalise with its continuum pixels.",
     )
     continuum_pixels_path = Parameter(
         default=None,
