@@ -123,8 +123,9 @@ def continuum_accuracy(survey, result: MethodResult) -> dict[float, tuple[float,
     out = {}
     for snr, paths in result.normalised_paths.items():
         _, truth_flux, truth_ivar = truth_normalized(survey.tests[snr])
-        flux = np.array([read_normalized(path).flux[0] for path in paths])
-        ivar = np.array([read_normalized(path).ivar[0] for path in paths])
+        spectra = [read_normalized(path) for path in paths]
+        flux = np.array([spectrum.flux[0] for spectrum in spectra])
+        ivar = np.array([spectrum.ivar[0] for spectrum in spectra])
         good = (ivar > 0) & (truth_ivar > 0) & (np.abs(truth_flux) > 0.05)
         ratio = flux[good] / truth_flux[good] - 1.0
         out[snr] = (float(ratio.mean()), float(np.sqrt(np.mean(ratio**2))))
