@@ -48,8 +48,6 @@ class TrainTheCannon(TaskInstance):
     )
 
     def execute(self):
-        import numpy as np
-
         from astra_provider.science.cannon import train
         from astra_provider.science.continuum import continuum_normalize
 
@@ -58,13 +56,8 @@ class TrainTheCannon(TaskInstance):
             table_path = data_products[0].path
             labels, paths = read_training_table(table_path, self.label_names)
             _require_enough_spectra(table_path, len(paths), len(self.label_names))
-            spectra, keep = _read_first_rows(paths)
-            if not spectra:
-                raise ValueError(f"{table_path}: none of the {len(paths)} training spectra could be read")
-            _require_enough_spectra(table_path, len(spectra), len(self.label_names), len(paths))
-            wavelength = _common_wavelength(spectra, [paths[i] for i in keep])
-            flux = np.concatenate([s.flux[:1] for s in spectra])
-            ivar = np.concatenate([s.ivar[:1] for s in spectra])
+            keep, wavelength, flux, ivar = read_training_spectra(table_path, paths)
+            _require_enough_spectra(table_path, len(keep), len(self.label_names), len(paths))
             pixels, pixel_info = self._continuum_pixels(labels[keep], flux, ivar, wavelength)
             flux, ivar, _ = continuum_normalize(
                 wavelength,
@@ -256,8 +249,15 @@ def read_training_table(path: str, label_names) -> tuple:
     return labels, paths
 
 
-def _read_first_rows(paths: list[str]):
-    """The readable spectra and the indices of ``paths`` they came from (unreadable ones are logged)."""
+def read_training_spectra(table_path: str, paths: list[str]) -> tuple:
+    """``(kept indices, wavelength, flux, ivar)``: the first row of every readable spectrum of ``paths``, as
+    observed (not normalised).
+
+    Unreadable spectra are logged and left out; none readable is a ``ValueError`` naming ``table_path``, and
+    so is a spectrum on another wavelength grid than the first (naming both files).
+    """
+    import numpy as np
+
     from astra_provider.sdss.spectrum import read_spectrum
 
     spectra, keep = [], []
@@ -267,4 +267,31 @@ def _read_first_rows(paths: list[str]):
             keep.append(index)
         except (ValueError, OSError) as error:
             log.warning("excluding training spectrum: %s", error)
-    return spectra, keep
+    if not spectra:
+        raise ValueError(f"{table_path}: none of the {len(paths)} training spectra could be read")
+    wavelength = _common_wavelength(spectra, [paths[i] for i in keep])
+    flux = np.concatenate([s.flux[:1] for s in spectra])
+    ivar = np.concatenate([s.ivar[:1] for s in spectra])
+    return keep, wavelength, flux, ivar
+
+
+def normalized_training_spectra(
+    table_path: str, paths: list[str], deg: int, length_scale: float, continuum_mask=None
+) -> tuple:
+    """:func:`read_training_spectra`, pseudo-continuum normalised with the Sinusoidal method (``deg``,
+    ``length_scale``) that :class:`~astra_provider.contrib.continuum.SinusoidalContinuum` applies before the
+    test step, on ``continuum_mask`` (default: the shipped synthetic-quadratic list).
+    """
+    from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
+
+    keep, wavelength, flux, ivar = read_training_spectra(table_path, paths)
+    flux, ivar, _ = continuum_normalize(
+        wavelength,
+        flux,
+        ivar,
+        load_continuum_pixels() if continuum_mask is None else continuum_mask,
+        deg=deg,
+        length_scale=length_scale,
+        on_failure="nan",
+    )
+    return keep, wavelength, flux, ivar
