@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.io import fits
 
 from astra_provider.science.cannon import CannonModel, train
 from astra_provider.science.cannon.continuum_pixels import derive_continuum_pixels, resolve_continuum_pixels
@@ -132,7 +133,6 @@ def test_training_set_too_small_is_refused_before_any_work():
 
 def test_tasks_refuse_small_sets_and_other_grids(astra_db, tmp_path: Path, selection):
     from astra_provider.base import TaskFailedError
-    from astra_provider.contrib.continuum import write_normalized
     from astra_provider.contrib.thecannon import TestTheCannon, TrainTheCannon
 
     table = tmp_path / "small.csv"
@@ -153,20 +153,21 @@ def test_tasks_refuse_small_sets_and_other_grids(astra_db, tmp_path: Path, selec
         continuum_pixels=selection.mask,
     )
     model_path = model.save(tmp_path / "m.npz")
+    # A normalised file of one task (the layout TestTheCannon also reads from a path), on a shifted grid.
     shifted = tmp_path / "shifted.fits"
-    flux = np.ones((1, WAVELENGTH.size))
-    write_normalized(
-        shifted,
-        WAVELENGTH + 1.0,
-        flux,
-        flux,
-        flux,
-        [50.0],
-        source="x",
-        deg=3,
-        length_scale=1400.0,
-        continuum_pixels_id=model.continuum_pixels_id,
-    )
+    flux = np.ones((1, WAVELENGTH.size), np.float32)
+    header = fits.Header()
+    header["CONTDEG"], header["CONTL"], header["CONTPIX"] = 3, 1400.0, model.continuum_pixels_id
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(header=header),
+            fits.ImageHDU(WAVELENGTH + 1.0, name="WAVELENGTH"),
+            fits.ImageHDU(flux, name="FLUX"),
+            fits.ImageHDU(flux, name="IVAR"),
+            fits.ImageHDU(flux, name="CONTINUUM"),
+            fits.BinTableHDU.from_columns([fits.Column(name="SNR", format="E", array=[50.0])], name="ROWS"),
+        ]
+    ).writeto(shifted)
     with pytest.raises(
         TaskFailedError,
         match=r"shifted.fits: 8575 pixels at 15101.802-17000.807 Å, but the model "
