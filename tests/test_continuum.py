@@ -201,10 +201,10 @@ def test_shape_errors():
 
 
 def test_cos_sin_matches_numpy():
-    from astra_provider.science.continuum import _cos_sin
+    from astra_provider.science.continuum.basis import cos_sin
 
     phase = np.r_[np.linspace(-80.0, 80.0, 100_001), 0.0, np.pi / 4, np.pi, 2 * np.pi * 12]
-    cos, sin = _cos_sin(phase)
+    cos, sin = cos_sin(phase)
     assert np.abs(cos - np.cos(phase)).max() < 5e-14 and np.abs(sin - np.sin(phase)).max() < 5e-14
 
 
@@ -229,14 +229,14 @@ def test_fit_at_own_wavelengths_equals_the_grid_fit(model):
 def test_blocks_give_the_whole_batch_result(model, monkeypatch):
     """Fit blocks and evaluate/normalise blocks (here 4 and 3 spectra) do not change any result, including the
     spectrum indices of a failure."""
-    import astra_provider.science.continuum as continuum
+    from astra_provider.science.continuum import normalization, plan
 
     spectra = make_spectra(model, draw_labels(11, np.random.default_rng(11)), 50, rng=12)
     ivar = spectra.ivar.copy()
     ivar[9, slice(*APOGEE_CHIPS_PIXELS[2])] = 0.0  # region 2 of spectrum 9 fails
     whole = continuum_normalize(WAVELENGTH, spectra.flux, ivar, on_failure="nan")
-    monkeypatch.setattr(continuum, "_FIT_BLOCK", 4)
-    monkeypatch.setattr(continuum, "_ROW_BLOCK", 3)
+    monkeypatch.setattr(plan, "_FIT_BLOCK", 4)
+    monkeypatch.setattr(normalization, "_ROW_BLOCK", 3)
     blocked = continuum_normalize(WAVELENGTH, spectra.flux, ivar, on_failure="nan")
     for expected, got in zip(whole, blocked, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
