@@ -1,0 +1,103 @@
+"""The APOGEE ``apVisit`` reader: one visit, its three chips unfolded into one increasing spectrum."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from astra_provider.sdss.bitmasks import APOGEE_BAD_PIXEL_MASK
+from astra_provider.sdss.spectrum.container import Spectrum, SpectrumReadError
+from astra_provider.sdss.spectrum.reading import (
+    as_float,
+    clean_flux_ivar,
+    common_meta,
+    count_hdus,
+    doppler_labels,
+    header_value,
+    open_fits,
+    read_image,
+    sigma_to_ivar,
+)
+
+__all__ = ["read_apvisit"]
+
+
+def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
+    """Read an APOGEE ``apVisit`` file as one monotonically increasing spectrum.
+
+    HDU1-4 hold flux, σ, mask and wavelength as (chips, pixels) with chips red→blue and wavelength
+    descending within each chip; both the chip order and the pixel order are reversed (Astra v0.2.6 bug #19
+    reversed only the chips). Files with fewer than 5 HDUs are corrupt. ``meta``: ``bc`` (km/s, header
+    ``BC``), ``mjd`` (``MJD5``), ``fiber`` (``FIBERID``), ``plate``, ``telescope``, ``objid``, ``jd_mid``,
+    ``vhelio``/``vrad`` when present, ``dithered`` (4096 pixels per chip), ``snr`` = ``[SNR]`` and the
+    pipeline's RV-template labels ``rv_teff``/``rv_logg``/``rv_fe_h`` (``RVTEFF``... cards) when present.
+    """
+    path = Path(path)
+    with open_fits(path) as handle:
+        found = count_hdus(handle, 5)
+        if found < 5:
+            raise SpectrumReadError(path, f"corrupt apVisit: {found} HDUs, at least 5 expected (missing HDU)")
+        header = handle.header(0)
+        flux = read_image(path, handle, 1, "flux")
+        sigma = read_image(path, handle, 2, "error")
+        mask = read_image(path, handle, 3, "mask")
+        wave = read_image(path, handle, 4, "wavelength")
+        meta = common_meta(path, "apVisit", header)
+
+    if flux.ndim != 2:
+        raise SpectrumReadError(path, f"flux must be (chips, pixels), got shape {flux.shape}")
+    for name, array in (("error", sigma), ("mask", mask), ("wavelength", wave)):
+        if array.shape != flux.shape:
+            raise SpectrumReadError(
+                path, f"{name} shape {array.shape} does not match flux shape {flux.shape}"
+            )
+
+    def unfold(array: np.ndarray) -> np.ndarray:
+        return array[::-1, ::-1].reshape(-1)
+
+    wavelength = unfold(wave).astype(float)
+    flux_1d, sigma_1d, mask_1d = unfold(flux), unfold(sigma), unfold(mask).astype(np.int64)
+    if not np.all(np.isfinite(wavelength)):
+        raise SpectrumReadError(path, "non-finite wavelengths in HDU4")
+    if np.any(np.diff(wavelength) <= 0):
+        order = np.argsort(wavelength, kind="stable")
+        wavelength, flux_1d, sigma_1d, mask_1d = (
+            wavelength[order],
+            flux_1d[order],
+            sigma_1d[order],
+            mask_1d[order],
+        )
+        if np.any(np.diff(wavelength) <= 0):
+            raise SpectrumReadError(
+                path, "wavelengths in HDU4 are not distinct (overlapping or repeated pixels)"
+            )
+
+    ivar = sigma_to_ivar(sigma_1d)
+    ivar[(mask_1d & APOGEE_BAD_PIXEL_MASK) != 0] = 0.0
+    flux_1d, ivar = clean_flux_ivar(path, flux_1d, ivar)
+
+    kwargs = meta["kwargs"]
+    mjd = header_value(header, "MJD5", default=kwargs.get("mjd"))
+    fiber = header_value(header, "FIBERID", default=kwargs.get("fiber"))
+    meta.update(
+        {
+            "objid": header_value(header, "OBJID"),
+            "catalogid": header_value(header, "CATALOGID", "CATID", "SDSS_ID"),
+            "telescope": header_value(header, "TELESCOP", default=kwargs.get("telescope")),
+            "plate": header_value(header, "PLATE", default=kwargs.get("plate")),
+            "mjd": None if mjd is None else int(mjd),
+            "fiber": None if fiber is None else int(fiber),
+            "bc": as_float(header_value(header, "BC")),
+            "jd_mid": as_float(header_value(header, "JD-MID")),
+            "vhelio": as_float(header_value(header, "VHELIO")),
+            "vrad": as_float(header_value(header, "VRAD")),
+            "starflag": header_value(header, "STARFLAG"),
+            "dithered": flux.shape[1] == 4096,
+            **doppler_labels(header, "RVTEFF", "RVLOGG", "RVFEH"),
+            "snr": np.array([as_float(header_value(header, "SNR"))]),
+            "row_kind": np.array(["visit"]),
+        }
+    )
+    return Spectrum(wavelength, flux_1d, ivar, mask_1d, meta)
