@@ -128,7 +128,7 @@ def _event_items(
     if not triggering_asset_events:
         return []
     if assets:
-        items = []
+        items: list[tuple[Any, Any]] = []
         for asset in assets:
             try:
                 items.extend((asset, event) for event in triggering_asset_events[asset])

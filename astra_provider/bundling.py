@@ -130,10 +130,10 @@ def _pk_range(entry: Any) -> tuple[int, int, int]:
             raise ValueError(f"{list(entry)!r} is not a [first, last(, step)] range of primary keys")
         return first, last, step
     if isinstance(entry, str) and _RANGE.fullmatch(entry.strip()):
-        first, _, last = entry.strip().partition("-")
-        if int(last or first) < int(first):
+        first_text, _, last_text = entry.strip().partition("-")
+        if int(last_text or first_text) < int(first_text):
             raise ValueError(f"{entry!r} is not a first-last range of primary keys (last < first)")
-        return int(first), int(last or first), 1
+        return int(first_text), int(last_text or first_text), 1
     raise TypeError(f"{entry!r} is not a primary key or a [first, last] range of primary keys")
 
 
@@ -343,8 +343,9 @@ def _describe(
         "columns": columns,
     }
     inputs = [kwargs.get(INPUTS) for kwargs in members]
-    if all(isinstance(value, int) and not isinstance(value, bool) for value in inputs):
-        description["data_product_pks"] = encode_pks(inputs)
+    pks = [value for value in inputs if isinstance(value, int) and not isinstance(value, bool)]
+    if len(pks) == len(inputs):
+        description["data_product_pks"] = encode_pks(pks)
     elif any(value is not None for value in inputs):
         description[INPUTS] = [_plain(value) for value in inputs]
     return description

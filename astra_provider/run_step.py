@@ -104,7 +104,10 @@ def run_step(
 def _parse_date(text: str) -> datetime:
     import pendulum
 
-    return pendulum.parse(text, tz="UTC")
+    parsed = pendulum.parse(text, tz="UTC")
+    if not isinstance(parsed, datetime):
+        raise ValueError(f"{text!r} is not a date and time")
+    return parsed
 
 
 def main(args: Any) -> int:

@@ -24,6 +24,8 @@ echo "==> template grids and real spectra (cached)"
 astra templates install --cache-only > /dev/null
 echo "==> ruff"
 ruff check .
+echo "==> mypy"
+mypy astra_provider
 echo "==> pytest"
 pytest "$@"
 if [ -f docs/conf.py ]; then

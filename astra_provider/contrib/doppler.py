@@ -71,7 +71,7 @@ class DopplerRadialVelocity(TaskInstance):
         default=1000.0, type=float, bundled=True, description="Largest |velocity| searched (km/s)."
     )
 
-    def pre_execute(self):
+    def pre_execute(self) -> None:
         from astra_provider.templates.prepare import template_grids
 
         self.grids = template_grids(self.model_path)
@@ -172,15 +172,16 @@ def _read_input(path: str) -> _Input:
     from astra_provider.sdss.spectrum import infer_filetype, read_spectrum
 
     filetype = infer_filetype(path)
-    if _INSTRUMENTS.get(filetype) is None:
+    if filetype is None or _INSTRUMENTS.get(filetype) is None:
         raise ValueError(
             f"{path}: neither an APOGEE (apVisit, apStar) nor a BOSS (spec, specFull) spectrum "
             f"(file type {filetype or 'unknown'}); DopplerRadialVelocity measures only those"
         )
     spectrum = read_spectrum(path, filetype)
-    instrument = _INSTRUMENTS[spectrum.filetype]
+    filetype = spectrum.filetype or filetype
+    instrument = _INSTRUMENTS[filetype]
     readers = {"apVisit": _apvisit_visits, "apStar": _apstar_visits, "specFull": _boss_visits}
-    return _Input(str(path), instrument, readers[spectrum.filetype](spectrum))
+    return _Input(str(path), instrument, readers[filetype](spectrum))
 
 
 def _apvisit_visits(spectrum) -> list[_Visit]:

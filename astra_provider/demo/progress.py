@@ -71,7 +71,7 @@ def tasks_done(astra_url: str, step: StepProgress) -> int:
     from astra_provider.database.astradb import DataProduct, Status, Task, TaskInputDataProduct
 
     with session_scope(astra_url) as session:
-        return session.scalar(
+        count = session.scalar(
             select(func.count(func.distinct(Task.pk)))
             .join(TaskInputDataProduct, TaskInputDataProduct.task_pk == Task.pk)
             .join(DataProduct, DataProduct.pk == TaskInputDataProduct.data_product_pk)
@@ -81,6 +81,7 @@ def tasks_done(astra_url: str, step: StepProgress) -> int:
                 DataProduct.path.startswith(step.path_prefix),
             )
         )
+        return count or 0  # COUNT always gives a row; None only satisfies the type
 
 
 def airflow_running(dag_id: str) -> str:

@@ -56,7 +56,7 @@ def prepare_surveys(
             f"  note: {training_stars} training stars is a small training set; a good Cannon "
             f"model needs {SCIENCE_TRAINING_STARS:,}-2,000"
         )
-    specs = [
+    specs: list[tuple[str, Path, dict[str, Any]]] = [
         (
             "training set",
             training_root,

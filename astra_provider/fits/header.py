@@ -197,7 +197,9 @@ def format_cards(key: str, value: Any = None, comment: str | None = None) -> lis
         return [format_card(key, value, comment)]
     if not value.isascii():
         raise ValueError(f"string value for {key} must be ASCII")
-    pieces, current, length = [], [], 0
+    pieces: list[str] = []
+    current: list[str] = []
+    length = 0
     for char in value:  # at most 66 escaped characters a card, an escaped quote pair never split
         width = 2 if char == "'" else 1
         if length + width > 66:

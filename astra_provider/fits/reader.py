@@ -15,7 +15,7 @@ import io
 import os
 import re
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class FitsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        handle: IO[bytes] = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        handle: io.BufferedIOBase = open(self.path, "rb")  # noqa: SIM115 - closed by close()
         try:
             first = handle.read(CARD)
             if first[:2] == b"\x1f\x8b":  # decompressed into memory once
@@ -189,9 +189,9 @@ class FitsFile:
                 if info.name == wanted:
                     return info
             while not self._complete:
-                info = self._scan()
-                if info is not None and info.name == wanted:
-                    return info
+                scanned = self._scan()
+                if scanned is not None and scanned.name == wanted:
+                    return scanned
             raise IndexError(f"no HDU named {key!r} (the file has {len(self._hdus)} HDUs)")
         while len(self._hdus) <= key and not self._complete:
             self._scan()
@@ -223,7 +223,7 @@ class FitsFile:
             )
         buffer = np.empty(size, np.uint8)
         self._handle.seek(info.data_start + offset)
-        if self._handle.readinto(memoryview(buffer)) != size:
+        if self._handle.readinto(buffer.data) != size:
             raise FitsError(f"truncated: the file ends inside the data of HDU{info.index}")
         return buffer.view(dtype)
 
@@ -318,7 +318,7 @@ def _scale_image(data: np.ndarray, header: Header, bitpix: int) -> np.ndarray:
     unsigned = {16: np.uint16, 32: np.uint32, 64: np.uint64}.get(bitpix)
     if unsigned is not None and bscale == 1 and bzero == 1 << (bitpix - 1):  # unsigned integers
         return data.view(unsigned) + unsigned(bzero)
-    float_type = np.float32 if bitpix in (8, 16, -32) else np.float64
+    float_type: type[np.floating[Any]] = np.float32 if bitpix in (8, 16, -32) else np.float64
     scaled = data.astype(float_type) * float_type(bscale) + float_type(bzero)
     blank = header.get("BLANK")
     if bitpix > 0 and blank is not None:
@@ -354,6 +354,8 @@ class _Column:
         return _scale_column(values, code, self.scale, self.zero)
 
     def _variable(self, raw: np.ndarray, heap: np.ndarray | None) -> np.ndarray:
+        if heap is None:
+            raise FitsError(f"column {self.name!r} has variable-length arrays but the table has no heap")
         element = self.heap_code or "B"
         dtype = np.dtype("S1" if element == "A" else _COLUMN_DTYPE[element])
         out = np.empty(raw.shape[0], dtype=object)

@@ -16,8 +16,9 @@ import os
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from io import BufferedIOBase
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -57,17 +58,17 @@ def _user_cards(cards: Sequence[Card]) -> list[str]:
     return [text for card in cards for text in format_cards(*card)]
 
 
-def _write_array(handle: IO[bytes], array: np.ndarray) -> int:
+def _write_array(handle: BufferedIOBase, array: np.ndarray) -> int:
     """Write ``array`` big-endian in row chunks; the number of bytes written."""
     big = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
     flat = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(-1, 1)
     rows = max(1, _CHUNK_BYTES // max(1, flat.shape[1] * array.dtype.itemsize))
     for start in range(0, flat.shape[0], rows):
-        handle.write(memoryview(np.ascontiguousarray(flat[start : start + rows], dtype=big)).cast("B"))
+        handle.write(np.ascontiguousarray(flat[start : start + rows], dtype=big).data.cast("B"))
     return array.nbytes
 
 
-def _pad(handle: IO[bytes], size: int) -> None:
+def _pad(handle: BufferedIOBase, size: int) -> None:
     handle.write(b"\0" * (-size % BLOCK))
 
 
@@ -96,7 +97,7 @@ class ImageHDU:
                 head.append(format_card("EXTNAME", self.name))
         return _header_bytes(head + _user_cards(self.cards))
 
-    def write(self, handle: IO[bytes], primary: bool) -> None:
+    def write(self, handle: BufferedIOBase, primary: bool) -> None:
         handle.write(self.header(primary))
         if self.data is not None and np.asarray(self.data).size:
             _pad(handle, _write_array(handle, np.asarray(self.data)))
@@ -117,7 +118,8 @@ class TableHDU:
         if len(lengths) != 1:
             raise ValueError(f"table columns have different lengths: {sorted(lengths)}")
         (n,) = lengths
-        fields, forms = [], []
+        fields: list[tuple[Any, ...]] = []  # (name, dtype[, shape]) of the record dtype
+        forms: list[str] = []
         for name, array in arrays.items():
             repeat = int(np.prod(array.shape[1:], dtype=int)) if array.ndim > 1 else 1
             if array.dtype.kind in ("U", "S"):
@@ -142,7 +144,7 @@ class TableHDU:
             record[name] = array
         return record, forms
 
-    def write(self, handle: IO[bytes], primary: bool = False) -> None:
+    def write(self, handle: BufferedIOBase, primary: bool = False) -> None:
         if primary:
             raise ValueError("a binary table cannot be the primary HDU")
         record, forms = self._record()
@@ -156,7 +158,8 @@ class TableHDU:
             format_card("GCOUNT", 1),
             format_card("TFIELDS", len(forms)),
         ]
-        for i, (name, form) in enumerate(zip(record.dtype.names, forms, strict=True), start=1):
+        names = record.dtype.names or ()  # a structured dtype: never None
+        for i, (name, form) in enumerate(zip(names, forms, strict=True), start=1):
             head += [format_card(f"TTYPE{i}", name), format_card(f"TFORM{i}", form)]
         if self.name:
             head.append(format_card("EXTNAME", self.name))
@@ -188,7 +191,9 @@ def write_fits(
     target = temporary_path(path) if atomic else path
     try:
         with open(target, "wb") as raw:
-            handle: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb") if path.name.endswith(".gz") else raw
+            handle: BufferedIOBase = raw
+            if path.name.endswith(".gz"):
+                handle = gzip.GzipFile(fileobj=raw, mode="wb")
             try:
                 for index, hdu in enumerate(hdus):
                     hdu.write(handle, primary=index == 0)

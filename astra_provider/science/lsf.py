@@ -213,7 +213,7 @@ class LsfStack:
         for index, model in enumerate(self.models):
             arrays.update({f"m{index}_{key}": value for key, value in cannon_model_arrays(model).items()})
         with open(path, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds as bool
         return path
 
     @classmethod

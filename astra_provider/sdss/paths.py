@@ -30,6 +30,7 @@ files import it at parse time.
 from __future__ import annotations
 
 import glob as _glob
+import math
 import numbers
 import os
 import re
@@ -187,8 +188,10 @@ def canonical_filetype(filetype: str) -> str:
 def _as_int(key: str, value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"keyword {key!r} must be an integer, got {value!r}")
-    if isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer()):
+    if isinstance(value, numbers.Integral):
         result = int(value)
+    elif isinstance(value, numbers.Real) and float(value).is_integer():
+        result = int(math.trunc(value))
     elif isinstance(value, (str, bytes)):
         text = value.decode() if isinstance(value, bytes) else value
         text = text.strip()

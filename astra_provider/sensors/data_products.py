@@ -234,7 +234,7 @@ class DataProductSensor(BaseSensorOperator):
             filetypes=self.filetypes,
             pattern=self.pattern,
             watermark=watermark,
-            min_age_seconds=self.min_age_seconds,
+            min_age_seconds=float(self.min_age_seconds),
             use_ctime=self.use_ctime,
         )
 
@@ -330,7 +330,7 @@ class DataProductSensor(BaseSensorOperator):
                 root=self.root,
                 filetypes=self.filetypes,
                 pattern=self.pattern,
-                min_age_seconds=self.min_age_seconds,
+                min_age_seconds=float(self.min_age_seconds),
                 poll_interval=self.poke_interval,
                 watermark=watermark_to_json(self._watermark),
                 max_files=self.max_files,

@@ -160,12 +160,12 @@ class IndependentTruthModel:
                 tau[row] = np.bincount(flat_offsets.ravel(), profile[i].ravel(), minlength=_N_FINE)
         brackett_tau, brackett_width = brackett_optical_depths(physics)
         width_fine = brackett_width / self._fine_kms
-        for k, (start, offsets, taper) in enumerate(self._brackett_windows):
+        for k, (window_start, offsets, taper) in enumerate(self._brackett_windows):
             profile = np.square(offsets[None] / width_fine[:, k, None])
             profile += 1.0
             np.divide(taper, profile, out=profile)
             profile *= brackett_tau[:, k, None]
-            tau[:, start : start + offsets.size] += profile
+            tau[:, window_start : window_start + offsets.size] += profile
         return tau
 
     def _convolved(self, labels: np.ndarray, derivative: bool = False) -> np.ndarray:

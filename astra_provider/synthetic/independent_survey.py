@@ -104,6 +104,8 @@ def truth_normalized(truth: SurveyTruth) -> tuple[np.ndarray, np.ndarray, np.nda
         continuum = star_continuum(row["continuum_seed"], wavelength) * row["throughput"]
         flux.append(spectrum.flux[0] / continuum)
         ivar.append(spectrum.ivar[0] * continuum**2)
+    if wavelength is None:
+        raise ValueError(f"{truth.root}: the survey has no apStar file")
     return wavelength, np.array(flux), np.array(ivar)
 
 
@@ -136,7 +138,7 @@ def independent_survey(
     from astra_provider.synthetic.survey import generate_survey
 
     root = Path(root)
-    spec = {
+    spec: dict[str, Any] = {
         "n_train": n_train,
         "n_test": n_test,
         "snrs": [float(s) for s in snrs],
@@ -150,7 +152,12 @@ def independent_survey(
     if fresh:
         spec_path.unlink(missing_ok=True)
         root.mkdir(parents=True, exist_ok=True)
-    common = {"visits_per_star": 1, "filetypes": ("apStar",), "boss_visits_per_star": 0, "overwrite": True}
+    common: dict[str, Any] = {
+        "visits_per_star": 1,
+        "filetypes": ("apStar",),
+        "boss_visits_per_star": 0,
+        "overwrite": True,
+    }
     if fresh:
         (say or (lambda _: None))(f"writing the independent survey under {root} (once)")
         generate_survey(root / "training", n_stars=n_train, snr=train_snr, seed=seed, model=model, **common)

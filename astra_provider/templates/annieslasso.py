@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from astra_provider.science.air_vacuum import AIR_VACUUM_FORMULAS, air_to_vacuum
+from astra_provider.science.air_vacuum import AIR_VACUUM_FORMULAS, Formula, air_to_vacuum
 from astra_provider.science.cannon import PERCENTILE_LEVELS, CannonModel, polynomial_terms
 
 __all__ = ["PROJECT_LABEL_NAMES", "annieslasso_label_scaling", "annieslasso_terms", "cannon_model_from_state"]
@@ -79,7 +79,7 @@ def cannon_model_from_state(
     state: Mapping[str, Any],
     *,
     provenance: Mapping[str, Any] | None = None,
-    formula: str = "ciddor1996",
+    formula: Formula = "ciddor1996",
 ) -> CannonModel:
     """A :class:`CannonModel` from an unpickled AnniesLasso model dict, in **vacuum** wavelengths.
 
@@ -122,6 +122,7 @@ def cannon_model_from_state(
     labels64 = training_labels.astype(np.float64)
     degree = _degree(terms)
     source_metadata = dict(state.get("metadata") or {})
+    source_fwhm = state.get("fwhm")
     metadata: dict[str, Any] = {
         **dict(provenance or {}),
         "wavelength_medium": "vacuum",
@@ -129,7 +130,7 @@ def cannon_model_from_state(
         "air_to_vacuum": (
             None if in_vacuum else {"formula": formula, "reference": AIR_VACUUM_FORMULAS[formula]}
         ),
-        "source_fwhm_aa": float(state.get("fwhm")) if state.get("fwhm") is not None else None,
+        "source_fwhm_aa": None if source_fwhm is None else float(source_fwhm),
         "lsf": None,
         "source_label_names": list(source_names),
         "label_scaling": "AnniesLasso 0.2.x: offset = median, scale = p97.5 - p2.5 of the training labels",

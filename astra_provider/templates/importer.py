@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from astra_provider.science.air_vacuum import Formula
 from astra_provider.science.cannon import CannonModel
 from astra_provider.templates.annieslasso import cannon_model_from_state
 from astra_provider.templates.restricted_pickle import load_restricted_pickle
@@ -41,7 +42,7 @@ def convert_template_grid(
     *,
     source: str | None = None,
     source_version: str | None = None,
-    formula: str = "ciddor1996",
+    formula: Formula = "ciddor1996",
     provenance: Mapping[str, Any] | None = None,
 ) -> CannonModel:
     """Read a model-grid file and return it as a vacuum-wavelength :class:`CannonModel` (not saved).
@@ -97,7 +98,7 @@ def import_template_grid(
     *,
     source: str | None = None,
     source_version: str | None = None,
-    formula: str = "ciddor1996",
+    formula: Formula = "ciddor1996",
     overwrite: bool = False,
 ) -> Path:
     """Convert a model-grid file (see :func:`convert_template_grid`) and save it as ``.npz``.

@@ -27,7 +27,7 @@ def _numpy_core(name: str) -> Any:
     import numpy._core.numeric as numeric
 
     known = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
-    known["_frombuffer"] = numeric._frombuffer
+    known["_frombuffer"] = numeric._frombuffer  # type: ignore[attr-defined]  # private, not in numpy's stubs
     return known[name]
 
 

@@ -159,7 +159,7 @@ def write_cannon_model(model: CannonModel, path: Path, *, overwrite: bool = Fals
     name = path.name.lower()
     if name.endswith(".npz"):
         with open(path, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
+            np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds as bool
     elif name.endswith(_FITS_SUFFIXES):
         _write_fits_model(path, arrays)
     else:

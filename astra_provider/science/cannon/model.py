@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,7 @@ class CannonModel:
         return write_cannon_model(self, Path(path), overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | Path) -> CannonModel:
+    def load(cls, path: str | os.PathLike[str]) -> CannonModel:
         """Read a model written by :meth:`save` (never unpickling anything).
 
         :param path: an ``.npz`` or FITS model file.

@@ -127,7 +127,7 @@ def normalize(
         (flux_norm, ivar_norm), rows = output_arrays(flux.shape, single, dtype, out, ("out[0]", "out[1]"))
         if single:
             flux, ivar, continuum = flux[None], ivar[None], continuum[None]
-        in_row_blocks(flux, ivar, continuum, *rows)
+        in_row_blocks(flux, ivar, continuum, rows[0], rows[1])
         return flux_norm, ivar_norm
     # Other shapes (broadcasting, > 2 dimensions): one pass over whole arrays.
     shape = np.broadcast_shapes(flux.shape, ivar.shape, continuum.shape)

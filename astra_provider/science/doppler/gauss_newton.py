@@ -195,10 +195,12 @@ class _GaussNewton:
         ``n_full`` (model and Jacobian; the others get the model only)."""
         full, cheap = active[:n_full], active[n_full:]
         deviation = np.empty((active.size, self.flux.shape[1]), dtype=np.float32)  # model − 1
-        signal = self.signal_at(full, self.x[full], self.s[full]) if n_full else None  # (n, K+2, P)
+        signal = None
         if n_full:
+            signal = self.signal_at(full, self.x[full], self.s[full])  # (n, K+2, P)
             deviation[:n_full] = signal[:, 0]
         if cheap.size:
+            assert self.value_at is not None  # spectra are only reused (cheap) with a value function
             deviation[n_full:] = self.value_at(cheap, self.x[cheap], self.s[cheap])
         if self.continuum_basis is None:
             self._evaluated_continuum = np.zeros((active.size, 0))
@@ -226,7 +228,9 @@ class _GaussNewton:
         idx_full = active[better_full]
         n_labels, n_better_full = self.n_labels, better_full.size
         jacobian = (
-            signal[better_full, 1:] if n_full else np.zeros((0, n_labels + 1, self.flux.shape[1]), np.float32)
+            signal[better_full, 1:]
+            if signal is not None  # None exactly when n_full == 0
+            else np.zeros((0, n_labels + 1, self.flux.shape[1]), np.float32)
         )
         w32 = w[better_full].astype(np.float32)
         hessian = ((jacobian * w32[:, None, :]) @ np.swapaxes(jacobian, 1, 2)).astype(float)
@@ -237,6 +241,7 @@ class _GaussNewton:
         gradient[:n_better_full] = (jacobian @ weighted_residual[:n_better_full, :, None])[..., 0]
         idx_cheap = idx[n_better_full:]
         if idx_cheap.size:
+            assert self.stored_jacobian is not None  # kept whenever spectra are reused
             gradient[n_better_full:] = (
                 self.stored_jacobian[idx_cheap] @ weighted_residual[n_better_full:, :, None]
             )[..., 0]

@@ -57,9 +57,8 @@ def measure_radial_velocities(
     n_spectra, n_pixels = flux.shape
     if n_pixels != grid.n_pixels:
         raise ValueError(f"flux has {n_pixels} pixels, the wavelength grid {grid.n_pixels}")
-    is_model = not isinstance(model, np.ndarray)
     label_names, grid_labels, templates = _templates(model, grid, template_labels, options)
-    fitted_model = model if is_model and fit_labels else None
+    fitted_model = model if fit_labels and not isinstance(model, np.ndarray) else None
     batch = options.batch_size
     batches = [
         _measure_batch(
@@ -94,6 +93,7 @@ def _templates(
 
     :raises ValueError: if the model or the templates are not on ``grid``.
     """
+    label_names: tuple[str, ...]
     if isinstance(model, np.ndarray):
         templates = np.atleast_2d(np.asarray(model, dtype=float))
         label_names, grid_labels = (), np.zeros((templates.shape[0], 0))

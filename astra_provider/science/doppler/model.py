@@ -24,9 +24,15 @@ class SpectralModel(Protocol):
     ``vectorizer.design_matrix_and_derivative``, which enable a faster exact path.
     """
 
-    label_names: Sequence[str]
-    training_label_min: np.ndarray
-    training_label_max: np.ndarray
+    # Read-only properties, so that a model whose attributes are narrower (a tuple of names) still conforms.
+    @property
+    def label_names(self) -> Sequence[str]: ...
+
+    @property
+    def training_label_min(self) -> np.ndarray: ...
+
+    @property
+    def training_label_max(self) -> np.ndarray: ...
 
     def predict(self, labels: np.ndarray) -> np.ndarray: ...
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from enum import IntFlag
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -47,6 +47,7 @@ class _Batches:
     """Mixin of the per-spectrum dataclasses: :meth:`concatenate` joins results of consecutive batches."""
 
     _shared_fields: ClassVar[tuple[str, ...]] = ()  # fields that describe the whole call, not one spectrum
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # the mixin is for dataclasses only
 
     @classmethod
     def concatenate(cls, parts: Sequence[Self]) -> Self:
@@ -153,7 +154,7 @@ def _radial_velocity_result(
     refined: RefinementResult,
     labels: np.ndarray,
     u_labels: np.ndarray,
-    label_names: Sequence[str],
+    label_names: tuple[str, ...],
     template_labels: np.ndarray,
     grid_index: np.ndarray | None = None,
     model_mismatch: np.ndarray | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import fields
+from typing import cast
 
 import numpy as np
 import scipy.stats
@@ -104,7 +105,9 @@ def measure_visit_radial_velocities(
         ``continuum_mask`` not on the model grid, or malformed spectra.
     """
     options = DopplerOptions() if options is None else options
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    models: list[SpectralModel | LsfStack] = (
+        list(model) if isinstance(model, (list, tuple)) else [cast(SpectralModel | LsfStack, model)]
+    )
     visit_models, ccf_templates = _prepared_models(
         models, continuum_mask, template_labels, max_velocity, options
     )
@@ -317,6 +320,7 @@ def _fit_grid(
     if rows.size:
         level = blend = None
         if visit_model.stack is not None:
+            assert observed.lsf_sigma is not None  # _check_compatible: a stack needs lsf_sigma
             level, blend = visit_model.stack.bracket(observed.lsf_sigma[rows])
         signal_at, value_at = visit_model.signal_functions(observed.position[rows], level, blend)
         basis = None if basis is None else basis[rows]
@@ -376,12 +380,12 @@ def _segment_birge_ratio(fit: _Fit, wavelength: np.ndarray, options: DopplerOpti
     """
     derivative = fit.shift_derivative.astype(float)
     information = fit.weight * derivative  # w·j
-    curvature, gradient = [], []
+    segment_curvature, segment_gradient = [], []
     for low, high in options.velocity_segments:
         inside = (wavelength >= low) & (wavelength <= high)
-        curvature.append(np.sum(np.where(inside, information * derivative, 0.0), axis=1))
-        gradient.append(np.sum(np.where(inside, information * fit.residual, 0.0), axis=1))
-    curvature, gradient = np.array(curvature).T, np.array(gradient).T  # (n, S)
+        segment_curvature.append(np.sum(np.where(inside, information * derivative, 0.0), axis=1))
+        segment_gradient.append(np.sum(np.where(inside, information * fit.residual, 0.0), axis=1))
+    curvature, gradient = np.array(segment_curvature).T, np.array(segment_gradient).T  # (n, S)
     has_information = curvature > 0
     offset = np.divide(gradient, curvature, out=np.zeros_like(gradient), where=has_information)
     total = curvature.sum(axis=1, keepdims=True)

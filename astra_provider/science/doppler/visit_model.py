@@ -55,7 +55,7 @@ class _VisitModel:
         """:raises ValueError: for a model without a log-linear wavelength grid, not linear in its
         coefficients, or a ``continuum_mask`` not on its grid."""
         stack = model if isinstance(model, LsfStack) else None
-        members = list(stack.models) if stack is not None else [model]
+        members: list[SpectralModel] = list(model.models) if isinstance(model, LsfStack) else [model]
         reference = members[len(members) // 2]  # CCF templates and model variance: the middle LSF width
         model_wavelength = getattr(reference, "wavelength", None)
         if model_wavelength is None:
@@ -63,8 +63,12 @@ class _VisitModel:
         grid = LogLinearGrid.from_wavelength(np.asarray(model_wavelength))
         n_pixels = grid.n_pixels
         scaling = _LabelScaling.of_model(reference, options.label_margin)
-        structures = [_linear_structure(member, scaling.n_labels) for member in members]
-        if any(structure is None for structure in structures):
+        structures = [
+            structure
+            for structure in (_linear_structure(member, scaling.n_labels) for member in members)
+            if structure is not None
+        ]
+        if len(structures) != len(members):
             raise ValueError(
                 "measure_visit_radial_velocities needs a model linear in its coefficients (Cannon)"
             )
@@ -110,8 +114,13 @@ class _VisitModel:
         table, basis, scaling = self.table, self.basis, self.scaling
         n_labels, n_terms = scaling.n_labels, self.n_terms
 
-        def stacked(active: np.ndarray) -> dict[str, np.ndarray]:
-            return {} if self.stack is None else {"level": level[active], "blend": blend[active]}
+        def stacked(active: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+            """The LSF-stack ``level`` and ``blend`` of the ``active`` spectra (None without a stack)."""
+            if self.stack is None:
+                return None, None
+            if level is None or blend is None:
+                raise ValueError("a model on an LSF stack needs the level and blend of every pixel")
+            return level[active], blend[active]
 
         def signal_at(active: np.ndarray, x: np.ndarray, s: np.ndarray) -> np.ndarray:
             design, derivative = basis(scaling.physical(x))  # (a, D), (a, D, K)
@@ -119,16 +128,24 @@ class _VisitModel:
             coefficients[:, 0, :-1] = design
             coefficients[:, 0, -1] = 1.0
             coefficients[:, 1:, :-1] = np.swapaxes(derivative, 1, 2) * scaling.width[None, :, None]
-            signal = table(position[active] - s[:, None], coefficients, **stacked(active))  # last: ∂m/∂u
+            level_rows, blend_rows = stacked(active)
+            signal = table(position[active] - s[:, None], coefficients, level=level_rows, blend=blend_rows)
+            # The last row is ∂m/∂u.
             signal[:, -1] *= -1.0  # ∂m/∂s = −∂m/∂u
             return signal
 
         def value_at(active: np.ndarray, x: np.ndarray, s: np.ndarray) -> np.ndarray:
             design, _ = basis(scaling.physical(x))
             coefficients = np.concatenate([design, np.ones((x.shape[0], 1))], axis=1)[:, None, :]
-            return table(position[active] - s[:, None], coefficients, derivative=False, **stacked(active))[
-                :, 0
-            ]
+            level_rows, blend_rows = stacked(active)
+            values = table(
+                position[active] - s[:, None],
+                coefficients,
+                derivative=False,
+                level=level_rows,
+                blend=blend_rows,
+            )
+            return values[:, 0]
 
         return signal_at, value_at
 

@@ -94,7 +94,7 @@ class Spectrum:
             wavelength=self.wavelength.copy(),
             flux=self.flux[index],
             ivar=self.ivar[index],
-            pixel_flags=self.pixel_flags[index],
+            pixel_flags=None if self.pixel_flags is None else self.pixel_flags[index],
             meta=meta,
             extras={k: v[index] for k, v in self.extras.items()},
         )
