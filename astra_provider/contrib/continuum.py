@@ -1,10 +1,10 @@
 """Sinusoidal pseudo-continuum normalisation as a task, and its output files.
 
 Each task reads one apStar file and normalises every row (stacks and visits) with
-:func:`astra_provider.science.continuum.continuum_normalize`, batched over the whole bundle. The bundle's
-normalised spectra go to **one FITS file per bundle**, one image row per spectrum row, written atomically;
-each task records one ``astra.continuum`` row per spectrum row and one output data product that says
-where its rows are (``docs/outputs.md``).
+:func:`astra_provider.science.continuum.common_grid.continuum_normalize`, batched over the whole bundle. The
+bundle's normalised spectra go to **one FITS file per bundle**, one image row per spectrum row, written
+atomically; each task records one ``astra.continuum`` row per spectrum row and one output data product that
+says where its rows are (``docs/outputs.md``).
 
 Output file ``{output_dir}/astraContinuum-{version}-{digest}.fits``, where ``digest`` hashes the ``task_id``
 and ``pk`` of every task in the file (so different parameters, versions, bundles or forced re-runs never

@@ -9,9 +9,9 @@ normalised files), a file format (:func:`read_continuum_pixel_file`, :func:`writ
 :func:`running_quantile_continuum`, a pre-normalisation that needs no continuum pixels.
 
 The package ships one set, :data:`DEMO_CONTINUUM_PIXELS_FILE`: the line-free pixels of the *synthetic
-quadratic* truth model (:class:`~astra_provider.synthetic.model.TruthModel`, seed 0). It is the default only
-where nothing better is given (the demo's quadratic model, Doppler's visit continuum); it says nothing about
-real spectra or other truths.
+quadratic* truth model (:class:`~astra_provider.synthetic.model.lines.TruthModel`, seed 0). It is the default
+only where nothing better is given (the demo's quadratic model, Doppler's visit continuum); it says nothing
+about real spectra or other truths.
 """
 
 from __future__ import annotations

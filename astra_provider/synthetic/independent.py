@@ -1,4 +1,4 @@
-"""A second APOGEE truth model, independent of :class:`~astra_provider.synthetic.model.TruthModel`.
+"""A second APOGEE truth model, independent of :class:`~astra_provider.synthetic.model.lines.TruthModel`.
 
 :class:`IndependentTruthModel` synthesises continuum-normalised spectra from its own line list
 (:mod:`~astra_provider.synthetic.independent_lines`: ten atomic species with Saha–Boltzmann strengths,
@@ -19,10 +19,10 @@ polynomial follows. Per star:
 It satisfies :class:`~astra_provider.synthetic.truth_model.ApogeeTruthModel`, so
 ``generate_survey(root, model=IndependentTruthModel.default())`` writes the same apStar and apVisit files
 (``astra synthetic-survey --truth-model independent``). Its Cramér–Rao bounds come from the same functions as
-the quadratic model's (:func:`~astra_provider.synthetic.model.crb_labels`,
-:func:`~astra_provider.synthetic.model.crb_rv`): the label derivatives are central finite differences of the
-noise-free model (steps :data:`LABEL_STEPS`; the truncation error is below 1e-4 relative) and the velocity
-derivative is the spectral derivative of the convolved spectrum, interpolated like the flux.
+the quadratic model's (:func:`~astra_provider.synthetic.model.bounds.crb_labels`,
+:func:`~astra_provider.synthetic.model.bounds.crb_rv`): the label derivatives are central finite differences
+of the noise-free model (steps :data:`LABEL_STEPS`; the truncation error is below 1e-4 relative) and the
+velocity derivative is the spectral derivative of the convolved spectrum, interpolated like the flux.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The physics of the independent truth model (:mod:`astra_provider.synthetic.independent`): its line list
 and how each line's strength and width follow from the labels (Teff, log g, [Fe/H]).
 
-Nothing here is derived from :class:`~astra_provider.synthetic.model.TruthModel`: the line list has its own
-recipe and its own random streams (``SeedSequence([INDEPENDENT_STREAM_TAG, seed])``). The label dependence is
-deliberately *not* polynomial; it is a cartoon of a stellar photosphere at 1.6 µm, with the right kind of
+Nothing here is derived from :class:`~astra_provider.synthetic.model.lines.TruthModel`: the line list has its
+own recipe and its own random streams (``SeedSequence([INDEPENDENT_STREAM_TAG, seed])``). The label dependence
+is deliberately *not* polynomial; it is a cartoon of a stellar photosphere at 1.6 µm, with the right kind of
 non-linearity rather than the right numbers:
 
 - **atmosphere proxies** per star, with θ = 5040/Teff: electron pressure

@@ -2,8 +2,8 @@
 
 :func:`~astra_provider.synthetic.survey.generate_survey` writes apStar and apVisit files from any object
 that satisfies this protocol (``generate_survey(root, model=...)``); the default is the quadratic line-list
-model :class:`~astra_provider.synthetic.model.TruthModel`. The generator adds everything else itself: the
-star's continuum, throughput, noise, bad pixels, stacks, the apVisit wavelength solutions, headers and the
+model :class:`~astra_provider.synthetic.model.lines.TruthModel`. The generator adds everything else itself:
+the star's continuum, throughput, noise, bad pixels, stacks, the apVisit wavelength solutions, headers and the
 truth table (one column per label name).
 
 How the survey uses a model:
@@ -17,7 +17,7 @@ How the survey uses a model:
 - **apVisit** (observed frame): ``normalized_flux`` of one star at rest on a fine grid (16 points per apStar
   pixel in ln λ, 400 apStar pixels beyond each end of the grid: about 15,017–17,093 Å), interpolated
   linearly to each visit's shifted wavelengths; with ``exact_visits=True`` it is evaluated at each visit's
-  observed wavelengths with ``rv_kms`` instead. (:class:`~astra_provider.synthetic.model.TruthModel`,
+  observed wavelengths with ``rv_kms`` instead. (:class:`~astra_provider.synthetic.model.lines.TruthModel`,
   exactly quadratic in its labels, takes a faster route to the same fine-grid flux.)
 - **intrinsic scatter**: :meth:`~ApogeeTruthModel.intrinsic_scatter` per apStar pixel, drawn once per
   star (the same field in every file of the star), unless the survey is asked for none.
@@ -83,7 +83,7 @@ class ApogeeTruthModel(Protocol):
 def make_truth_model(kind: str = "quadratic", seed: int = 0) -> ApogeeTruthModel:
     """The truth model called ``kind``, built from ``seed``.
 
-    - ``"quadratic"``: :class:`~astra_provider.synthetic.model.TruthModel` (Gaussian lines with depths
+    - ``"quadratic"``: :class:`~astra_provider.synthetic.model.lines.TruthModel` (Gaussian lines with depths
       exactly quadratic in the labels: its Cramér–Rao bound is exact for a quadratic Cannon; the shipped
       demo continuum pixels come from its seed 0);
     - ``"independent"``: :class:`~astra_provider.synthetic.independent.IndependentTruthModel` (its own

@@ -14,7 +14,7 @@ All functions take batch-first arrays ``(n_spectra, n_pixels)``; a single spectr
 too and gives back the same shape.
 
 Modules: :mod:`~astra_provider.science.continuum.basis` (the basis and the ridged solve),
-:mod:`~astra_provider.science.continuum.fit` (spectra on one grid: :func:`.fit_sinusoidal_continuum`,
+:mod:`~astra_provider.science.continuum.common_grid` (spectra on one grid: :func:`.fit_sinusoidal_continuum`,
 :func:`.continuum_normalize`), :mod:`~astra_provider.science.continuum.plan` (its cached design matrices,
 batched coefficients and evaluation), :mod:`~astra_provider.science.continuum.normalization`
 (:func:`.normalize`) and :mod:`~astra_provider.science.continuum.rows` (spectra each on their own
@@ -23,7 +23,7 @@ re-exported here; import them from ``astra_provider.science.continuum``.
 """
 
 from astra_provider.science.continuum.basis import RIDGE_FACTOR, sinusoid_basis
-from astra_provider.science.continuum.fit import (
+from astra_provider.science.continuum.common_grid import (
     CONTINUUM_PIXELS_FILE,
     ContinuumFitError,
     continuum_normalize,

@@ -1,5 +1,5 @@
 """The Sinusoidal basis ``[1, cos(2πkλ/L), sin(2πkλ/L)]`` and the ridged normal-equation solve shared by the
-fits on one grid (:mod:`~astra_provider.science.continuum.fit`) and on each spectrum's own wavelengths
+fits on one grid (:mod:`~astra_provider.science.continuum.common_grid`) and on each spectrum's own wavelengths
 (:mod:`~astra_provider.science.continuum.rows`)."""
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def solve_ridged(normal: np.ndarray, rhs: np.ndarray, failed: np.ndarray, ridge_
 def cos_sin(phase: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``cos(phase), sin(phase)`` in float64 to ~1e-15, ~4× faster than ``np.cos`` + ``np.sin`` (scalar libm).
 
-    Reduction to |r| ≤ π, a quarter angle (|r/4| ≤ π/4) by Taylor series to r^16 (truncation < 2e-17), then
-    two angle doublings.
+    Reduction to ``|r| ≤ π``, a quarter angle (``|r/4| ≤ π/4``) by Taylor series to ``r^16`` (truncation
+    < 2e-17), then two angle doublings.
     """
     quarter = np.rint(phase * (1.0 / (2.0 * np.pi)))
     quarter *= -2.0 * np.pi

@@ -62,7 +62,7 @@ class DopplerOptions:
     """Wavelength regions (Å, observed frame) of the pseudo-continuum of spectra on their own pixels
     (:func:`.measure_visit_radial_velocities`); each gets its own sinusoid series."""
     continuum_deg: int = 3
-    """Harmonics of that pseudo-continuum (:class:`~astra_provider.science.continuum.RowSinusoidBasis`)."""
+    """Harmonics of that pseudo-continuum (:class:`.RowSinusoidBasis`)."""
     continuum_length_scale: float = 1400.0
     """Fundamental period (Å) of those harmonics."""
     continuum_correction_deg: int | None = 2

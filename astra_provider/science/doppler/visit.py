@@ -59,13 +59,13 @@ def measure_visit_radial_velocities(
 
     The data are never resampled for the fit:
 
-    1. Pseudo-continuum (:class:`~astra_provider.science.continuum.RowSinusoidBasis`, the Sinusoidal model
-       of :func:`~astra_provider.science.continuum.fit_sinusoidal_continuum`) on the observed pixels nearest
-       to the rest-frame continuum pixels ``continuum_mask``, taking the spectrum at rest (clipped
-       asymmetrically with ``options.continuum_clip_iterations``); the normalised spectrum is resampled
-       linearly onto the model grid **for the cross-correlation only** (:func:`.cross_correlate`, templates
-       from :func:`.coarse_label_grid` of every model), which gives a starting velocity good to a fraction
-       of a pixel and the grid (model) whose template has the lowest χ².
+    1. Pseudo-continuum (:class:`.RowSinusoidBasis`, the Sinusoidal model of
+       :func:`.fit_sinusoidal_continuum`) on the observed pixels nearest to the rest-frame continuum pixels
+       ``continuum_mask``, taking the spectrum at rest (clipped asymmetrically with
+       ``options.continuum_clip_iterations``); the normalised spectrum is resampled linearly onto the model
+       grid **for the cross-correlation only** (:func:`.cross_correlate`, templates from
+       :func:`.coarse_label_grid` of every model), which gives a starting velocity good to a fraction of a
+       pixel and the grid (model) whose template has the lowest χ².
     2. The pseudo-continuum is fitted again, on the observed pixels whose rest-frame position at that
        velocity falls on a continuum pixel.
     3. Joint Gauss–Newton fit of (labels, v) with the model evaluated **at the observed pixels**: the
