@@ -6,6 +6,8 @@ depends on the fake-data code. Pixel masks and bad-pixel bits live in :mod:`astr
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from astra_provider.constants import SPEED_OF_LIGHT_KMS
@@ -14,12 +16,15 @@ __all__ = [
     "APOGEE_CDELT1",
     "APOGEE_CHIPS_PIXELS",
     "APOGEE_CRVAL1",
+    "APOGEE_LN_START",
+    "APOGEE_LN_STEP",
     "APOGEE_LSF_RESOLUTION",
     "APOGEE_NPIX",
     "APOGEE_REGIONS_AA",
     "VISIT_CHIPS_AA",
     "VISIT_CHIP_PIXELS",
     "apogee_detector_mask",
+    "apogee_pixel_coordinate",
     "apogee_wavelength",
     "velocity_per_pixel",
 ]
@@ -28,6 +33,10 @@ APOGEE_CRVAL1 = 4.179
 """log10 of the vacuum wavelength (Å) of apStar pixel 0."""
 APOGEE_CDELT1 = 6e-6
 """log10 wavelength step of one apStar pixel (4.14181 km/s)."""
+APOGEE_LN_STEP = APOGEE_CDELT1 * math.log(10.0)
+"""ln λ step of one apStar pixel, ``CDELT1·ln 10``."""
+APOGEE_LN_START = APOGEE_CRVAL1 * math.log(10.0)
+"""ln of the vacuum wavelength (Å) of apStar pixel 0."""
 APOGEE_NPIX = 8575
 """Pixels on the apStar / aspcapStar grid (15100.802 - 16999.807 Å)."""
 APOGEE_LSF_RESOLUTION = 22_500.0
@@ -52,6 +61,11 @@ VISIT_CHIP_PIXELS = 4096
 def apogee_wavelength() -> np.ndarray:
     """Vacuum wavelengths (Å) of the 8575 apStar pixels, ``10**(CRVAL1 + CDELT1·i)``."""
     return 10.0 ** (APOGEE_CRVAL1 + APOGEE_CDELT1 * np.arange(APOGEE_NPIX))
+
+
+def apogee_pixel_coordinate(wavelength: np.ndarray) -> np.ndarray:
+    """Position of each vacuum wavelength (Å) in apStar pixels of ln λ: ``(ln λ − ln λ_0) / Δ``."""
+    return (np.log(wavelength) - APOGEE_LN_START) / APOGEE_LN_STEP
 
 
 def apogee_detector_mask() -> np.ndarray:

@@ -15,10 +15,11 @@ import numpy as np
 
 from astra_provider.constants import SPEED_OF_LIGHT_KMS
 from astra_provider.sdss.apogee import (
-    APOGEE_CDELT1,
-    APOGEE_CRVAL1,
+    APOGEE_LN_START,
+    APOGEE_LN_STEP,
     APOGEE_NPIX,
     apogee_detector_mask,
+    apogee_pixel_coordinate,
     apogee_wavelength,
 )
 from astra_provider.synthetic.model import TruthModel, draw_continuum
@@ -27,8 +28,6 @@ from astra_provider.synthetic.truth_model import ApogeeTruthModel
 
 __all__ = ["FINE_OVERSAMPLE", "ApogeeFlux", "StarFlux", "fine_grid_wavelength", "star_continuum"]
 
-_LN_STEP = APOGEE_CDELT1 * math.log(10.0)  # ln-λ step of one apStar pixel
-_LN_START = APOGEE_CRVAL1 * math.log(10.0)
 FINE_OVERSAMPLE = 16
 """Points of the fine ln-λ grid per apStar pixel."""
 _FINE_MARGIN = 400  # apStar pixels beyond each end of the grid covered by the fine grid
@@ -40,12 +39,12 @@ _FINE_U = (
 
 def _u_of_wavelength(wavelength: np.ndarray) -> np.ndarray:
     """Position of ``wavelength`` (Å) in apStar pixels of ln λ (pixel i at u = i)."""
-    return (np.log(wavelength) - _LN_START) / _LN_STEP
+    return apogee_pixel_coordinate(wavelength)
 
 
 def fine_grid_wavelength() -> np.ndarray:
     """Vacuum wavelengths (Å) of the fine grid on which visit fluxes are interpolated (≈ 15,017–17,093 Å)."""
-    return np.exp(_LN_START + _LN_STEP * _FINE_U)
+    return np.exp(APOGEE_LN_START + APOGEE_LN_STEP * _FINE_U)
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,7 +138,7 @@ class ApogeeFlux:
         rv_kms: float,
     ) -> np.ndarray:
         """Normalised flux plus the star's scatter field at observed, ascending ``wavelength``."""
-        u_rest = _u_of_wavelength(wavelength) - math.log1p(rv_kms / SPEED_OF_LIGHT_KMS) / _LN_STEP
+        u_rest = _u_of_wavelength(wavelength) - math.log1p(rv_kms / SPEED_OF_LIGHT_KMS) / APOGEE_LN_STEP
         if self.exact_visits or fine_rest is None:
             flux = self.model.normalized_flux(labels[None], rv_kms, wavelength=wavelength)[0]
         else:

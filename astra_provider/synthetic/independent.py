@@ -37,7 +37,7 @@ import scipy.fft
 
 from astra_provider.constants import SPEED_OF_LIGHT_KMS
 from astra_provider.sdss.apogee import (
-    APOGEE_CDELT1,
+    APOGEE_LN_STEP,
     APOGEE_LSF_RESOLUTION,
     APOGEE_NPIX,
     apogee_detector_mask,
@@ -51,6 +51,7 @@ from astra_provider.synthetic.independent_lines import (
     star_physics,
     u_of_wavelength,
 )
+from astra_provider.synthetic.truth_model import broadcast_rv
 
 __all__ = ["FINE_OVERSAMPLE", "LABEL_STEPS", "IndependentTruthModel"]
 
@@ -64,7 +65,6 @@ _LINE_EDGE = 20  # lines are drawn at least this many apStar pixels inside the f
 _HALF_WINDOW = 48  # fine pixels on each side of a line centre (6 apStar pixels, 25 km/s)
 _BRACKETT_HALF_WINDOW = 400  # apStar pixels on each side of a Brackett line (its taper reaches 0 there)
 _CHUNK_ELEMENTS = 1_500_000  # (stars × lines × window) elements per synthesis chunk
-_LN_STEP = APOGEE_CDELT1 * math.log(10.0)
 
 
 def _lagrange_weights(position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +194,7 @@ class IndependentTruthModel:
                 :, _MARGIN * FINE_OVERSAMPLE : (_MARGIN + APOGEE_NPIX) * FINE_OVERSAMPLE : FINE_OVERSAMPLE
             ]
         u = np.arange(APOGEE_NPIX, dtype=float) if wavelength is None else u_of_wavelength(wavelength)
-        shift = np.log1p(rv / SPEED_OF_LIGHT_KMS) / _LN_STEP
+        shift = np.log1p(rv / SPEED_OF_LIGHT_KMS) / APOGEE_LN_STEP
         position = (u[None, :] - shift[:, None] + _MARGIN) * FINE_OVERSAMPLE
         if position.min() < 1 or position.max() > _N_FINE - 3:
             raise ValueError(
@@ -212,20 +212,11 @@ class IndependentTruthModel:
         (:func:`~astra_provider.synthetic.independent_lines.draw_independent_labels`)."""
         return draw_independent_labels(n, rng)
 
-    @staticmethod
-    def _broadcast_rv(rv_kms: float | np.ndarray | None, n: int) -> np.ndarray:
-        if rv_kms is None:
-            return np.zeros(n)
-        rv = np.broadcast_to(np.asarray(rv_kms, dtype=float), (n,)).copy()
-        if np.any(rv <= -SPEED_OF_LIGHT_KMS):
-            raise ValueError("rv_kms must be greater than −c")
-        return rv
-
     def _evaluate(self, labels, rv_kms, wavelength, derivative: bool) -> np.ndarray:
         labels = np.atleast_2d(np.asarray(labels, dtype=float))
         if labels.ndim != 2 or labels.shape[1] != 3:
             raise ValueError(f"labels must have shape (n, 3), got {labels.shape}")
-        rv = self._broadcast_rv(rv_kms, labels.shape[0])
+        rv = broadcast_rv(rv_kms, labels.shape[0])
         if wavelength is not None:
             wavelength = np.asarray(wavelength, dtype=float)
             if wavelength.ndim != 1 or np.any(np.diff(wavelength) <= 0):
@@ -261,7 +252,7 @@ class IndependentTruthModel:
         (:data:`LABEL_STEPS`)."""
         labels = np.atleast_2d(np.asarray(labels, dtype=float))
         n = labels.shape[0]
-        rv = self._broadcast_rv(rv_kms, n)
+        rv = broadcast_rv(rv_kms, n)
         steps = np.diag(LABEL_STEPS)
         shifted = np.concatenate([labels[:, None, :] + steps, labels[:, None, :] - steps], axis=1)
         flux = self.normalized_flux(shifted.reshape(-1, 3), np.repeat(rv, 6), wavelength)
@@ -276,9 +267,9 @@ class IndependentTruthModel:
     ) -> np.ndarray:
         """∂F/∂v per km/s, (n, P): the spectral u-derivative of the convolved spectrum, interpolated."""
         labels = np.atleast_2d(np.asarray(labels, dtype=float))
-        rv = self._broadcast_rv(rv_kms, labels.shape[0])
+        rv = broadcast_rv(rv_kms, labels.shape[0])
         d_flux_d_u = self._evaluate(labels, rv, wavelength, derivative=True)
-        return -d_flux_d_u / ((SPEED_OF_LIGHT_KMS + rv) * _LN_STEP)[:, None]
+        return -d_flux_d_u / ((SPEED_OF_LIGHT_KMS + rv) * APOGEE_LN_STEP)[:, None]
 
     def intrinsic_scatter(self) -> np.ndarray | None:
         """``scatter`` on every detector pixel (8575,), or ``None`` when the model has none."""

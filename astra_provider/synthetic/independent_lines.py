@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from astra_provider.sdss.apogee import APOGEE_CDELT1, APOGEE_CRVAL1
+from astra_provider.sdss.apogee import apogee_pixel_coordinate
 
 __all__ = [
     "BRACKETT_UPPER_LEVELS",
@@ -77,8 +77,6 @@ _CO_DISSOCIATION_EV = 11.09
 _CO_ROTATION_K = 2.77  # B/k of CO
 _CO_VIBRATION_EV = 0.266  # vibrational quantum of CO (lower level v'' of band k is k)
 _BRACKETT_EXCITATION_EV = 12.75  # n = 4 of hydrogen
-_LN_STEP = APOGEE_CDELT1 * math.log(10.0)
-_LN_START = APOGEE_CRVAL1 * math.log(10.0)
 
 
 def brackett_wavelengths() -> np.ndarray:
@@ -287,4 +285,4 @@ def brackett_optical_depths(physics: StarPhysics) -> tuple[np.ndarray, np.ndarra
 
 def u_of_wavelength(wavelength: np.ndarray) -> np.ndarray:
     """Position (apStar pixel units of ln λ) of vacuum wavelengths in Å."""
-    return (np.log(np.asarray(wavelength, dtype=float)) - _LN_START) / _LN_STEP
+    return apogee_pixel_coordinate(np.asarray(wavelength, dtype=float))

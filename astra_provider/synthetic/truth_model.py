@@ -30,7 +30,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["TRUTH_MODEL_KINDS", "ApogeeTruthModel", "make_truth_model", "truth_model_from_survey"]
+from astra_provider.constants import SPEED_OF_LIGHT_KMS
+
+__all__ = [
+    "TRUTH_MODEL_KINDS",
+    "ApogeeTruthModel",
+    "broadcast_rv",
+    "make_truth_model",
+    "truth_model_from_survey",
+]
 
 TRUTH_MODEL_KINDS = ("quadratic", "independent")
 """Names of the truth models of :func:`make_truth_model` (``astra synthetic-survey --truth-model``)."""
@@ -111,3 +119,16 @@ def truth_model_from_survey(parameters: dict[str, Any]) -> ApogeeTruthModel:
     return make_truth_model(
         str(parameters.get("truth_model", "quadratic")), int(parameters.get("model_seed", 0))
     )
+
+
+def broadcast_rv(rv_kms: float | np.ndarray | None, n: int) -> np.ndarray:
+    """Velocities (n,) km/s from a scalar, an (n,) array or None (at rest).
+
+    :raises ValueError: for a velocity at or below −c.
+    """
+    if rv_kms is None:
+        return np.zeros(n)
+    rv = np.broadcast_to(np.asarray(rv_kms, dtype=float), (n,)).copy()
+    if np.any(rv <= -SPEED_OF_LIGHT_KMS):
+        raise ValueError("rv_kms must be greater than −c")
+    return rv

@@ -17,6 +17,7 @@ import numpy as np
 from astra_provider.constants import SPEED_OF_LIGHT_KMS
 from astra_provider.sdss.apogee import (
     APOGEE_CHIPS_PIXELS,
+    APOGEE_LN_STEP,
     APOGEE_LSF_RESOLUTION,
     APOGEE_NPIX,
     apogee_detector_mask,
@@ -31,11 +32,11 @@ from astra_provider.synthetic.model.labels import (
     quadratic_label_vector_derivative,
 )
 from astra_provider.synthetic.model.profiles import (
-    LN_STEP,
     doppler_offset_pixels,
     pixel_coordinate,
     sum_line_profiles,
 )
+from astra_provider.synthetic.truth_model import broadcast_rv
 
 __all__ = ["C_KMS", "TruthModel", "derive_continuum_pixels"]
 
@@ -179,15 +180,6 @@ class TruthModel:
         theta.setflags(write=False)
         return theta
 
-    @staticmethod
-    def _broadcast_rv(rv_kms: float | np.ndarray | None, n: int) -> np.ndarray:
-        if rv_kms is None:
-            return np.zeros(n)
-        rv = np.broadcast_to(np.asarray(rv_kms, dtype=float), (n,)).copy()
-        if np.any(rv <= -C_KMS):
-            raise ValueError("rv_kms must be greater than −c")
-        return rv
-
     def normalized_flux(
         self,
         labels: np.ndarray,
@@ -199,7 +191,7 @@ class TruthModel:
         ``wavelength`` defaults to the apStar grid; any strictly increasing vacuum grid (Å) is accepted.
         """
         labels = np.atleast_2d(np.asarray(labels, dtype=float))
-        rv = self._broadcast_rv(rv_kms, labels.shape[0])
+        rv = broadcast_rv(rv_kms, labels.shape[0])
         if wavelength is None and not np.any(rv):
             return self.label_vector(labels) @ self.theta.T
         depths = self.line_depths(labels)[..., None]
@@ -215,7 +207,7 @@ class TruthModel:
     ) -> np.ndarray:
         """∂F/∂ℓ in physical label units (per K, per dex), (n, P, 3)."""
         labels = np.atleast_2d(np.asarray(labels, dtype=float))
-        rv = self._broadcast_rv(rv_kms, labels.shape[0])
+        rv = broadcast_rv(rv_kms, labels.shape[0])
         if wavelength is None and not np.any(rv):
             dv = quadratic_label_vector_derivative(self.scaled_labels(labels)) / self.label_scales
             n, d, k = dv.shape
@@ -233,12 +225,12 @@ class TruthModel:
     ) -> np.ndarray:
         """∂F/∂v per km/s, (n, P)."""
         labels = np.atleast_2d(np.asarray(labels, dtype=float))
-        rv = self._broadcast_rv(rv_kms, labels.shape[0])
+        rv = broadcast_rv(rv_kms, labels.shape[0])
         depths = self.line_depths(labels)[..., None]
         d_profile_d_shift = self._sum_line_profiles(
             depths, doppler_offset_pixels(rv), pixel_coordinate(wavelength), derivative=True
         )[..., 0]
-        d_shift_d_v = 1.0 / ((C_KMS + rv) * LN_STEP)
+        d_shift_d_v = 1.0 / ((C_KMS + rv) * APOGEE_LN_STEP)
         return -d_profile_d_shift * d_shift_d_v[:, None]
 
     # ---- the survey's protocol (astra_provider.synthetic.truth_model.ApogeeTruthModel) --------------------

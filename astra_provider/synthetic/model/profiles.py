@@ -12,13 +12,9 @@ import math
 import numpy as np
 
 from astra_provider.constants import SPEED_OF_LIGHT_KMS
-from astra_provider.sdss.apogee import APOGEE_CDELT1, APOGEE_CRVAL1, APOGEE_NPIX
+from astra_provider.sdss.apogee import APOGEE_LN_STEP, APOGEE_NPIX, apogee_pixel_coordinate
 
-__all__ = ["LN_STEP", "doppler_offset_pixels", "pixel_coordinate", "sum_line_profiles"]
-
-LN_STEP = APOGEE_CDELT1 * math.log(10.0)
-"""The ln-λ step of one apStar pixel, Δ."""
-_LN_START = APOGEE_CRVAL1 * math.log(10.0)
+__all__ = ["doppler_offset_pixels", "pixel_coordinate", "sum_line_profiles"]
 
 _HALF_WINDOW_SIGMA = 7.0  # lines are evaluated within ≥ ±7σ (exp(−24.5) ≈ 2e-11 of their depth is dropped)
 _CHUNK_ELEMENTS = 3_000_000  # (spectra × lines × window) elements per evaluation chunk
@@ -34,12 +30,12 @@ def pixel_coordinate(wavelength: np.ndarray | None) -> np.ndarray | None:
     wavelength = np.asarray(wavelength, dtype=float)
     if wavelength.ndim != 1 or np.any(np.diff(wavelength) <= 0):
         raise ValueError("wavelength must be a strictly increasing 1-D array")
-    return (np.log(wavelength) - _LN_START) / LN_STEP
+    return apogee_pixel_coordinate(wavelength)
 
 
 def doppler_offset_pixels(rv_kms: np.ndarray) -> np.ndarray:
     """Shift of the spectrum in apStar pixels for velocities ``rv_kms``: ``ln(1 + v/c) / Δ``."""
-    return np.log1p(rv_kms / SPEED_OF_LIGHT_KMS) / LN_STEP
+    return np.log1p(rv_kms / SPEED_OF_LIGHT_KMS) / APOGEE_LN_STEP
 
 
 def _line_windows(
