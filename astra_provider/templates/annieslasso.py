@@ -90,6 +90,40 @@ def cannon_model_from_state(
     :returns: the model; ``metadata["wavelength_medium"]`` is ``"vacuum"``.
     :raises ValueError: if ``state`` is not a trained polynomial AnniesLasso model.
     """
+    theta, s2, dispersion, training_labels, source_names, names, terms = _checked_state(state)
+    in_vacuum = bool(state.get("wavevac", False))
+    wavelength = dispersion if in_vacuum else air_to_vacuum(dispersion, formula)
+    offsets, scales = annieslasso_label_scaling(training_labels)
+    labels64 = training_labels.astype(np.float64)
+    metadata = _conversion_metadata(state, provenance, formula, in_vacuum, source_names, names, terms)
+    finite = np.all(np.isfinite(theta), axis=1) & np.isfinite(s2)
+    theta = np.where(finite[:, None], theta, np.eye(1, theta.shape[1])[0])
+    return CannonModel(
+        label_names=names,
+        terms=tuple(terms),
+        offsets=offsets,
+        scales=scales,
+        theta=theta,
+        s2=np.where(finite, s2, 0.0),
+        wavelength=wavelength,
+        pixel_mask=~finite,
+        training_label_min=labels64.min(axis=0),
+        training_label_max=labels64.max(axis=0),
+        training_label_percentiles=np.percentile(labels64, PERCENTILE_LEVELS, axis=0),
+        n_training=int(training_labels.shape[0]),
+        regularization=float(np.asarray(state.get("regularization") or 0.0).ravel()[0]),
+        metadata=metadata,
+    )
+
+
+def _checked_state(
+    state: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...], list[str]]:
+    """``theta``, ``s2``, ``dispersion``, the training labels, the source's and the project's label names and
+    the terms of an AnniesLasso model dict, checked.
+
+    :raises ValueError: if ``state`` is not a trained polynomial AnniesLasso model.
+    """
     if not isinstance(state, Mapping):
         raise ValueError(f"not an AnniesLasso Cannon model: the pickle holds a {type(state).__name__}")
     theta = np.asarray(_require(state, "theta"), dtype=np.float64)
@@ -115,15 +149,23 @@ def cannon_model_from_state(
         raise ValueError(f"training_set_labels has shape {training_labels.shape}, expected (N, {len(names)})")
     if np.any(np.diff(dispersion) <= 0):
         raise ValueError("dispersion is not strictly increasing")
+    return theta, s2, dispersion, training_labels, source_names, names, terms
 
-    in_vacuum = bool(state.get("wavevac", False))
-    wavelength = dispersion if in_vacuum else air_to_vacuum(dispersion, formula)
-    offsets, scales = annieslasso_label_scaling(training_labels)
-    labels64 = training_labels.astype(np.float64)
+
+def _conversion_metadata(
+    state: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None,
+    formula: Formula,
+    in_vacuum: bool,
+    source_names: tuple[str, ...],
+    names: tuple[str, ...],
+    terms: list[str],
+) -> dict[str, Any]:
+    """The converted model's ``metadata``: provenance, wavelength medium and the source model's details."""
     degree = _degree(terms)
     source_metadata = dict(state.get("metadata") or {})
     source_fwhm = state.get("fwhm")
-    metadata: dict[str, Any] = {
+    return {
         **dict(provenance or {}),
         "wavelength_medium": "vacuum",
         "source_wavelength_medium": "vacuum" if in_vacuum else "air",
@@ -144,24 +186,6 @@ def cannon_model_from_state(
             "is_full_polynomial": terms == polynomial_terms(names, order=degree),
         },
     }
-    finite = np.all(np.isfinite(theta), axis=1) & np.isfinite(s2)
-    theta = np.where(finite[:, None], theta, np.eye(1, theta.shape[1])[0])
-    return CannonModel(
-        label_names=names,
-        terms=tuple(terms),
-        offsets=offsets,
-        scales=scales,
-        theta=theta,
-        s2=np.where(finite, s2, 0.0),
-        wavelength=wavelength,
-        pixel_mask=~finite,
-        training_label_min=labels64.min(axis=0),
-        training_label_max=labels64.max(axis=0),
-        training_label_percentiles=np.percentile(labels64, PERCENTILE_LEVELS, axis=0),
-        n_training=int(training_labels.shape[0]),
-        regularization=float(np.asarray(state.get("regularization") or 0.0).ravel()[0]),
-        metadata=metadata,
-    )
 
 
 def _degree(terms: list[str]) -> int:
