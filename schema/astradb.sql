@@ -33,6 +33,17 @@ CREATE TABLE astra.data_product (
 	UNIQUE (kwargs_hash, release, filetype)
 );
 
+CREATE TABLE astra.lease (
+	pk BIGSERIAL NOT NULL,
+	owner TEXT NOT NULL,
+	host TEXT NOT NULL,
+	pid INTEGER NOT NULL,
+	created TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	renewed TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	expires TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (pk)
+);
+
 CREATE TABLE astra.output_interface (
 	pk BIGSERIAL NOT NULL,
 	table_name TEXT NOT NULL,
@@ -94,16 +105,19 @@ CREATE TABLE astra.task (
 	result JSONB,
 	output_pk BIGINT,
 	bundle_pk BIGINT,
+	claim SMALLINT,
+	lease_pk BIGINT,
 	PRIMARY KEY (pk),
 	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE SET NULL,
-	FOREIGN KEY(bundle_pk) REFERENCES astra.bundle (pk) ON DELETE SET NULL
+	FOREIGN KEY(bundle_pk) REFERENCES astra.bundle (pk) ON DELETE SET NULL,
+	FOREIGN KEY(lease_pk) REFERENCES astra.lease (pk) ON DELETE SET NULL
 );
 
 CREATE INDEX ix_astra_task_bundle_pk ON astra.task (bundle_pk);
 
 CREATE INDEX ix_astra_task_output_pk ON astra.task (output_pk);
 
-CREATE INDEX ix_task_task_id ON astra.task (task_id);
+CREATE UNIQUE INDEX ux_task_claim ON astra.task (task_id, version, claim);
 
 CREATE TABLE astra.continuum (
 	row_index INTEGER NOT NULL,

@@ -52,7 +52,7 @@ def test_a_bundle_of_100_kb_values_is_recorded_and_found_again(astra_db):
             )
         ).all()
         links = session.scalar(select(func.count()).select_from(TaskParameter))
-    assert len(rows) == 3 and links == 3 * 2
+    assert len(rows) == 3 and links == 3 * (2 + 2)  # lines, scale and the two version parameters
     for value, value_hash in rows:
         assert len(value) == 100_002  # the JSON string: quotes around 100,000 characters
         assert value_hash == hashlib.sha256(value.encode()).hexdigest()
@@ -103,6 +103,7 @@ def test_an_old_postgresql_database_is_refused_then_upgraded_by_the_documented_s
         # The documented upgrade, as psql would run it (its own begin; ... commit;).
         with old.execution_options(isolation_level="AUTOCOMMIT").connect() as connection:
             connection.exec_driver_sql(_documented_upgrade_sql())
+        database.init_database(url)  # then `astra initdb`, as documented: the tables of this version
         database.configure(url)
         with session_scope() as session:
             pk = session.scalar(select(ParameterRow.pk).where(ParameterRow.parameter_name == "scale"))
