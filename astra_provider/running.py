@@ -140,7 +140,11 @@ class Execution:
             recorder.persist([i for i in pending if i.failed], [], [], {})
             active = [item for item in pending if not item.failed]
             for number, start in enumerate(range(0, len(active), self.chunk_size), start=1):
-                chunk = active[start : start + self.chunk_size]
+                if recorder.lease.lapsed():  # frozen or cut off for longer than the lease: still ours?
+                    recorder.drop_lost(active[start:])
+                chunk = [item for item in active[start : start + self.chunk_size] if not item.lost]
+                if not chunk:
+                    continue
                 if len(active) > len(chunk):
                     log.log(self._level, "%s: chunk %d (%d task(s))", self.name, number, len(chunk))
                 instance._scope = chunk

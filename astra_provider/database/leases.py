@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -177,6 +178,8 @@ class ProcessLease:
         self.pid = os.getpid()
         self.seconds = lease_seconds()
         self.pk: int | None = None
+        self._renewed_at = 0.0  # time.monotonic() of the last renewal
+        self._lapsed = False
         self._heartbeat = heartbeat
         self._holders = 0
         self._lock = threading.Lock()
@@ -211,6 +214,20 @@ class ProcessLease:
         from astra_provider.database.retry import run_transaction
 
         run_transaction(self._renew, url=self.url, description="renewing this process's lease")
+        self._renewed()
+
+    def _renewed(self) -> None:
+        now = time.monotonic()
+        if self._renewed_at and now - self._renewed_at > self.seconds:
+            self._lapsed = True
+        self._renewed_at = now
+
+    def lapsed(self) -> bool:
+        """Whether the lease may have expired since the last call (no renewal for longer than the lease):
+        then another run may have taken this process's tasks over."""
+        lapsed = self._lapsed or time.monotonic() - self._renewed_at > self.seconds
+        self._lapsed = False
+        return lapsed
 
     def _renew(self, session: Session) -> None:
         if self.pk is not None:
@@ -241,6 +258,7 @@ class ProcessLease:
             try:
                 with session_scope(self.url) as session:
                     self._renew(session)
+                self._renewed()
             except Exception as error:  # the next beat tries again; recording checks ownership
                 log.warning("astra: could not renew the lease %s: %s", self.owner, error)
 

@@ -533,6 +533,13 @@ class Recorder:
         for item, row in zip(items, rows, strict=True):
             item.task.__dict__.update(row, modified=now)
 
+    def drop_lost(self, items: Sequence[TaskItem]) -> None:
+        """Mark ``lost`` the tasks of ``items`` that another run took over (this process's lease lapsed), so
+        that they are not run here again; one query."""
+        items = [item for item in items if item.runnable and item.task is not None]
+        if items:
+            self._sort_out_ownership(items)
+
     def _sort_out_ownership(self, items: list[TaskItem]) -> list[TaskItem]:
         """After a chunk found some tasks not running under this lease: mark the ones another run took over
         ``lost``, the ones an earlier attempt recorded ``recorded``; return the ones still to record."""
