@@ -95,23 +95,30 @@ class Execution:
         for item in items:
             item.reset()
         with _verbose_logging(self.verbose), self.recorder.lease.hold():
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            to_claim: Sequence[TaskItem] = items
-            while True:
-                if to_claim:
-                    self.recorder.record(to_claim, force=self.force)
-                    self._report_claims(to_claim)
-                    claimed = [item for item in to_claim if item.runnable]
-                    if claimed:
-                        self._run(claimed)
-                held = [item for item in items if item.elsewhere]
-                if not held or self.timeout == 0:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    log.warning("%s: stopped waiting for %d task(s) held elsewhere", self.name, len(held))
-                    break
-                time.sleep(min(2.0, self.recorder.lease.seconds / 4))
-                to_claim = self.recorder.refresh_held(held)
+            try:
+                self._rounds(items)
+            finally:
+                self.recorder.release()
+
+    def _rounds(self, items: list[TaskItem]) -> None:
+        """Claim and run; with ``wait``, again for the tasks held elsewhere until none is left."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        to_claim: Sequence[TaskItem] = items
+        while True:
+            if to_claim:
+                self.recorder.record(to_claim, force=self.force)
+                self._report_claims(to_claim)
+                claimed = [item for item in to_claim if item.runnable]
+                if claimed:
+                    self._run(claimed)
+            held = [item for item in items if item.elsewhere]
+            if not held or self.timeout == 0:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                log.warning("%s: stopped waiting for %d task(s) held elsewhere", self.name, len(held))
+                break
+            time.sleep(min(2.0, self.recorder.lease.seconds / 4))
+            to_claim = self.recorder.refresh_held(held)
 
     def _report_claims(self, items: Sequence[TaskItem]) -> None:
         done = sum(item.already_done for item in items)

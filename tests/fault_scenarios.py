@@ -121,7 +121,7 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> list[dict[str, An
 
 def kill(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    process.communicate(timeout=60)  # reaped (not a zombie), its pipes closed
 
 
 # What the database holds ------------------------------------------------------------------------------

@@ -178,6 +178,8 @@ class ProcessLease:
         self.pid = os.getpid()
         self.seconds = lease_seconds()
         self.pk: int | None = None
+        self.in_flight: set[int] = set()
+        """Pks of the tasks that executions of this process have claimed and not recorded yet."""
         self._renewed_at = 0.0  # time.monotonic() of the last renewal
         self._lapsed = False
         self._heartbeat = heartbeat

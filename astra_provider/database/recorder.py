@@ -160,6 +160,7 @@ class Recorder:
         self.lease = process_lease(self.url)
         self.bundle: Bundle | None = None
         """The bundle row of the first tasks this run inserted (None for fewer than two)."""
+        self._claimed: set[int] = set()
         self._version_pairs = [
             (k, encode_parameter_value(v)) for k, v in version_parameters(__version__).items()
         ]
@@ -183,6 +184,14 @@ class Recorder:
                 lambda session: self._record(session, items, force, inserted_before), description
             )
         self.bundle = self.bundle or bundle
+        claimed = {item.task.pk for item in items if item.runnable}
+        self._claimed |= claimed
+        self.lease.in_flight |= claimed
+
+    def release(self) -> None:
+        """Forget this run's claims in the process (its execution ended, recorded or not)."""
+        self.lease.in_flight -= self._claimed
+        self._claimed = set()
 
     def _record(
         self, session: Session, items: list[TaskItem], force: bool, inserted_before: set[int]
@@ -281,10 +290,14 @@ class Recorder:
                 twin.__dict__["_parameters"] = item.parameters
             elif holder is not None and not force:
                 state = states.get(holder.lease_pk)
-                if state is not None and not state.stale:
+                mine = holder.lease_pk == self.lease.pk
+                if mine and holder.pk not in self.lease.in_flight:  # left by an execution that failed
+                    stale[holder.pk] = f"lease {self.lease.owner} (left by an earlier execution)"
+                elif state is not None and not state.stale:
                     item.task, item.elsewhere = holder, state.owner
                     continue
-                stale[holder.pk] = state.describe() if state is not None else None
+                else:
+                    stale[holder.pk] = state.describe() if state is not None else None
                 new_items.append((item, tid, parameters))
             else:
                 new_items.append((item, tid, parameters))

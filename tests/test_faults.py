@@ -1,0 +1,429 @@
+"""The task lifecycle under faults (issue #12), on SQLite and on real PostgreSQL servers.
+
+Each test reproduces a fault of the issue and asserts the outcome in the database and on disk: after the
+fault and a re-run, every task is COMPLETED exactly once, with exactly one result row and one recorded output
+file that exists and is complete, and nothing stays RUNNING; executions (logged by the task itself) exceed
+the number of tasks by at most the chunk in flight of a killed process. Workers and faults are in
+``fault_scenarios``; ``bench/bench_faults.py`` runs the heavy variants (8 processes x 5 bundles x 2,000
+tasks, kill -9 of 20,000 tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fault_scenarios import (
+    CommitCutter,
+    PostgresControl,
+    bundle_instance,
+    check_exactly_once,
+    count_completed,
+    executions,
+    finish,
+    kill,
+    outcome,
+    start_worker,
+    worker_environment,
+)
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+
+from astra_provider import database
+from astra_provider.database import session_scope
+from astra_provider.database.astradb import Status, Task
+from astra_provider.database.leases import LEASE_STAGE, recover_stale_tasks, task_status
+from astra_provider.database.retry import DatabaseUnavailableError, run_transaction
+from astra_provider.devtools import create_database, temporary_postgres
+
+CHUNK = 10
+
+
+def wait_for(condition, timeout: float = 300, what: str = "condition"):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def completed_at_least(url: str, n: int, process: subprocess.Popen) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"the worker ended early: {process.communicate()}")
+    try:
+        return count_completed(url) >= n
+    except Exception:  # the SQLite file or the tables are not there yet
+        return False
+
+
+def spec(tmp_path: Path, bundles: list[str], size: int, **extra) -> dict:  # noqa: ANN003
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return {
+        "bundles": bundles,
+        "size": size,
+        "output_dir": str(tmp_path / "out"),
+        "log_path": str(tmp_path / "executions.log"),
+        "chunk_size": CHUNK,
+        **extra,
+    }
+
+
+# Killed mid-bundle ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("then", ["rerun", "recover"])
+def test_kill_9_mid_bundle_loses_at_most_the_chunk_in_flight(astra_db, tmp_path, then):
+    n = 60
+    worker = start_worker(astra_db, spec(tmp_path, ["A"], n), FAULT_TASK_DELAY=0.05)
+    wait_for(lambda: completed_at_least(astra_db, 2 * CHUNK, worker), what="two recorded chunks")
+    kill(worker)
+
+    # Each chunk was recorded whole; the others are RUNNING, under a lease whose process is gone: stale.
+    found = outcome(astra_db)
+    completed = sum(s[Status.COMPLETED] for s in found["statuses"].values())
+    running = sum(s[Status.RUNNING] for s in found["statuses"].values())
+    assert completed % CHUNK == 0 and completed >= 2 * CHUNK and completed + running == n
+    report = run_transaction(task_status)
+    assert report["stale"] == running and report["live"] == 0
+    assert report["oldest_stale_lease"]["reason"] == "process gone"
+    assert all(Path(paths[0]).exists() for paths in found["outputs"].values())  # recorded outputs exist
+
+    if then == "recover":  # astra recover marks them failed, and is idempotent
+        recovered = run_transaction(recover_stale_tasks)
+        assert recovered["recovered"] == running
+        assert run_transaction(recover_stale_tasks)["recovered"] == 0
+        assert run_transaction(task_status)["stale"] == 0
+
+    rerun = bundle_instance("A", n, tmp_path / "out", tmp_path / "executions.log")
+    rerun.execute(chunk_size=CHUNK)
+    assert rerun.summary()["skipped"] == completed and rerun.summary()["completed"] == n - completed
+    check_exactly_once(astra_db, n)
+    runs = executions(tmp_path / "executions.log")
+    assert len(runs) == n and sum(runs.values()) <= n + CHUNK  # at most the chunk in flight, again
+    with session_scope() as session:  # the stale rows say what happened to them
+        stale = session.execute(
+            select(Task.error_stage, Task.error_message).where(Task.status_code == 3)
+        ).all()
+    assert len(stale) == running
+    assert {stage for stage, _ in stale} == {LEASE_STAGE}
+    assert all("stopped without recording it" in message for _, message in stale)
+    assert run_transaction(task_status)["stale"] == 0
+
+
+def test_a_frozen_run_loses_its_claims_and_records_nothing_of_them(astra_db, tmp_path):
+    """A run stopped (SIGSTOP) for longer than its lease: another run takes its tasks over; when it
+    resumes, it records none of them (no second result row, no output record), and stops running them."""
+    n = 60
+    worker = start_worker(astra_db, spec(tmp_path, ["A"], n), FAULT_TASK_DELAY=0.05, ASTRA_LEASE_SECONDS=2)
+    wait_for(lambda: completed_at_least(astra_db, CHUNK, worker), what="a recorded chunk")
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3)  # the lease (2 s) expires
+        os.environ["ASTRA_LEASE_SECONDS"] = "2"
+        takeover = bundle_instance("A", n, tmp_path / "out", tmp_path / "executions.log")
+        takeover.execute(chunk_size=CHUNK)
+    finally:
+        os.environ.pop("ASTRA_LEASE_SECONDS", None)
+        worker.send_signal(signal.SIGCONT)
+    [frozen] = finish(worker)
+    assert takeover.summary()["completed"] + takeover.summary()["skipped"] == n
+    assert frozen["elsewhere"] > 0  # its claims were lost: not recorded by it
+    assert frozen["completed"] + frozen["elsewhere"] == n
+    check_exactly_once(astra_db, n)
+    runs = executions(tmp_path / "executions.log")
+    assert sum(runs.values()) <= n + CHUNK  # the frozen run stopped running the tasks it lost
+
+
+# PostgreSQL stopped ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_server():
+    """A PostgreSQL server for the tests that stop it, with its control."""
+    with temporary_postgres(max_connections=50) as admin_url:
+        yield admin_url, PostgresControl(admin_url)
+    database.dispose_engines()
+
+
+@pytest.fixture
+def own_database(own_server, tmp_path):
+    admin_url, control = own_server
+    url = create_database(admin_url, f"faults_{random.randrange(10**9)}")
+    database.init_database(url)
+    database.configure(url)
+    try:
+        yield url, control
+    finally:
+        database.configure(None)
+        database.dispose_engines()
+
+
+def test_postgresql_stopped_mid_bundle_is_waited_for(own_database, tmp_path):
+    url, control = own_database
+    n = 60
+    worker = start_worker(url, spec(tmp_path, ["A"], n), FAULT_TASK_DELAY=0.05)
+    wait_for(lambda: completed_at_least(url, CHUNK, worker), what="a recorded chunk")
+    control.stop()
+    time.sleep(3)  # chunks finish meanwhile: their recording is retried with backoff
+    control.start()
+    [summary] = finish(worker)
+    assert summary["completed"] == n
+    check_exactly_once(url, n)
+    assert sum(executions(tmp_path / "executions.log").values()) == n  # nothing ran twice
+
+
+@pytest.mark.parametrize("mode", ["after", "stop"])
+def test_postgresql_lost_at_the_commit_of_a_chunk(own_database, tmp_path, mode):
+    """``after``: the server commits a chunk but the connection is cut before the client hears of it;
+    ``stop``: the server stops at the instant the client commits (and starts again 3 s later)."""
+    url, control = own_database
+    n = 50
+    cutter = CommitCutter(url)
+    try:
+        if mode == "after":
+            cutter.arm("after", after=2)
+        else:
+            cutter.arm(
+                "stop", after=2, on_cut=lambda: (control.stop(), threading.Timer(3, control.start).start())
+            )
+        worker = start_worker(cutter.url, spec(tmp_path, ["A"], n), FAULT_TASK_DELAY=0.01)
+        [summary] = finish(worker)
+    finally:
+        cutter.close()
+    assert cutter.cuts == 1
+    assert summary["completed"] == n and summary["failed"] == 0
+    check_exactly_once(url, n)
+    assert sum(executions(tmp_path / "executions.log").values()) == n
+
+
+def test_postgresql_down_for_good_is_a_clear_error_and_a_rerun_recovers(own_database, tmp_path, monkeypatch):
+    """The server stops mid-bundle and stays down longer than the retry budget: a DatabaseUnavailableError
+    names the database and the budget; the tasks not recorded stay RUNNING, and a later run in the same
+    process takes them over."""
+    url, control = own_database
+    n = 30
+    monkeypatch.setenv("ASTRA_DB_RETRY_SECONDS", "2")
+    monkeypatch.setenv("FAULT_TASK_DELAY", "0.05")
+    (tmp_path / "out").mkdir()
+    instance = bundle_instance("A", n, tmp_path / "out", tmp_path / "executions.log")
+    stopper = threading.Timer(0.7, control.stop)
+    stopper.start()
+    try:
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            instance.execute(chunk_size=CHUNK)
+    finally:
+        stopper.join()
+        control.start()
+    message = str(raised.value)
+    assert make_url(url).database in message and "ASTRA_DB_RETRY_SECONDS=2" in message
+    assert "***" not in message or make_url(url).password is None
+    monkeypatch.setenv("FAULT_TASK_DELAY", "0")
+    rerun = bundle_instance("A", n, tmp_path / "out", tmp_path / "executions.log")
+    rerun.execute(chunk_size=CHUNK)
+    assert rerun.summary()["completed"] + rerun.summary()["skipped"] == n
+    check_exactly_once(url, n)
+
+
+# Overlapping runs ----------------------------------------------------------------------------------------
+
+
+def test_eight_overlapping_processes_execute_each_task_once(astra_db, tmp_path):
+    size, names = 30, ["A", "B", "C", "D", "E"]
+    go = tmp_path / "go"
+    workers = []
+    for i in range(8):
+        order = names[i % 5 :] + names[: i % 5]  # every process runs every bundle, starting elsewhere
+        workers.append(
+            start_worker(astra_db, spec(tmp_path, order, size, go=str(go)), FAULT_TASK_DELAY=0.005)
+        )
+    go.touch()
+    summaries = [summary for worker in workers for summary in finish(worker)]
+    assert len(summaries) == 8 * 5
+    assert sum(s["completed"] for s in summaries) == size * len(names)  # each task completed by one of them
+    assert all(s["failed"] == 0 for s in summaries)
+    check_exactly_once(astra_db, size * len(names))
+    runs = executions(tmp_path / "executions.log")
+    assert len(runs) == size * len(names) and sum(runs.values()) == size * len(names)
+
+
+def test_overlapping_runs_that_wait_all_get_every_result(astra_db, tmp_path):
+    go = tmp_path / "go"
+    workers = [
+        start_worker(astra_db, spec(tmp_path, ["A"], 40, go=str(go), wait=True), FAULT_TASK_DELAY=0.01)
+        for _ in range(4)
+    ]
+    go.touch()
+    summaries = [summary for worker in workers for summary in finish(worker)]
+    assert all(s["completed"] + s["skipped"] == 40 and s["elsewhere"] == 0 for s in summaries)
+    assert sum(s["completed"] for s in summaries) == 40
+    check_exactly_once(astra_db, 40)
+
+
+def test_concurrent_engine_starts_and_initdb_do_not_collide(postgres_server, tmp_path):
+    """18 processes start at once on a database with the schema (no DDL at start), and 4 `astra initdb`
+    run at once on an empty one (they wait for each other)."""
+    url = create_database(postgres_server, "faults_concurrent_start")
+    code = (
+        "from astra_provider.contrib.examples import GreedyPrimes\n"
+        "import sys\nGreedyPrimes(max_value=int(sys.argv[1])).execute()\n"
+    )
+    initdbs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "astra_provider.cli", "initdb"],
+            env=worker_environment(url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(4)
+    ]
+    results = [process.communicate(timeout=300) + (process.returncode,) for process in initdbs]
+    assert all(rc == 0 for _, _, rc in results), [err for _, err, _ in results]
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(10 + i)],
+            env=worker_environment(url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(18)
+    ]
+    errors = [process.communicate(timeout=600)[1] for process in starts]
+    assert all(process.returncode == 0 for process in starts), [e for e in errors if e][:2]
+    with database.session_scope(url) as session:
+        assert session.scalar(text("select count(*) from astra.task where status_code = 2")) == 18
+    database.dispose_engines()
+
+
+# What PostgreSQL refuses to store -------------------------------------------------------------------------
+
+
+def test_nul_characters_and_lone_surrogates_are_stored_escaped(astra_db, tmp_path):
+    from astra_provider.base import Parameter, TaskInstance
+    from astra_provider.database.astradb import RandomNumberGenerator
+
+    class Texts(TaskInstance):
+        note = Parameter(bundled=True)
+        value = Parameter()
+
+        def execute(self):
+            results = []
+            for task, _ in self.iterable():
+                value = task.parameters["value"]
+                if value == "raise":
+                    raise ValueError("card=\x00 in a header")
+                if value == "surrogate":
+                    raise OSError("file name \udcff is not UTF-8")
+                self.add_result(task, RandomNumberGenerator, samples=[value, "nul\x00", "lone \ud800"])
+                results.append({"text": f"{value}\x00", "key\x00": "\udcff"})
+            return results
+
+    values = ("plain", "raise", "a\x00b", "surrogate", "huge" + "x" * 1_000_000, float("inf"), float("nan"))
+    bundle = Texts(note="bundled \x00 \udc80", value=values)
+    returned = bundle.execute()
+    assert len(returned) == len(values)
+    with session_scope() as session:
+        rows = session.execute(select(Task).order_by(Task.pk)).scalars().all()
+    statuses = [row.status for row in rows]
+    assert Status.RUNNING not in statuses  # the bundle is recorded, good tasks included
+    assert statuses.count(Status.FAILED) == 2 and statuses.count(Status.COMPLETED) == len(values) - 2
+    failed = [row for row in rows if row.status == Status.FAILED]
+    assert failed[0].error_message == "ValueError: card=\\x00 in a header"  # escaped, visible
+    assert failed[1].error_message == "OSError: file name \\udcff is not UTF-8"
+    assert "card=\\x00" in failed[0].error_traceback
+    plain = rows[0]
+    assert plain.result == {"text": "plain\\x00", "key\\x00": "\\udcff"}
+    # Parameters keep their exact values (their JSON text is ASCII), the huge one and inf/nan included.
+    recorded = [Task.get_by_id(row.pk).parameters["value"] for row in rows]
+    assert recorded[:4] == list(values[:4]) and recorded[4] == values[4] and recorded[5] == float("inf")
+    assert recorded[6] != recorded[6]  # nan
+    with session_scope() as session:
+        samples = session.execute(text("select samples from astra.random_number_generator")).scalars().all()
+    decoded = [json.loads(s) if isinstance(s, str) else s for s in samples]
+    assert all(sample[1:] == ["nul\\x00", "lone \\ud800"] for sample in decoded)
+    # the same tasks are found again (skip-if-done), the NUL and surrogate parameters included
+    again = Texts(note="bundled \x00 \udc80", value=values)
+    again.execute()
+    assert again.summary()["skipped"] == len(values) - 2 and again.summary()["failed"] == 2
+
+
+# Read-only access, missing schema, URLs --------------------------------------------------------------------
+
+
+def run_cli(url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "astra_provider.cli", *args],
+        env=worker_environment(url),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_a_read_only_role_reads_everything(postgres_db, tmp_path):
+    from astra_provider.hooks.astra import AstraHook
+
+    bundle = bundle_instance("A", 3, tmp_path / "out", tmp_path / "executions.log")
+    (tmp_path / "out").mkdir()
+    bundle.execute()
+    pk = bundle.tasks[1].pk
+    with session_scope() as session:
+        for statement in (
+            "CREATE ROLE astra_reader LOGIN PASSWORD 'reader-secret'",
+            f"GRANT CONNECT ON DATABASE {make_url(postgres_db).database} TO astra_reader",
+            "GRANT USAGE ON SCHEMA astra TO astra_reader",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA astra TO astra_reader",
+        ):
+            session.execute(text(statement))
+    reader = make_url(postgres_db).set(username="astra_reader", password="reader-secret")
+    reader_url = reader.render_as_string(hide_password=False)
+    shown = run_cli(reader_url, "show", str(pk))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["parameters"]["index"] == 1
+    status = run_cli(reader_url, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["classes"][0]["COMPLETED"] == 3
+    database.configure(reader_url)
+    task = Task.get_by_id(pk)
+    assert task.parameters["index"] == 1 and task.version_parameters
+    assert [dp.path for dp in task.output_data_products][0].endswith(f"{task.task_id}.txt")
+    hook = AstraHook(astra_conn_id=None)
+    assert set(hook.output_data_product_pks([t.pk for t in bundle.tasks])) == {t.pk for t in bundle.tasks}
+    assert len(hook.input_data_product_paths([pk])) == 0  # no inputs
+    # writing is refused by the server, with its own message
+    with pytest.raises(Exception, match="permission denied"):
+        bundle_instance("B", 2, tmp_path / "out", tmp_path / "executions.log").execute()
+
+
+def test_a_database_without_the_schema_says_to_run_initdb(postgres_server):
+    url = create_database(postgres_server, "faults_no_schema")
+    shown = run_cli(url, "show", "1")
+    assert shown.returncode != 0
+    assert "astra initdb" in shown.stderr and "faults_no_schema" in shown.stderr
+    initialised = run_cli(url, "initdb")
+    assert initialised.returncode == 0, initialised.stderr
+    assert "created table astra.task" in initialised.stdout
+    assert "already current" in run_cli(url, "initdb").stdout  # idempotent
+
+
+def test_initdb_hides_the_password_and_a_driverless_url_uses_psycopg2(postgres_server):
+    url = make_url(create_database(postgres_server, "faults_url")).set(password="hunter2-secret")
+    driverless = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    assert driverless.startswith("postgresql://")
+    done = run_cli(driverless, "initdb")
+    assert done.returncode == 0, done.stderr
+    assert "hunter2-secret" not in done.stdout + done.stderr and "***" in done.stdout
+    engine = database.get_engine(driverless)
+    assert engine.dialect.driver == "psycopg2"
+    database.dispose_engines()
