@@ -119,6 +119,13 @@ CREATE INDEX ix_astra_task_output_pk ON astra.task (output_pk);
 
 CREATE UNIQUE INDEX ux_task_claim ON astra.task (task_id, version, claim);
 
+CREATE TABLE astra.version_parameter (
+	version TEXT NOT NULL,
+	parameter_pk BIGINT NOT NULL,
+	PRIMARY KEY (version, parameter_pk),
+	FOREIGN KEY(parameter_pk) REFERENCES astra.parameter (pk) ON DELETE CASCADE
+);
+
 CREATE TABLE astra.continuum (
 	row_index INTEGER NOT NULL,
 	snr FLOAT,
@@ -207,7 +214,7 @@ CREATE INDEX ix_astra_task_output_data_product_data_product_pk ON astra.task_out
 
 CREATE INDEX ix_astra_task_output_data_product_task_pk ON astra.task_output_data_product (task_pk);
 
-CREATE TABLE astra.task_parameter (
+CREATE TABLE astra.task_parameter_link (
 	pk BIGSERIAL NOT NULL,
 	task_pk BIGINT NOT NULL,
 	parameter_pk BIGINT NOT NULL,
@@ -216,9 +223,9 @@ CREATE TABLE astra.task_parameter (
 	FOREIGN KEY(parameter_pk) REFERENCES astra.parameter (pk) ON DELETE CASCADE
 );
 
-CREATE INDEX ix_astra_task_parameter_parameter_pk ON astra.task_parameter (parameter_pk);
+CREATE INDEX ix_astra_task_parameter_link_parameter_pk ON astra.task_parameter_link (parameter_pk);
 
-CREATE INDEX ix_astra_task_parameter_task_pk ON astra.task_parameter (task_pk);
+CREATE INDEX ix_astra_task_parameter_link_task_pk ON astra.task_parameter_link (task_pk);
 
 CREATE TABLE astra.thecannon (
 	row_index INTEGER NOT NULL,
@@ -248,3 +255,9 @@ CREATE TABLE astra.thecannon (
 CREATE INDEX ix_astra_thecannon_data_product_pk ON astra.thecannon (data_product_pk);
 
 CREATE INDEX ix_astra_thecannon_task_pk ON astra.thecannon (task_pk);
+
+CREATE OR REPLACE VIEW astra.task_parameter AS
+SELECT l.pk, l.task_pk, l.parameter_pk FROM astra.task_parameter_link AS l
+UNION ALL
+SELECT CAST(NULL AS BIGINT) AS pk, t.pk AS task_pk, v.parameter_pk FROM astra.task AS t
+JOIN astra.version_parameter AS v ON v.version = t.version;

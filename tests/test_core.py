@@ -428,4 +428,4 @@ def test_parameters_are_shared_rows(astra_db):
         ("value", "11"),
         ("value", "12"),
     ]
-    assert links == 3 * (3 + 2) and bundle_links == 3  # each task: its 3 parameters and the 2 versions
+    assert links == 9 and bundle_links == 3  # the version parameters are recorded once, not per task

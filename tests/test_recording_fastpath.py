@@ -150,6 +150,6 @@ def test_recording_a_bundle_takes_the_same_statements_whatever_its_size(astra_db
                 "(select count(*) from astra.output_interface), (select count(*) from astra.task_parameter)"
             )
         ).one()
-    assert tuple(counts) == (507, 507, 507, 507 * 4)  # x and model, and the two version parameters
+    assert tuple(counts) == (507, 507, 507, 507 * 4)  # the view: x, model and the two version parameters
     updates = [s for s in large if s[0].upper() == "UPDATE" and "task" in " ".join(s[1:]).lower()]
     assert len(updates) == 1  # one UPDATE of astra.task: status, timings, result and output_pk together

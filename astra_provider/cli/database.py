@@ -15,6 +15,7 @@ def schema_sql() -> str:
 
     from astra_provider.database import SCHEMA
     from astra_provider.database.astradb import Base
+    from astra_provider.database.schema import task_parameter_view
 
     dialect = postgresql.dialect()
     statements = [
@@ -26,6 +27,7 @@ def schema_sql() -> str:
         statements.append(str(CreateTable(table).compile(dialect=dialect)).strip() + ";")
         for index in sorted(table.indexes, key=lambda index: index.name or ""):
             statements.append(str(CreateIndex(index).compile(dialect=dialect)).strip() + ";")
+    statements.append(task_parameter_view("postgresql") + ";")
     text = "\n\n".join(statements) + "\n"
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 

@@ -1,12 +1,14 @@
 """SQLAlchemy 2 models of the astra database (schema ``astra``).
 
-Provenance tables: ``task``, ``parameter`` and the ``task_parameter`` junction, ``data_product`` with the
-``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` (a task's bundle is its
-``bundle_pk``), ``source`` and ``source_data_product``, and ``output_interface``, which gives every result
-row a key that is unique across all result tables. Result tables (``doppler``, ``thecannon``, ...) use
-:class:`OutputMixin`.
+Provenance tables: ``task``, ``parameter`` and the ``task_parameter_link`` junction (read through the view
+``task_parameter``, which adds each task's version parameters from ``version_parameter``), ``data_product``
+with the ``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` (a task's bundle is
+its ``bundle_pk``), ``lease`` (the processes running tasks), ``source`` and ``source_data_product``, and
+``output_interface``, which gives every result row a key that is unique across all result tables. Result
+tables (``doppler``, ``thecannon``, ...) use :class:`OutputMixin`.
 
-``schema/astradb.sql`` is generated from these models (``astra schema``) and a test keeps the two equal.
+``schema/astradb.sql`` is generated from these models and the view of
+:mod:`astra_provider.database.schema` (``astra schema``), and a test keeps the two equal.
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ def utcnow() -> datetime:
 
 
 VERSION_PARAMETERS = ("astra_version_major", "astra_version_minor")
-"""Parameters that every task records, from the astra-provider version that ran it (provenance).
+"""Parameters that every task carries, from the astra-provider version that ran it (provenance).
 
-They are rows of ``astra.parameter`` linked to each task through ``astra.task_parameter``, like the task's
-own parameters, so SQL on those tables shows them. They are not part of ``task_id`` and not arguments of
-any task class (see ``docs/database.md``, *Versions and identity*).
+Their values are rows of ``astra.parameter``, recorded once per value and tied to the version by
+``astra.version_parameter``; the view ``astra.task_parameter`` shows them with each task's own parameters,
+so SQL on the parameter tables lists them for every task, without a row per task (see
+:class:`TaskParameter`). They are not part of ``task_id`` and not arguments of any task class (see
+``docs/database.md``, *Versions and identity*).
 """
 
 
@@ -184,21 +188,27 @@ class Task(Base):
     def parameters(self) -> dict[str, Any]:
         """All parameters of the task class (defaults included), decoded from the ``parameter`` table.
 
-        These rebuild the task (:meth:`~astra_provider.base.TaskInstance.from_task`). The provenance
-        parameters recorded with every task (:data:`VERSION_PARAMETERS`) are in :attr:`version_parameters`.
+        These rebuild the task (:meth:`~astra_provider.base.TaskInstance.from_task`). The version parameters
+        every task carries (:data:`VERSION_PARAMETERS`) are in :attr:`version_parameters`.
         """
         cached = self.__dict__.get("_parameters")
         if cached is None:
-            every = self._recorded_parameters()
-            cached = {name: value for name, value in every.items() if name not in VERSION_PARAMETERS}
+            cached = self._recorded_parameters()
             self.__dict__["_parameters"] = cached
         return cached
 
     @property
     def version_parameters(self) -> dict[str, int]:
-        """``astra_version_major`` and ``astra_version_minor`` as recorded with the task."""
-        every = self._recorded_parameters()
-        return {name: every[name] for name in VERSION_PARAMETERS if name in every}
+        """``astra_version_major`` and ``astra_version_minor`` of the version that ran the task."""
+        from astra_provider.database import session_scope
+
+        with session_scope() as session:
+            rows = session.execute(
+                select(Parameter.parameter_name, Parameter.parameter_value)
+                .join(VersionParameter, VersionParameter.parameter_pk == Parameter.pk)
+                .where(VersionParameter.version == self.version)
+            ).all()
+        return {name: parse_json(value) for name, value in sorted(rows)}
 
     def _recorded_parameters(self) -> dict[str, Any]:
         from astra_provider.database import session_scope
@@ -280,11 +290,27 @@ def _fill_parameter_value_hash(_mapper: Any, _connection: Any, row: Parameter) -
 
 
 class TaskParameter(Base):
-    __tablename__ = "task_parameter"
+    """A task's own parameter: the junction of ``task`` and ``parameter`` (table ``task_parameter_link``).
+
+    SQL reads the view ``astra.task_parameter``: these rows, and one row per version parameter of each task
+    (from ``version_parameter`` and ``task.version``; ``pk`` NULL), as in the user's guide. Only this table
+    is written.
+    """
+
+    __tablename__ = "task_parameter_link"
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
     parameter_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("parameter.pk"), index=True)
+
+
+class VersionParameter(Base):
+    """The values of the version parameters of an astra-provider version: recorded once per version."""
+
+    __tablename__ = "version_parameter"
+
+    version: Mapped[str] = mapped_column(Text, primary_key=True)
+    parameter_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("parameter.pk"), primary_key=True)
 
 
 class Source(Base):
@@ -495,6 +521,7 @@ __all__ = [
     "TaskParameter",
     "TheCannon",
     "VERSION_PARAMETERS",
+    "VersionParameter",
     "parameter_value_hash",
     "version_parameters",
 ]

@@ -49,6 +49,7 @@ from astra_provider.database.astradb import (
     Task,
     TaskInputDataProduct,
     TaskParameter,
+    VersionParameter,
     version_parameters,
 )
 from astra_provider.database.leases import LEASE_STAGE, LeaseState, lease_states, process_lease, take_over
@@ -62,6 +63,7 @@ from astra_provider.database.recording import (
     get_or_create_data_products,
     get_or_create_parameters,
     hash_json,
+    insert_rows,
     prepare_insert,
     prepare_update,
     select_in,
@@ -139,6 +141,10 @@ def task_id(task_class: type, parameters: Mapping[str, str], identities: Sequenc
     return f"{family}_" + hash_json(f"[{module},{qualname},{{{pairs}}},[{inputs}]]")
 
 
+_VERSIONS_RECORDED: set[str] = set()
+"""Database URLs where this process has made sure the version parameters of this version are recorded."""
+
+
 class _OwnershipChanged(Exception):
     """Some tasks of a chunk are no longer running under this lease (rolled back; sorted out after)."""
 
@@ -184,6 +190,7 @@ class Recorder:
                 lambda session: self._record(session, items, force, inserted_before), description
             )
         self.bundle = self.bundle or bundle
+        _VERSIONS_RECORDED.add(self.url)
         claimed = {item.task.pk for item in items if item.runnable}
         self._claimed |= claimed
         self.lease.in_flight |= claimed
@@ -329,10 +336,10 @@ class Recorder:
             return None
         now = datetime.now(UTC)
         parameter_pks = pipeline.submit(
-            get_or_create_parameters,
-            session,
-            sorted({pair for _, _, p in new_items for pair in p.items()} | set(self._version_pairs)),
+            get_or_create_parameters, session, sorted({pair for _, _, p in new_items for pair in p.items()})
         )
+        if self.url not in _VERSIONS_RECORDED:
+            pipeline.submit(self._record_version_parameters, session)
         bundle = None
         if len(new_items) > 1:
             bundle = Bundle(
@@ -390,19 +397,27 @@ class Recorder:
         pipeline.submit(lambda: None).result()  # the first error, if any, is raised here
         return bundle if claimed else None
 
+    def _record_version_parameters(self, session: Session) -> None:
+        """The version parameters of this version: two ``parameter`` rows and their ``version_parameter``
+        rows, recorded once per version (the view ``astra.task_parameter`` gives them to every task)."""
+        pks = get_or_create_parameters(session, self._version_pairs)
+        rows = [{"version": __version__, "parameter_pk": pk} for pk in sorted(pks.values())]
+        insert_rows(
+            session, VersionParameter.__table__, rows, on_conflict_do_nothing=("version", "parameter_pk")
+        )
+
     def _link_rows(
         self,
         new_items: list[tuple[TaskItem, str, dict[str, str]]],
         pks: list[int],
         parameter_pks: Mapping[tuple[str, str], int],
     ) -> tuple[list[dict[str, int]], list[dict[str, int]]]:
-        """The ``task_parameter`` rows (the task's parameters and the version parameters) and the
-        ``task_input_data_product`` rows of the new tasks."""
-        versions = [parameter_pks[pair] for pair in self._version_pairs]
-        parameters = []
-        for pk, (_, _, values) in zip(pks, new_items, strict=True):
-            parameters.extend({"task_pk": pk, "parameter_pk": parameter_pks[pair]} for pair in values.items())
-            parameters.extend({"task_pk": pk, "parameter_pk": version} for version in versions)
+        """The ``task_parameter_link`` and ``task_input_data_product`` rows of the new tasks."""
+        parameters = [
+            {"task_pk": pk, "parameter_pk": parameter_pks[pair]}
+            for pk, (_, _, values) in zip(pks, new_items, strict=True)
+            for pair in values.items()
+        ]
         inputs = [
             {"task_pk": pk, "data_product_pk": dp.pk}
             for pk, (item, _, _) in zip(pks, new_items, strict=True)

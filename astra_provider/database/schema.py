@@ -39,9 +39,33 @@ def _metadata():  # noqa: ANN202 - the ORM models import this package
     return Base.metadata
 
 
+TASK_PARAMETER_VIEW = "task_parameter"
+
+
+def task_parameter_view(dialect_name: str) -> str:
+    """The DDL of the view ``astra.task_parameter``: each task's own parameters (``task_parameter_link``)
+    and its version parameters (``version_parameter`` rows of its ``version``, recorded once per version).
+
+    The user's guide queries ``astra.task_parameter`` joined to ``task`` and ``parameter``; this view lets
+    that query list the version parameters of every task without a row per task and version parameter.
+    """
+    postgresql = dialect_name == "postgresql"
+    inside = f"{SCHEMA}." if postgresql else ""  # SQLite: a view names tables of its own database only
+    create = "CREATE OR REPLACE VIEW" if postgresql else "CREATE VIEW IF NOT EXISTS"
+    key = "BIGINT" if postgresql else "INTEGER"
+    return (
+        f"{create} {SCHEMA}.{TASK_PARAMETER_VIEW} AS\n"
+        f"SELECT l.pk, l.task_pk, l.parameter_pk FROM {inside}task_parameter_link AS l\n"
+        "UNION ALL\n"
+        f"SELECT CAST(NULL AS {key}) AS pk, t.pk AS task_pk, v.parameter_pk FROM {inside}task AS t\n"
+        f"JOIN {inside}version_parameter AS v ON v.version = t.version"
+    )
+
+
 def required_columns() -> dict[str, set[str]]:
-    """Every table of the ORM models (without schema) and its columns."""
-    return {table.name: {column.name for column in table.columns} for table in _metadata().sorted_tables}
+    """Every table of the ORM models and the view (without schema) and its columns."""
+    tables = {table.name: {column.name for column in table.columns} for table in _metadata().sorted_tables}
+    return {**tables, TASK_PARAMETER_VIEW: {"pk", "task_pk", "parameter_pk"}}
 
 
 def required_indexes() -> set[str]:
@@ -73,6 +97,15 @@ def existing_columns(connection: Connection) -> dict[str, set[str]]:
     for table, column in rows:
         tables.setdefault(table, set()).add(column)
     return tables
+
+
+def existing_views(connection: Connection) -> set[str]:
+    if connection.dialect.name == "postgresql":
+        statement = "SELECT viewname FROM pg_catalog.pg_views WHERE schemaname = :schema"
+        return set(connection.execute(text(statement), {"schema": SCHEMA}).scalars())
+    return set(
+        connection.execute(text(f"SELECT name FROM {SCHEMA}.sqlite_master WHERE type = 'view'")).scalars()
+    )
 
 
 def existing_indexes(connection: Connection) -> set[str]:
@@ -135,11 +168,38 @@ def create_schema(connection: Connection) -> list[str]:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
         connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
     before = existing_columns(connection)
+    done = _rename_task_parameter_table(connection, before, postgresql)
+    before = existing_columns(connection) if done else before
     _metadata().create_all(connection)
-    done = [f"created table {SCHEMA}.{name}" for name in required_columns() if name not in before]
+    done += [
+        f"created table {SCHEMA}.{table.name}"
+        for table in _metadata().sorted_tables
+        if table.name not in before
+    ]
+    if TASK_PARAMETER_VIEW not in existing_views(connection):
+        done.append(f"created view {SCHEMA}.{TASK_PARAMETER_VIEW}")
+    connection.execute(text(task_parameter_view(connection.dialect.name)))
     if "task" in before:
         done.extend(_upgrade_task_table(connection, before["task"], postgresql))
     return done
+
+
+def _rename_task_parameter_table(
+    connection: Connection, existing: dict[str, set[str]], postgresql: bool
+) -> list[str]:
+    """Earlier versions had a *table* ``task_parameter``: it becomes ``task_parameter_link`` (its rows kept),
+    and the view takes its name."""
+    if TASK_PARAMETER_VIEW not in existing or "task_parameter_link" in existing:
+        return []
+    if TASK_PARAMETER_VIEW in existing_views(connection):
+        return []
+    connection.execute(text(f"ALTER TABLE {SCHEMA}.task_parameter RENAME TO task_parameter_link"))
+    if postgresql:  # the names a new database has
+        for column in ("task_pk", "parameter_pk"):
+            old, new = f"ix_astra_task_parameter_{column}", f"ix_astra_task_parameter_link_{column}"
+            if old in existing_indexes(connection):
+                connection.execute(text(f"ALTER INDEX {SCHEMA}.{old} RENAME TO {new}"))
+    return [f"renamed table {SCHEMA}.task_parameter to {SCHEMA}.task_parameter_link"]
 
 
 def _upgrade_task_table(connection: Connection, columns: set[str], postgresql: bool) -> list[str]:
