@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from astra_provider._version import __version__
@@ -141,6 +142,9 @@ def task_id(task_class: type, parameters: Mapping[str, str], identities: Sequenc
     return f"{family}_" + hash_json(f"[{module},{qualname},{{{pairs}}},[{inputs}]]")
 
 
+CLAIM_ATTEMPTS = 20
+"""How many times claiming looks again after concurrent runs claimed some of the same tasks first."""
+
 _VERSIONS_RECORDED: set[str] = set()
 """Database URLs where this process has made sure the version parameters of this version are recorded."""
 
@@ -161,6 +165,7 @@ class Recorder:
 
     def __init__(self, task_class: type, bundled: Mapping[str, Any]) -> None:
         self.task_class = task_class
+        self.name = task_class.__name__
         self.bundled = dict(bundled)
         self.url = normalize_url(get_database_url())
         self.lease = process_lease(self.url)
@@ -185,10 +190,17 @@ class Recorder:
         inserted_before: set[int] = set()  # rows of an attempt whose commit may have gone through
         items = list(items)
         description = f"claiming {len(items)} task(s) of {self.task_class.__name__}"
-        with _gc_paused():
-            bundle = self._transaction(
-                lambda session: self._record(session, items, force, inserted_before), description
-            )
+        for attempt in range(1, CLAIM_ATTEMPTS + 1):
+            try:
+                with _gc_paused():
+                    bundle = self._transaction(
+                        lambda session: self._record(session, items, force, inserted_before), description
+                    )
+                break
+            except IntegrityError as error:
+                if "ux_task_claim" not in str(error.orig) or attempt == CLAIM_ATTEMPTS:
+                    raise
+                log.info("%s: a concurrent run claimed some of these tasks first; looking again", self.name)
         self.bundle = self.bundle or bundle
         _VERSIONS_RECORDED.add(self.url)
         claimed = {item.task.pk for item in items if item.runnable}
@@ -328,9 +340,10 @@ class Recorder:
     ) -> Bundle | None:
         """Insert the new tasks with their parameters, input data products and bundle (a few statements).
 
-        On PostgreSQL a claim inserted meanwhile by a concurrent run wins (``ON CONFLICT DO NOTHING``): that
-        task is held elsewhere. SQLite transactions take the write lock when they begin, so the rows read
-        above cannot change before the insert.
+        On PostgreSQL, a claim that a concurrent run inserted since the look-up makes the insert fail on the
+        unique index (after that run commits): :meth:`record` then runs the transaction again, and finds
+        that claim. SQLite transactions take the write lock when they begin, so the rows read above cannot
+        change before the insert.
         """
         if not new_items:
             return None
@@ -365,37 +378,20 @@ class Recorder:
         }
         if bundle is not None:
             shared["bundle_pk"] = bundle.pk  # flushed by the worker before it allocated the task pks
-        rows = [{"pk": pk, "task_id": tid} for pk, (_, tid, _) in zip(pks, new_items, strict=True)]
-        racing = claim is not None and session.get_bind().dialect.name == "postgresql"
-        inserted = pipeline.submit(
-            prepare_insert(
-                session,
-                Task.__table__,
-                rows,
-                same_for_all=shared,
-                on_conflict_do_nothing=("task_id", "version", "claim") if racing else (),
-                returning=("pk",) if racing else (),
-            )
+        # In task_id order: concurrent runs inserting the same claims meet in one order (no deadlock)
+        rows = sorted(
+            ({"pk": pk, "task_id": tid} for pk, (_, tid, _) in zip(pks, new_items, strict=True)),
+            key=operator.itemgetter("task_id"),
         )
+        pipeline.submit(prepare_insert(session, Task.__table__, rows, same_for_all=shared))
         links = self._link_rows(new_items, pks, parameter_pks.result())
-        claimed = {pk for (pk,) in inserted.result()} if racing else set(pks)
-        if len(claimed) < len(pks):  # a concurrent run claimed some of them first
-            links = tuple([row for row in rows if row["task_pk"] in claimed] for rows in links)
-            self._held_by_concurrent_runs(
-                session, [(i, t) for pk, (i, t, _) in zip(pks, new_items) if pk not in claimed]
-            )
-            if bundle is not None:
-                session.execute(update(Bundle).where(Bundle.pk == bundle.pk).values(n_tasks=len(claimed)))
         for rows, table in zip(links, (TaskParameter.__table__, TaskInputDataProduct.__table__), strict=True):
             pipeline.submit(prepare_insert(session, table, rows))
         template = {**dict.fromkeys(c.name for c in Task.__table__.columns), **shared}
         for pk, (item, tid, _) in zip(pks, new_items, strict=True):
-            if pk in claimed:
-                item.task = build(
-                    Task, {**template, "pk": pk, "task_id": tid, "_parameters": item.parameters}
-                )
+            item.task = build(Task, {**template, "pk": pk, "task_id": tid, "_parameters": item.parameters})
         pipeline.submit(lambda: None).result()  # the first error, if any, is raised here
-        return bundle if claimed else None
+        return bundle
 
     def _record_version_parameters(self, session: Session) -> None:
         """The version parameters of this version: two ``parameter`` rows and their ``version_parameter``
@@ -424,19 +420,6 @@ class Recorder:
             for dp in item.data_products
         ]
         return parameters, inputs
-
-    def _held_by_concurrent_runs(self, session: Session, items: list[tuple[TaskItem, str]]) -> None:
-        statement = select(Task).where(Task.version == __version__, Task.claim == 1)
-        holders = {
-            t.task_id: t for (t,) in select_in(session, statement, Task.task_id, {tid for _, tid in items})
-        }
-        for item, tid in items:
-            holder = holders.get(tid)
-            item.task = holder
-            if holder is not None and holder.status_code == Status.COMPLETED:
-                item.already_done, item.result = True, holder.result
-            else:
-                item.elsewhere = "a concurrent run"
 
     # Waiting for tasks held elsewhere -----------------------------------------------------------------
 
