@@ -427,3 +427,77 @@ def test_initdb_hides_the_password_and_a_driverless_url_uses_psycopg2(postgres_s
     engine = database.get_engine(driverless)
     assert engine.dialect.driver == "psycopg2"
     database.dispose_engines()
+
+
+def test_initdb_upgrades_a_database_of_the_version_before_leases(postgres_server):
+    """A database with the previous version's schema (no leases, claims or version parameters; the
+    junction named task_parameter) is refused until `astra initdb` upgrades it, keeping its rows; its
+    task left RUNNING has no lease, so it is stale."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from astra_provider.database.astradb import Base
+    from astra_provider.database.schema import SchemaError
+
+    url = create_database(postgres_server, "faults_upgrade")
+    database.init_database(url)
+    database.dispose_engines()
+    old = create_engine(url)
+    with old.begin() as connection:  # back to the previous version's schema, with a few rows
+        for statement in (
+            "DROP VIEW astra.task_parameter",
+            "ALTER TABLE astra.task_parameter_link RENAME TO task_parameter",
+            "ALTER INDEX astra.ix_astra_task_parameter_link_task_pk "
+            "RENAME TO ix_astra_task_parameter_task_pk",
+            "ALTER INDEX astra.ix_astra_task_parameter_link_parameter_pk "
+            "RENAME TO ix_astra_task_parameter_parameter_pk",
+            "DROP INDEX astra.ux_task_claim",
+            "CREATE INDEX ix_task_task_id ON astra.task (task_id)",
+            "ALTER TABLE astra.task DROP COLUMN claim, DROP COLUMN lease_pk",
+            "DROP TABLE astra.lease, astra.version_parameter",
+            "INSERT INTO astra.parameter (parameter_name, parameter_value, parameter_value_hash) "
+            "VALUES ('max_value', '30', 'h')",
+            "INSERT INTO astra.task (task_module, task_name, task_id, version, status_code) VALUES "
+            "('astra_provider.contrib.examples', 'GreedyPrimes', 'GreedyPrimes_1', '0.0.9', 2), "
+            "('astra_provider.contrib.examples', 'GreedyPrimes', 'GreedyPrimes_2', '0.0.9', 1)",
+            "INSERT INTO astra.task_parameter (task_pk, parameter_pk) VALUES (1, 1), (2, 1)",
+        ):
+            connection.execute(text(statement))
+    try:
+        with pytest.raises(SchemaError, match=r"faults_upgrade lacks .*astra initdb"):
+            database.get_engine(url)
+        upgraded = run_cli(url, "initdb")
+        assert upgraded.returncode == 0, upgraded.stderr
+        for line in (
+            "renamed table astra.task_parameter to astra.task_parameter_link",
+            "created table astra.lease",
+            "created view astra.task_parameter",
+            "added column astra.task.claim",
+            "dropped index astra.ix_task_task_id",
+        ):
+            assert line in upgraded.stdout
+        with old.connect() as connection:
+            differences = compare_metadata(
+                MigrationContext.configure(
+                    connection, opts={"include_schemas": True, "include_name": _astra}
+                ),
+                Base.metadata,
+            )
+            links = connection.execute(text("select task_pk from astra.task_parameter order by 1")).all()
+        assert differences == [] and [pk for (pk,) in links] == [1, 2]  # the rows kept, through the view
+        database.configure(url)
+        report = run_transaction(task_status)
+        assert report["stale"] == 1 and report["oldest_stale_lease"]["reason"] == "no lease"
+        assert run_transaction(recover_stale_tasks)["recovered"] == 1
+        from astra_provider.contrib.examples import GreedyPrimes
+
+        assert GreedyPrimes(max_value=30).execute()[-1] == 29
+    finally:
+        old.dispose()
+        database.configure(None)
+        database.dispose_engines()
+
+
+def _astra(name, type_, parent_names):  # noqa: ANN001, ANN202
+    return name == "astra" if type_ == "schema" else True
