@@ -72,7 +72,7 @@ from astra_provider.database.astradb import (
     Task,
     version_parameters,
 )
-from astra_provider.database.recorder import TaskItem
+from astra_provider.database.items import TaskItem
 from astra_provider.database.recording import DataProductSpec
 from astra_provider.parameters import DictParameter, Parameter, TupleParameter
 from astra_provider.running import Attempt, Execution

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from astra_provider.database.recorder import STAGES, OutputFile, Recorder, ResultRow, TaskItem
+from astra_provider.database.items import STAGES, OutputFile, ResultRow, TaskItem
+from astra_provider.database.recorder import Recorder
 from astra_provider.database.retry import DatabaseUnavailableError
 
 if TYPE_CHECKING:

@@ -356,15 +356,13 @@ def update_rows(
     *,
     key: str = "pk",
     same_for_all: Mapping[str, Any] | None = None,
-    where: Mapping[str, Any] | None = None,
 ) -> int:
     """Update, for each of ``rows`` (dicts with the same keys, ``key`` among them), the row it names.
 
     :param same_for_all: column values set on every row (sent once, not once per row).
-    :param where: only rows whose columns have these values (e.g. still running, still ours) are updated.
     :returns: the number of rows updated.
     """
-    return prepare_update(session, table, rows, key=key, same_for_all=same_for_all, where=where)()
+    return prepare_update(session, table, rows, key=key, same_for_all=same_for_all)()
 
 
 def prepare_update(
@@ -374,7 +372,6 @@ def prepare_update(
     *,
     key: str = "pk",
     same_for_all: Mapping[str, Any] | None = None,
-    where: Mapping[str, Any] | None = None,
 ) -> Callable[[], int]:
     """:func:`update_rows` in two steps, like :func:`prepare_insert`; the function returns the row count.
 
@@ -389,14 +386,12 @@ def prepare_update(
     same_for_all = {**constant, **(same_for_all or {})}
     columns = [name for name in rows[0] if name != key and name not in same_for_all]
     shared = {name: _processed(table.c[name], dialect, [v])[0] for name, v in same_for_all.items()}
-    conditions = {name: _processed(table.c[name], dialect, [v])[0] for name, v in (where or {}).items()}
     target = dialect.identifier_preparer.format_table(table)
     if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
         assignments = ", ".join(f"{quote(name)} = ?" for name in [*columns, *shared])
-        tests = "".join(f" AND {quote(name)} = ?" for name in conditions)
         values = zip(*_column_values(table, dialect, [*columns, key], rows), strict=True)
-        sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?{tests}"
-        tuples = [(*row[:-1], *shared.values(), row[-1], *conditions.values()) for row in values]
+        sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?"
+        tuples = [(*row[:-1], *shared.values(), row[-1]) for row in values]
         return lambda: session.connection().exec_driver_sql(sql, tuples).rowcount
 
     shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
@@ -406,17 +401,12 @@ def prepare_update(
             *(f"{quote(name)} = {sql}" for name, sql in zip(shared, shared_sql, strict=True)),
         ]
     )
-    tests = "".join(
-        f" AND t.{quote(name)} = CAST(:w{i} AS {_pg_type(table.c[name], dialect)})"
-        for i, name in enumerate(conditions)
-    )
-    condition_parameters = {f"w{i}": value for i, value in enumerate(conditions.values())}
     statements = []
     for chunk in chunked(rows, PG_CHUNK):
         source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk)
-        match = f"t.{quote(key)} = v.{quote(key)}{tests}"
-        statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {match}")
-        statements.append((statement, {**parameters, **shared_parameters, **condition_parameters}))
+        where = f"t.{quote(key)} = v.{quote(key)}"
+        statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
+        statements.append((statement, {**parameters, **shared_parameters}))
 
     def execute() -> int:
         return sum(session.execute(statement, parameters).rowcount for statement, parameters in statements)

@@ -25,7 +25,7 @@ from astra_provider.database.recording import (
 from astra_provider.utils import to_jsonable
 
 if TYPE_CHECKING:
-    from astra_provider.database.recorder import OutputFile, ResultRow, TaskItem
+    from astra_provider.database.items import OutputFile, ResultRow, TaskItem
 
 log = logging.getLogger(__name__)
 

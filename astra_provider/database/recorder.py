@@ -28,132 +28,37 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from astra_provider._version import __version__
 from astra_provider.database import get_database_url, normalize_url
-from astra_provider.database.astradb import (
-    Base,
-    Bundle,
-    DataProduct,
-    Status,
-    Task,
-    TaskInputDataProduct,
-    TaskParameter,
-    VersionParameter,
-    version_parameters,
-)
-from astra_provider.database.leases import LEASE_STAGE, LeaseState, lease_states, process_lease, take_over
+from astra_provider.database.astradb import Bundle, Status, Task
+from astra_provider.database.claims import Claimer
+from astra_provider.database.claims import encode_parameter_value as encode_parameter_value  # re-exported
+from astra_provider.database.claims import task_id as task_id
+from astra_provider.database.claims import task_identifier as task_identifier
+from astra_provider.database.items import STAGES, OutputFile, ResultRow
+from astra_provider.database.items import TaskItem as TaskItem
+from astra_provider.database.leases import LEASE_STAGE, process_lease
 from astra_provider.database.outcomes import final_rows, store_output_data_products, store_results
-from astra_provider.database.recording import (
-    DataProductSpec,
-    Pipeline,
-    allocate_pks,
-    build,
-    canonical_json_fast,
-    get_or_create_data_products,
-    get_or_create_parameters,
-    hash_json,
-    insert_rows,
-    prepare_insert,
-    prepare_update,
-    select_in,
-)
+from astra_provider.database.recording import Pipeline, prepare_update, select_in
 from astra_provider.database.retry import run_transaction
-from astra_provider.database.text import clean_json
-from astra_provider.utils import to_json_value
 
 log = logging.getLogger(__name__)
-
-STAGES = ("pre_execute", "execute", "post_execute")
-
-
-@dataclass(eq=False)
-class TaskItem:
-    """One task of a task instance: its parameters and inputs, its row once recorded, and its run."""
-
-    parameters: dict[str, Any]
-    inputs: list[DataProductSpec | DataProduct | int]
-    task: Task | None = None
-    data_products: list[DataProduct] = field(default_factory=list)
-    already_done: bool = False
-    elsewhere: str | None = None  # held by another live run (its lease, described): not run here
-    failed: bool = False
-    times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
-    result: Any = None
-    error: tuple[str, str, str] | None = None  # (stage, message, traceback)
-    recorded: bool = False  # its outcome is in the database
-    lost: bool = False  # its claim was taken over while it ran: its outcome was not recorded here
-
-    def reset(self) -> None:
-        """Forget the outcome of a previous execution."""
-        self.failed, self.error, self.result = False, None, None
-        self.already_done, self.elsewhere, self.recorded, self.lost = False, None, False, False
-        self.times = dict.fromkeys(STAGES, 0.0)
-
-    @property
-    def runnable(self) -> bool:
-        """Claimed by this run and not finished: it still has stages to run."""
-        return not (self.already_done or self.elsewhere or self.failed or self.lost or self.recorded)
-
-
-ResultRow = tuple[TaskItem, type[Base], dict[str, Any]]
-"""A row of a result table written by a task: ``(task, model, columns)``."""
-
-OutputFile = tuple[TaskItem, DataProductSpec]
-"""A file written by a task: ``(task, data product)``."""
-
-
-# Identity ----------------------------------------------------------------------------------------------
-
-
-def encode_parameter_value(value: Any) -> str:
-    """The stored form of a parameter value: its canonical JSON."""
-    return canonical_json_fast(value)
-
-
-def task_id(task_class: type, parameters: Mapping[str, str], identities: Sequence[str]) -> str:
-    """``{namespace}.{class name}_{stable_hash([module, qualname, parameters, data product identities])}``.
-
-    The prefix is the class's ``task_family()`` (``RNG.RandomNumberGeneratorTask``); the hash does not
-    depend on it, nor on the version parameters.
-
-    :param parameters: the already encoded values (name -> :func:`encode_parameter_value`). The canonical
-        JSON of a dict is its sorted ``"key":value`` pairs, so the text assembled here from those pieces is
-        exactly ``canonical_json([...])``, and the hash is ``stable_hash([...])``, without encoding every
-        value twice.
-    :param identities: the :attr:`~astra_provider.database.astradb.DataProduct.identity` of each input.
-    """
-    encode = encode_parameter_value
-    pairs = ",".join(f"{encode(name)}:{value}" for name, value in sorted(parameters.items()))
-    inputs = ",".join(map(encode, identities))
-    module, qualname = encode(task_class.__module__), encode(task_class.__qualname__)
-    family = task_class.task_family() if hasattr(task_class, "task_family") else task_class.__name__
-    return f"{family}_" + hash_json(f"[{module},{qualname},{{{pairs}}},[{inputs}]]")
-
 
 CLAIM_ATTEMPTS = 20
 """How many times claiming looks again after concurrent runs claimed some of the same tasks first."""
 
-_VERSIONS_RECORDED: set[str] = set()
-"""Database URLs where this process has made sure the version parameters of this version are recorded."""
-
 
 class _OwnershipChanged(Exception):
     """Some tasks of a chunk are no longer running under this lease (rolled back; sorted out after)."""
-
-
-# The recorder ------------------------------------------------------------------------------------------
 
 
 class Recorder:
@@ -166,15 +71,12 @@ class Recorder:
     def __init__(self, task_class: type, bundled: Mapping[str, Any]) -> None:
         self.task_class = task_class
         self.name = task_class.__name__
-        self.bundled = dict(bundled)
         self.url = normalize_url(get_database_url())
         self.lease = process_lease(self.url)
+        self.claimer = Claimer(task_class, bundled, self.lease, self.url)
         self.bundle: Bundle | None = None
         """The bundle row of the first tasks this run inserted (None for fewer than two)."""
         self._claimed: set[int] = set()
-        self._version_pairs = [
-            (k, encode_parameter_value(v)) for k, v in version_parameters(__version__).items()
-        ]
 
     def _transaction(self, work: Callable[[Session], Any], description: str) -> Any:
         return run_transaction(work, url=self.url, description=description)
@@ -189,20 +91,22 @@ class Recorder:
         """
         inserted_before: set[int] = set()  # rows of an attempt whose commit may have gone through
         items = list(items)
-        description = f"claiming {len(items)} task(s) of {self.task_class.__name__}"
+        claim = functools.partial(
+            self.claimer.claim, items=items, force=force, inserted_before=inserted_before
+        )
+        description = f"claiming {len(items)} task(s) of {self.name}"
+        if not self.claimer.version_parameters_recorded():
+            self._transaction(self.claimer.record_version_parameters, "recording the version parameters")
         for attempt in range(1, CLAIM_ATTEMPTS + 1):
             try:
                 with _gc_paused():
-                    bundle = self._transaction(
-                        lambda session: self._record(session, items, force, inserted_before), description
-                    )
+                    bundle = self._transaction(claim, description)
                 break
-            except IntegrityError as error:
+            except IntegrityError as error:  # a concurrent run inserted some of the same claims first
                 if "ux_task_claim" not in str(error.orig) or attempt == CLAIM_ATTEMPTS:
                     raise
                 log.info("%s: a concurrent run claimed some of these tasks first; looking again", self.name)
         self.bundle = self.bundle or bundle
-        _VERSIONS_RECORDED.add(self.url)
         claimed = {item.task.pk for item in items if item.runnable}
         self._claimed |= claimed
         self.lease.in_flight |= claimed
@@ -212,240 +116,16 @@ class Recorder:
         self.lease.in_flight -= self._claimed
         self._claimed = set()
 
-    def _record(
-        self, session: Session, items: list[TaskItem], force: bool, inserted_before: set[int]
-    ) -> Bundle | None:
-        """One attempt at claiming ``items``; the bundle row of the new tasks."""
-        for item in items:
-            item.task, item.already_done, item.elsewhere, item.result = None, False, None, None
-        with Pipeline.for_session(session) as pipeline:
-            resolved = pipeline.submit(self._resolve_data_products, session, items)
-            # Each parameter value is encoded once: for the task's identity and for its parameter rows.
-            encoded = [
-                {name: encode_parameter_value(value) for name, value in item.parameters.items()}
-                for item in items
-            ]
-            if any(isinstance(dp, int) for item in items for dp in item.inputs):
-                resolved.result()  # the identity of a data product given by pk is in the database
-                identities = [[dp.identity for dp in item.data_products] for item in items]
-            else:  # a spec has the identity of the row it resolves to (same release, filetype, hash)
-                identities = [[dp.identity for dp in item.inputs] for item in items]
-            task_ids = [
-                task_id(self.task_class, parameters, ids)
-                for parameters, ids in zip(encoded, identities, strict=True)
-            ]
-            existing = self._existing(session, pipeline, task_ids)
-            new_items = self._sort_out(session, items, task_ids, encoded, existing, force, inserted_before)
-            bundle = self._insert_tasks(session, pipeline, new_items, force, inserted_before)
-            resolved.result()
-        if bundle is None:  # an earlier attempt that did commit inserted these tasks, and their bundle
-            bundle_pks = {
-                item.task.bundle_pk
-                for item in items
-                if item.task is not None and item.task.pk in inserted_before
-            }
-            bundle = session.get(Bundle, min(bundle_pks)) if bundle_pks - {None} else None
-        return bundle
-
-    def _resolve_data_products(self, session: Session, items: Sequence[TaskItem]) -> None:
-        """Set each item's ``data_products``: rows for its specs (created if new) and its pks."""
-        specs = [dp for item in items for dp in item.inputs if isinstance(dp, DataProductSpec)]
-        pks = {dp for item in items for dp in item.inputs if isinstance(dp, int)}
-        products = get_or_create_data_products(session, specs) if specs else []
-        by_identity = {spec.identity: product for spec, product in zip(specs, products, strict=True)}
-        by_pk = {dp.pk: dp for (dp,) in select_in(session, select(DataProduct), DataProduct.pk, sorted(pks))}
-        missing = sorted(pks - set(by_pk))
-        if missing:
-            raise LookupError(
-                f"no data product with pk {', '.join(map(str, missing[:10]))} in the astra database"
-            )
-        for item in items:
-            item.data_products = [
-                by_identity[dp.identity]
-                if isinstance(dp, DataProductSpec)
-                else by_pk[dp]
-                if isinstance(dp, int)
-                else dp
-                for dp in item.inputs
-            ]
-
-    def _existing(self, session: Session, pipeline: Pipeline, task_ids: list[str]) -> dict[str, list[Task]]:
-        """The rows of these tasks at this version that are completed or hold the claim, in pk order."""
-        statement = select(Task).where(
-            Task.version == __version__, or_(Task.status_code == Status.COMPLETED, Task.claim == 1)
-        )
-        found = pipeline.submit(select_in, session, statement.order_by(Task.pk), Task.task_id, set(task_ids))
-        existing: dict[str, list[Task]] = {}
-        for (task,) in found.result():
-            existing.setdefault(task.task_id, []).append(task)
-        return existing
-
-    def _sort_out(
-        self,
-        session: Session,
-        items: list[TaskItem],
-        task_ids: list[str],
-        encoded: list[dict[str, str]],
-        existing: Mapping[str, list[Task]],
-        force: bool,
-        inserted_before: set[int],
-    ) -> list[tuple[TaskItem, str, dict[str, str]]]:
-        """Set already-done and held-elsewhere items; take stale claims over; return the items to insert."""
-        holders = {
-            tid: next((t for t in rows if t.claim == 1 and t.status_code == Status.RUNNING), None)
-            for tid, rows in existing.items()
-        }
-        states = lease_states(session, [h.lease_pk for h in holders.values() if h is not None])
-        new_items, stale = [], {}
-        for item, tid, parameters in zip(items, task_ids, encoded, strict=True):
-            rows, holder = existing.get(tid, []), holders.get(tid)
-            completed = [t for t in rows if t.status_code == Status.COMPLETED]
-            if holder is not None and holder.pk in inserted_before:  # ours: an attempt that did commit
-                item.task = holder
-                holder.__dict__["_parameters"] = item.parameters
-            elif completed and not force:
-                twin = completed[-1]  # the most recent one
-                item.task, item.already_done, item.result = twin, True, twin.result
-                twin.__dict__["_parameters"] = item.parameters
-            elif holder is not None and not force:
-                state = states.get(holder.lease_pk)
-                mine = holder.lease_pk == self.lease.pk
-                if mine and holder.pk not in self.lease.in_flight:  # left by an execution that failed
-                    stale[holder.pk] = f"lease {self.lease.owner} (left by an earlier execution)"
-                elif state is not None and not state.stale:
-                    item.task, item.elsewhere = holder, state.owner
-                    continue
-                else:
-                    stale[holder.pk] = state.describe() if state is not None else None
-                new_items.append((item, tid, parameters))
-            else:
-                new_items.append((item, tid, parameters))
-        if stale:
-            taken = take_over(session, stale, by=f"{self.lease.owner} (taken over)")
-            log.warning(
-                "%s: took over %d stale task(s) whose run stopped (%s)",
-                self.task_class.__name__,
-                taken,
-                "; ".join(sorted({reason or "no lease" for reason in stale.values()})),
-            )
-        return new_items
-
-    def _insert_tasks(
-        self,
-        session: Session,
-        pipeline: Pipeline,
-        new_items: list[tuple[TaskItem, str, dict[str, str]]],
-        force: bool,
-        inserted_before: set[int],
-    ) -> Bundle | None:
-        """Insert the new tasks with their parameters, input data products and bundle (a few statements).
-
-        On PostgreSQL, a claim that a concurrent run inserted since the look-up makes the insert fail on the
-        unique index (after that run commits): :meth:`record` then runs the transaction again, and finds
-        that claim. SQLite transactions take the write lock when they begin, so the rows read above cannot
-        change before the insert.
-        """
-        if not new_items:
-            return None
-        now = datetime.now(UTC)
-        parameter_pks = pipeline.submit(
-            get_or_create_parameters, session, sorted({pair for _, _, p in new_items for pair in p.items()})
-        )
-        if self.url not in _VERSIONS_RECORDED:
-            pipeline.submit(self._record_version_parameters, session)
-        bundle = None
-        if len(new_items) > 1:
-            bundle = Bundle(
-                task_module=self.task_class.__module__,
-                task_name=self.task_class.__qualname__,
-                bundled_parameters=clean_json(to_json_value(self.bundled)),  # inf, nan, -0.0 tagged
-                n_tasks=len(new_items),
-                created=now,
-            )
-            pipeline.submit(_add_and_flush, session, bundle)
-        pks = pipeline.submit(allocate_pks, session, Task.__table__, len(new_items)).result()
-        inserted_before.update(pks)
-        claim = None if force else 1
-        shared = {
-            "task_module": self.task_class.__module__,
-            "task_name": self.task_class.__qualname__,
-            "version": __version__,
-            "status_code": int(Status.RUNNING),
-            "created": now,
-            "modified": now,
-            "claim": claim,
-            "lease_pk": self.lease.pk,
-        }
-        if bundle is not None:
-            shared["bundle_pk"] = bundle.pk  # flushed by the worker before it allocated the task pks
-        # In task_id order: concurrent runs inserting the same claims meet in one order (no deadlock)
-        rows = sorted(
-            ({"pk": pk, "task_id": tid} for pk, (_, tid, _) in zip(pks, new_items, strict=True)),
-            key=operator.itemgetter("task_id"),
-        )
-        pipeline.submit(prepare_insert(session, Task.__table__, rows, same_for_all=shared))
-        links = self._link_rows(new_items, pks, parameter_pks.result())
-        for rows, table in zip(links, (TaskParameter.__table__, TaskInputDataProduct.__table__), strict=True):
-            pipeline.submit(prepare_insert(session, table, rows))
-        template = {**dict.fromkeys(c.name for c in Task.__table__.columns), **shared}
-        for pk, (item, tid, _) in zip(pks, new_items, strict=True):
-            item.task = build(Task, {**template, "pk": pk, "task_id": tid, "_parameters": item.parameters})
-        pipeline.submit(lambda: None).result()  # the first error, if any, is raised here
-        return bundle
-
-    def _record_version_parameters(self, session: Session) -> None:
-        """The version parameters of this version: two ``parameter`` rows and their ``version_parameter``
-        rows, recorded once per version (the view ``astra.task_parameter`` gives them to every task)."""
-        pks = get_or_create_parameters(session, self._version_pairs)
-        rows = [{"version": __version__, "parameter_pk": pk} for pk in sorted(pks.values())]
-        insert_rows(
-            session, VersionParameter.__table__, rows, on_conflict_do_nothing=("version", "parameter_pk")
-        )
-
-    def _link_rows(
-        self,
-        new_items: list[tuple[TaskItem, str, dict[str, str]]],
-        pks: list[int],
-        parameter_pks: Mapping[tuple[str, str], int],
-    ) -> tuple[list[dict[str, int]], list[dict[str, int]]]:
-        """The ``task_parameter_link`` and ``task_input_data_product`` rows of the new tasks."""
-        parameters = [
-            {"task_pk": pk, "parameter_pk": parameter_pks[pair]}
-            for pk, (_, _, values) in zip(pks, new_items, strict=True)
-            for pair in values.items()
-        ]
-        inputs = [
-            {"task_pk": pk, "data_product_pk": dp.pk}
-            for pk, (item, _, _) in zip(pks, new_items, strict=True)
-            for dp in item.data_products
-        ]
-        return parameters, inputs
-
-    # Waiting for tasks held elsewhere -----------------------------------------------------------------
-
     def refresh_held(self, items: Sequence[TaskItem]) -> list[TaskItem]:
         """Look again at tasks held elsewhere: completed ones become already done; return the ones whose
         holder failed or stopped (to be claimed again); the others stay held."""
         held = [item for item in items if item.elsewhere]
-        if any(item.task is None for item in held):  # its holder is gone: claim it again
-            return [item for item in held if item.task is None] + self.refresh_held(
-                [item for item in held if item.task is not None]
-            )
-
-        def look(session: Session) -> list[TaskItem]:
-            rows = {t.pk: t for (t,) in select_in(session, select(Task), Task.pk, [i.task.pk for i in held])}
-            states = lease_states(session, [t.lease_pk for t in rows.values()])
-            free = []
-            for item in held:
-                row = rows.get(item.task.pk)
-                if row is not None and row.status_code == Status.COMPLETED:
-                    item.task, item.already_done, item.result, item.elsewhere = row, True, row.result, None
-                    row.__dict__["_parameters"] = item.parameters
-                elif row is None or row.status_code != Status.RUNNING or _stale(states.get(row.lease_pk)):
-                    free.append(item)
-            return free
-
-        return self._transaction(look, "looking up tasks held by other runs") if held else []
+        gone = [item for item in held if item.task is None]
+        held = [item for item in held if item.task is not None]
+        if not held:
+            return gone
+        look = functools.partial(self.claimer.look_again, held=held)
+        return gone + self._transaction(look, "looking up tasks held by other runs")
 
     # Recording outcomes --------------------------------------------------------------------------
 
@@ -524,23 +204,26 @@ class Recorder:
         raise RuntimeError(f"{self.task_class.__name__}: the ownership of the tasks kept changing")
 
     def _persist(self, session, items, results, outputs, overhead) -> None:  # noqa: ANN001
+        """One attempt at recording a chunk: lock its tasks that still run under this lease (all of them,
+        else nothing is written), then write results, outputs and the tasks' final columns."""
+        owned = (
+            select(Task.pk)
+            .where(Task.status_code == Status.RUNNING, Task.lease_pk == self.lease.pk)
+            .with_for_update(key_share=True)  # FOR NO KEY UPDATE: a takeover waits for this transaction
+        )
         with Pipeline.for_session(session) as pipeline:
+            locked = pipeline.submit(select_in, session, owned, Task.pk, [item.task.pk for item in items])
+            now = datetime.now(UTC)
+            rows = final_rows(items, overhead, {})
+            if len(locked.result()) != len(items):
+                raise _OwnershipChanged
             first_output = store_results(session, pipeline, results)
+            for row in rows:
+                row["output_pk"] = first_output.get(row["pk"])
             if outputs:
                 pipeline.submit(store_output_data_products, session, outputs)
-            now = datetime.now(UTC)
-            rows = final_rows(items, overhead, first_output)
-            updated = pipeline.submit(
-                prepare_update(
-                    session,
-                    Task.__table__,
-                    rows,
-                    same_for_all={"modified": now},
-                    where={"status_code": int(Status.RUNNING), "lease_pk": self.lease.pk},
-                )
-            ).result()
-        if updated != len(items):
-            raise _OwnershipChanged
+            update_rows = prepare_update(session, Task.__table__, rows, same_for_all={"modified": now})
+            pipeline.submit(update_rows).result()
         for item, row in zip(items, rows, strict=True):
             item.task.__dict__.update(row, modified=now)
 
@@ -599,10 +282,6 @@ class Recorder:
         self.bundle.__dict__.update(values)
 
 
-def _stale(state: LeaseState | None) -> bool:
-    return state is None or state.stale
-
-
 def _fail_missing_outputs(outputs: Sequence[OutputFile]) -> None:
     """Fail the tasks whose output file is gone (one ``stat`` per file)."""
     for item, spec in outputs:
@@ -633,9 +312,4 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _add_and_flush(session: Session, record: Base) -> None:
-    session.add(record)
-    session.flush()
-
-
-__all__ = ["STAGES", "OutputFile", "Recorder", "ResultRow", "TaskItem", "encode_parameter_value", "task_id"]
+__all__ = ["CLAIM_ATTEMPTS", "Recorder"]
