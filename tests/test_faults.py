@@ -475,6 +475,7 @@ def test_initdb_upgrades_a_database_of_the_version_before_leases(postgres_server
             "created view astra.task_parameter",
             "added column astra.task.claim",
             "dropped index astra.ix_task_task_id",
+            "recorded the version parameters of 0.0.9",
         ):
             assert line in upgraded.stdout
         with old.connect() as connection:
@@ -485,7 +486,8 @@ def test_initdb_upgrades_a_database_of_the_version_before_leases(postgres_server
                 Base.metadata,
             )
             links = connection.execute(text("select task_pk from astra.task_parameter order by 1")).all()
-        assert differences == [] and [pk for (pk,) in links] == [1, 2]  # the rows kept, through the view
+        # the rows kept, through the view, with the version parameters of their version
+        assert differences == [] and [pk for (pk,) in links] == [1, 1, 1, 2, 2, 2]
         database.configure(url)
         report = run_transaction(task_status)
         assert report["stale"] == 1 and report["oldest_stale_lease"]["reason"] == "no lease"

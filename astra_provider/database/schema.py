@@ -181,7 +181,32 @@ def create_schema(connection: Connection) -> list[str]:
     connection.execute(text(task_parameter_view(connection.dialect.name)))
     if "task" in before:
         done.extend(_upgrade_task_table(connection, before["task"], postgresql))
+        if "version_parameter" not in before:
+            done.extend(_record_earlier_versions(connection))
     return done
+
+
+def _record_earlier_versions(connection: Connection) -> list[str]:
+    """The version parameters of the versions that recorded the existing tasks (before they were kept)."""
+    from sqlalchemy.orm import Session
+
+    from astra_provider.database.astradb import VersionParameter, version_parameters
+    from astra_provider.database.recording import canonical_json_fast, get_or_create_parameters, insert_rows
+
+    versions = sorted(connection.execute(text(f"SELECT DISTINCT version FROM {SCHEMA}.task")).scalars())
+    if not versions:
+        return []
+    session = Session(bind=connection)
+    rows = []
+    for version in versions:
+        pairs = [(name, canonical_json_fast(value)) for name, value in version_parameters(version).items()]
+        rows += [
+            {"version": version, "parameter_pk": pk}
+            for pk in get_or_create_parameters(session, pairs).values()
+        ]
+    insert_rows(session, VersionParameter.__table__, rows, on_conflict_do_nothing=("version", "parameter_pk"))
+    session.flush()
+    return [f"recorded the version parameters of {', '.join(versions)}"]
 
 
 def _rename_task_parameter_table(
