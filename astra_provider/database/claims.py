@@ -21,6 +21,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from astra_provider._version import __version__
+from astra_provider.database import get_engine
 from astra_provider.database.astradb import (
     Bundle,
     DataProduct,
@@ -51,8 +52,9 @@ from astra_provider.utils import to_json_value
 
 log = logging.getLogger(__name__)
 
-_VERSIONS_RECORDED: set[str] = set()
-"""Database URLs where this process has made sure the version parameters of this version are recorded."""
+_VERSIONS_RECORDED: set[tuple[str, int]] = set()
+"""``(URL, id of its engine)`` of the databases where this process has recorded this version's parameters
+(a new engine, e.g. after ``dispose_engines()`` and a new database at the same URL, looks again)."""
 
 
 def encode_parameter_value(value: Any) -> str:
@@ -108,7 +110,7 @@ class Claimer:
         ]
 
     def version_parameters_recorded(self) -> bool:
-        return self.url in _VERSIONS_RECORDED
+        return (self.url, id(get_engine(self.url))) in _VERSIONS_RECORDED
 
     def record_version_parameters(self, session: Session) -> None:
         """The version parameters of this version: two ``parameter`` rows and their ``version_parameter``
@@ -123,7 +125,7 @@ class Claimer:
             session, VersionParameter.__table__, rows, on_conflict_do_nothing=("version", "parameter_pk")
         )
         session.commit()
-        _VERSIONS_RECORDED.add(self.url)
+        _VERSIONS_RECORDED.add((self.url, id(get_engine(self.url))))
 
     def claim(
         self, session: Session, items: list[TaskItem], force: bool, inserted_before: set[int]
