@@ -37,7 +37,7 @@ from fault_scenarios import (
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
-from astra_provider import database
+from astra_provider import __version__, database
 from astra_provider.database import session_scope
 from astra_provider.database.astradb import Status, Task
 from astra_provider.database.leases import LEASE_STAGE, recover_stale_tasks, task_status
@@ -503,3 +503,69 @@ def test_initdb_upgrades_a_database_of_the_version_before_leases(postgres_server
 
 def _astra(name, type_, parent_names):  # noqa: ANN001, ANN202
     return name == "astra" if type_ == "schema" else True
+
+
+def test_a_claim_inserted_meanwhile_by_another_run_wins(astra_db):
+    """Another run inserts the claim of a task after this run looked (PostgreSQL: the insert waits on the
+    unique index, fails, and the claim is looked up again; SQLite: the transaction waits to begin): the task
+    is held elsewhere, not run twice, and no second row claims it."""
+    from astra_provider.contrib.examples import GreedyPrimes
+    from astra_provider.database.claims import task_id
+
+    instance = GreedyPrimes(max_value=7)
+    identity = task_id(GreedyPrimes, {"max_value": "7", "min_value": "2"}, [])  # encoded values, no inputs
+    engine = database.get_engine()
+    other = engine.connect()
+    transaction = other.begin()
+    lease_pk = other.execute(
+        text(
+            "insert into astra.lease (owner, host, pid, created, renewed, expires) values "
+            "('elsewhere/1/x', 'elsewhere', 1, :now, :now, :later) returning pk"
+        ),
+        {"now": "2000-01-01 00:00:00", "later": "2999-01-01 00:00:00"},
+    ).scalar_one()
+    other.execute(
+        text(
+            "insert into astra.task (task_module, task_name, task_id, version, status_code, claim, "
+            "lease_pk, created, modified) values ('astra_provider.contrib.examples', 'GreedyPrimes', :id, "
+            ":version, 1, 1, :lease, :now, :now)"
+        ),
+        {"id": identity, "version": __version__, "lease": lease_pk, "now": "2000-01-01 00:00:00"},
+    )
+    outcome_of_run: dict = {}
+    runner = threading.Thread(target=lambda: outcome_of_run.update(result=instance.execute()))
+    runner.start()
+    time.sleep(1.5)  # the run is waiting for the other transaction
+    transaction.commit()
+    other.close()
+    runner.join(timeout=120)
+    assert not runner.is_alive()
+    assert outcome_of_run["result"] is None and instance.summary()["elsewhere"] == 1
+    with session_scope() as session:
+        rows = session.execute(select(Task.status_code, Task.claim).where(Task.task_id == identity)).all()
+    assert rows == [(Status.RUNNING, 1)]  # only the other run's claim
+
+
+def test_an_output_file_gone_before_recording_fails_its_task(astra_db, tmp_path):
+    from astra_provider.base import Parameter, TaskInstance
+
+    class Writes(TaskInstance):
+        name = Parameter()
+
+        def execute(self):
+            for task, _ in self.iterable():
+                path = tmp_path / f"{task.parameters['name']}.txt"
+                path.write_text("complete")
+                self.add_output_data_product(task, path)
+                if task.parameters["name"] == "vanishes":
+                    path.unlink()  # as if another run had removed it, or it was never complete
+            return [task.parameters["name"] for task, _ in self.iterable()]
+
+    bundle = Writes(name=("kept", "vanishes"))
+    assert bundle.execute() == ["kept", None]
+    kept, vanished = [Task.get_by_id(t.pk) for t in bundle.tasks]
+    assert kept.status == Status.COMPLETED and [dp.path for dp in kept.output_data_products] == [
+        str(tmp_path / "kept.txt")
+    ]
+    assert vanished.status == Status.FAILED and vanished.output_data_products == []
+    assert "vanishes.txt' does not exist when recorded" in vanished.error_message

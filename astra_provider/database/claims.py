@@ -161,9 +161,9 @@ class Claimer:
             bundle_pks = {
                 item.task.bundle_pk
                 for item in items
-                if item.task is not None and item.task.pk in inserted_before
+                if item.task is not None and item.task.pk in inserted_before and item.task.bundle_pk
             }
-            bundle = session.get(Bundle, min(bundle_pks)) if bundle_pks - {None} else None
+            bundle = session.get(Bundle, min(bundle_pks)) if bundle_pks else None
         return bundle
 
     def _resolve_data_products(self, session: Session, items: Sequence[TaskItem]) -> None:

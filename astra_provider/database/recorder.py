@@ -3,14 +3,14 @@
 A :class:`Recorder` records the tasks of one :class:`~astra_provider.base.TaskInstance` (one task, or a
 bundle) around their execution:
 
-1. :meth:`Recorder.record` *claims* the tasks. It resolves the input data products (creating their rows),
-   computes each task's identity (:func:`task_id`), and looks up the rows of the same tasks at this version:
-   a completed twin makes the task *already done* (skip-if-done); a running row of another live process
-   makes it *held elsewhere* (not run here); a running row whose lease is stale is taken over
-   (:mod:`astra_provider.database.leases`). The others are inserted ``RUNNING`` under this process's lease,
-   holding the claim on their ``(task_id, version)`` (a unique index: a concurrent run that inserted the
-   same claim first wins, and the task is held elsewhere), with their parameters, the version parameters,
-   their input data products and their bundle.
+1. :meth:`Recorder.record` *claims* the tasks (:class:`~astra_provider.database.claims.Claimer`). It
+   resolves the input data products (creating their rows), computes each task's identity (:func:`task_id`),
+   and looks up the rows of the same tasks at this version: a completed twin makes the task *already done*
+   (skip-if-done); a running row of another live process makes it *held elsewhere* (not run here); a running
+   row whose lease is stale is taken over (:mod:`astra_provider.database.leases`). The others are inserted
+   ``RUNNING`` under this process's lease, holding the claim on their ``(task_id, version)``, with their
+   parameters, input data products and bundle. The claim is a unique index: when a concurrent run inserted
+   some of the same claims first, the insert fails, and the transaction runs again and finds them.
 2. :meth:`Recorder.persist`, after each chunk of tasks has run, stores their result rows and output data
    products and updates each task with its status, timings, error and return value, in one transaction
    that only changes tasks still running under this lease. A task whose claim was taken over meanwhile is
