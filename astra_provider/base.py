@@ -133,6 +133,7 @@ class TaskInstance:
         self._bundled = {name: items[0].parameters[name] for name in self.bundled_parameter_names()}
         self._attempt: Attempt | None = None
         self._scope: list[TaskItem] | None = None  # the tasks of the running chunk
+        self._by_pk: dict[int, TaskItem] = {}  # see _item_for
         self._bundle: Bundle | None = None
         self._verbose = False
 
@@ -384,10 +385,14 @@ class TaskInstance:
         return self._attempt
 
     def _item_for(self, task: Task) -> TaskItem:
-        for item in self._items:
-            if item.task is task or (item.task is not None and item.task.pk == task.pk):
-                return item
-        raise ValueError(f"{task!r} is not a task of this instance")
+        """The task of this instance that ``task`` is the record of (by pk: a dict, rebuilt when stale)."""
+        item = self._by_pk.get(task.pk)
+        if item is None or item.task is None or item.task.pk != task.pk:
+            self._by_pk = {item.task.pk: item for item in self._items if item.task is not None}
+            item = self._by_pk.get(task.pk)
+        if item is None:
+            raise ValueError(f"{task!r} is not a task of this instance")
+        return item
 
     def _raise_all_failed(self, failed: list[TaskItem]) -> None:
         first = failed[0]

@@ -8,8 +8,8 @@ exactly once, one result row, one complete output file, nothing RUNNING). Times 
 average; nothing here is a timing assertion.
 
 - ``overlap``: 8 processes start the same 5 bundles of 2,000 tasks at once (each in another order);
-- ``kill``: kill -9 after 2 recorded chunks of a bundle of 2,000 tasks (PostgreSQL) or 20,000 (SQLite),
-  then the bundle again;
+- ``kill``: kill -9 mid-bundle (after 2 recorded chunks, at most half the bundle) of a bundle of 2,000 tasks
+  (PostgreSQL) or 20,000 (SQLite), then the bundle again;
 - ``commit``: PostgreSQL stops at the commit of the last chunk of a bundle of 1,000 tasks, and starts again
   5 s later; then the same, but the commit reaches the server and its answer is lost;
 - ``doppler``: 6 overlapping runs of 140 tasks that each write one result row.
@@ -89,7 +89,7 @@ def overlap(url: str, root: Path, size: int, processes: int = 8, names: str = "A
 def kill(url: str, root: Path, size: int) -> None:
     start = time.monotonic()
     worker = fs.start_worker(url, spec(root, ["K"], size), FAULT_TASK_DELAY=0.002)
-    while not _completed_at_least(url, 2 * CHUNK, worker):
+    while not _completed_at_least(url, min(2 * CHUNK, size // 2), worker):  # mid-bundle
         time.sleep(0.2)
     fs.kill(worker)
     left = sum(s[1] for s in fs.outcome(url)["statuses"].values())

@@ -203,14 +203,21 @@ def _pg_unnest(
     columns: Sequence[str],
     rows: Sequence[Mapping[str, Any]],
     fill: Mapping[str, Any] | None = None,
+    constant: Mapping[str, tuple[str, Any]] | None = None,
 ) -> tuple[str, dict[str, str]]:
-    """``unnest(CAST(:a0 AS T0[]), ...) AS v(c0, ...)`` and its parameters: an array literal per column."""
+    """``unnest(CAST(:a0 AS T0[]), ...) AS v(c0, ...)`` and its parameters: an array literal per column.
+
+    :param constant: more columns, ``alias -> (column, processed value)``: the value repeated in every row.
+    """
     quote = dialect.identifier_preparer.quote
-    types = [_pg_type(table.c[name], dialect) for name in columns]
+    constant = constant or {}
+    names = [*columns, *constant]
+    types = [_pg_type(table.c[name], dialect) for name in [*columns, *(c for c, _ in constant.values())]]
     arrays = ", ".join(f"CAST(:a{i} AS {sql_type}[])" for i, sql_type in enumerate(types))
     values = _column_values(table, dialect, columns, rows, fill)
+    values += [[value] * len(rows) for _, value in constant.values()]
     parameters = {f"a{i}": pg_array(column) for i, column in enumerate(values)}
-    return f"unnest({arrays}) AS v({', '.join(map(quote, columns))})", parameters
+    return f"unnest({arrays}) AS v({', '.join(map(quote, names))})", parameters
 
 
 def _pg_shared(table: Table, dialect: Dialect, shared: Mapping[str, Any]) -> tuple[list[str], dict]:
@@ -356,13 +363,15 @@ def update_rows(
     *,
     key: str = "pk",
     same_for_all: Mapping[str, Any] | None = None,
+    only_if: Mapping[str, Any] | None = None,
 ) -> int:
     """Update, for each of ``rows`` (dicts with the same keys, ``key`` among them), the row it names.
 
     :param same_for_all: column values set on every row (sent once, not once per row).
+    :param only_if: update only the rows whose columns hold these values (e.g. still running, still ours).
     :returns: the number of rows updated.
     """
-    return prepare_update(session, table, rows, key=key, same_for_all=same_for_all)()
+    return prepare_update(session, table, rows, key=key, same_for_all=same_for_all, only_if=only_if)()
 
 
 def prepare_update(
@@ -372,11 +381,15 @@ def prepare_update(
     *,
     key: str = "pk",
     same_for_all: Mapping[str, Any] | None = None,
+    only_if: Mapping[str, Any] | None = None,
 ) -> Callable[[], int]:
     """:func:`update_rows` in two steps, like :func:`prepare_insert`; the function returns the row count.
 
     One ``UPDATE ... FROM unnest(...)`` on PostgreSQL, whatever the number of rows; values that are the
-    same object in every row (typically ``None``) are sent once.
+    same object in every row (typically ``None``) are sent once. On PostgreSQL the ``only_if`` values travel
+    as columns of the ``unnest`` too, so that they are conditions of the join on ``key``, never filters of
+    the table: as filters, the planner (which cannot know that most rows pass) may scan the whole table
+    once per updated row.
     """
     if not rows:
         return lambda: 0
@@ -386,12 +399,14 @@ def prepare_update(
     same_for_all = {**constant, **(same_for_all or {})}
     columns = [name for name in rows[0] if name != key and name not in same_for_all]
     shared = {name: _processed(table.c[name], dialect, [v])[0] for name, v in same_for_all.items()}
+    only_if = {name: _processed(table.c[name], dialect, [v])[0] for name, v in (only_if or {}).items()}
     target = dialect.identifier_preparer.format_table(table)
     if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
         assignments = ", ".join(f"{quote(name)} = ?" for name in [*columns, *shared])
+        tests = "".join(f" AND {quote(name)} = ?" for name in only_if)
         values = zip(*_column_values(table, dialect, [*columns, key], rows), strict=True)
-        sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?"
-        tuples = [(*row[:-1], *shared.values(), row[-1]) for row in values]
+        sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?{tests}"
+        tuples = [(*row[:-1], *shared.values(), row[-1], *only_if.values()) for row in values]
         return lambda: session.connection().exec_driver_sql(sql, tuples).rowcount
 
     shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
@@ -405,6 +420,10 @@ def prepare_update(
     for chunk in chunked(rows, PG_CHUNK):
         source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk)
         where = f"t.{quote(key)} = v.{quote(key)}"
+        if only_if:
+            guard = {f"only_if_{name}": (name, value) for name, value in only_if.items()}
+            source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk, constant=guard)
+            where += "".join(f" AND t.{quote(name)} = v.{quote(alias)}" for alias, (name, _) in guard.items())
         statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
         statements.append((statement, {**parameters, **shared_parameters}))
 

@@ -204,26 +204,21 @@ class Recorder:
         raise RuntimeError(f"{self.task_class.__name__}: the ownership of the tasks kept changing")
 
     def _persist(self, session, items, results, outputs, overhead) -> None:  # noqa: ANN001
-        """One attempt at recording a chunk: lock its tasks that still run under this lease (all of them,
-        else nothing is written), then write results, outputs and the tasks' final columns."""
-        owned = (
-            select(Task.pk)
-            .where(Task.status_code == Status.RUNNING, Task.lease_pk == self.lease.pk)
-            .with_for_update(key_share=True)  # FOR NO KEY UPDATE: a takeover waits for this transaction
-        )
+        """One attempt at recording a chunk: results, outputs, and the final columns of its tasks that
+        still run under this lease; if that is not all of them, nothing (the transaction rolls back)."""
         with Pipeline.for_session(session) as pipeline:
-            locked = pipeline.submit(select_in, session, owned, Task.pk, [item.task.pk for item in items])
-            now = datetime.now(UTC)
-            rows = final_rows(items, overhead, {})
-            if len(locked.result()) != len(items):
-                raise _OwnershipChanged
             first_output = store_results(session, pipeline, results)
-            for row in rows:
-                row["output_pk"] = first_output.get(row["pk"])
             if outputs:
                 pipeline.submit(store_output_data_products, session, outputs)
-            update_rows = prepare_update(session, Task.__table__, rows, same_for_all={"modified": now})
-            pipeline.submit(update_rows).result()
+            now = datetime.now(UTC)
+            rows = final_rows(items, overhead, first_output)
+            ours = {"status_code": int(Status.RUNNING), "lease_pk": self.lease.pk}
+            update_rows = prepare_update(
+                session, Task.__table__, rows, same_for_all={"modified": now}, only_if=ours
+            )
+            updated = pipeline.submit(update_rows).result()
+        if updated != len(items):  # a takeover changed some rows first (it waits for this update otherwise)
+            raise _OwnershipChanged
         for item, row in zip(items, rows, strict=True):
             item.task.__dict__.update(row, modified=now)
 
