@@ -133,7 +133,6 @@ class TaskInstance:
         self._bundled = {name: items[0].parameters[name] for name in self.bundled_parameter_names()}
         self._attempt: Attempt | None = None
         self._scope: list[TaskItem] | None = None  # the tasks of the running chunk
-        self._by_pk: dict[int, TaskItem] = {}  # see _item_for
         self._bundle: Bundle | None = None
         self._verbose = False
 
@@ -385,11 +384,16 @@ class TaskInstance:
         return self._attempt
 
     def _item_for(self, task: Task) -> TaskItem:
-        """The task of this instance that ``task`` is the record of (by pk: a dict, rebuilt when stale)."""
-        item = self._by_pk.get(task.pk)
+        # by pk, through an index rebuilt when it misses (add_result is called once per row of a bundle)
+        index = self.__dict__.get("_items_by_pk") or {}
+        item = index.get(task.pk)
         if item is None or item.task is None or item.task.pk != task.pk:
-            self._by_pk = {item.task.pk: item for item in self._items if item.task is not None}
-            item = self._by_pk.get(task.pk)
+            index = {}
+            for each in self._items:
+                if each.task is not None:
+                    index.setdefault(each.task.pk, each)  # the first item of a task, as before
+            self.__dict__["_items_by_pk"] = index
+            item = index.get(task.pk)
         if item is None:
             raise ValueError(f"{task!r} is not a task of this instance")
         return item

@@ -3,8 +3,9 @@
 - :mod:`astra_provider.cli.database`: ``initdb``, ``schema``, ``status``, ``recover``;
 - :mod:`astra_provider.cli.tasks`: ``show``, ``rerun``;
 - :mod:`astra_provider.cli.airflow`: ``airflow-setup``;
-- ``synthetic-survey``, ``demo`` and ``templates`` come from :mod:`astra_provider.synthetic.cli`,
-  :mod:`astra_provider.demo` and :mod:`astra_provider.templates.cli`.
+- ``synthetic-survey``, ``demo``, ``run-step`` and ``templates`` come from
+  :mod:`astra_provider.synthetic.cli`, :mod:`astra_provider.demo`, :mod:`astra_provider.run_step` and
+  :mod:`astra_provider.templates.cli`.
 
 Every URL printed is redacted (:func:`astra_provider.database.redact`).
 """
@@ -57,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     from astra_provider.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
+    from astra_provider import run_step
+
+    run_step.add_arguments(
+        commands.add_parser(
+            "run-step",
+            help="run one step of a DAG (and the steps it needs) in a run; exit 1 if a task failed",
+            description=run_step.__doc__.split("\n\n")[1],
+        )
+    )
     from astra_provider.templates.cli import add_arguments as add_templates_arguments
 
     templates = commands.add_parser(
@@ -86,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from astra_provider.synthetic.cli import run as run_survey
 
         return run_survey(args)
+    if args.command == "run-step":
+        from astra_provider import run_step
+
+        return run_step.main(args)
     from astra_provider.demo import run as run_demo
 
     return run_demo(args)

@@ -454,10 +454,18 @@ class Continuum(OutputMixin, Base):
 
 
 class Doppler(OutputMixin, Base):
-    """Radial velocity (and template labels) of one visit spectrum."""
+    """Radial velocity (and template labels) of one visit spectrum.
+
+    One row per visit: an apVisit or BOSS file gives one (``row_index`` 0), an apStar file one per visit row
+    (``row_index`` is the row of the file). ``vhelio = vrel + bc`` always; for BOSS, whose wavelengths are
+    already heliocentric, ``bc = −HELIO_RV``. ``template_grid`` names the grid of the reported fit,
+    ``model_mismatch`` the model error its χ² implies (fraction of the continuum), and ``bitmask_flag`` holds
+    :class:`astra_provider.science.doppler.RVFlag` bits.
+    """
 
     __tablename__ = "doppler"
 
+    row_index: Mapped[int] = mapped_column(Integer, default=0)
     vhelio: Mapped[float | None] = mapped_column(Float)
     vrel: Mapped[float | None] = mapped_column(Float)
     u_vrel: Mapped[float | None] = mapped_column(Float)
@@ -470,6 +478,8 @@ class Doppler(OutputMixin, Base):
     u_fe_h: Mapped[float | None] = mapped_column(Float)
     chisq: Mapped[float | None] = mapped_column(Float)
     ccf_peak: Mapped[float | None] = mapped_column(Float)
+    model_mismatch: Mapped[float | None] = mapped_column(Float)
+    template_grid: Mapped[str | None] = mapped_column(Text)
     snr: Mapped[float | None] = mapped_column(Float)
     bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
 

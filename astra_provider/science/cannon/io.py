@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "MODEL_KIND",
+    "OPTIONAL_ARRAYS",
     "REQUIRED_ARRAYS",
     "cannon_model_arrays",
     "cannon_model_fields",
@@ -30,8 +31,10 @@ __all__ = [
 
 #: The ``kind`` of every Cannon model file (unchanged since the model lived in one module of this name).
 MODEL_KIND = "astra_provider.science.cannon.CannonModel"
-#: Newest file format version this code writes and reads.
-FORMAT_VERSION = 1
+#: Newest file format version this code writes and reads (2: adds the optional ``continuum_pixels``).
+FORMAT_VERSION = 2
+#: Arrays a file may lack (older format versions): the model field is then ``None``.
+OPTIONAL_ARRAYS = ("continuum_pixels",)
 #: The arrays of a model file (npz members; FITS HDUs and columns map onto the same names).
 REQUIRED_ARRAYS = (
     "kind",
@@ -73,7 +76,7 @@ def cannon_model_arrays(model: CannonModel) -> dict[str, np.ndarray]:
         metadata_json = json.dumps(model.metadata, default=_json_default, sort_keys=True)
     except TypeError as exc:
         raise ValueError(f"cannot save CannonModel metadata: {exc}") from None
-    return {
+    arrays = {
         "kind": np.array(MODEL_KIND),
         "format_version": np.array(FORMAT_VERSION),
         "label_names": np.array(model.label_names, dtype=str),
@@ -92,6 +95,9 @@ def cannon_model_arrays(model: CannonModel) -> dict[str, np.ndarray]:
         "regularization": np.atleast_1d(np.asarray(model.regularization, dtype=np.float64)),
         "metadata_json": np.array(metadata_json),
     }
+    if model.continuum_pixels is not None:
+        arrays["continuum_pixels"] = model.continuum_pixels
+    return arrays
 
 
 def cannon_model_fields(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
@@ -134,6 +140,7 @@ def cannon_model_fields(arrays: Mapping[str, np.ndarray], path: Path) -> dict[st
             "n_training": int(arrays["n_training"]),
             "regularization": float(regularization[0]) if regularization.size == 1 else regularization,
             "metadata": metadata,
+            "continuum_pixels": arrays.get("continuum_pixels"),
         }
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
@@ -194,52 +201,49 @@ def _read_npz_model_arrays(path: Path) -> dict[str, np.ndarray]:
 def _write_fits_model(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write the arrays as a primary header and six HDUs: THETA, PIXELS, LABELS, PERCENTILE_LEVELS, TERMS,
     METADATA (one row of JSON text)."""
-    from astropy.io import fits
+    from astra_provider.fits import ImageHDU, TableHDU, write_fits
 
-    primary = fits.PrimaryHDU()
-    primary.header["KIND"] = (MODEL_KIND, "file content")
-    primary.header["FMTVER"] = (FORMAT_VERSION, "Cannon model format version")
-    primary.header["NTRAIN"] = (int(arrays["n_training"]), "number of training spectra")
-    theta = fits.ImageHDU(np.asarray(arrays["theta"]), name="THETA")
     regularization = np.broadcast_to(arrays["regularization"], arrays["s2"].shape)
-    pixels = fits.BinTableHDU.from_columns(
+    pixels = {
+        "WAVELENGTH": np.asarray(arrays["wavelength"], dtype=np.float64),
+        "S2": np.asarray(arrays["s2"], dtype=np.float64),
+        "PIXEL_MASK": np.asarray(arrays["pixel_mask"], dtype=bool),
+        "REGULARIZATION": np.asarray(regularization, dtype=np.float64),
+    }
+    if "continuum_pixels" in arrays:
+        pixels["CONTINUUM_PIXEL"] = np.asarray(arrays["continuum_pixels"], dtype=bool)
+    labels = {
+        "NAME": np.asarray(arrays["label_names"], dtype=str),
+        "OFFSET": np.asarray(arrays["offsets"], dtype=np.float64),
+        "SCALE": np.asarray(arrays["scales"], dtype=np.float64),
+        "TRAIN_MIN": np.asarray(arrays["training_label_min"], dtype=np.float64),
+        "TRAIN_MAX": np.asarray(arrays["training_label_max"], dtype=np.float64),
+        "PERCENTILES": np.asarray(arrays["training_label_percentiles"], dtype=np.float64).T,
+    }
+    levels = np.asarray(arrays["training_label_percentile_levels"], dtype=np.float64)
+    write_fits(
+        path,
         [
-            fits.Column(name="WAVELENGTH", format="D", array=arrays["wavelength"]),
-            fits.Column(name="S2", format="D", array=arrays["s2"]),
-            fits.Column(name="PIXEL_MASK", format="L", array=arrays["pixel_mask"]),
-            fits.Column(name="REGULARIZATION", format="D", array=regularization),
-        ],
-        name="PIXELS",
-    )
-    pixels.header["REGSCAL"] = (arrays["regularization"].size == 1, "regularization is one scalar")
-    n_levels = len(arrays["training_label_percentile_levels"])
-    name_width = max(1, max(len(s) for s in arrays["label_names"]))
-    labels = fits.BinTableHDU.from_columns(
-        [
-            fits.Column(name="NAME", format=f"{name_width}A", array=arrays["label_names"]),
-            fits.Column(name="OFFSET", format="D", array=arrays["offsets"]),
-            fits.Column(name="SCALE", format="D", array=arrays["scales"]),
-            fits.Column(name="TRAIN_MIN", format="D", array=arrays["training_label_min"]),
-            fits.Column(name="TRAIN_MAX", format="D", array=arrays["training_label_max"]),
-            fits.Column(
-                name="PERCENTILES",
-                format=f"{n_levels}D",
-                array=np.asarray(arrays["training_label_percentiles"]).T,
+            ImageHDU(
+                None,
+                [
+                    ("KIND", MODEL_KIND, "file content"),
+                    ("FMTVER", FORMAT_VERSION, "Cannon model format version"),
+                    ("NTRAIN", int(arrays["n_training"]), "number of training spectra"),
+                ],
             ),
+            ImageHDU(np.asarray(arrays["theta"], dtype=np.float64), name="THETA"),
+            TableHDU(
+                pixels,
+                [("REGSCAL", bool(arrays["regularization"].size == 1), "regularization is one scalar")],
+                name="PIXELS",
+            ),
+            TableHDU(labels, name="LABELS"),
+            ImageHDU(levels, name="PERCENTILE_LEVELS"),
+            TableHDU({"TERM": np.asarray(arrays["terms"], dtype=str)}, name="TERMS"),
+            TableHDU({"JSON": np.array([str(arrays["metadata_json"])])}, name="METADATA"),
         ],
-        name="LABELS",
     )
-    levels = fits.ImageHDU(np.asarray(arrays["training_label_percentile_levels"]), name="PERCENTILE_LEVELS")
-    term_width = max(1, max(len(s) for s in arrays["terms"]))
-    terms = fits.BinTableHDU.from_columns(
-        [fits.Column(name="TERM", format=f"{term_width}A", array=arrays["terms"])], name="TERMS"
-    )
-    text = str(arrays["metadata_json"])
-    metadata = fits.BinTableHDU.from_columns(
-        [fits.Column(name="JSON", format=f"{max(1, len(text.encode()))}A", array=np.array([text]))],
-        name="METADATA",
-    )
-    fits.HDUList([primary, theta, pixels, labels, levels, terms, metadata]).writeto(path, overwrite=True)
 
 
 def _read_fits_model_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -266,7 +270,10 @@ def _read_fits_model_arrays(path: Path) -> dict[str, np.ndarray]:
             regularization = np.asarray(pixels["REGULARIZATION"], dtype=np.float64)
             if hdus["PIXELS"].header.get("REGSCAL", False):
                 regularization = regularization[:1]
-            return {
+            optional = {}
+            if "CONTINUUM_PIXEL" in pixels.columns.names:
+                optional["continuum_pixels"] = np.asarray(pixels["CONTINUUM_PIXEL"], dtype=bool)
+            return optional | {
                 "kind": np.array(kind),
                 "format_version": np.array(hdus[0].header.get("FMTVER", 0)),
                 "n_training": np.array(hdus[0].header.get("NTRAIN", 0)),
