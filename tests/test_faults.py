@@ -356,6 +356,12 @@ def test_nul_characters_and_lone_surrogates_are_stored_escaped(astra_db, tmp_pat
     again = Texts(note="bundled \x00 \udc80", value=values)
     again.execute()
     assert again.summary()["skipped"] == len(values) - 2 and again.summary()["failed"] == 2
+    with session_scope() as session:  # still one COMPLETED row and one result row per completed task
+        completed = (
+            session.execute(select(Task.task_id).where(Task.status_code == Status.COMPLETED)).scalars().all()
+        )
+        n_samples = session.scalar(text("select count(*) from astra.random_number_generator"))
+    assert len(completed) == len(set(completed)) == len(values) - 2 and n_samples == len(values) - 2
 
 
 # Read-only access, missing schema, URLs --------------------------------------------------------------------
@@ -569,3 +575,82 @@ def test_an_output_file_gone_before_recording_fails_its_task(astra_db, tmp_path)
     ]
     assert vanished.status == Status.FAILED and vanished.output_data_products == []
     assert "vanishes.txt' does not exist when recorded" in vanished.error_message
+
+
+# A full disk -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def apstar_files(tmp_path_factory) -> list[str]:
+    """Three apStar files (1-3 visits each: a few rows per file)."""
+    from astra_provider.synthetic.survey import generate_survey
+
+    root = tmp_path_factory.mktemp("apstar")
+    truth = generate_survey(
+        root, n_stars=3, visits_per_star=(1, 3), snr=(50.0, 90.0), seed=12, filetypes=("apStar",)
+    )
+    return [str(p) for p in truth.paths("apStar")]
+
+
+@pytest.mark.parametrize("disk", ["injected", "tmpfs"])
+def test_a_full_disk_then_a_rerun_completes_each_task_once_with_one_file(
+    astra_db, apstar_files, tmp_path, monkeypatch, disk
+):
+    """ENOSPC while the continuum bundle writes its file (injected half way through the data, or a real
+    256 kB tmpfs when this runs as root), then the same bundle again with room: no partial or temporary
+    file is left, each task is COMPLETED once (its failed row kept), with one result row per spectrum row
+    and one output file that reads back."""
+    import errno
+
+    import numpy as np
+    from test_fits import small_filesystem, unmount
+
+    from astra_provider.base import TaskFailedError
+    from astra_provider.contrib.continuum import SinusoidalContinuum, read_normalized
+    from astra_provider.database.astradb import Continuum
+    from astra_provider.fits import writer as fits_writer
+    from astra_provider.sdss.spectrum import read_spectrum
+
+    out = tmp_path / "out"
+    if disk == "tmpfs":
+        if small_filesystem(out, "256k") is None:
+            pytest.skip("mounting a size-limited tmpfs needs root and mount rights (the injected case ran)")
+    else:
+        real_write_array = fits_writer._write_array
+
+        def full_disk_after_half(handle, array):  # noqa: ANN001, ANN202
+            handle.write(memoryview(np.ascontiguousarray(array)).cast("B")[: array.nbytes // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(fits_writer, "_write_array", full_disk_after_half)
+    try:
+        with pytest.raises(TaskFailedError, match="No space left on device"):
+            SinusoidalContinuum(input_data_products=apstar_files, output_dir=str(out)).execute()
+        assert list(out.iterdir()) == []  # no partial file, no temporary file
+        if disk == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=16m", str(out)], check=True)
+        else:
+            monkeypatch.setattr(fits_writer, "_write_array", real_write_array)
+        rerun = SinusoidalContinuum(input_data_products=apstar_files, output_dir=str(out))
+        rerun.execute()
+        assert rerun.summary()["completed"] == len(apstar_files)
+        (written,) = list(out.iterdir())  # one bundle file, nothing else
+        with session_scope() as session:
+            rows = session.execute(select(Task.task_id, Task.status_code, Task.pk)).all()
+            result_rows = session.execute(select(Continuum.task_pk, Continuum.row_index)).all()
+        statuses = {}
+        for task_id, status, _ in rows:
+            statuses.setdefault(task_id, []).append(status)
+        assert len(statuses) == len(apstar_files)
+        assert all(sorted(s) == [Status.COMPLETED, Status.FAILED] for s in statuses.values()), statuses
+        completed = {pk for _, status, pk in rows if status == Status.COMPLETED}
+        expected_rows = sum(read_spectrum(path).n_spectra for path in apstar_files)
+        assert len(result_rows) == expected_rows and len(set(result_rows)) == expected_rows
+        assert {task_pk for task_pk, _ in result_rows} == completed  # none for the failed rows
+        for task, path in zip(rerun.tasks, apstar_files, strict=True):
+            (product,) = Task.get_by_id(task.pk).output_data_products
+            assert product.path == str(written)
+            assert read_normalized(product).n_spectra == read_spectrum(path).n_spectra  # complete
+    finally:
+        if disk == "tmpfs":
+            unmount(out)
