@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +181,15 @@ def executions(log_path: Path) -> Counter:
     return Counter(line.split()[0] for line in log_path.read_text().splitlines() if line.strip())
 
 
-def check_exactly_once(url: str, n_tasks: int) -> dict[str, Any]:
+def check_exactly_once(
+    url: str, n_tasks: int, output_dir: Path | None = None, killed: Iterable[int] = ()
+) -> dict[str, Any]:
     """Assert the targets: ``n_tasks`` task_ids, each COMPLETED exactly once with one result row and one
-    recorded output file that exists and holds the task's index; nothing RUNNING. Return the outcome."""
+    recorded output file that exists and holds the task's index; nothing RUNNING. Return the outcome.
+
+    :param output_dir: also assert that it holds the recorded files and nothing else (no orphaned file),
+        but for the temporary file a process in ``killed`` (pids) may have been writing when killed.
+    """
     found = outcome(url)
     statuses = found["statuses"]
     assert len(statuses) == n_tasks, f"{len(statuses)} task_ids, expected {n_tasks}"
@@ -197,6 +204,14 @@ def check_exactly_once(url: str, n_tasks: int) -> dict[str, Any]:
         assert len(paths) == 1, f"{tid}: {len(paths)} recorded outputs"
         assert Path(paths[0]).exists(), f"{tid}: recorded output {paths[0]} does not exist"
         assert Path(paths[0]).read_text().strip().isdigit(), f"{tid}: output {paths[0]} is not complete"
+    if output_dir is not None:
+        recorded = {paths[0] for paths in found["outputs"].values()}
+        files = {str(path) for path in Path(output_dir).iterdir() if not path.name.startswith(".")}
+        assert files == recorded, f"files not recorded: {sorted(files - recorded)[:5]}"
+        temporaries = [path.name for path in Path(output_dir).iterdir() if path.name.startswith(".")]
+        allowed = {f".{pid}.tmp" for pid in killed}
+        left = [name for name in temporaries if not any(name.endswith(end) for end in allowed)]
+        assert not left and len(temporaries) <= len(allowed), f"temporary files left: {temporaries[:5]}"
     return found
 
 

@@ -107,7 +107,7 @@ def test_kill_9_mid_bundle_loses_at_most_the_chunk_in_flight(astra_db, tmp_path,
     rerun = bundle_instance("A", n, tmp_path / "out", tmp_path / "executions.log")
     rerun.execute(chunk_size=CHUNK)
     assert rerun.summary()["skipped"] == completed and rerun.summary()["completed"] == n - completed
-    check_exactly_once(astra_db, n)
+    check_exactly_once(astra_db, n, tmp_path / "out", killed=[worker.pid])
     runs = executions(tmp_path / "executions.log")
     assert len(runs) == n and sum(runs.values()) <= n + CHUNK  # at most the chunk in flight, again
     with session_scope() as session:  # the stale rows say what happened to them
@@ -139,7 +139,7 @@ def test_a_frozen_run_loses_its_claims_and_records_nothing_of_them(astra_db, tmp
     assert takeover.summary()["completed"] + takeover.summary()["skipped"] == n
     assert frozen["elsewhere"] > 0  # its claims were lost: not recorded by it
     assert frozen["completed"] + frozen["elsewhere"] == n
-    check_exactly_once(astra_db, n)
+    check_exactly_once(astra_db, n, tmp_path / "out")
     runs = executions(tmp_path / "executions.log")
     assert sum(runs.values()) <= n + CHUNK  # the frozen run stopped running the tasks it lost
 
@@ -178,7 +178,7 @@ def test_postgresql_stopped_mid_bundle_is_waited_for(own_database, tmp_path):
     control.start()
     [summary] = finish(worker)
     assert summary["completed"] == n
-    check_exactly_once(url, n)
+    check_exactly_once(url, n, tmp_path / "out")
     assert sum(executions(tmp_path / "executions.log").values()) == n  # nothing ran twice
 
 
@@ -202,7 +202,7 @@ def test_postgresql_lost_at_the_commit_of_a_chunk(own_database, tmp_path, mode):
         cutter.close()
     assert cutter.cuts == 1
     assert summary["completed"] == n and summary["failed"] == 0
-    check_exactly_once(url, n)
+    check_exactly_once(url, n, tmp_path / "out")
     assert sum(executions(tmp_path / "executions.log").values()) == n
 
 
@@ -231,7 +231,7 @@ def test_postgresql_down_for_good_is_a_clear_error_and_a_rerun_recovers(own_data
     rerun = bundle_instance("A", n, tmp_path / "out", tmp_path / "executions.log")
     rerun.execute(chunk_size=CHUNK)
     assert rerun.summary()["completed"] + rerun.summary()["skipped"] == n
-    check_exactly_once(url, n)
+    check_exactly_once(url, n, tmp_path / "out")
 
 
 # Overlapping runs ----------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def test_eight_overlapping_processes_execute_each_task_once(astra_db, tmp_path):
     assert len(summaries) == 8 * 5
     assert sum(s["completed"] for s in summaries) == size * len(names)  # each task completed by one of them
     assert all(s["failed"] == 0 for s in summaries)
-    check_exactly_once(astra_db, size * len(names))
+    check_exactly_once(astra_db, size * len(names), tmp_path / "out")
     runs = executions(tmp_path / "executions.log")
     assert len(runs) == size * len(names) and sum(runs.values()) == size * len(names)
 
@@ -266,7 +266,7 @@ def test_overlapping_runs_that_wait_all_get_every_result(astra_db, tmp_path):
     summaries = [summary for worker in workers for summary in finish(worker)]
     assert all(s["completed"] + s["skipped"] == 40 and s["elsewhere"] == 0 for s in summaries)
     assert sum(s["completed"] for s in summaries) == 40
-    check_exactly_once(astra_db, 40)
+    check_exactly_once(astra_db, 40, tmp_path / "out")
 
 
 def test_concurrent_engine_starts_and_initdb_do_not_collide(postgres_server, tmp_path):
