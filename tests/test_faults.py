@@ -98,9 +98,13 @@ def test_kill_9_mid_bundle_loses_at_most_the_chunk_in_flight(astra_db, tmp_path,
     assert report["oldest_stale_lease"]["reason"] == "process gone"
     assert all(Path(paths[0]).exists() for paths in found["outputs"].values())  # recorded outputs exist
 
-    if then == "recover":  # astra recover marks them failed, and is idempotent
-        recovered = run_transaction(recover_stale_tasks)
-        assert recovered["recovered"] == running
+    if then == "recover":  # astra status shows them, astra recover marks them failed (idempotent)
+        shown = run_cli(astra_db, "status")
+        assert shown.returncode == 0, shown.stderr
+        assert f"running: 0 live, {running} stale" in shown.stdout and "process gone" in shown.stdout
+        recovered = run_cli(astra_db, "recover")
+        assert f"marked {running} stale task(s) failed" in recovered.stdout, recovered.stderr
+        assert "no stale tasks" in run_cli(astra_db, "recover").stdout
         assert run_transaction(recover_stale_tasks)["recovered"] == 0
         assert run_transaction(task_status)["stale"] == 0
 
