@@ -129,7 +129,7 @@ class Execution:
         log.log(level, "%s: %d task(s): %d to run, %d already done, %d held by other runs",
                 self.name, len(items), claimed, done, len(held))  # fmt: skip
         if held:
-            owners = ", ".join(sorted({item.elsewhere for item in held})[:3])
+            owners = ", ".join(sorted({item.elsewhere for item in held if item.elsewhere})[:3])
             then = "waiting for them" if self.timeout != 0 else "not run here (execute(wait=True) waits)"
             log.info("%s: %d task(s) are being run by %s; %s", self.name, len(held), owners, then)
 
@@ -253,7 +253,7 @@ class Execution:
         log.warning(
             "%s: task %s failed in %s (%s); running %s again for the other tasks",
             self.name,
-            culprit.task.pk,
+            None if culprit.task is None else culprit.task.pk,
             stage,
             message,
             stage,
