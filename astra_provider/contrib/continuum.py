@@ -80,9 +80,8 @@ class SinusoidalContinuum(TaskInstance):
     def execute(self):
         import numpy as np
 
-        from astra_provider.science.cannon.continuum_pixels import resolve_continuum_pixels
         from astra_provider.science.continuum import continuum_normalize
-        from astra_provider.science.continuum_pixels import continuum_pixel_set_id
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id, resolve_continuum_pixels
         from astra_provider.sdss.apogee import apogee_wavelength
         from astra_provider.sdss.spectrum import read_spectrum
 
