@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from astra_provider.base import TaskInstance
+from astra_provider.base import Parameter, TaskInstance
 from astra_provider.database import astra_home
 
 if TYPE_CHECKING:
@@ -31,15 +31,27 @@ log = logging.getLogger(__name__)
 NAMED_LABELS = ("teff", "logg", "fe_h")
 
 
+def training_pixels_parameter() -> Parameter:
+    """The ``continuum_pixels_path`` parameter of a training task (a new one for each task class)."""
+    return Parameter(
+        default=None,
+        type=str,
+        description="A continuum-pixel file (one pixel index per line) for the training spectra; default: "
+        "derive the pixels from the training set (stored in the model either way).",
+    )
+
+
 @dataclass(eq=False)
 class TrainingSet:
-    """Training spectra, pseudo-continuum normalised on ``continuum_pixels``, with their labels.
+    """Training spectra, pseudo-continuum normalised on ``continuum_pixels`` with the Sinusoidal method
+    (``deg``, ``length_scale``), with their labels.
 
     ``n_rows`` counts the rows of the table; ``labels``, ``flux``, ``ivar`` hold the ``n_training`` readable
     ones. ``pixel_info`` describes the pixel set (stored in the model's metadata).
     """
 
     table_path: str
+    label_names: tuple[str, ...]
     labels: np.ndarray
     wavelength: np.ndarray
     flux: np.ndarray
@@ -47,21 +59,35 @@ class TrainingSet:
     continuum_pixels: np.ndarray
     pixel_info: dict[str, Any]
     n_rows: int
+    deg: int
+    length_scale: float
 
     @property
     def n_training(self) -> int:
         return self.labels.shape[0]
 
-    def metadata(self, task: Task, deg: int, length_scale: float) -> dict[str, Any]:
-        """The model metadata every label model records about its training set and continuum."""
-        return {
+    def train(self, train: Callable, task: Task, **settings: Any):
+        """``train(labels, flux, ivar, label_names, wavelength, continuum_pixels=, metadata=, **settings)``:
+        a label model of this training set, carrying its continuum pixels and, in its metadata, the task,
+        the table and the continuum settings."""
+        metadata = {
             "task_id": task.task_id,
             "training_table": self.table_path,
-            "continuum_deg": deg,
-            "continuum_length_scale": float(length_scale),
+            "continuum_deg": self.deg,
+            "continuum_length_scale": self.length_scale,
             "continuum_pixels": self.pixel_info,
             "n_excluded": self.n_rows - self.n_training,
         }
+        return train(
+            self.labels,
+            self.flux,
+            self.ivar,
+            list(self.label_names),
+            self.wavelength,
+            continuum_pixels=self.continuum_pixels,
+            metadata=metadata,
+            **settings,
+        )
 
 
 def read_training_set(
@@ -98,7 +124,19 @@ def read_training_set(
     flux, ivar, _ = continuum_normalize(
         wavelength, flux, ivar, pixels, deg=deg, length_scale=float(length_scale), on_failure="nan"
     )
-    return TrainingSet(table_path, labels, wavelength, flux, ivar, pixels, info, len(paths))
+    return TrainingSet(
+        table_path,
+        tuple(label_names),
+        labels,
+        wavelength,
+        flux,
+        ivar,
+        pixels,
+        info,
+        len(paths),
+        int(deg),
+        float(length_scale),
+    )
 
 
 def _require(table_path: str, n: int, minimum: int, description: str, n_rows: int | None = None) -> None:

@@ -18,6 +18,7 @@ from astra_provider.contrib.label_tasks import (
     fit_normalized_inputs,
     read_training_set,
     save_model,
+    training_pixels_parameter,
 )
 from astra_provider.database.astradb import TheCannon
 
@@ -39,12 +40,7 @@ class TrainTheCannon(TaskInstance):
     output_path = Parameter(default=None, type=str, description="Model file to write (.npz or .fits).")
     deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
     length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
-    continuum_pixels_path = Parameter(
-        default=None,
-        type=str,
-        description="A continuum-pixel file (one pixel index per line) for the training spectra; default: "
-        "derive the pixels from the training set (stored in the model either way).",
-    )
+    continuum_pixels_path = training_pixels_parameter()
 
     def execute(self):
         from astra_provider.science.cannon import train
@@ -61,16 +57,7 @@ class TrainTheCannon(TaskInstance):
                 length_scale=float(self.length_scale),
                 continuum_pixels_path=self.continuum_pixels_path,
             )
-            model = train(
-                training.labels,
-                training.flux,
-                training.ivar,
-                list(self.label_names),
-                training.wavelength,
-                regularization=float(self.regularization),
-                continuum_pixels=training.continuum_pixels,
-                metadata=training.metadata(task, self.deg, self.length_scale),
-            )
+            model = training.train(train, task, regularization=float(self.regularization))
             results.append(save_model(self, task, model, training, self.output_path, "thecannon"))
         return results
 

@@ -20,6 +20,7 @@ from astra_provider.contrib.label_tasks import (
     fit_normalized_inputs,
     read_training_set,
     save_model,
+    training_pixels_parameter,
 )
 from astra_provider.database.astradb import ThePayne
 
@@ -45,12 +46,7 @@ class TrainThePayne(TaskInstance):
     output_path = Parameter(default=None, description="Model file to write (.npz).")
     deg = Parameter(default=3, description="Continuum: sine/cosine pairs per region.")
     length_scale = Parameter(default=1400.0, description="Continuum: sinusoid period (Å).")
-    continuum_pixels_path = Parameter(
-        default=None,
-        type=str,
-        description="A continuum-pixel file (one pixel index per line) for the training spectra; default: "
-        "derive the pixels from the training set (stored in the model either way).",
-    )
+    continuum_pixels_path = training_pixels_parameter()
 
     def execute(self):
         from astra_provider.science.payne import default_hidden_sizes, minimum_training_size, train
@@ -68,17 +64,12 @@ class TrainThePayne(TaskInstance):
                 length_scale=float(self.length_scale),
                 continuum_pixels_path=self.continuum_pixels_path,
             )
-            model = train(
-                training.labels,
-                training.flux,
-                training.ivar,
-                list(self.label_names),
-                training.wavelength,
+            model = training.train(
+                train,
+                task,
                 hidden_sizes=hidden_sizes,
                 max_iterations=int(self.max_iterations),
                 seed=int(self.seed),
-                continuum_pixels=training.continuum_pixels,
-                metadata=training.metadata(task, self.deg, self.length_scale),
             )
             results.append(save_model(self, task, model, training, self.output_path, "thepayne"))
         return results
