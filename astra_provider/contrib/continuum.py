@@ -22,9 +22,10 @@ A task's output data product has ``filetype = "astraContinuum"``, ``path`` the f
 ``CONTINUUM`` and ``ROWS``. :func:`read_normalized` reads a data product (or a path and rows);
 :func:`read_normalized_inputs` reads the inputs of a whole bundle (TestTheCannon, TestThePayne).
 
-The continuum pixels are those of ``continuum_pixels_path`` (a pixel file), else of the Cannon model at
-``model_path`` (the pixels its training spectra were normalised with), else the shipped synthetic-quadratic
-list; their set id is recorded as ``CONTPIX``, which ``TestTheCannon`` checks against its model.
+The continuum pixels are those of ``continuum_pixels_path`` (a pixel file), else of the Cannon or Payne
+model at ``model_path`` (the pixels its training spectra were normalised with), else the shipped
+synthetic-quadratic list; their set id is recorded as ``CONTPIX``, which ``TestTheCannon`` and
+``TestThePayne`` check against their model's.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class SinusoidalContinuum(TaskInstance):
         default=None,
         type=str,
         bundled=True,
-        description="A Cannon model: normalise with its continuum pixels.",
+        description="A Cannon or Payne model: normalise with its continuum pixels.",
     )
     continuum_pixels_path = Parameter(
         default=None,
