@@ -141,6 +141,8 @@ def load_label_model(path: str | os.PathLike[str]) -> CannonModel | PayneModel:
     from astra_provider.science.payne import MODEL_KIND as PAYNE_KIND
     from astra_provider.science.payne import PayneModel
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such model file (Cannon or Payne): {path}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             kind = str(npz["kind"]) if "kind" in npz.files else None
