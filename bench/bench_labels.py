@@ -22,7 +22,9 @@ What it does (one run prints everything, with the load average):
 
    - ``payne``: The Payne through the same three kinds of task: ``TrainThePayne`` (its default network and
      settings; continuum pixels derived from the training set as for The Cannon), ``SinusoidalContinuum``
-     with the Payne model's pixels, ``TestThePayne``.
+     with the Payne model's pixels, ``TestThePayne``;
+   - ``payne-truth``: the same Payne (``science.payne.train`` / ``fit``, default settings) on
+     truth-normalised spectra.
 
    Another label method is one more entry in :data:`METHODS`.
 3. Prints per label and S/N: bias, scatter (std), the rms Cramér–Rao bound and scatter/bound for every
@@ -125,9 +127,9 @@ def run_payne_tasks(survey, scratch: Path) -> MethodResult:
     return run_label_tasks(survey, scratch, TrainThePayne, TestThePayne, "payne", **PAYNE_SETTINGS)
 
 
-def run_cannon_truth_continuum(survey, scratch: Path) -> MethodResult:
-    """The quadratic Cannon on truth-normalised spectra (no continuum error)."""
-    from astra_provider.science.cannon import fit, train
+def run_truth_continuum(survey, train: Callable, fit: Callable) -> MethodResult:
+    """A label model (``train`` / ``fit`` of its science package, default settings) trained and tested on
+    truth-normalised spectra (flux divided by the true continuum: no continuum error)."""
     from astra_provider.synthetic.independent_survey import truth_labels, truth_normalized
 
     started = time.perf_counter()
@@ -140,11 +142,26 @@ def run_cannon_truth_continuum(survey, scratch: Path) -> MethodResult:
     return MethodResult(labels, {"read + train + fit": time.perf_counter() - started})
 
 
+def run_cannon_truth_continuum(survey, scratch: Path) -> MethodResult:
+    """The quadratic Cannon on truth-normalised spectra (no continuum error)."""
+    from astra_provider.science.cannon import fit, train
+
+    return run_truth_continuum(survey, train, fit)
+
+
+def run_payne_truth_continuum(survey, scratch: Path) -> MethodResult:
+    """The Payne (default network and settings) on truth-normalised spectra (no continuum error)."""
+    from astra_provider.science.payne import fit, train
+
+    return run_truth_continuum(survey, train, fit)
+
+
 #: (name, description, function) of every method in the table. The first two define the continuum ratio.
 METHODS: list[tuple[str, str, Callable]] = [
     ("cannon", "The Cannon, tasks, data-driven continuum pixels", run_cannon_tasks),
     ("cannon-truth", "same quadratic Cannon, truth-normalised spectra", run_cannon_truth_continuum),
     ("payne", "The Payne, tasks, data-driven continuum pixels", run_payne_tasks),
+    ("payne-truth", "same Payne, truth-normalised spectra", run_payne_truth_continuum),
 ]
 
 
