@@ -99,11 +99,13 @@ def read_training_set(
     deg: int,
     length_scale: float,
     continuum_pixels_path: str | None = None,
+    pixel_tolerance: float | None = None,
 ) -> TrainingSet:
     """Read a training table and its spectra, choose the continuum pixels and normalise the spectra.
 
     The pixels are those of ``continuum_pixels_path``, else derived from the training set
-    (:func:`~astra_provider.science.cannon.continuum_pixels.derive_continuum_pixels`).
+    (:func:`~astra_provider.science.cannon.continuum_pixels.derive_continuum_pixels`, with its criteria;
+    ``pixel_tolerance`` replaces their ``tolerance``, the largest depression of a continuum pixel).
 
     :param minimum: the fewest training spectra the model can be trained on. A table with fewer rows is
         refused before any spectrum is read, and so are fewer readable spectra.
@@ -119,7 +121,7 @@ def read_training_set(
     _require(table_path, len(keep), minimum, model_description, len(paths))
     labels = labels[keep]
     pixels, info = _training_continuum_pixels(
-        labels, flux, ivar, label_names, wavelength, deg, length_scale, continuum_pixels_path
+        labels, flux, ivar, label_names, wavelength, deg, length_scale, continuum_pixels_path, pixel_tolerance
     )
     flux, ivar, _ = continuum_normalize(
         wavelength, flux, ivar, pixels, deg=deg, length_scale=float(length_scale), on_failure="nan"
@@ -149,17 +151,33 @@ def _require(table_path: str, n: int, minimum: int, description: str, n_rows: in
 
 
 def _training_continuum_pixels(
-    labels, flux, ivar, label_names, wavelength, deg: int, length_scale: float, pixels_path: str | None
+    labels,
+    flux,
+    ivar,
+    label_names,
+    wavelength,
+    deg: int,
+    length_scale: float,
+    pixels_path: str | None,
+    tolerance: float | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The continuum pixels of the training spectra (from the file, or derived) and their description."""
-    from astra_provider.science.cannon.continuum_pixels import derive_continuum_pixels
+    from astra_provider.science.cannon.continuum_pixels import ContinuumPixelCriteria, derive_continuum_pixels
     from astra_provider.science.continuum_pixels import continuum_pixel_set_id, read_continuum_pixel_file
 
     if pixels_path is not None:
         pixels = read_continuum_pixel_file(pixels_path, wavelength.size)
         return pixels, {"source": str(pixels_path), "id": continuum_pixel_set_id(pixels)}
+    criteria = ContinuumPixelCriteria() if tolerance is None else ContinuumPixelCriteria(float(tolerance))
     selection = derive_continuum_pixels(
-        labels, flux, ivar, list(label_names), wavelength, deg=deg, length_scale=float(length_scale)
+        labels,
+        flux,
+        ivar,
+        list(label_names),
+        wavelength,
+        criteria=criteria,
+        deg=deg,
+        length_scale=float(length_scale),
     )
     return selection.mask, {"source": "derived from the training set", **selection.summary()}
 

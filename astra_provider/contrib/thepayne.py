@@ -47,6 +47,13 @@ class TrainThePayne(TaskInstance):
     deg = Parameter(default=3, description="Continuum: sine/cosine pairs per region.")
     length_scale = Parameter(default=1400.0, description="Continuum: sinusoid period (Å).")
     continuum_pixels_path = training_pixels_parameter()
+    continuum_pixel_tolerance = Parameter(
+        default=0.005,
+        type=float,
+        description="Derived continuum pixels: the largest depression (95th percentile over the training "
+        "labels) of a continuum pixel. 0.005 (The Cannon: 0.002) was chosen by cross-validation on training "
+        "stars (bench/payne_cv.py): more pixels, less continuum noise.",
+    )
 
     def execute(self):
         from astra_provider.science.payne import default_hidden_sizes, minimum_training_size, train
@@ -63,6 +70,7 @@ class TrainThePayne(TaskInstance):
                 deg=self.deg,
                 length_scale=float(self.length_scale),
                 continuum_pixels_path=self.continuum_pixels_path,
+                pixel_tolerance=float(self.continuum_pixel_tolerance),
             )
             model = training.train(
                 train,
