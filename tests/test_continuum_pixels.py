@@ -12,13 +12,14 @@ import pytest
 from astropy.io import fits
 
 from astra_provider.science.cannon import CannonModel, train
-from astra_provider.science.cannon.continuum_pixels import derive_continuum_pixels, resolve_continuum_pixels
+from astra_provider.science.cannon.continuum_pixels import derive_continuum_pixels
 from astra_provider.science.cannon.io import FORMAT_VERSION, cannon_model_arrays
 from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
 from astra_provider.science.continuum_pixels import (
     continuum_pixel_set_id,
     demo_continuum_pixels_path,
     read_continuum_pixel_file,
+    resolve_continuum_pixels,
     running_quantile_continuum,
     write_continuum_pixel_file,
 )
@@ -139,7 +140,10 @@ def test_tasks_refuse_small_sets_and_other_grids(astra_db, tmp_path: Path, selec
     rows = [f"/no/such/apStar-{i}.fits,{4500 + i},2.5,-0.2" for i in range(12)]
     table.write_text("\n".join(["path,teff,logg,fe_h", *rows]) + "\n")
     # Refused on the table alone: the (missing) spectra are never opened.
-    with pytest.raises(TaskFailedError, match=r"small.csv: 12 training spectra are too few .* at least 20"):
+    with pytest.raises(
+        TaskFailedError,
+        match=r"small.csv: training set too small: 12 spectra for a quadratic model .* at least 20",
+    ):
         TrainTheCannon(input_data_products=str(table)).execute()
 
     rng = np.random.default_rng(2)

@@ -7,8 +7,10 @@ import re
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from sqlalchemy import select
 
+from astra_provider.science.continuum_pixels import continuum_pixel_set_id, demo_continuum_pixels
 from astra_provider.science.payne import (
     MODEL_KIND,
     Network,
@@ -321,6 +323,15 @@ def _normalise(root, truth, output_dir, **settings) -> list[int]:
     return [t.output_data_products[0].pk for t in task.tasks]  # each a row range of the bundle's file
 
 
+def _file_of(data_product_pk: int) -> str:
+    """The normalised-spectrum file that holds the rows of an output data product."""
+    from astra_provider.database import session_scope
+    from astra_provider.database.astradb import DataProduct
+
+    with session_scope() as session:
+        return session.get(DataProduct, data_product_pk).path
+
+
 def test_payne_train_and_test_tasks(astra_db, payne_surveys, tmp_path):
     from astra_provider.contrib.thepayne import TestThePayne, TrainThePayne
     from astra_provider.database import session_scope
@@ -335,8 +346,16 @@ def test_payne_train_and_test_tasks(astra_db, payne_surveys, tmp_path):
     model = PayneModel.load(model_path)
     assert (model.metadata["continuum_deg"], model.metadata["continuum_length_scale"]) == (3, 1400.0)
     assert model.metadata["task_id"] == trained.tasks[0].task_id
+    # The continuum pixels were derived from the training set and travel in the model file.
+    info = model.metadata["continuum_pixels"]
+    assert info["source"] == "derived from the training set" and info["id"] == model.continuum_pixels_id
+    assert info["criteria"]["tolerance"] == 0.005  # TrainThePayne's default (The Cannon's: 0.002)
+    assert model.continuum_pixels.shape == (8575,) and info["n_pixels"] == int(model.continuum_pixels.sum())
+    assert model.continuum_pixels_id != continuum_pixel_set_id(demo_continuum_pixels())
 
-    inputs = _normalise(root, truth, tmp_path / "norm")
+    inputs = _normalise(root, truth, tmp_path / "norm", model_path=str(model_path))
+    with fits.open(_file_of(inputs[0])) as hdus:  # the bundle file says which pixels it used
+        assert hdus[0].header["CONTPIX"] == model.continuum_pixels_id
     corrupt = tmp_path / "astraContinuum-corrupt.fits"
     corrupt.write_bytes(b"SIMPLE  =                    T" + b" " * 100)
     tested = TestThePayne(input_data_products=[*inputs, str(corrupt)], model_path=str(model_path))
@@ -380,21 +399,36 @@ def test_payne_tasks_refuse_bad_input(astra_db, payne_surveys, tmp_path):
     model_path = tmp_path / "payne.npz"
     TrainThePayne(input_data_products=str(table), output_path=str(model_path), max_iterations=50).execute()
     model = PayneModel.load(model_path)
-    inputs = _normalise(root, truth[:2], tmp_path / "norm")
+    model_pixels = model.continuum_pixels_id
+    inputs = _normalise(root, truth[:2], tmp_path / "norm", model_path=str(model_path))
+    # Spectra normalised with other continuum pixels (the shipped list) are refused, naming the file and
+    # both pixel sets.
+    shipped = _normalise(root, truth[:2], tmp_path / "norm-shipped")
+    tested = TestThePayne(input_data_products=shipped, model_path=str(model_path))
+    with pytest.raises(TaskFailedError, match="all 2 task"):
+        tested.execute()
+    shipped_pixels = continuum_pixel_set_id(demo_continuum_pixels())
+    for task in tested.tasks:
+        message = Task.get_by_id(task.pk).error_message
+        assert f"{_file_of(shipped[0])}: normalised with continuum pixel set {shipped_pixels}" in message
+        assert (
+            f"the model {model_path} was trained on spectra normalised with pixel set {model_pixels}"
+            in message
+        )
     # A model on another wavelength grid: every spectrum fails, naming both grids.
     other = dataclasses.replace(model, wavelength=model.wavelength * (1 + 1e-4))
     other.save(tmp_path / "other-grid.npz")
     tested = TestThePayne(input_data_products=inputs, model_path=str(tmp_path / "other-grid.npz"))
     grids = (
-        r"different wavelength grid \(8575 px, 15100.802-16999.807 Å\) "
-        r"than the Payne model \(8575 px, 15102.312-17001.507 Å\)"
+        r"astraContinuum-\S+\.fits: 8575 pixels at 15100.802-16999.807 Å, but the model "
+        r"\S+other-grid.npz has 8575 at 15102.312-17001.507 Å"
     )
     with pytest.raises(TaskFailedError, match="all 2 task"):
         tested.execute()
     for task in tested.tasks:
         assert re.search(grids, Task.get_by_id(task.pk).error_message)
     # Spectra normalised with other continuum settings are refused.
-    other_settings = _normalise(root, truth[:2], tmp_path / "norm-deg2", deg=2)
+    other_settings = _normalise(root, truth[:2], tmp_path / "norm-deg2", deg=2, model_path=str(model_path))
     tested = TestThePayne(input_data_products=other_settings, model_path=str(model_path))
     settings = (
         r"normalised with \(deg, length_scale\) = \(2, 1400.0\), but the model was trained with \(3, 1400.0\)"
@@ -414,7 +448,6 @@ def test_payne_dags_run_in_airflow(astra_db, payne_surveys, tmp_path):
 
     root, table, truth = payne_surveys
     init_airflow_db()
-    inputs = _normalise(root, truth[:4], tmp_path / "norm")
     small = root / "training-40.csv"  # a quick training run: 40 spectra, 100 iterations
     small.write_text("".join(table.read_text().splitlines(keepends=True)[:41]))
     model = tmp_path / "payne.npz"
@@ -422,6 +455,7 @@ def test_payne_dags_run_in_airflow(astra_db, payne_surveys, tmp_path):
         train_run = get_dag("astra_thepayne_train", DAGS).test(
             run_conf={"training_table": str(small), "output_path": str(model), "max_iterations": 100}
         )
+        inputs = _normalise(root, truth[:4], tmp_path / "norm", model_path=str(model))  # with its pixels
         test_run = get_dag("astra_thepayne_test", DAGS).test(
             run_conf={"data_products": inputs, "model_path": str(model), "bundle_size": 2}
         )

@@ -22,9 +22,10 @@ A task's output data product has ``filetype = "astraContinuum"``, ``path`` the f
 ``CONTINUUM`` and ``ROWS``. :func:`read_normalized` reads a data product (or a path and rows);
 :func:`read_normalized_inputs` reads the inputs of a whole bundle (TestTheCannon, TestThePayne).
 
-The continuum pixels are those of ``continuum_pixels_path`` (a pixel file), else of the Cannon model at
-``model_path`` (the pixels its training spectra were normalised with), else the shipped synthetic-quadratic
-list; their set id is recorded as ``CONTPIX``, which ``TestTheCannon`` checks against its model.
+The continuum pixels are those of ``continuum_pixels_path`` (a pixel file), else of the Cannon or Payne
+model at ``model_path`` (the pixels its training spectra were normalised with), else the shipped
+synthetic-quadratic list; their set id is recorded as ``CONTPIX``, which ``TestTheCannon`` and
+``TestThePayne`` check against their model's.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class SinusoidalContinuum(TaskInstance):
         default=None,
         type=str,
         bundled=True,
-        description="A Cannon model: normalise with its continuum pixels.",
+        description="A Cannon or Payne model: normalise with its continuum pixels.",
     )
     continuum_pixels_path = Parameter(
         default=None,
@@ -80,9 +81,8 @@ class SinusoidalContinuum(TaskInstance):
     def execute(self):
         import numpy as np
 
-        from astra_provider.science.cannon.continuum_pixels import resolve_continuum_pixels
         from astra_provider.science.continuum import continuum_normalize
-        from astra_provider.science.continuum_pixels import continuum_pixel_set_id
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id, resolve_continuum_pixels
         from astra_provider.sdss.apogee import apogee_wavelength
         from astra_provider.sdss.spectrum import read_spectrum
 

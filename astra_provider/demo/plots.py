@@ -119,7 +119,7 @@ def plot_continuum(
     import numpy as np
 
     from astra_provider.contrib.continuum import find_normalized
-    from astra_provider.science.cannon.continuum_pixels import resolve_continuum_pixels
+    from astra_provider.science.continuum_pixels import resolve_continuum_pixels
     from astra_provider.sdss.spectrum import read_spectrum
 
     rows = sorted(surveys.survey.of_filetype("apStar"), key=lambda row: row["snr"])

@@ -6,7 +6,9 @@ spectra. So a pixel set has an identity (:func:`continuum_pixel_set_id`, recorde
 normalised files), a file format (:func:`read_continuum_pixel_file`, :func:`write_continuum_pixel_file`: one
 0-based pixel index per line, ``#`` comments), and can be derived from a training set
 (:func:`astra_provider.science.cannon.continuum_pixels.derive_continuum_pixels`), which starts from
-:func:`running_quantile_continuum`, a pre-normalisation that needs no continuum pixels.
+:func:`running_quantile_continuum`, a pre-normalisation that needs no continuum pixels. A trained label model
+(The Cannon's or The Payne's) carries the set its training spectra were normalised with
+(:func:`model_continuum_pixels`); :func:`resolve_continuum_pixels` chooses the set to normalise with.
 
 The package ships one set, :data:`DEMO_CONTINUUM_PIXELS_FILE`: the line-free pixels of the *synthetic
 quadratic* truth model (:class:`~astra_provider.synthetic.model.lines.TruthModel`, seed 0). It is the default
@@ -18,21 +20,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from astra_provider.sdss.apogee import APOGEE_NPIX, APOGEE_REGIONS_AA
+
+if TYPE_CHECKING:
+    from astra_provider.science.cannon import CannonModel
+    from astra_provider.science.payne import PayneModel
 
 __all__ = [
     "DEMO_CONTINUUM_PIXELS_FILE",
     "continuum_pixel_set_id",
     "demo_continuum_pixels",
     "demo_continuum_pixels_path",
+    "load_label_model",
+    "model_continuum_pixels",
     "parse_continuum_pixels",
     "read_continuum_pixel_file",
+    "resolve_continuum_pixels",
     "running_quantile_continuum",
     "write_continuum_pixel_file",
 ]
@@ -110,6 +121,78 @@ def _demo_mask() -> np.ndarray:
 def demo_continuum_pixels() -> np.ndarray:
     """Boolean mask (8575,) of the shipped synthetic-quadratic pixel list (a copy)."""
     return _demo_mask().copy()
+
+
+def model_continuum_pixels(model: CannonModel | PayneModel) -> np.ndarray:
+    """The continuum pixels (P,) bool that a label model's training spectra were normalised with: its
+    ``continuum_pixels``, or the shipped list for a model that does not say (written before they were
+    stored, when the shipped list was the only one)."""
+    return demo_continuum_pixels() if model.continuum_pixels is None else model.continuum_pixels
+
+
+def load_label_model(path: str | os.PathLike[str]) -> CannonModel | PayneModel:
+    """The Cannon or Payne model in the file ``path``, by the ``kind`` the file declares (files that are not
+    Payne models are read as Cannon models, whose reader says what is wrong with anything else).
+
+    :raises FileNotFoundError: if there is no such file.
+    :raises ValueError: naming the file if it is not a model.
+    """
+    from astra_provider.science.cannon import CannonModel
+    from astra_provider.science.payne import MODEL_KIND as PAYNE_KIND
+    from astra_provider.science.payne import PayneModel
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such model file (Cannon or Payne): {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            kind = str(npz["kind"]) if "kind" in npz.files else None
+    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile):
+        kind = None  # not an .npz archive: a FITS Cannon model, or the Cannon reader's error
+    return PayneModel.load(Path(path)) if kind == PAYNE_KIND else CannonModel.load(path)
+
+
+def resolve_continuum_pixels(
+    wavelength: np.ndarray,
+    model_path: str | os.PathLike[str] | None = None,
+    pixels_path: str | os.PathLike[str] | None = None,
+) -> tuple[np.ndarray, str]:
+    """The continuum pixels to normalise spectra on ``wavelength`` with, and where they come from.
+
+    ``pixels_path`` (a pixel file) wins; otherwise the pixels of the Cannon or Payne model at ``model_path``
+    (:func:`model_continuum_pixels`); otherwise the shipped synthetic-quadratic list.
+
+    :raises ValueError: if both are given and differ, if the model's wavelength grid is not ``wavelength``
+        (the message names the model and both grids), or as the readers do.
+    """
+    wavelength = np.asarray(wavelength, dtype=float)
+    mask, source = None, "the shipped synthetic-quadratic list"
+    if pixels_path is not None:
+        mask, source = read_continuum_pixel_file(pixels_path, wavelength.size), str(pixels_path)
+    if model_path is not None:
+        model = load_label_model(model_path)
+        name = f"the {type(model).__name__.removesuffix('Model')} model {model_path}"
+        if model.wavelength.shape != wavelength.shape or not np.allclose(
+            model.wavelength, wavelength, rtol=1e-9, atol=0.0
+        ):
+            raise ValueError(
+                f"{name} is on another wavelength grid ({model.n_pixels} pixels, "
+                f"{model.wavelength[0]:.3f}-{model.wavelength[-1]:.3f} Å) than the spectra "
+                f"({wavelength.size} pixels, {wavelength[0]:.3f}-{wavelength[-1]:.3f} Å)"
+            )
+        pixels = model_continuum_pixels(model)
+        if mask is not None and not np.array_equal(mask, pixels):
+            raise ValueError(
+                f"the continuum pixels of {pixels_path} ({continuum_pixel_set_id(mask)}) differ from those "
+                f"of {name} ({model.continuum_pixels_id}); give one of them"
+            )
+        mask, source = pixels, name
+    if mask is None:
+        mask = demo_continuum_pixels()
+    if mask.size != wavelength.size:
+        raise ValueError(
+            f"{source}: {mask.size} continuum-pixel flags for spectra of {wavelength.size} pixels"
+        )
+    return mask, source
 
 
 def _knot_windows(n_region: int, half_width: int, knot_step: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,6 @@ fixed and travels with the model (``CannonModel.continuum_pixels``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,8 +42,6 @@ from astra_provider.science.cannon.train import train
 from astra_provider.science.continuum import continuum_normalize, normalize
 from astra_provider.science.continuum_pixels import (
     continuum_pixel_set_id,
-    demo_continuum_pixels,
-    read_continuum_pixel_file,
     running_quantile_continuum,
 )
 from astra_provider.sdss.apogee import APOGEE_REGIONS_AA
@@ -53,7 +50,6 @@ __all__ = [
     "ContinuumPixelCriteria",
     "ContinuumPixelSelection",
     "derive_continuum_pixels",
-    "resolve_continuum_pixels",
     "select_continuum_pixels",
 ]
 
@@ -228,47 +224,3 @@ def derive_continuum_pixels(
         selection = select_continuum_pixels(model, labels, criteria, regions, n_passes=done)
     assert selection is not None
     return selection
-
-
-def resolve_continuum_pixels(
-    wavelength: np.ndarray,
-    model_path: str | os.PathLike[str] | None = None,
-    pixels_path: str | os.PathLike[str] | None = None,
-) -> tuple[np.ndarray, str]:
-    """The continuum pixels to normalise spectra on ``wavelength`` with, and where they come from.
-
-    ``pixels_path`` (a pixel file) wins; otherwise the pixels of the Cannon model at ``model_path``
-    (``CannonModel.continuum_pixels``; the shipped list for a model that has none); otherwise the shipped
-    synthetic-quadratic list.
-
-    :raises ValueError: if both are given and differ, if the model's wavelength grid is not ``wavelength``
-        (the message names the model and both grids), or as the readers do.
-    """
-    wavelength = np.asarray(wavelength, dtype=float)
-    mask, source = None, "the shipped synthetic-quadratic list"
-    if pixels_path is not None:
-        mask, source = read_continuum_pixel_file(pixels_path, wavelength.size), str(pixels_path)
-    if model_path is not None:
-        model = CannonModel.load(model_path)
-        if model.wavelength.shape != wavelength.shape or not np.allclose(
-            model.wavelength, wavelength, rtol=1e-9, atol=0.0
-        ):
-            raise ValueError(
-                f"the Cannon model {model_path} is on another wavelength grid ({model.n_pixels} pixels, "
-                f"{model.wavelength[0]:.3f}-{model.wavelength[-1]:.3f} Å) than the spectra "
-                f"({wavelength.size} pixels, {wavelength[0]:.3f}-{wavelength[-1]:.3f} Å)"
-            )
-        pixels = demo_continuum_pixels() if model.continuum_pixels is None else model.continuum_pixels
-        if mask is not None and not np.array_equal(mask, pixels):
-            raise ValueError(
-                f"the continuum pixels of {pixels_path} ({continuum_pixel_set_id(mask)}) differ from those "
-                f"of the Cannon model {model_path} ({model.continuum_pixels_id}); give one of them"
-            )
-        mask, source = pixels, f"the Cannon model {model_path}"
-    if mask is None:
-        mask = demo_continuum_pixels()
-    if mask.size != wavelength.size:
-        raise ValueError(
-            f"{source}: {mask.size} continuum-pixel flags for spectra of {wavelength.size} pixels"
-        )
-    return mask, source

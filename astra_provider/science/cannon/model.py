@@ -183,10 +183,9 @@ class CannonModel:
         """Identifier of the continuum-pixel set of the training spectra
         (:func:`~astra_provider.science.continuum_pixels.continuum_pixel_set_id`); for a model without one
         (format version 1), that of the shipped list it was trained with."""
-        from astra_provider.science.continuum_pixels import continuum_pixel_set_id, demo_continuum_pixels
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id, model_continuum_pixels
 
-        pixels = demo_continuum_pixels() if self.continuum_pixels is None else self.continuum_pixels
-        return continuum_pixel_set_id(pixels)
+        return continuum_pixel_set_id(model_continuum_pixels(self))
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def design_matrix(self, labels: np.ndarray) -> np.ndarray:

@@ -3,7 +3,9 @@
 The file holds plain arrays only: the label names, the label scaling (offsets, scales), the hidden layers
 (``hidden_weight_<l>``, ``hidden_bias_<l>``), the output layer ``theta`` (P, D), the intrinsic variance
 ``s2`` (P,), the wavelength grid, the pixel mask, the training-label range and percentiles, the test-step
-start labels, and the metadata (training settings, continuum-normalisation settings, history) as JSON.
+start labels, the continuum pixels the training spectra were normalised with (``continuum_pixels``; absent
+in files written before they were stored), and the metadata (training settings, continuum-normalisation
+settings, history) as JSON.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ class PayneModel:
     (maximum likelihood on the training residuals). ``pixel_mask`` (P,) is True where the pixel could not be
     trained; those pixels predict a flux of 1 and :func:`~astra_provider.science.payne.fit` ignores them.
     ``start_labels`` (C, K) are physical label vectors (a subset of the training labels) at which the test
-    step evaluates chi-squared to choose its starting points.
+    step evaluates chi-squared to choose its starting points. ``continuum_pixels`` (P,) bool is the
+    continuum-pixel set the training spectra were normalised with (test spectra must be normalised with the
+    same set, :attr:`continuum_pixels_id`); ``None`` for models trained on the shipped list without saying so.
     """
 
     label_names: tuple[str, ...]
@@ -90,6 +94,7 @@ class PayneModel:
     n_training: int
     percentile_levels: tuple[float, ...] = PERCENTILE_LEVELS
     metadata: dict[str, Any] = field(default_factory=dict)
+    continuum_pixels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.label_names = tuple(str(name) for name in self.label_names)
@@ -103,6 +108,8 @@ class PayneModel:
         self.start_labels = np.asarray(self.start_labels, dtype=np.float64)
         self.percentile_levels = tuple(float(q) for q in self.percentile_levels)
         self.n_training = int(self.n_training)
+        if self.continuum_pixels is not None:
+            self.continuum_pixels = np.asarray(self.continuum_pixels, dtype=bool).reshape(-1)
         problems = []
         if k == 0 or len(set(self.label_names)) != k:
             problems.append(f"label names must be unique and non-empty, got {self.label_names}")
@@ -117,8 +124,8 @@ class PayneModel:
         for name in ("offsets", "scales", "training_label_min", "training_label_max"):
             if getattr(self, name).shape != (k,):
                 problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({k},)")
-        for name in ("s2", "wavelength", "pixel_mask"):
-            if getattr(self, name).shape != (p,):
+        for name in ("s2", "wavelength", "pixel_mask", "continuum_pixels"):
+            if getattr(self, name) is not None and getattr(self, name).shape != (p,):
                 problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({p},)")
         if self.training_label_percentiles.shape != (len(self.percentile_levels), k):
             problems.append(
@@ -149,6 +156,14 @@ class PayneModel:
     def n_parameters(self) -> int:
         """Free parameters of the emulator: hidden layers plus the per-pixel output layer."""
         return self.network.n_parameters + self.theta.size
+
+    @property
+    def continuum_pixels_id(self) -> str:
+        """Identifier of the continuum-pixel set of the training spectra
+        (:func:`~astra_provider.science.continuum_pixels.model_continuum_pixels`)."""
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id, model_continuum_pixels
+
+        return continuum_pixel_set_id(model_continuum_pixels(self))
 
     def scale_labels(self, labels: np.ndarray) -> np.ndarray:
         """Physical labels (..., K) -> scaled labels."""
@@ -207,6 +222,8 @@ class PayneModel:
             "n_training": np.array(self.n_training),
             "metadata_json": np.array(metadata_json),
         }
+        if self.continuum_pixels is not None:
+            arrays["continuum_pixels"] = self.continuum_pixels
         for index, (w, b) in enumerate(zip(self.network.weights, self.network.biases, strict=True)):
             arrays[f"hidden_weight_{index}"] = w
             arrays[f"hidden_bias_{index}"] = b
@@ -291,6 +308,7 @@ class PayneModel:
                 start_labels=arrays["start_labels"],
                 n_training=int(arrays["n_training"]),
                 metadata=metadata,
+                continuum_pixels=arrays.get("continuum_pixels"),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None

@@ -220,6 +220,7 @@ def train(
     min_stars_per_pixel: int | None = None,
     seed: int = 0,
     metadata: Mapping[str, Any] | None = None,
+    continuum_pixels: np.ndarray | None = None,
 ) -> PayneModel:
     """Train a Payne emulator on continuum-normalised spectra.
 
@@ -243,6 +244,8 @@ def train(
     :param min_stars_per_pixel: pixels with fewer usable stars are masked (default 2 D).
     :param seed: seed of the initial weights, the validation split and the randomised SVD.
     :param metadata: extra JSON-serialisable metadata stored with the model (e.g. continuum settings).
+    :param continuum_pixels: (P,) bool, the continuum pixels the training spectra were normalised with;
+        stored with the model (``PayneModel.continuum_pixels``).
     :returns: the trained :class:`PayneModel`.
     :raises ValueError: on inconsistent shapes or a training set too small for the network, before any work.
     """
@@ -308,4 +311,5 @@ def train(
         start_labels=offsets + scales * _start_labels(x, _MAX_START_LABELS),
         n_training=labels.shape[0],
         metadata=info,
+        continuum_pixels=continuum_pixels,
     )
