@@ -60,6 +60,7 @@ from astra_provider.database.astradb import Base, Bundle, DataProduct, Task
 from astra_provider.database.recorder import STAGES, OutputFile, Recorder, ResultRow, TaskItem
 from astra_provider.database.recording import DataProductSpec
 from astra_provider.parameters import DictParameter, Parameter, TupleParameter
+from astra_provider.sources.registration import link_task_sources, spectrum_identifiers
 from astra_provider.task_classes import import_task_class
 from astra_provider.utils import to_jsonable
 
@@ -246,7 +247,9 @@ class TaskInstance:
 
         The batch-first pattern of the science components: read every input, then process them together.
         A task whose ``read`` raises ``ValueError`` or ``OSError`` (a corrupt, truncated or unusable file;
-        readers name the file) fails alone, as with :meth:`fail`, and is left out of the list.
+        readers name the file) fails alone, as with :meth:`fail`, and is left out of the list. The source
+        identifiers of a spectrum read by :mod:`astra_provider.sdss.spectrum` are kept, to link the data
+        product to its source after the run without reading the file again.
         """
         loaded = []
         for task, data_products in self.iterable():
@@ -254,6 +257,10 @@ class TaskInstance:
                 loaded.append((task, data_products[0], read(data_products[0].path)))
             except (ValueError, OSError) as error:
                 self.fail(task, error)
+                continue
+            identified = spectrum_identifiers(loaded[-1][2])  # the header the reader kept: no second read
+            if identified is not None:
+                self._identified[data_products[0].pk] = identified
         return loaded
 
     # Execution ---------------------------------------------------------------------------------------
@@ -333,6 +340,7 @@ class TaskInstance:
         results: list[ResultRow] = []
         outputs: list[OutputFile] = []
         stage = STAGES[0]
+        self._identified: dict[int, Any] = {}  # data product pk -> source identifiers read by read_inputs
         try:
             for stage in STAGES:
                 if not self._active_items():
@@ -351,6 +359,11 @@ class TaskInstance:
         finally:
             self._attempt = None
             recorder.finish(pending, stage_times, results, outputs)
+            link_task_sources(
+                {item.task.pk: item.data_products for item in pending},
+                self._identified,
+                [(item.task.pk, spec) for item, spec in outputs],
+            )
 
     def _run_stage(self, stage: str, kwargs: dict[str, Any]) -> _Attempt | None:
         """Run one stage over the active items, failing and retrying around per-task errors."""

@@ -125,14 +125,16 @@ def init_database(engine: Engine, url: str | None = None) -> None:
 
 
 def _check_upgraded(connection: Connection, url: str) -> None:
-    """Refuse a database whose ``parameter`` table predates the key on the hash of the value."""
-    columns = {column["name"] for column in inspect(connection).get_columns("parameter", schema=SCHEMA)}
-    if "parameter_value_hash" not in columns:
-        raise RuntimeError(
-            f"the astra database {redact(url)} was created by an "
-            "earlier astra-provider: its table astra.parameter has no column parameter_value_hash. Upgrade "
-            "it as described in the documentation (docs/database.md, 'Upgrading from earlier versions')"
-        )
+    """Refuse a database whose ``parameter`` table predates the key on the hash of the value, or whose
+    ``source`` table predates the source identifiers."""
+    inspector = inspect(connection)
+    for table, column in (("parameter", "parameter_value_hash"), ("source", "sdss_id")):
+        if column not in {c["name"] for c in inspector.get_columns(table, schema=SCHEMA)}:
+            raise RuntimeError(
+                f"the astra database {redact(url)} was created by an earlier astra-provider: its table "
+                f"astra.{table} has no column {column}. Upgrade it as described in the documentation "
+                "(docs/database.md, 'Upgrading from earlier versions')"
+            )
 
 
 def dispose_engines() -> None:

@@ -21,6 +21,7 @@ LabelSampler = Callable[[int, np.random.Generator], np.ndarray]
 """Draws ``(n, K)`` stellar labels from a random generator (e.g. ``ApogeeTruthModel.draw_labels``)."""
 
 _FIRST_PLATE = 15000
+_FIRST_SDSS_ID = 54_000_001  # sdss_id = this + 3 * star index (unique, no draw from the random stream)
 _APOGEE_FIBERS = 300
 _BOSS_FIBERS = 500
 
@@ -48,6 +49,7 @@ class Star:
     index: int
     obj: str  # 2MASS-style id
     catalogid: int
+    sdss_id: int
     ra: float
     dec: float
     healpix: int
@@ -273,6 +275,7 @@ def plan_survey(
                     index=int(i),
                     obj=_unique_id(two_mass_id(ra, dec), used_ids),
                     catalogid=int(catalogue.catalogids[i]),
+                    sdss_id=_FIRST_SDSS_ID + 3 * int(i),
                     ra=ra,
                     dec=dec,
                     healpix=int(catalogue.healpix[i]),
