@@ -339,11 +339,11 @@ class OutputMixin:
             samples: Mapped[list[float]] = result_column(JSONType, "Samples drawn")
 
     and write rows from a task with :meth:`astra_provider.base.TaskInstance.add_result`. A table whose
-    ``bitmask_flag`` holds the bits of an ``enum.IntFlag`` names it in ``__flags__`` (dotted path): each bit
+    ``bitmask_flag`` holds the bits of an ``enum.IntFlag`` names it in ``flag_enum`` (dotted path): each bit
     becomes a boolean ``flag_<name>`` column of the catalogue.
     """
 
-    __flags__: str | None = None
+    flag_enum: str | None = None
 
     @declared_attr
     def output_pk(cls) -> Mapped[int]:
@@ -405,7 +405,7 @@ class Doppler(OutputMixin, Base):
     """Radial velocity (and template labels) of one visit spectrum."""
 
     __tablename__ = "doppler"
-    __flags__ = "astra_provider.science.doppler.result.RVFlag"
+    flag_enum = "astra_provider.science.doppler.result.RVFlag"
 
     vhelio: Mapped[float | None] = result_column(Float, "Heliocentric (barycentric) radial velocity", _KMS)
     vrel: Mapped[float | None] = result_column(Float, "Radial velocity in the observed frame", _KMS)
@@ -431,7 +431,7 @@ class TheCannon(OutputMixin, Base):
     """
 
     __tablename__ = "thecannon"
-    __flags__ = "astra_provider.science.cannon.model.CannonFlag"
+    flag_enum = "astra_provider.science.cannon.model.CannonFlag"
 
     row_index: Mapped[int] = result_column(Integer, _ROW, default=0)
     snr: Mapped[float | None] = result_column(Float, _SNR)
