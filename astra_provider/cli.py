@@ -157,6 +157,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from astra_provider.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
+    from astra_provider.catalogue import cli as export_cli
+    from astra_provider.sources import cli as source_cli
+
+    source_cli.add_arguments(
+        commands.add_parser(
+            "source",
+            help="a source's data products and every result for it",
+            description=source_cli.DESCRIPTION,
+        )
+    )
+    export_cli.add_arguments(
+        commands.add_parser(
+            "export",
+            help="write a pipeline's summary catalogue (FITS, ECSV, Parquet)",
+            description=export_cli.DESCRIPTION,
+        )
+    )
     from astra_provider.templates.cli import add_arguments as add_templates_arguments
 
     templates = commands.add_parser(
@@ -194,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from astra_provider.synthetic.cli import run as run_survey
 
         return run_survey(args)
+    elif args.command == "source":
+        return source_cli.run(args)
+    elif args.command == "export":
+        return export_cli.run(args)
     elif args.command == "demo":
         from astra_provider.demo import run as run_demo
 

@@ -157,6 +157,12 @@ class Demo:
         plots: list[Path] = []
         if not self.options.no_plots:
             plots = write_plots(rv, labels, surveys, output_dir, self.home / "plots", say)
+        from astra_provider.catalogue import export_catalogues
+
+        say("")
+        say("Summary catalogues (open with astropy.table.Table.read or TOPCAT):")
+        for result in export_catalogues(self.home / "catalogues", database_url=self.astra_url):
+            say(f"  {result.path}  ({result.rows} {result.kind} spectra, {result.pipeline})")
         print_outputs(
             say,
             astra_url=self.astra_url,

@@ -32,7 +32,8 @@ truth. HEALPix indices are nside = 128, RING ordering, computed from RA/Dec
 Every file of a star carries the same identifiers, as SDSS files do: ``OBJID`` (2MASS-style designation,
 apStar/apVisit), ``SDSS_ID`` (all HDU0s and the specFull summary), the catalog id (``CATID`` in
 apStar/apVisit HDU0, ``CATALOGID`` in the specFull summary and file name), ``TELESCOP``, and the field
-(``FIELD`` apStar/apVisit, ``FIELDID`` specFull); specFull HDU0 has the fibre position ``PLUG_RA``/``PLUG_DEC``.
+(``FIELD`` apStar/apVisit, ``FIELDID`` specFull); specFull HDU0 has the fibre position
+``PLUG_RA``/``PLUG_DEC``.
 Invented header cards (not in real SDSS files): ``CATID`` (``CATALOGID`` is too long for a FITS keyword);
 ``HEALPIX`` and ``APRED`` in apStar HDU0; ``APRED`` in apVisit HDU0; ``FIELDID`` and ``OBSERVAT`` in specFull
 HDU0; ``SYNTHETC = T`` everywhere.
