@@ -6,8 +6,9 @@ Each writer takes the catalogue's columns once, then ``write(chunk)`` any number
 :class:`astropy.table.Table` of the catalogue's columns (units, descriptions, missing-integer values), so
 ``astropy.table.Table.read`` gives the units back; the rows are appended as they come, never all in memory.
 
-* **FITS**: a primary HDU with the catalogue's description (``PIPELINE``, ``KIND``, ``V_ASTRA``...) and one
-  binary table, whose rows are written as bytes; ``NAXIS2`` is set when the file is closed. Units in
+* **FITS**: a primary HDU with the catalogue's description (``PIPELINE``, ``KIND``, ``V_ASTRA``...; also in
+  the table's header, so in ``table.meta``) and one binary table, whose rows are written as bytes;
+  ``NAXIS2`` is set when the file is closed. Units in
   ``TUNITn``, descriptions in ``TCOMMn``, missing integers ``TNULLn`` (read back masked).
 * **ECSV** (``--format csv``): astropy's ECSV header (``# %ECSV 1.0``, units, descriptions), comma-separated
   rows; missing integers are empty fields (read back masked). ``Table.read`` recognises a ``.ecsv`` file;
@@ -95,9 +96,13 @@ class FitsWriter:
         self.columns, self.widths, self.rows = list(columns), dict(widths), 0
         primary = fits.PrimaryHDU()
         for key, value in meta.items():
-            primary.header[key[:8].upper()] = value
+            if value is not None:
+                primary.header[key[:8].upper()] = value
         hdu = fits.table_to_hdu(header_table(columns, widths))
         hdu.header["EXTNAME"] = str(meta.get("kind") or "CATALOGUE").upper()
+        for key, value in meta.items():  # also in the table's header: Table.read puts them in table.meta
+            if value is not None:
+                hdu.header[key[:8].upper()] = value
         for index, column in enumerate(self.columns, start=1):
             if column.description:
                 hdu.header[f"TCOMM{index}"] = column.description  # long ones: CONTINUE cards

@@ -323,8 +323,10 @@ class Bundle(Base):
 
 
 def result_column(type_: Any, description: str, unit: str | None = None, **kwargs: Any) -> Any:
-    """A column of a result table with its description and unit (an astropy unit string), kept in
-    ``column.info`` for the summary catalogues (:mod:`astra_provider.catalogue`): define them once, here."""
+    """A column of a result table with its description and unit, kept in ``column.info`` for the summary
+    catalogues (:mod:`astra_provider.catalogue`): define them once, here. The unit is a string that astropy
+    parses and FITS allows (``"km / s"``, ``"K"``); logarithmic quantities (dex) have none, and say so in
+    their description."""
     return mapped_column(type_, info={"description": description, "unit": unit}, **kwargs)
 
 
@@ -413,10 +415,10 @@ class Doppler(OutputMixin, Base):
     bc: Mapped[float | None] = result_column(Float, "Barycentric correction from the file header", _KMS)
     teff: Mapped[float | None] = result_column(Float, "Effective temperature of the best template", "K")
     u_teff: Mapped[float | None] = result_column(Float, "Uncertainty of teff", "K")
-    logg: Mapped[float | None] = result_column(Float, "Surface gravity (log10 cm s-2) of the template", "dex")
-    u_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg", "dex")
-    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H] of the best template", "dex")
-    u_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h", "dex")
+    logg: Mapped[float | None] = result_column(Float, "Surface gravity log10(g / cm s-2) of the template")
+    u_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg (dex)")
+    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H] (dex) of the best template")
+    u_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h (dex)")
     chisq: Mapped[float | None] = result_column(Float, "Reduced chi-squared of the fit")
     ccf_peak: Mapped[float | None] = result_column(Float, "Height of the normalised cross-correlation peak")
     snr: Mapped[float | None] = result_column(Float, _SNR)
@@ -437,10 +439,10 @@ class TheCannon(OutputMixin, Base):
     snr: Mapped[float | None] = result_column(Float, _SNR)
     teff: Mapped[float | None] = result_column(Float, "Effective temperature", "K")
     e_teff: Mapped[float | None] = result_column(Float, "Uncertainty of teff", "K")
-    logg: Mapped[float | None] = result_column(Float, "Surface gravity (log10 cm s-2)", "dex")
-    e_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg", "dex")
-    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H]", "dex")
-    e_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h", "dex")
+    logg: Mapped[float | None] = result_column(Float, "Surface gravity log10(g / cm s-2)")
+    e_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg (dex)")
+    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H] (dex)")
+    e_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h (dex)")
     rho_teff_logg: Mapped[float | None] = result_column(Float, "Correlation of teff and logg")
     rho_teff_fe_h: Mapped[float | None] = result_column(Float, "Correlation of teff and fe_h")
     rho_logg_fe_h: Mapped[float | None] = result_column(Float, "Correlation of logg and fe_h")
