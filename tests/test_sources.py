@@ -167,10 +167,6 @@ def test_claimed_files_are_linked_to_one_source_per_star(astra_db, survey):
     again, _ = claim_data_products(paths)
     with session_scope() as session:
         assert again == [] and session.scalar(select(func.count()).select_from(Source)) == 3
-        metadata = session.scalars(
-            select(DataProduct.metadata_).where(DataProduct.filetype == "apVisit")
-        ).first()
-    assert metadata["identifiers"]["field"] and metadata["identifiers"]["telescope"] == "apo25m"
 
 
 def test_real_files_become_sources(astra_db, real_files, tmp_path):
@@ -197,6 +193,7 @@ def test_files_without_identifiers_get_no_source_and_a_logged_reason(astra_db, t
     with session_scope() as session:
         assert list(links(session)) == [str(named)]
         reasons = dict(session.execute(select(DataProduct.path, DataProduct.metadata_)).all())
+    assert reasons[str(named)]["identifiers"] == {"obj": "2M00000002+7417074"}  # a plain file keeps them
     assert "no usable SDSS_ID" in reasons[str(plain)]["no_source"]
     assert "not a FITS file" in reasons[str(broken)]["no_source"]
     assert f"No source for {plain}" in caplog.text and f"No source for {broken}" in caplog.text
@@ -311,3 +308,21 @@ def test_astra_source_lists_products_and_results(astra_db, survey, tmp_path, cap
     assert "no source with identifier '123'" in capsys.readouterr().err
     assert main(["source", "color=red"]) == 1
     assert "unknown identifier 'color'" in capsys.readouterr().err
+
+
+def test_files_that_share_identifiers_in_one_batch_make_one_source(astra_db, tmp_path):
+    a = write_header_only(tmp_path / "apVisit-a.fits", {"OBJID": "2M00000002+7417074"})
+    b = write_header_only(tmp_path / "apStar-b.fits", {"CATID": 27021597760000003, "RA": 1.5, "DEC": -2.0})
+    c = write_header_only(
+        tmp_path / "apStar-c.fits", {"OBJID": "J00000002+7417074", "CATID": 27021597760000003}
+    )
+    d = write_header_only(tmp_path / "apVisit-d.fits", {"OBJID": "2M11111111+1111111"})
+    claim_data_products([str(a), str(b), str(d), str(c)])  # c, last, joins a and b
+    with session_scope() as session:
+        sources = {s.obj: s for s in session.scalars(select(Source))}
+        linked = links(session)
+    star = sources["2M00000002+7417074"]
+    assert len(sources) == 2 and star.catalogid == 27021597760000003 and (star.ra, star.dec) == (1.5, -2.0)
+    assert {linked[str(p)] for p in (a, b, c)} == {star.pk} and linked[str(d)] == sources[
+        "2M11111111+1111111"
+    ].pk

@@ -225,14 +225,17 @@ def get_or_create_data_products(session: Session, specs: Sequence[DataProductSpe
     return [products[(spec.release, spec.filetype, spec.kwargs_hash)] for spec in specs]
 
 
-def _link_sources(session: Session, pairs: list[tuple[DataProduct, SourceIdentifiers]]) -> None:
+def _link_sources(
+    session: Session, pairs: list[tuple[DataProduct, SourceIdentifiers]], *, new_products: bool = False
+) -> None:
     """Link data products to the sources their identifiers name (created if needed), in bulk.
 
     :raises astra_provider.sources.SourceConflictError: naming the files whose identifiers conflict.
     """
     from astra_provider.sources.linking import link_sources
 
-    link_sources(session, [(product.pk, product.path, identifiers) for product, identifiers in pairs])
+    files = [(product.pk, product.path, identifiers) for product, identifiers in pairs]
+    link_sources(session, files, new_products=new_products)
 
 
 def get_or_create_parameters(
@@ -263,24 +266,36 @@ def register_new_data_products(session: Session, specs: Sequence[DataProductSpec
     """Insert ``specs`` and return only the rows this call created (in ``specs`` order).
 
     The unique constraint on (release, filetype, kwargs_hash) makes this an atomic claim: when two
-    sensors or watchers register the same file concurrently, exactly one of them gets it back.
+    sensors or watchers register the same file concurrently, exactly one of them gets it back. The new rows
+    are linked to the sources of the specs that carry identifiers (``spec.source``).
     """
     if not specs:
         return []
-    unique = _unique_specs(specs)
+    from astra_provider.database.recorder import _gc_paused  # tens of thousands of rows stay alive
+
+    with _gc_paused():
+        return _register_new(session, _unique_specs(specs))
+
+
+def _register_new(session: Session, unique: dict[tuple[str, str, str], DataProductSpec]) -> list[DataProduct]:
+    now = datetime.now(UTC)
     inserted = insert_rows(
         session,
         DataProduct.__table__,
         [_spec_row(spec) for spec in unique.values()],
-        same_for_all={"created": datetime.now(UTC)},
+        same_for_all={"created": now},
         on_conflict_do_nothing=DATA_PRODUCT_KEY,
-        returning=("pk",),
+        returning=("pk", *DATA_PRODUCT_KEY),
     )
-    created = [
-        row[0] for row in select_in(session, select(DataProduct), DataProduct.pk, [r[0] for r in inserted])
-    ]
-    by_key = {(p.release, p.filetype, p.kwargs_hash): p for p in created}
-    _link_sources(session, [(by_key[k], s.source) for k, s in unique.items() if k in by_key and s.source])
+    # The rows are what was inserted: built from the specs, not read back (no JSON decoded again).
+    by_key = {
+        (release, filetype, kwargs_hash): build(
+            DataProduct, {**_spec_row(unique[release, filetype, kwargs_hash]), "pk": pk, "created": now}
+        )
+        for pk, release, filetype, kwargs_hash in inserted
+    }
+    pairs = [(by_key[k], s.source) for k, s in unique.items() if k in by_key and s.source]
+    _link_sources(session, pairs, new_products=True)
     return [by_key[k] for k in unique if k in by_key]
 
 

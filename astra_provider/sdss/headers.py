@@ -22,6 +22,7 @@ thousands of files a second. This module imports only the standard library.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -99,10 +100,10 @@ class SourceIdentifiers:
     telescope: str | None = None
     field: str | None = None
 
-    @property
-    def keys(self) -> list[tuple[str, Any]]:
+    @functools.cached_property
+    def keys(self) -> tuple[tuple[str, Any], ...]:
         """``(identifier, value)`` for each identifier present, most trusted first."""
-        return [(name, getattr(self, name)) for name in IDENTIFIER_KEYS if getattr(self, name) is not None]
+        return tuple((name, value) for name in IDENTIFIER_KEYS if (value := getattr(self, name)) is not None)
 
     def as_dict(self) -> dict[str, Any]:
         """The values that are present (for ``data_product.metadata``)."""

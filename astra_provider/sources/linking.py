@@ -96,68 +96,76 @@ def _existing_sources(
 def _group_files(
     files: Sequence[tuple[int, str, SourceIdentifiers]], existing: dict[tuple[str, Any], dict[str, Any]]
 ) -> list[_Group]:
-    """Union-find of files over their identifiers and the existing sources those belong to."""
-    parent: dict[Any, Any] = {}
+    """Files joined into groups by shared identifiers (and the existing sources those belong to).
 
-    def root(node: Any) -> Any:
-        parent.setdefault(node, node)
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    file_nodes = []
-    for _, _, identifiers in files:
-        nodes = [("source", existing[key]["pk"]) if key in existing else key for key in identifiers.keys]
-        first = root(nodes[0])
-        for node in nodes[1:]:
-            other = root(node)
-            if other != first:
-                parent[other] = first
-        file_nodes.append(nodes)
-    groups: dict[Any, _Group] = {}
-    for file, nodes in zip(files, file_nodes, strict=True):
-        group = groups.setdefault(root(nodes[0]), _Group())
+    A node is an identifier ``(key, value)``, or ``("source", pk)`` for one of an existing source; each
+    node has one group (``owner``). A file whose nodes belong to several groups merges them into the
+    largest one.
+    """
+    owner: dict[tuple[str, Any], _Group] = {}
+    nodes_of: dict[int, list[tuple[str, Any]]] = {}  # id(group) -> its nodes
+    for file in files:
+        keys = file[2].keys
+        nodes = [key if key not in existing else ("source", existing[key]["pk"]) for key in keys]
+        groups = {id(g): g for g in map(owner.get, nodes) if g is not None}
+        if not groups:
+            group = _Group()
+            nodes_of[id(group)] = []
+        else:
+            group = max(groups.values(), key=lambda g: len(nodes_of[id(g)]))
+            for other in groups.values():
+                if other is not group:
+                    group.files.extend(other.files)
+                    group.sources.update(other.sources)
+                    for node in nodes_of.pop(id(other)):
+                        owner[node] = group
+                        nodes_of[id(group)].append(node)
         group.files.append(file)
-        for key in file[2].keys:
-            if key in existing:
-                group.sources[existing[key]["pk"]] = existing[key]
-    return list(groups.values())
+        for node, key in zip(nodes, keys, strict=True):
+            if owner.get(node) is not group:
+                owner[node] = group
+                nodes_of[id(group)].append(node)
+            if node[0] == "source":
+                group.sources[node[1]] = existing[key]
+    return list({id(group): group for group in owner.values()}.values())
 
 
 def _group_values(group: _Group) -> tuple[dict[str, Any], Conflict | None]:
     """The identifiers of a group's source (existing values first), or the conflict that prevents one."""
-    paths = tuple(path for _, path, _ in group.files)
     if len(group.sources) > 1:
+        paths = tuple(path for _, path, _ in group.files)
         names = " and ".join(_describe(row) for row in group.sources.values())
         return {}, Conflict(paths, f"{', '.join(paths)}: the identifiers name two sources, {names}")
     existing = next(iter(group.sources.values()), None)
     values: dict[str, Any] = {}
     for key in IDENTIFIER_KEYS:
-        seen: dict[Any, list[str]] = {}
+        found = {getattr(identifiers, key) for _, _, identifiers in group.files}
+        found.discard(None)
         if existing is not None and existing[key] is not None:
-            seen[existing[key]] = [_describe(existing)]
-        for _, path, identifiers in group.files:
-            value = getattr(identifiers, key)
-            if value is not None:
-                seen.setdefault(value, []).append(path)
-        if len(seen) > 1:
-            detail = "; ".join(f"{key}={value} in {', '.join(where)}" for value, where in seen.items())
-            return {}, Conflict(paths, f"one source with two values of {key}: {detail}")
-        values[key] = next(iter(seen), None)
+            found.add(existing[key])
+        if len(found) > 1:
+            return {}, _disagreement(group, key, existing)
+        values[key] = found.pop() if found else None
     for key in ("ra", "dec"):
         if existing is not None and existing[key] is not None:
             values[key] = existing[key]
         else:
-            values[key] = next(
-                (
-                    getattr(ids, key)
-                    for _, _, ids in group.files
-                    if ids.ra is not None and ids.dec is not None
-                ),
-                None,
-            )
+            positions = (ids for _, _, ids in group.files if ids.ra is not None and ids.dec is not None)
+            values[key] = next((getattr(ids, key) for ids in positions), None)
     return values, None
+
+
+def _disagreement(group: _Group, key: str, existing: dict[str, Any] | None) -> Conflict:
+    seen: dict[Any, list[str]] = {}
+    if existing is not None and existing[key] is not None:
+        seen[existing[key]] = [_describe(existing)]
+    for _, path, identifiers in group.files:
+        value = getattr(identifiers, key)
+        if value is not None:
+            seen.setdefault(value, []).append(path)
+    detail = "; ".join(f"{key}={value} in {', '.join(where)}" for value, where in seen.items())
+    paths = tuple(path for _, path, _ in group.files)
+    return Conflict(paths, f"one source with two values of {key}: {detail}")
 
 
 def _lock_sources(session: Session) -> None:
@@ -171,6 +179,7 @@ def link_sources(
     files: Sequence[tuple[int, str, SourceIdentifiers]],
     *,
     on_conflict: str = "raise",
+    new_products: bool = False,
 ) -> LinkReport:
     """Link each data product ``(pk, path, identifiers)`` to its source, creating sources as needed.
 
@@ -178,6 +187,8 @@ def link_sources(
 
     :param on_conflict: ``"raise"``: a :class:`SourceConflictError` naming every conflicting file, nothing
         linked; ``"log"``: log each conflict as an error and link the other files.
+    :param new_products: the products were inserted by this transaction (no one else can have linked
+        them: the links are inserted without a conflict check).
     :returns: counts, and the conflicts left unlinked (``on_conflict="log"``).
     :raises SourceConflictError: see ``on_conflict``.
     """
@@ -216,7 +227,8 @@ def link_sources(
     for group, _ in resolved:
         source_pk = next(iter(group.sources)) if group.sources else next(source_pks)
         links.extend({"source_pk": source_pk, "data_product_pk": pk} for pk, _, _ in group.files)
-    insert_rows(session, SourceDataProduct.__table__, links, on_conflict_do_nothing=("data_product_pk",))
+    conflict_key = () if new_products else ("data_product_pk",)
+    insert_rows(session, SourceDataProduct.__table__, links, on_conflict_do_nothing=conflict_key)
     report.linked, report.new_sources = len(links), len(new)
     return report
 

@@ -93,7 +93,9 @@ def with_header_identifiers(specs: Sequence[DataProductSpec], logger: Any = log)
     """``specs`` with the identifiers in their files' primary headers (``source`` and ``metadata``).
 
     Only FITS files are read (SDSS products, and files named ``*.fits``); a file without usable
-    identifiers keeps ``source=None``, gets ``metadata={"no_source": reason}``, and is logged.
+    identifiers keeps ``source=None``, gets ``metadata={"no_source": reason}``, and is logged. A plain file
+    (file type ``full``, no path keywords) also keeps the identifiers read in ``metadata["identifiers"]``
+    (its telescope and field, which an SDSS product has in its keywords).
     """
     result, unidentified = [], []
     for spec in specs:
@@ -105,9 +107,11 @@ def with_header_identifiers(specs: Sequence[DataProductSpec], logger: Any = log)
             unidentified.append((spec.path, found))
             metadata = {**(spec.metadata or {}), "no_source": found}
             result.append(dataclasses.replace(spec, metadata=metadata))
-        else:
+        elif spec.filetype == "full":  # no path keywords: keep what the header said about the observation
             metadata = {**(spec.metadata or {}), "identifiers": found.as_dict()}
             result.append(dataclasses.replace(spec, source=found, metadata=metadata))
+        else:
+            result.append(dataclasses.replace(spec, source=found))
     log_unidentified(logger, unidentified)
     return result
 
