@@ -73,8 +73,7 @@ def specs(n_products: int, per_star: int, *, identified: bool, mjd: int) -> list
                     filetype=filetype,
                     kwargs=keywords,
                     path=path,
-                    source=ids if identified else None,
-                    metadata={"identifiers": ids.as_dict()} if identified else None,
+                    source=ids if identified else None,  # SDSS products keep no metadata, as from the sensor
                 )
             )
     return result
