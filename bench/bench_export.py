@@ -11,7 +11,7 @@ the naive way: the ORM loads every result with its task, data product and source
 into one ``astropy.table.Table`` in memory, and written with ``Table.write``. The ratio compares the rows
 per second, and the memory per row.
 
-    .venv/bin/python bench/bench_export.py [--rows 1000000] [--baseline-rows 100000]
+    .venv/bin/python bench/bench_export.py [--rows 1000000] [--baseline-rows 20000]
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def fill(url: str, rows: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--baseline-rows", type=int, default=100_000)
+    parser.add_argument("--baseline-rows", type=int, default=20_000)
     args = parser.parse_args()
     astra = str(Path(sys.executable).parent / "astra")
     with tempfile.TemporaryDirectory() as tmp, temporary_postgres() as admin_url:

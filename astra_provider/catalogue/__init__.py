@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from astra_provider._version import __version__
-from astra_provider.catalogue.columns import STR, CatalogueColumn, catalogue_columns
+from astra_provider.catalogue.columns import CatalogueColumn, catalogue_columns
 from astra_provider.catalogue.query import (
     KINDS,
     CatalogueError,
@@ -91,14 +91,11 @@ def catalogue_filename(pipeline: str | type[OutputMixin], kind: str | None, form
     return f"astraAll{(kind or '').capitalize()}{model.__name__}-{__version__}{FORMATS[format][0]}"
 
 
-def _columns(connection: Any, model: type[OutputMixin], base: Any) -> tuple[list[CatalogueColumn], dict]:
+def _columns(connection: Any, model: type[OutputMixin], base: Any) -> list[CatalogueColumn]:
     filetypes = [
         f for (f,) in connection.execute(base.with_only_columns(DataProduct.filetype).distinct()) if f
     ]
-    parameters = parameter_summary(connection, model, base)
-    columns = catalogue_columns(model, filetypes, {name: kind for name, (kind, _) in parameters.items()})
-    widths = {c.name: parameters[c.parameter][1] for c in columns if c.parameter and c.kind == STR}
-    return columns, widths
+    return catalogue_columns(model, filetypes, parameter_summary(connection, model, base))
 
 
 def export_catalogue(
@@ -131,10 +128,11 @@ def export_catalogue(
     engine = get_engine(database_url)
     path = Path(path)
     with engine.connect().execution_options(read_only=True) as connection:
-        columns, widths = _columns(connection, model, results_select(model, kind, []))
+        if connection.dialect.name == "postgresql":  # compiling the big query costs seconds, saves none
+            connection.exec_driver_sql("SET LOCAL jit = off")
+        columns = _columns(connection, model, results_select(model, kind, []))
         base = results_select(model, kind, compile_filters(where, columns))
-        if format == "fits":
-            widths.update(string_widths(connection, base, columns))
+        widths = string_widths(connection, base, columns) if format == "fits" else {}
         meta = {
             "pipeline": model.__tablename__,
             "kind": kind,

@@ -4,7 +4,7 @@ the result columns and the flags, each with a type, a unit and a description.
 Units and descriptions of result columns come from the result models (``column.info``, see
 :func:`astra_provider.database.astradb.result_column`); those of the other columns are defined here, once.
 A column is either an SQL expression (selected, and usable in ``--where`` filters), a parameter of the task
-(looked up per chunk), or a flag bit of ``bitmask_flag`` (computed from it).
+(the pk of its value is selected, and decoded here), or a flag bit of ``bitmask_flag`` (computed from it).
 """
 
 from __future__ import annotations
@@ -12,16 +12,23 @@ from __future__ import annotations
 import enum
 import importlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, SmallInteger, Text, cast, func
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, SmallInteger, Text, cast, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from astra_provider.database.astradb import DataProduct, OutputMixin, Source, Task
+from astra_provider.database.astradb import DataProduct, OutputMixin, Parameter, Source, Task, TaskParameter
 from astra_provider.sdss.paths import FILETYPES
 
-__all__ = ["NULL_INT", "CatalogueColumn", "catalogue_columns", "flag_bits", "json_value_kind"]
+__all__ = [
+    "NULL_INT",
+    "CatalogueColumn",
+    "ParameterValues",
+    "catalogue_columns",
+    "flag_bits",
+    "json_value_kind",
+]
 
 NULL_INT = -(2**63)
 """Stands for a missing integer (``TNULL`` in FITS; masked in astropy)."""
@@ -47,10 +54,15 @@ class CatalogueColumn:
     expression: ColumnElement | None = None
     parameter: str | None = None
     flag: tuple[str, int] | None = None
+    values: Mapping[int, Any] | None = field(default=None, compare=False, repr=False)
+    """For a parameter column: parameter pk (what ``expression`` selects) -> decoded value."""
 
     @property
     def selected(self) -> ColumnElement:
-        """The expression as selected: a missing integer is :data:`NULL_INT`, a missing string ``""``."""
+        """The expression as selected: a missing integer is :data:`NULL_INT`, a missing string ``""``
+        (a parameter column selects the parameter's pk, decoded with :attr:`values`)."""
+        if self.parameter is not None:
+            return self.expression
         if self.kind == INT:
             return func.coalesce(self.expression, NULL_INT)
         if self.kind == STR:
@@ -117,6 +129,25 @@ def _keyword_columns(filetypes: Iterable[str], taken: set[str]) -> list[Catalogu
 # Parameters and flags ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ParameterValues:
+    """The values a task parameter takes in a catalogue: its column kind, and parameter pk -> value."""
+
+    kind: str
+    values: Mapping[int, Any]
+
+
+def _parameter_expression(table: Any, name: str) -> ColumnElement:
+    """The pk of the task's value of parameter ``name`` (a correlated subquery on the result's task)."""
+    return (
+        select(TaskParameter.parameter_pk)
+        .join(Parameter, Parameter.pk == TaskParameter.parameter_pk)
+        .where(TaskParameter.task_pk == table.c.task_pk, Parameter.parameter_name == name)
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
 def json_value_kind(values: Iterable[Any]) -> str:
     """The column kind that holds all ``values`` (decoded JSON): int, float, bool, else str (JSON text)."""
     kinds = {type(value) for value in values if value is not None}
@@ -150,13 +181,13 @@ def _flag_description(model: type, name: str) -> str:
 
 
 def catalogue_columns(
-    model: type[OutputMixin], filetypes: Iterable[str], parameter_kinds: Mapping[str, str]
+    model: type[OutputMixin], filetypes: Iterable[str], parameters: Mapping[str, ParameterValues]
 ) -> list[CatalogueColumn]:
     """Every column of the catalogue of result model ``model``.
 
     :param filetypes: the file types of the data products in the catalogue (their path keywords become
         columns).
-    :param parameter_kinds: the task parameters, name -> column kind (see :func:`json_value_kind`).
+    :param parameters: the task parameters and their values, by name.
     """
     columns = [CatalogueColumn(n, _kind(e.type), d, u, e) for n, e, u, d in (*_SOURCE, *_PRODUCT)]
     taken = {c.name for c in columns}
@@ -168,9 +199,17 @@ def catalogue_columns(
         CatalogueColumn("output_pk", INT, table.c.output_pk.info["description"], None, table.c.output_pk)
     )
     taken = {c.name for c in columns} | result_names
-    for name, kind in sorted(parameter_kinds.items()):
-        column_name = name if name not in taken else f"parameter_{name}"
-        columns.append(CatalogueColumn(column_name, kind, f"Task parameter {name}", parameter=name))
+    for name, summary in sorted(parameters.items()):
+        columns.append(
+            CatalogueColumn(
+                name if name not in taken else f"parameter_{name}",
+                summary.kind,
+                f"Task parameter {name}",
+                expression=_parameter_expression(table, name),
+                parameter=name,
+                values=summary.values,
+            )
+        )
     for column in table.columns:
         if column.name in ("output_pk", "task_pk", "data_product_pk"):
             continue

@@ -14,12 +14,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import LargeBinary, Select, Text, and_, any_, cast, func, literal, or_, select
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import LargeBinary, Select, and_, func, literal, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from astra_provider.catalogue.columns import BOOL, FLOAT, INT, NULL_INT, STR, CatalogueColumn, json_value_kind
+from astra_provider.catalogue.columns import (
+    BOOL,
+    FLOAT,
+    INT,
+    NULL_INT,
+    STR,
+    CatalogueColumn,
+    ParameterValues,
+    json_value_kind,
+)
 from astra_provider.database.astradb import (
     DataProduct,
     OutputMixin,
@@ -29,7 +37,6 @@ from astra_provider.database.astradb import (
     Task,
     TaskParameter,
 )
-from astra_provider.database.bulk import chunked, pg_array
 
 __all__ = [
     "KINDS",
@@ -154,49 +161,6 @@ def _array(column: CatalogueColumn, values: Sequence[Any]) -> np.ndarray:
     return np.array(values, dtype=object)
 
 
-def _select_in(connection: Connection, statement: Select, column: Any, values: list[Any]) -> list[Any]:
-    """Rows of ``statement`` where ``column`` is one of ``values`` (``= ANY(array)`` on PostgreSQL)."""
-    if connection.dialect.name == "postgresql":
-        array = cast(literal(pg_array(values), Text), postgresql.ARRAY(column.type))
-        return connection.execute(statement.where(column == any_(array))).all()
-    rows = []
-    for chunk in chunked(values):
-        rows.extend(connection.execute(statement.where(column.in_(chunk))).all())
-    return rows
-
-
-def _parameter_values(
-    connection: Connection, task_pks: np.ndarray, names: dict[str, CatalogueColumn]
-) -> dict[int, dict[str, Any]]:
-    """task pk -> {parameter name: decoded value}, for the parameters in ``names``."""
-    statement = (
-        select(TaskParameter.task_pk, Parameter.parameter_name, Parameter.parameter_value)
-        .join(Parameter, Parameter.pk == TaskParameter.parameter_pk)
-        .where(Parameter.parameter_name.in_(list(names)))
-    )
-    decoded: dict[str, Any] = {}
-    values: dict[int, dict[str, Any]] = {}
-    for task_pk, name, text in _select_in(connection, statement, TaskParameter.task_pk, task_pks.tolist()):
-        value = decoded.get(text)
-        if value is None:
-            value = decoded[text] = json.loads(text)
-        values.setdefault(task_pk, {})[name] = value
-    return values
-
-
-def _parameter_column(column: CatalogueColumn, task_pks: np.ndarray, values: dict) -> np.ndarray:
-    raw = [values.get(pk, {}).get(column.parameter) for pk in task_pks.tolist()]
-    if column.kind == STR:
-        return np.array(
-            ["" if v is None else v if isinstance(v, str) else json.dumps(v) for v in raw], object
-        )
-    if column.kind == INT:
-        return np.array([NULL_INT if v is None else v for v in raw], dtype=np.int64)
-    if column.kind == FLOAT:
-        return np.array([np.nan if v is None else v for v in raw], dtype=np.float64)
-    return np.array([bool(v) for v in raw], dtype=bool)
-
-
 def _byte_length(connection: Connection, expression: ColumnElement) -> ColumnElement:
     if connection.dialect.name == "postgresql":
         return func.octet_length(expression)
@@ -204,35 +168,55 @@ def _byte_length(connection: Connection, expression: ColumnElement) -> ColumnEle
 
 
 def string_widths(connection: Connection, base: Select, columns: Sequence[CatalogueColumn]) -> dict[str, int]:
-    """The longest value (in UTF-8 bytes) of each SQL text column of ``base`` (for fixed-width formats)."""
-    text = [c for c in columns if c.kind == STR and c.expression is not None]
-    if not text:
-        return {}
-    maxima = [func.coalesce(func.max(_byte_length(connection, c.selected)), 0) for c in text]
-    row = connection.execute(base.with_only_columns(*maxima)).one()
-    return {column.name: int(width) for column, width in zip(text, row, strict=True)}
+    """The longest value (in UTF-8 bytes) of each SQL text column of ``base`` (for fixed-width formats);
+    parameter columns have theirs in :attr:`CatalogueColumn.values`."""
+    text = [c for c in columns if c.kind == STR and c.expression is not None and c.parameter is None]
+    widths = {
+        c.name: max((len(_text(v).encode()) for v in c.values.values()), default=0)
+        for c in columns
+        if c.kind == STR and c.parameter is not None
+    }
+    if text:
+        maxima = [func.coalesce(func.max(_byte_length(connection, c.selected)), 0) for c in text]
+        row = connection.execute(base.with_only_columns(*maxima)).one()
+        widths.update({column.name: int(width) for column, width in zip(text, row, strict=True)})
+    return widths
 
 
 def parameter_summary(
     connection: Connection, model: type[OutputMixin], base: Select
-) -> dict[str, tuple[str, int]]:
-    """The parameters of the tasks behind ``base``: name -> (column kind, longest text in UTF-8 bytes)."""
+) -> dict[str, ParameterValues]:
+    """The parameters of the tasks behind ``base`` and the values they take, by name."""
     task_pks = base.with_only_columns(model.__table__.c.task_pk)
     used = select(TaskParameter.parameter_pk).where(TaskParameter.task_pk.in_(task_pks)).distinct()
     rows = connection.execute(
-        select(Parameter.parameter_name, Parameter.parameter_value).where(Parameter.pk.in_(used))
+        select(Parameter.pk, Parameter.parameter_name, Parameter.parameter_value).where(
+            Parameter.pk.in_(used)
+        )
     )
-    values: dict[str, list[Any]] = {}
-    for name, text in rows:
-        values.setdefault(name, []).append(json.loads(text))
-    summary = {}
-    for name, decoded in values.items():
-        kind = json_value_kind(decoded)
-        width = 0
-        if kind == STR:
-            width = max(len((v if isinstance(v, str) else json.dumps(v)).encode()) for v in decoded)
-        summary[name] = (kind, width)
-    return summary
+    values: dict[str, dict[int, Any]] = {}
+    for pk, name, text in rows:
+        values.setdefault(name, {})[pk] = json.loads(text)
+    return {
+        name: ParameterValues(json_value_kind(decoded.values()), decoded) for name, decoded in values.items()
+    }
+
+
+def _text(value: Any) -> str:
+    """A parameter value in a text column: itself if a string, else its JSON."""
+    return "" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
+def _parameter_array(column: CatalogueColumn, pks: Sequence[Any]) -> np.ndarray:
+    values = column.values or {}
+    decoded = [values.get(pk) for pk in pks]
+    if column.kind == STR:
+        return np.array([_text(v) for v in decoded], dtype=object)
+    if column.kind == INT:
+        return np.array([NULL_INT if v is None else v for v in decoded], dtype=np.int64)
+    if column.kind == FLOAT:
+        return np.array(decoded, dtype=np.float64)  # None -> NaN
+    return np.array([bool(v) for v in decoded], dtype=bool)
 
 
 def stream_chunks(
@@ -244,22 +228,18 @@ def stream_chunks(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Chunks of at most ``chunk_size`` rows of ``base`` as ``{column name: array}``, in ``order_by`` order.
 
-    Parameter columns are looked up per chunk (on the same connection, while the cursor stays open); flag
-    columns are computed from their bitmask column.
+    Parameter columns are decoded from the pks selected; flag columns are computed from their bitmask.
     """
     selected = [column for column in columns if column.expression is not None]
-    task_pk = next(c for c in columns if c.name == "task_pk")
     statement = base.with_only_columns(*(c.selected.label(c.name) for c in selected)).order_by(order_by)
-    parameter_columns = {c.parameter: c for c in columns if c.parameter is not None}
     result = connection.execution_options(stream_results=True, yield_per=chunk_size).execute(statement)
     try:
         for rows in result.partitions(chunk_size):
             transposed = list(zip(*rows, strict=True))
-            chunk = {c.name: _array(c, values) for c, values in zip(selected, transposed, strict=True)}
-            if parameter_columns:
-                values = _parameter_values(connection, chunk[task_pk.name], parameter_columns)
-                for column in parameter_columns.values():
-                    chunk[column.name] = _parameter_column(column, chunk[task_pk.name], values)
+            chunk = {
+                c.name: _parameter_array(c, values) if c.parameter is not None else _array(c, values)
+                for c, values in zip(selected, transposed, strict=True)
+            }
             for column in columns:
                 if column.flag is not None:
                     bitmask, bit = column.flag

@@ -78,7 +78,12 @@ def header_table(columns: Sequence[CatalogueColumn], widths: Mapping[str, int]) 
 
 
 def _strings(values: np.ndarray, width: int) -> np.ndarray:
-    return np.array([value.encode() for value in values.tolist()], dtype=f"S{max(width, 1)}")
+    """Fixed-width bytes: ASCII text converted by numpy at once, other text encoded as UTF-8 per value."""
+    listed = values.tolist()
+    try:
+        return np.array(listed, dtype=f"S{max(width, 1)}")
+    except UnicodeEncodeError:
+        return np.array([value.encode() for value in listed], dtype=f"S{max(width, 1)}")
 
 
 class FitsWriter:
