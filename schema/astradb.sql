@@ -237,3 +237,32 @@ CREATE TABLE astra.thecannon (
 CREATE INDEX ix_astra_thecannon_data_product_pk ON astra.thecannon (data_product_pk);
 
 CREATE INDEX ix_astra_thecannon_task_pk ON astra.thecannon (task_pk);
+
+CREATE TABLE astra.thepayne (
+	row_index INTEGER NOT NULL,
+	snr FLOAT,
+	teff FLOAT,
+	e_teff FLOAT,
+	logg FLOAT,
+	e_logg FLOAT,
+	fe_h FLOAT,
+	e_fe_h FLOAT,
+	rho_teff_logg FLOAT,
+	rho_teff_fe_h FLOAT,
+	rho_logg_fe_h FLOAT,
+	chi_sq FLOAT,
+	reduced_chi_sq FLOAT,
+	bitmask_flag INTEGER NOT NULL,
+	labels JSONB,
+	output_pk BIGINT NOT NULL,
+	task_pk BIGINT NOT NULL,
+	data_product_pk BIGINT,
+	PRIMARY KEY (output_pk),
+	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE RESTRICT,
+	FOREIGN KEY(task_pk) REFERENCES astra.task (pk) ON DELETE CASCADE,
+	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE SET NULL
+);
+
+CREATE INDEX ix_astra_thepayne_data_product_pk ON astra.thepayne (data_product_pk);
+
+CREATE INDEX ix_astra_thepayne_task_pk ON astra.thepayne (task_pk);

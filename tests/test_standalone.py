@@ -179,8 +179,14 @@ def _wrong_data_root_fails_at_once(api: Api, home: Path, log: Path, model: Path,
     seconds = time.monotonic() - started
     discover = api.request("GET", f"{run_path}/taskInstances/discover")
     assert discover["state"] == "failed" and discover["try_number"] == 1
-    task_log = _task_log(home, "astra_pipeline", run["dag_run_id"], "discover")
-    assert f"data root {wrong} does not exist (its nearest existing parent is {tmp_path})" in task_log
+    expected = f"data root {wrong} does not exist (its nearest existing parent is {tmp_path})"
+    # The task's state can reach the API before its log file is complete (seen under load): wait for the text.
+    _wait(
+        "the wrong data_root in discover's log",
+        lambda: expected in _task_log(home, "astra_pipeline", run["dag_run_id"], "discover"),
+        60,
+        log,
+    )
     return {
         "run_failed_after_trigger": seconds,
         "discover_ran": _seconds_between(discover["start_date"], discover["end_date"]),
@@ -229,7 +235,14 @@ def _sensor_pipeline(api: Api, home: Path, log: Path, model: Path, tmp_path: Pat
     folder = home / "logs" / "dag_id=astra_pipeline" / f"run_id={run['dag_run_id']}" / "task_id=discover"
     trigger_log = "".join(p.read_text() for p in folder.glob("attempt=1.log.trigger.*.log"))
     assert "Trigger fired event" in trigger_log and f"Watching {data_root} for apStar, apVisit" in trigger_log
-    assert re.search(rf"Claimed {n_files} of {n_files} ready files", _task_log(home, *_ids(run), "discover"))
+    _wait(
+        "the claim in discover's log",
+        lambda: re.search(
+            rf"Claimed {n_files} of {n_files} ready files", _task_log(home, *_ids(run), "discover")
+        ),
+        60,
+        log,
+    )
     assert _completed_under(astra_db, data_root) == {"SinusoidalContinuum": 4, "DopplerRadialVelocity": 4}
     assert _results(astra_db) == {"TestTheCannon": 4, "doppler": 4, "thecannon": 4}
     assert _rows(astra_db, "select count(*) from task where status_code != 2") == [(0,)]

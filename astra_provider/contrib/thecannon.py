@@ -39,29 +39,14 @@ class TrainTheCannon(TaskInstance):
     length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
 
     def execute(self):
-        import numpy as np
-
         from astra_provider.science.cannon import train
-        from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
 
         results = []
         for task, data_products in self.iterable():
             table_path = data_products[0].path
             labels, paths = read_training_table(table_path, self.label_names)
-            spectra, keep = _read_first_rows(paths)
-            if not spectra:
-                raise ValueError(f"{table_path}: none of the {len(paths)} training spectra could be read")
-            wavelength = spectra[0].wavelength
-            flux = np.concatenate([s.flux[:1] for s in spectra])
-            ivar = np.concatenate([s.ivar[:1] for s in spectra])
-            flux, ivar, _ = continuum_normalize(
-                wavelength,
-                flux,
-                ivar,
-                load_continuum_pixels(),
-                deg=self.deg,
-                length_scale=float(self.length_scale),
-                on_failure="nan",
+            keep, wavelength, flux, ivar = normalized_training_spectra(
+                table_path, paths, self.deg, float(self.length_scale)
             )
             model = train(
                 labels[keep],
@@ -177,8 +162,16 @@ def read_training_table(path: str, label_names) -> tuple:
     return labels, paths
 
 
-def _read_first_rows(paths: list[str]):
-    """The readable spectra and the indices of ``paths`` they came from (unreadable ones are logged)."""
+def normalized_training_spectra(table_path: str, paths: list[str], deg: int, length_scale: float) -> tuple:
+    """``(kept indices, wavelength, flux, ivar)``: the first row of every readable spectrum of ``paths``,
+    pseudo-continuum normalised with the Sinusoidal method (``deg``, ``length_scale``) that
+    :class:`~astra_provider.contrib.continuum.SinusoidalContinuum` applies before the test step.
+
+    Unreadable spectra are logged and left out; none readable is a ``ValueError`` naming ``table_path``.
+    """
+    import numpy as np
+
+    from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
     from astra_provider.sdss.spectrum import read_spectrum
 
     spectra, keep = [], []
@@ -188,4 +181,16 @@ def _read_first_rows(paths: list[str]):
             keep.append(index)
         except (ValueError, OSError) as error:
             log.warning("excluding training spectrum: %s", error)
-    return spectra, keep
+    if not spectra:
+        raise ValueError(f"{table_path}: none of the {len(paths)} training spectra could be read")
+    wavelength = spectra[0].wavelength
+    flux, ivar, _ = continuum_normalize(
+        wavelength,
+        np.concatenate([s.flux[:1] for s in spectra]),
+        np.concatenate([s.ivar[:1] for s in spectra]),
+        load_continuum_pixels(),
+        deg=deg,
+        length_scale=length_scale,
+        on_failure="nan",
+    )
+    return keep, wavelength, flux, ivar

@@ -3,8 +3,8 @@
 Provenance tables: ``task``, ``parameter`` and the ``task_parameter`` junction, ``data_product`` with the
 ``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` (a task's bundle is its
 ``bundle_pk``), ``source`` and ``source_data_product``, and ``output_interface``, which gives every result
-row a key that is unique across all result tables. Result tables (``doppler``, ``thecannon``, ...) use
-:class:`OutputMixin`.
+row a key that is unique across all result tables. Result tables (``doppler``, ``thecannon``,
+``thepayne``, ...) use :class:`OutputMixin`.
 
 ``schema/astradb.sql`` is generated from these models (``astra schema``) and a test keeps the two equal.
 """
@@ -454,6 +454,33 @@ class TheCannon(OutputMixin, Base):
     )
 
 
+class ThePayne(OutputMixin, Base):
+    """Labels from The Payne for one spectrum (3-label model: teff, logg, fe_h).
+
+    Like :class:`TheCannon`: models with other label sets store all labels in ``labels`` (JSON: name ->
+    value, ``e_<name>``, ``rho_<a>_<b>``, fit statistics); the named columns are filled for the labels they
+    name. ``bitmask_flag`` holds :class:`~astra_provider.science.payne.PayneFlag` bits.
+    """
+
+    __tablename__ = "thepayne"
+
+    row_index: Mapped[int] = mapped_column(Integer, default=0)
+    snr: Mapped[float | None] = mapped_column(Float)
+    teff: Mapped[float | None] = mapped_column(Float)
+    e_teff: Mapped[float | None] = mapped_column(Float)
+    logg: Mapped[float | None] = mapped_column(Float)
+    e_logg: Mapped[float | None] = mapped_column(Float)
+    fe_h: Mapped[float | None] = mapped_column(Float)
+    e_fe_h: Mapped[float | None] = mapped_column(Float)
+    rho_teff_logg: Mapped[float | None] = mapped_column(Float)
+    rho_teff_fe_h: Mapped[float | None] = mapped_column(Float)
+    rho_logg_fe_h: Mapped[float | None] = mapped_column(Float)
+    chi_sq: Mapped[float | None] = mapped_column(Float)
+    reduced_chi_sq: Mapped[float | None] = mapped_column(Float)
+    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
 __all__ = [
     "Base",
     "Bundle",
@@ -473,6 +500,7 @@ __all__ = [
     "TaskOutputDataProduct",
     "TaskParameter",
     "TheCannon",
+    "ThePayne",
     "parameter_value_hash",
     "result_column",
 ]

@@ -1,0 +1,296 @@
+"""A trained Payne model (:class:`PayneModel`) and its ``.npz`` file format (``allow_pickle=False``).
+
+The file holds plain arrays only: the label names, the label scaling (offsets, scales), the hidden layers
+(``hidden_weight_<l>``, ``hidden_bias_<l>``), the output layer ``theta`` (P, D), the intrinsic variance
+``s2`` (P,), the wavelength grid, the pixel mask, the training-label range and percentiles, the test-step
+start labels, and the metadata (training settings, continuum-normalisation settings, history) as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from astra_provider.science.cannon import PERCENTILE_LEVELS
+from astra_provider.science.payne.network import ACTIVATION, Network
+
+__all__ = ["FORMAT_VERSION", "MODEL_KIND", "PayneModel", "describe_grid"]
+
+MODEL_KIND = "astra_provider.science.payne.PayneModel"
+FORMAT_VERSION = 1
+
+_REQUIRED_ARRAYS = (
+    "kind",
+    "format_version",
+    "activation",
+    "label_names",
+    "offsets",
+    "scales",
+    "n_hidden_layers",
+    "theta",
+    "s2",
+    "wavelength",
+    "pixel_mask",
+    "training_label_min",
+    "training_label_max",
+    "training_label_percentile_levels",
+    "training_label_percentiles",
+    "start_labels",
+    "n_training",
+    "metadata_json",
+)
+
+
+def describe_grid(wavelength: np.ndarray) -> str:
+    """A short description of a wavelength grid for error messages: pixels and range."""
+    wavelength = np.asarray(wavelength, dtype=np.float64).reshape(-1)
+    if wavelength.size == 0:
+        return "an empty grid"
+    return f"{wavelength.size} px, {wavelength[0]:.3f}-{wavelength[-1]:.3f} Å"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+
+@dataclass(eq=False)
+class PayneModel:
+    """A trained Payne emulator.
+
+    ``network`` maps scaled labels ``(label - offsets) / scales`` to the features ``a = [1, h_L]`` (D,);
+    the model flux at pixel ``p`` is ``a . theta[p]``. ``s2`` (P,) is the intrinsic variance per pixel
+    (maximum likelihood on the training residuals). ``pixel_mask`` (P,) is True where the pixel could not be
+    trained; those pixels predict a flux of 1 and :func:`~astra_provider.science.payne.fit` ignores them.
+    ``start_labels`` (C, K) are physical label vectors (a subset of the training labels) at which the test
+    step evaluates chi-squared to choose its starting points.
+    """
+
+    label_names: tuple[str, ...]
+    offsets: np.ndarray
+    scales: np.ndarray
+    network: Network
+    theta: np.ndarray
+    s2: np.ndarray
+    wavelength: np.ndarray
+    pixel_mask: np.ndarray
+    training_label_min: np.ndarray
+    training_label_max: np.ndarray
+    training_label_percentiles: np.ndarray
+    start_labels: np.ndarray
+    n_training: int
+    percentile_levels: tuple[float, ...] = PERCENTILE_LEVELS
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.label_names = tuple(str(name) for name in self.label_names)
+        k = len(self.label_names)
+        vectors = ("offsets", "scales", "training_label_min", "training_label_max", "s2", "wavelength")
+        for name in vectors:
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64).reshape(-1))
+        self.theta = np.asarray(self.theta, dtype=np.float64)
+        self.pixel_mask = np.asarray(self.pixel_mask, dtype=bool).reshape(-1)
+        self.training_label_percentiles = np.asarray(self.training_label_percentiles, dtype=np.float64)
+        self.start_labels = np.asarray(self.start_labels, dtype=np.float64)
+        self.percentile_levels = tuple(float(q) for q in self.percentile_levels)
+        self.n_training = int(self.n_training)
+        problems = []
+        if k == 0 or len(set(self.label_names)) != k:
+            problems.append(f"label names must be unique and non-empty, got {self.label_names}")
+        if self.network.n_labels != k:
+            problems.append(
+                f"the network takes {self.network.n_labels} labels, but there are {k} label names"
+            )
+        d = self.network.n_features
+        p = self.theta.shape[0] if self.theta.ndim == 2 else -1
+        if self.theta.ndim != 2 or self.theta.shape[1] != d:
+            problems.append(f"theta has shape {self.theta.shape}, expected (P, {d})")
+        for name in ("offsets", "scales", "training_label_min", "training_label_max"):
+            if getattr(self, name).shape != (k,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({k},)")
+        for name in ("s2", "wavelength", "pixel_mask"):
+            if getattr(self, name).shape != (p,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({p},)")
+        if self.training_label_percentiles.shape != (len(self.percentile_levels), k):
+            problems.append(
+                f"training_label_percentiles has shape {self.training_label_percentiles.shape}, "
+                f"expected ({len(self.percentile_levels)}, {k})"
+            )
+        if self.start_labels.ndim != 2 or self.start_labels.shape[1] != k or len(self.start_labels) == 0:
+            problems.append(f"start_labels has shape {self.start_labels.shape}, expected (C >= 1, {k})")
+        if np.any(~(self.scales > 0)):
+            problems.append("scales must be positive")
+        if problems:
+            raise ValueError("invalid PayneModel: " + "; ".join(problems))
+
+    # -- sizes and scaling -----------------------------------------------------------------------------------
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def n_pixels(self) -> int:
+        return self.theta.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.network.n_features
+
+    @property
+    def n_parameters(self) -> int:
+        """Free parameters of the emulator: hidden layers plus the per-pixel output layer."""
+        return self.network.n_parameters + self.theta.size
+
+    def scale_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Physical labels (..., K) -> scaled labels."""
+        return (np.asarray(labels, dtype=np.float64) - self.offsets) / self.scales
+
+    def unscale_labels(self, x: np.ndarray) -> np.ndarray:
+        """Scaled labels (..., K) -> physical labels."""
+        return np.asarray(x, dtype=np.float64) * self.scales + self.offsets
+
+    def _labels_2d(self, labels: np.ndarray) -> tuple[np.ndarray, bool]:
+        labels = np.asarray(labels, dtype=np.float64)
+        single = labels.ndim == 1
+        labels = np.atleast_2d(labels)
+        if labels.ndim != 2 or labels.shape[1] != self.n_labels:
+            raise ValueError(f"expected labels of shape (N, {self.n_labels}) or ({self.n_labels},)")
+        return labels, single
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def predict(self, labels: np.ndarray) -> np.ndarray:
+        """Model flux (N, P) at physical labels (N, K); a single label vector (K,) gives (P,)."""
+        labels, single = self._labels_2d(labels)
+        flux = self.network.features(self.scale_labels(labels)) @ self.theta.T
+        return flux[0] if single else flux
+
+    def predict_with_jacobian(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model flux (N, P) and its derivative with respect to the *physical* labels (N, P, K)."""
+        labels, single = self._labels_2d(labels)
+        features, jacobian = self.network.features_and_jacobian(self.scale_labels(labels))
+        flux = features @ self.theta.T
+        d_flux = np.matmul(self.theta, jacobian / self.scales)  # (P, D) @ (N, D, K) -> (N, P, K)
+        return (flux[0], d_flux[0]) if single else (flux, d_flux)
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        try:
+            metadata_json = json.dumps(self.metadata, default=_json_default, sort_keys=True)
+        except TypeError as exc:
+            raise ValueError(f"cannot save PayneModel metadata: {exc}") from None
+        arrays = {
+            "kind": np.array(MODEL_KIND),
+            "format_version": np.array(FORMAT_VERSION),
+            "activation": np.array(ACTIVATION),
+            "label_names": np.array(self.label_names, dtype=str),
+            "offsets": self.offsets,
+            "scales": self.scales,
+            "n_hidden_layers": np.array(len(self.network.weights)),
+            "theta": self.theta,
+            "s2": self.s2,
+            "wavelength": self.wavelength,
+            "pixel_mask": self.pixel_mask,
+            "training_label_min": self.training_label_min,
+            "training_label_max": self.training_label_max,
+            "training_label_percentile_levels": np.array(self.percentile_levels, dtype=np.float64),
+            "training_label_percentiles": self.training_label_percentiles,
+            "start_labels": self.start_labels,
+            "n_training": np.array(self.n_training),
+            "metadata_json": np.array(metadata_json),
+        }
+        for index, (w, b) in enumerate(zip(self.network.weights, self.network.biases, strict=True)):
+            arrays[f"hidden_weight_{index}"] = w
+            arrays[f"hidden_bias_{index}"] = b
+        return arrays
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model to ``path`` (``.npz``, compressed).  Refuses to overwrite unless ``overwrite``."""
+        path = Path(path)
+        if not path.name.lower().endswith(".npz"):
+            raise ValueError(f"a Payne model is saved as .npz, not {path.name!r}")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists (use overwrite=True)")
+        with open(path, "wb") as handle:
+            np.savez_compressed(handle, **self._arrays())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PayneModel:
+        """Read a model written by :meth:`save`.  Raises ``ValueError`` if the file is not a Payne model."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such Payne model file: {path}")
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"PK":  # .npz files are zip archives; np.load would try pickle otherwise
+                raise ValueError(f"{path} is not a readable .npz file, so it is not a Payne model")
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
+                for key in npz.files:
+                    try:
+                        arrays[key] = npz[key]
+                    except ValueError as exc:  # object arrays need pickle: refuse them
+                        raise ValueError(
+                            f"{path}: array {key!r} cannot be read without pickle ({exc})"
+                        ) from None
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(
+                f"{path} is not a readable .npz file, so it is not a Payne model ({exc})"
+            ) from None
+        return cls._from_arrays(arrays, path)
+
+    @classmethod
+    def _from_arrays(cls, arrays: Mapping[str, np.ndarray], path: Path) -> PayneModel:
+        kind = str(arrays["kind"]) if "kind" in arrays else None
+        if kind != MODEL_KIND:
+            raise ValueError(f"{path} is not a Payne model: kind is {kind!r}, expected {MODEL_KIND!r}")
+        missing = [key for key in _REQUIRED_ARRAYS if key not in arrays]
+        if missing:
+            raise ValueError(f"{path} is not a complete Payne model file: missing {', '.join(missing)}")
+        try:
+            version = int(arrays["format_version"])
+            activation = str(arrays["activation"])
+            n_layers = int(arrays["n_hidden_layers"])
+            metadata = json.loads(str(arrays["metadata_json"]))
+        except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not a valid Payne model file: {exc}") from None
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has Payne model format version {version}; this code reads <= {FORMAT_VERSION}"
+            )
+        if activation != ACTIVATION:
+            raise ValueError(f"{path}: activation {activation!r} is not supported (only {ACTIVATION!r})")
+        layers = [(f"hidden_weight_{i}", f"hidden_bias_{i}") for i in range(n_layers)]
+        missing = [name for pair in layers for name in pair if name not in arrays]
+        if missing:
+            raise ValueError(f"{path} is not a complete Payne model file: missing {', '.join(missing)}")
+        try:
+            network = Network([arrays[w] for w, _ in layers], [arrays[b] for _, b in layers])
+            return cls(
+                label_names=tuple(str(s) for s in np.atleast_1d(arrays["label_names"])),
+                offsets=arrays["offsets"],
+                scales=arrays["scales"],
+                network=network,
+                theta=arrays["theta"],
+                s2=arrays["s2"],
+                wavelength=arrays["wavelength"],
+                pixel_mask=arrays["pixel_mask"],
+                training_label_min=arrays["training_label_min"],
+                training_label_max=arrays["training_label_max"],
+                training_label_percentiles=arrays["training_label_percentiles"],
+                percentile_levels=tuple(np.atleast_1d(arrays["training_label_percentile_levels"]).tolist()),
+                start_labels=arrays["start_labels"],
+                n_training=int(arrays["n_training"]),
+                metadata=metadata,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
