@@ -234,3 +234,20 @@ def test_the_export_step_runs_in_airflow(results, tmp_path):
     (written,) = xcom
     assert written["rows"] == 12 and written["kind"] == "visit" and written["pipeline"] == "doppler"
     assert len(Table.read(written["path"])) == 12
+
+
+def test_every_result_column_has_a_description_and_a_valid_unit():
+    """Units and descriptions are defined once, next to the result models: a new table defines them too."""
+    import astropy.units as u
+
+    from astra_provider.catalogue import pipeline_models
+    from astra_provider.catalogue.columns import flag_bits
+
+    for name, model in pipeline_models().items():
+        for column in model.__table__.columns:
+            assert column.info.get("description"), f"{name}.{column.name} has no description"
+            unit = column.info.get("unit")
+            if unit:
+                u.Unit(unit).to_string("fits")  # raises for a unit FITS cannot hold
+        if "bitmask_flag" in model.__table__.c and model.flag_enum:
+            assert flag_bits(model), name

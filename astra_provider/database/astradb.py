@@ -463,22 +463,25 @@ class ThePayne(OutputMixin, Base):
     """
 
     __tablename__ = "thepayne"
+    flag_enum = "astra_provider.science.payne.fitting.PayneFlag"
 
-    row_index: Mapped[int] = mapped_column(Integer, default=0)
-    snr: Mapped[float | None] = mapped_column(Float)
-    teff: Mapped[float | None] = mapped_column(Float)
-    e_teff: Mapped[float | None] = mapped_column(Float)
-    logg: Mapped[float | None] = mapped_column(Float)
-    e_logg: Mapped[float | None] = mapped_column(Float)
-    fe_h: Mapped[float | None] = mapped_column(Float)
-    e_fe_h: Mapped[float | None] = mapped_column(Float)
-    rho_teff_logg: Mapped[float | None] = mapped_column(Float)
-    rho_teff_fe_h: Mapped[float | None] = mapped_column(Float)
-    rho_logg_fe_h: Mapped[float | None] = mapped_column(Float)
-    chi_sq: Mapped[float | None] = mapped_column(Float)
-    reduced_chi_sq: Mapped[float | None] = mapped_column(Float)
-    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
-    labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    row_index: Mapped[int] = result_column(Integer, _ROW, default=0)
+    snr: Mapped[float | None] = result_column(Float, _SNR)
+    teff: Mapped[float | None] = result_column(Float, "Effective temperature", "K")
+    e_teff: Mapped[float | None] = result_column(Float, "Uncertainty of teff", "K")
+    logg: Mapped[float | None] = result_column(Float, "Surface gravity log10(g / cm s-2)")
+    e_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg (dex)")
+    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H] (dex)")
+    e_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h (dex)")
+    rho_teff_logg: Mapped[float | None] = result_column(Float, "Correlation of teff and logg")
+    rho_teff_fe_h: Mapped[float | None] = result_column(Float, "Correlation of teff and fe_h")
+    rho_logg_fe_h: Mapped[float | None] = result_column(Float, "Correlation of logg and fe_h")
+    chi_sq: Mapped[float | None] = result_column(Float, "Chi-squared of the fit")
+    reduced_chi_sq: Mapped[float | None] = result_column(Float, "Reduced chi-squared of the fit")
+    bitmask_flag: Mapped[int] = result_column(Integer, "Flags (PayneFlag bits; 0 = good)", default=0)
+    labels: Mapped[dict[str, Any] | None] = result_column(
+        JSONType, "All labels, uncertainties, correlations and fit statistics of the model (JSON)"
+    )
 
 
 __all__ = [
