@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 class ExportCatalogueOperator(BaseOperator):
     """Write the summary catalogues; XCom ``[{"path", "pipeline", "kind", "format", "rows"}, ...]``.
 
-    :param output_dir: directory of the catalogue files (templated; created if missing).
+    :param output_dir: directory of the catalogue files (templated; created if missing); empty or ``None``:
+        ``$ASTRA_HOME/catalogues`` of the worker.
     :param pipelines: result tables to export (templated; default: every one with results).
     :param kinds: ``star`` and/or ``visit`` (templated; default both).
     :param format: ``fits`` (default), ``csv`` (ECSV) or ``parquet`` (needs pyarrow).
@@ -32,7 +33,7 @@ class ExportCatalogueOperator(BaseOperator):
     def __init__(
         self,
         *,
-        output_dir: str,
+        output_dir: str | None = None,
         pipelines: Sequence[str] | None = None,
         kinds: Sequence[str] = ("star", "visit"),
         format: str = "fits",
@@ -48,10 +49,12 @@ class ExportCatalogueOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         from astra_provider.catalogue import export_catalogues
+        from astra_provider.database import astra_home
         from astra_provider.hooks.astra import AstraHook
 
+        output_dir = self.output_dir or str(astra_home() / "catalogues")
         results = export_catalogues(
-            self.output_dir,
+            output_dir,
             pipelines=list(self.pipelines) if self.pipelines else None,
             kinds=[self.kinds] if isinstance(self.kinds, str) else list(self.kinds),
             format=self.format,
@@ -62,7 +65,7 @@ class ExportCatalogueOperator(BaseOperator):
                 "Wrote %d rows of %s (%s) to %s", result.rows, result.pipeline, result.kind, result.path
             )
         if not results:
-            self.log.warning("No pipeline has results yet: no catalogue written to %s", self.output_dir)
+            self.log.warning("No pipeline has results yet: no catalogue written to %s", output_dir)
         return [
             {"path": r.path, "pipeline": r.pipeline, "kind": r.kind, "format": r.format, "rows": r.rows}
             for r in results
