@@ -62,12 +62,9 @@ class ExportResult:
 
 
 def pipeline_models() -> dict[str, type[OutputMixin]]:
-    """Every result model (pipeline), by table name."""
-    return {
-        mapper.class_.__tablename__: mapper.class_
-        for mapper in Base.registry.mappers
-        if issubclass(mapper.class_, OutputMixin)
-    }
+    """Every result model (pipeline), by table name (in name order)."""
+    models = [mapper.class_ for mapper in Base.registry.mappers if issubclass(mapper.class_, OutputMixin)]
+    return {model.__tablename__: model for model in sorted(models, key=lambda m: m.__tablename__)}
 
 
 def resolve_pipeline(name: str | type[OutputMixin]) -> type[OutputMixin]:
