@@ -431,10 +431,19 @@ class TaskInstance:
         return self._attempt
 
     def _item_for(self, task: Task) -> TaskItem:
-        for item in self._items:
-            if item.task is task or (item.task is not None and item.task.pk == task.pk):
-                return item
-        raise ValueError(f"{task!r} is not a task of this instance")
+        # by pk, through an index rebuilt when it misses (add_result is called once per row of a bundle)
+        index = self.__dict__.get("_items_by_pk") or {}
+        item = index.get(task.pk)
+        if item is None or item.task is None or item.task.pk != task.pk:
+            index = {}
+            for each in self._items:
+                if each.task is not None:
+                    index.setdefault(each.task.pk, each)  # the first item of a task, as before
+            self.__dict__["_items_by_pk"] = index
+            item = index.get(task.pk)
+        if item is None:
+            raise ValueError(f"{task!r} is not a task of this instance")
+        return item
 
     def _raise_all_failed(self, failed: list[TaskItem]) -> None:
         first = failed[0]

@@ -174,6 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             description=export_cli.DESCRIPTION,
         )
     )
+    from astra_provider import run_step
+
+    run_step.add_arguments(
+        commands.add_parser(
+            "run-step",
+            help="run one step of a DAG (and the steps it needs) in a run; exit 1 if a task failed",
+            description=run_step.__doc__.split("\n\n")[1],
+        )
+    )
     from astra_provider.templates.cli import add_arguments as add_templates_arguments
 
     templates = commands.add_parser(
@@ -219,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from astra_provider.demo import run as run_demo
 
         return run_demo(args)
+    elif args.command == "run-step":
+        return run_step.main(args)
     return 0
 
 

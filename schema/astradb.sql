@@ -128,6 +128,7 @@ CREATE INDEX ix_astra_continuum_data_product_pk ON astra.continuum (data_product
 CREATE INDEX ix_astra_continuum_task_pk ON astra.continuum (task_pk);
 
 CREATE TABLE astra.doppler (
+	row_index INTEGER NOT NULL,
 	vhelio FLOAT,
 	vrel FLOAT,
 	u_vrel FLOAT,
@@ -140,6 +141,8 @@ CREATE TABLE astra.doppler (
 	u_fe_h FLOAT,
 	chisq FLOAT,
 	ccf_peak FLOAT,
+	model_mismatch FLOAT,
+	template_grid TEXT,
 	snr FLOAT,
 	bitmask_flag INTEGER NOT NULL,
 	output_pk BIGINT NOT NULL,

@@ -35,8 +35,14 @@ def test_continuum_task_writes_normalised_products(astra_db, survey, tmp_path):
     assert [t.status for t in statuses[:-1]] == [Status.COMPLETED] * len(paths)
     assert statuses[-1].status == Status.FAILED and str(corrupt) in statuses[-1].error_message
     outputs = task.tasks[0].output_data_products
-    assert len(outputs) == 1
-    normalised = read_normalized(outputs[0].path)
+    assert len(outputs) == 1 and outputs[0].filetype == "astraContinuum"
+    # One file for the bundle; each task's data product addresses its own rows of it.
+    products = [t.output_data_products[0] for t in statuses[:-1]]
+    assert len({p.path for p in products}) == 1 and str(corrupt) not in products[0].path
+    assert [p.kwargs["row_start"] for p in products] == [r["row_start"] for r in results[:-1]]
+    assert all(a.kwargs["row_stop"] == b.kwargs["row_start"] for a, b in zip(products, products[1:]))
+    normalised = read_normalized(outputs[0])
+    assert normalised.meta["source"] == paths[0] and set(normalised.meta["task_pk"]) == {task.tasks[0].pk}
     good = normalised.ivar > 0
     # normalised flux of a star sits around 1 in line-free regions; rows = stacks + visits
     assert normalised.n_spectra == results[0]["rows"] >= 1
@@ -81,7 +87,7 @@ def test_cannon_train_and_test_tasks(astra_db, cannon_surveys, tmp_path):
         input_data_products=[str(root / "test" / r["path"]) for r in truth], output_dir=str(tmp_path / "norm")
     )
     normalised.execute()
-    inputs = [t.output_data_products[0].path for t in normalised.tasks]
+    inputs = [t.output_data_products[0].pk for t in normalised.tasks]  # a row range of the bundle's file
     tested = TestTheCannon(input_data_products=inputs, model_path=str(tmp_path / "model.npz"))
     labels = tested.execute()
     assert tested.summary()["completed"] == len(truth)

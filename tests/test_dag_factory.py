@@ -70,7 +70,9 @@ def test_a_spec_builds_a_dag(tmp_path):
     assert set(dag.task_dict) == {"fit_bundles", "fit", "primes"}
     assert dag.task_dict["fit_bundles"].downstream_task_ids == {"fit"}
     assert dag.task_dict["fit"].downstream_task_ids == {"primes"}
-    assert "| `fit` | `astra_provider.contrib.examples.ScaledSum` |" in dag.doc_md
+    assert (
+        "- `fit`: `ScaledSum`, in bundles\n- `primes`: `GreedyPrimes`, one task (after `fit`)" in dag.doc_md
+    )
 
     bundles = dag.task_dict["fit_bundles"]
     assert bundles.items == "{{ params.values }}"
@@ -119,7 +121,12 @@ SPEC_ERRORS = [
     ),
     (
         "params: {n: {type: integer, default: 1}}\nsteps: [{id: fit, task: a.B, bundle: false}]",
-        ["field 'params.n'", "'description' is required"],
+        ["field 'params.n.description'", "is required (shown in the trigger form)"],
+    ),
+    (
+        "params: {n: {type: integer, default: 1, minimun: 1, description: N}}\n"
+        "steps: [{id: fit, task: a.B, bundle: false}]",
+        ["field 'params.n'", "unknown keyword(s) minimun (allowed: ", "minimum"],
     ),
     (
         "params: {n: {type: integer, default: -1, minimum: 1, description: N}}\n"
@@ -208,9 +215,9 @@ def test_environment_variables_are_expanded_at_parse_time(tmp_path):
     path = tmp_path / "env.yaml"
     path.write_text(text)
     with environment(ASTRA_TEST_ROOT=None, ASTRA_TEST_Q="set"):
-        assert load_spec(path).steps[0].config["parameters"] == {"p": "/x/m", "q": "set"}
+        assert load_spec(path).steps[0].parameters == {"p": "/x/m", "q": "set"}
     with environment(ASTRA_TEST_ROOT="/data", ASTRA_TEST_Q="set"):
-        assert load_spec(path).steps[0].config["parameters"]["p"] == "/data/m"
+        assert load_spec(path).steps[0].parameters["p"] == "/data/m"
 
 
 def test_a_dag_file_without_its_spec_is_an_error(tmp_path):
@@ -293,3 +300,77 @@ def test_sensor_settings_can_be_run_time_params(tmp_path):
     )
     sensor = dag_from_spec(plain).task_dict["wait"]
     assert (sensor.min_age_seconds, sensor.include_registered) == (30.0, True)
+
+
+@pytest.mark.parametrize(
+    ("name", "allow", "refused"),
+    [
+        ("HOME", None, True),  # not ASTRA_*: would copy any variable (a secret) into the DAG
+        ("HOME", "USER, HOME", False),  # listed in ASTRA_DAG_ENV_ALLOW
+        ("ASTRA_DATABASE_URL", None, True),  # ASTRA_*, but may hold a password
+        ("AIRFLOW_CONN_ASTRA_DEFAULT", "AIRFLOW_CONN_ASTRA_DEFAULT", True),  # a secret even when listed
+        ("ASTRA_TEST_ROOT", None, False),
+    ],
+)
+def test_only_allowed_environment_variables_are_expanded(tmp_path, name, allow, refused):
+    path = tmp_path / "env.yaml"
+    path.write_text(f"description: 'from ${{{name}}}'\nsteps: [{{id: fit, task: a.B, bundle: false}}]\n")
+    with environment(**{name: "s3cret", "ASTRA_DAG_ENV_ALLOW": allow}):
+        if not refused:
+            assert load_spec(path).description == "from s3cret"
+            return
+        with pytest.raises(SpecError) as raised:
+            load_spec(path)
+    assert raised.value.errors == [
+        f"{path}: field 'description': environment variable {name} may not be used (only ASTRA_* names and "
+        "those in $ASTRA_DAG_ENV_ALLOW; no secrets)"
+    ]
+    assert "s3cret" not in str(raised.value)
+
+
+def test_arguments_passed_to_sensors_and_watchers_are_checked_against_their_signatures(tmp_path):
+    path = tmp_path / "extra.yaml"
+    path.write_text(
+        "schedule: {asset: {name: n, root: /r, max_files_per_event: 10, poll_intervall: 5}}\n"
+        "steps: [{id: new, asset_events: {}}, {id: wait, sensor: {root: /r, max_files: 3, soft_fail: true, "
+        "poke_intervall: 5}}]\n"
+    )
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    [asset, sensor] = raised.value.errors
+    assert asset.startswith(f"{path}: field 'schedule.asset.poll_intervall': unknown field (allowed: ")
+    assert "poll_interval" in asset
+    assert sensor.startswith(f"{path}: step 'wait': field 'sensor.poke_intervall': unknown field (allowed: ")
+    assert "poke_interval" in sensor and "task_id" not in sensor
+
+
+def test_the_json_schema_file_is_generated_from_the_models(capsys):
+    import json
+
+    from astra_provider.dag_spec import json_schema
+
+    schema_file = Path(__file__).resolve().parent.parent / "schema" / "dag-spec.schema.json"
+    assert main(["--schema"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == json_schema()
+    assert schema_file.read_text() == printed, (
+        "regenerate with: python -m astra_provider.dag_factory --schema > schema/dag-spec.schema.json"
+    )
+
+
+def test_the_json_schema_accepts_the_shipped_specs_and_rejects_a_broken_one():
+    """What an editor checks with the schema: the shipped specs pass, a misspelt field does not."""
+    import json
+
+    import jsonschema
+    import yaml
+    from airflow_helpers import DAGS
+
+    from astra_provider.dag_spec import json_schema
+
+    validator = jsonschema.Draft202012Validator(json.loads(json.dumps(json_schema())))
+    for spec in [*DAGS.glob("*.yaml"), *TEST_DAGS.glob("*.yaml")]:
+        data = yaml.safe_load(spec.read_text())
+        assert not list(validator.iter_errors(json.loads(json.dumps(data, default=str)))), spec
+    broken = {"steps": [{"id": "fit", "task": "a.B", "bundel_size": 3}]}
+    assert any("bundel_size" in error.message for error in validator.iter_errors(broken))

@@ -24,6 +24,7 @@ from astra_provider.database.astradb import (
     Doppler,
     Status,
     Task,
+    TaskInputDataProduct,
     TaskOutputDataProduct,
     TheCannon,
 )
@@ -82,27 +83,45 @@ def test_specs_match_the_task_classes(spec):
     assert check_task_classes(load_spec(spec)) == []
 
 
-def test_the_pipeline_dags_chain_discovery_continuum_doppler_and_the_cannon():
+def test_the_pipeline_dags_follow_the_data():
+    """Doppler needs only the apVisit files found, The Cannon only the continuum outputs: a failed continuum
+    bundle cancels neither Doppler nor The Cannon on the other bundles, and the run still fails."""
     with environment(ASTRA_DATA_ROOT="/survey/root"):
         pipeline = get_dag("astra_pipeline", DAGS)
         on_new = get_dag("astra_pipeline_on_new_spectra", DAGS)
     for dag, first in ((pipeline, "discover"), (on_new, "register")):
         tasks = dag.task_dict
-        assert tasks[first].downstream_task_ids == {"continuum_bundles", "doppler_bundles"}
+        assert tasks[first].downstream_task_ids == {"continuum_bundles", "doppler_bundles", "any_step_failed"}
         assert tasks["continuum_bundles"].input_filetypes == ["apStar"]
         assert tasks["doppler_bundles"].input_filetypes == ["apVisit"]
-        assert tasks["doppler_bundles"].upstream_task_ids == {first, "continuum"}
-        assert tasks["thecannon_bundles"].upstream_task_ids == {"continuum", "doppler"}
+        assert tasks["doppler_bundles"].upstream_task_ids == {first}
+        assert tasks["thecannon_bundles"].upstream_task_ids == {"continuum"}
+        assert tasks["thecannon_bundles"].trigger_rule == "all_done_min_one_success"
+        assert tasks["doppler_bundles"].trigger_rule == "none_failed_min_one_success"
+        watcher = tasks["any_step_failed"]
+        assert watcher.trigger_rule == "one_failed" and watcher.upstream_task_ids == set(tasks) - {
+            watcher.task_id
+        }
         assert dag.render_template_as_native_obj
+        # bundles of continuum and Doppler may run at once: nothing limits them to one task at a time
+        assert dag.max_active_tasks >= 16 and dag.max_active_runs == 1
+        for step in ("continuum", "doppler", "thecannon"):
+            assert tasks[step].partial_kwargs.get("max_active_tis_per_dagrun") is None
+            assert tasks[step].partial_kwargs.get("max_active_tis_per_dag") is None
+        assert (
+            "\n- `doppler`: `DopplerRadialVelocity` on the apVisit of `" + first + "`, in bundles\n"
+            in dag.doc_md
+        )
+        steps = [line for line in dag.doc_md.splitlines() if line.startswith("- `")]
+        assert len(steps) == 4 and "|" not in dag.doc_md  # a list (a wide table is cut off in the UI)
+        assert max(len(line) for line in steps) < 90
     sensor = pipeline.task_dict["discover"]
-    assert (
-        sensor.deferrable
-        and sensor.filetypes == ["apStar", "apVisit"]
-        and sensor.root == "{{ params.data_root }}"
-    )
-    assert pipeline.params.get_param("model_path").schema == {
-        "type": "string"
-    }  # required in the trigger form
+    assert sensor.deferrable and sensor.filetypes == ["apStar", "apVisit"]
+    assert sensor.root == "{{ params.data_root or default_data_root() }}"
+    # the model defaults to the one trained last, found in the astra database when the task runs
+    assert pipeline.params.get_param("model_path").schema == {"type": ["string", "null"]}
+    assert pipeline.params["model_path"] is None
+    assert "latest_output(" in pipeline.task_dict["doppler_bundles"].parameters["model_path"]
     # a run over the whole data root again (rediscover), and the files' readiness age, from the trigger form
     assert (pipeline.params["rediscover"], pipeline.params["min_file_age_seconds"]) == (False, 5)
     assert (sensor.include_registered, sensor.min_age_seconds) == (
@@ -185,10 +204,12 @@ def _statuses(task_name: str) -> dict[str, int]:
 
 
 def _succeeded(dag_run) -> None:
+    """Every task succeeded (the failure watcher of the pipelines, ``any_step_failed``, is skipped)."""
     from airflow.utils.state import DagRunState
 
     states = {key: str(ti.state) for key, ti in task_instances(dag_run).items()}
     assert dag_run.state == DagRunState.SUCCESS, states
+    assert states.pop(("any_step_failed", -1), "skipped") == "skipped", states
     assert set(states.values()) == {"success"}, states
 
 
@@ -284,6 +305,48 @@ def test_the_pipeline_discovers_new_spectra_and_runs_every_component(
             select(DataProduct.path).join(TheCannon, TheCannon.data_product_pk == DataProduct.pk)
         ).all()
     assert all(Path(path).parent == tmp_path / "normalised" for path in cannon_inputs)
+
+
+@pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)
+def test_a_corrupt_apstar_fails_its_continuum_bundle_only(airflow_db, astra_conn, survey, tmp_path, capfd):
+    """One corrupt apStar file: its continuum bundle fails; Doppler, the other continuum bundle and The Cannon
+    on that bundle's outputs still run; the failure is recorded with its file, and the run fails."""
+    root = tmp_path / "sdss"
+    shutil.copytree(survey["data"] / "apogee", root / "apogee")
+    corrupt = sorted(root.rglob("apStar-*.fits"))[0]
+    corrupt.write_bytes(b"SIMPLE  =  corrupt" * 200)
+    _age(root)
+    conf = {
+        "data_root": str(root),
+        "model_path": str(survey["model"]),
+        "output_dir": str(tmp_path / "normalised"),
+        "bundle_size": 3,  # 6 apStar: 2 continuum bundles; one failure in 3 is past max_failure_fraction 0.1
+    }
+    run = get_dag("astra_pipeline", DAGS).test(run_conf=conf)
+    states = {key: str(ti.state) for key, ti in task_instances(run).items()}
+    assert str(run.state) == "failed", states
+    failed = sorted(key for key, state in states.items() if state != "success")
+    assert len(failed) == 2 and ("any_step_failed", -1) in failed, states  # the watcher fails the run...
+    [(_, index)] = [key for key in failed if key[0] == "continuum"]  # ...after one continuum bundle failed
+    message = f"a step of this run failed: continuum_{index}; the steps after it ran on what succeeded"
+    assert message in capfd.readouterr().out
+    assert all(
+        state == "success" for (task, _), state in states.items() if task.startswith(("doppler", "thec"))
+    )
+
+    assert _statuses("DopplerRadialVelocity") == {"COMPLETED": 12}
+    assert _count(Doppler) == 12
+    assert _statuses("SinusoidalContinuum") == {"COMPLETED": 5, "FAILED": 1}
+    assert _statuses("TestTheCannon") == {"COMPLETED": 3}  # on the bundle that succeeded
+    assert _count(TheCannon) == 3
+    with session_scope() as session:
+        [(message, path)] = session.execute(
+            select(Task.error_message, DataProduct.path)
+            .join(TaskInputDataProduct, TaskInputDataProduct.task_pk == Task.pk)
+            .join(DataProduct, DataProduct.pk == TaskInputDataProduct.data_product_pk)
+            .where(Task.status_code == Status.FAILED)
+        ).all()
+    assert path == str(corrupt) and str(corrupt) in message  # the error names the file
 
 
 def _step_summaries(dag_id: str, run_id: str, task_id: str) -> list[dict]:

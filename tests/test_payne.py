@@ -309,7 +309,7 @@ def payne_surveys(tmp_path_factory):
     return root, table, testing.of_filetype("apStar")
 
 
-def _normalise(root, truth, output_dir, **settings) -> list[str]:
+def _normalise(root, truth, output_dir, **settings) -> list[int]:
     from astra_provider.contrib.continuum import SinusoidalContinuum
 
     task = SinusoidalContinuum(
@@ -318,7 +318,7 @@ def _normalise(root, truth, output_dir, **settings) -> list[str]:
         **settings,
     )
     task.execute()
-    return [t.output_data_products[0].path for t in task.tasks]
+    return [t.output_data_products[0].pk for t in task.tasks]  # each a row range of the bundle's file
 
 
 def test_payne_train_and_test_tasks(astra_db, payne_surveys, tmp_path):

@@ -14,7 +14,6 @@ from astropy.io import fits
 
 from astra_provider.sdss.paths import iter_products, kwargs_hash, parse_path, split_data_root
 from astra_provider.sdss.spectrum import read_spectrum
-from astra_provider.synthetic.fits_writer import ImageHDU, TableHDU, format_card, write_fits
 from astra_provider.synthetic.model import TruthModel, apogee_wavelength, draw_continuum
 from astra_provider.synthetic.survey import (
     TRUTH_COLUMNS,
@@ -286,34 +285,3 @@ def test_barycentric_correction_is_annual_and_bounded():
     assert np.abs(bc).max() < 30.5 and bc.max() - bc.min() > 40
     pole = approximate_barycentric_correction(np.array([270.0]), np.array([66.56]), np.array([2459300.5]))
     assert abs(pole[0]) < 0.5  # ecliptic pole: Earth's velocity is perpendicular to the line of sight
-
-
-def test_fits_writer_round_trip(tmp_path: Path):
-    cards = [
-        ("SNR", 123.456789012345678),
-        ("NVISITS", 3),
-        ("FLAG", True),
-        ("NAME", "it's"),
-        ("JD-MID", 2459300.7),
-    ]
-    image = np.arange(12, dtype=np.int16).reshape(3, 4)
-    table = {
-        "FLUX": np.arange(4, dtype=np.float32),
-        "VEC": np.ones((4, 2)),
-        "S": np.array(["a", "bc", "d", "e"]),
-    }
-    write_fits(
-        tmp_path / "x.fits", [ImageHDU(None, cards), ImageHDU(image, name="MASK"), TableHDU(table, name="T")]
-    )
-    with fits.open(tmp_path / "x.fits") as hdul:
-        hdul.verify("exception")
-        h = hdul[0].header
-        assert h["SNR"] == 123.456789012345678 and h["NVISITS"] == 3 and h["FLAG"] is True
-        assert h["NAME"] == "it's" and h["JD-MID"] == 2459300.7
-        np.testing.assert_array_equal(hdul["MASK"].data, image)
-        np.testing.assert_array_equal(hdul["T"].data["VEC"], table["VEC"])
-        assert list(hdul["T"].data["S"]) == ["a", "bc", "d", "e"]
-    with pytest.raises(ValueError, match="invalid FITS keyword"):
-        format_card("CATALOGID", 1)
-    with pytest.raises(ValueError, match="finite"):
-        format_card("HELIO_RV", float("nan"))

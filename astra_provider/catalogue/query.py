@@ -35,6 +35,8 @@ from astra_provider.database.astradb import (
     Source,
     SourceDataProduct,
     Task,
+    TaskInputDataProduct,
+    TaskOutputDataProduct,
     TaskParameter,
 )
 
@@ -56,7 +58,9 @@ KINDS = {
     "visit": (("apVisit", "specFull", "mwmVisit"), ("apVisit-", "asVisit-", "spec-", "mwmVisit-")),
 }
 """``--kind``: the SDSS file types of star and visit spectra, and the file-name prefixes of the plain files
-(``full``) that are (or were made from) one, e.g. ``astraContinuum-apStar-....fits``."""
+(``full``) that are one."""
+
+KNOWN_SPECTRA = tuple(filetype for filetypes, _ in KINDS.values() for filetype in filetypes)
 
 OPERATORS = {
     "=": operator.eq,
@@ -75,12 +79,30 @@ class CatalogueError(ValueError):
 
 
 def kind_condition(kind: str) -> ColumnElement:
-    """The SQL condition that a result's data product is a ``kind`` (star or visit) spectrum."""
+    """The SQL condition that a result's data product is a ``kind`` (star or visit) spectrum.
+
+    That is its file type, or for a plain file its name; a file written by a task (a normalised spectrum,
+    ``astraContinuum``) is the kind of that task's input.
+    """
     if kind not in KINDS:
         raise CatalogueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     filetypes, prefixes = KINDS[kind]
     named = [DataProduct.path.like(f"%{sep}{prefix}%") for prefix in prefixes for sep in ("/", "-")]
-    return or_(DataProduct.filetype.in_(filetypes), and_(DataProduct.filetype == "full", or_(*named)))
+    made, used = aliased(TaskOutputDataProduct), aliased(TaskInputDataProduct)
+    source = aliased(DataProduct)
+    made_from = (
+        select(literal(1))
+        .select_from(made)
+        .join(used, used.task_pk == made.task_pk)
+        .join(source, source.pk == used.data_product_pk)
+        .where(made.data_product_pk == DataProduct.pk, source.filetype.in_(filetypes))
+        .exists()
+    )
+    return or_(
+        DataProduct.filetype.in_(filetypes),
+        and_(DataProduct.filetype == "full", or_(*named)),
+        and_(DataProduct.filetype.not_in(KNOWN_SPECTRA), made_from),
+    )
 
 
 def _parse_value(column: CatalogueColumn, value: Any) -> Any:

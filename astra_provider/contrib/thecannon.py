@@ -90,7 +90,7 @@ class TestTheCannon(TaskInstance):
     def execute(self):
         import numpy as np
 
-        from astra_provider.contrib.continuum import read_normalized
+        from astra_provider.contrib.continuum import read_normalized_inputs
         from astra_provider.science.cannon import fit
 
         settings = (
@@ -98,8 +98,7 @@ class TestTheCannon(TaskInstance):
             self.model.metadata.get("continuum_length_scale"),
         )
 
-        def read(path: str):
-            spectrum = read_normalized(path)
+        def check(path: str, spectrum) -> None:
             used = spectrum.meta.get("continuum")
             if used is not None and settings != (None, None) and tuple(used) != settings:
                 raise ValueError(
@@ -108,9 +107,8 @@ class TestTheCannon(TaskInstance):
                 )
             if spectrum.n_pixels != self.model.n_pixels:
                 raise ValueError(f"{path}: {spectrum.n_pixels} pixels; the model has {self.model.n_pixels}")
-            return spectrum
 
-        inputs = self.read_inputs(read)
+        inputs = read_normalized_inputs(self, check)
         if not inputs:
             return []
         result = fit(

@@ -99,7 +99,7 @@ class TestThePayne(TaskInstance):
     def execute(self):
         import numpy as np
 
-        from astra_provider.contrib.continuum import read_normalized
+        from astra_provider.contrib.continuum import read_normalized_inputs
         from astra_provider.science.payne import check_wavelength, fit
 
         settings = (
@@ -107,8 +107,7 @@ class TestThePayne(TaskInstance):
             self.model.metadata.get("continuum_length_scale"),
         )
 
-        def read(path: str):
-            spectrum = read_normalized(path)
+        def check(path: str, spectrum) -> None:
             used = spectrum.meta.get("continuum")
             if used is not None and settings != (None, None) and tuple(used) != settings:
                 raise ValueError(
@@ -116,9 +115,8 @@ class TestThePayne(TaskInstance):
                     f"but the model was trained with {settings}"
                 )
             check_wavelength(self.model, spectrum.wavelength, source=f"{path}: the spectra")
-            return spectrum
 
-        inputs = self.read_inputs(read)
+        inputs = read_normalized_inputs(self, check)
         if not inputs:
             return []
         result = fit(

@@ -404,15 +404,25 @@ class Continuum(OutputMixin, Base):
 
 
 class Doppler(OutputMixin, Base):
-    """Radial velocity (and template labels) of one visit spectrum."""
+    """Radial velocity (and template labels) of one visit spectrum.
+
+    One row per visit: an apVisit or BOSS file gives one (``row_index`` 0), an apStar file one per visit row
+    (``row_index`` is the row of the file). ``vhelio = vrel + bc`` always; for BOSS, whose wavelengths are
+    already heliocentric, ``bc = −HELIO_RV``. ``template_grid`` names the grid of the reported fit,
+    ``model_mismatch`` the model error its χ² implies (fraction of the continuum), and ``bitmask_flag`` holds
+    :class:`astra_provider.science.doppler.RVFlag` bits.
+    """
 
     __tablename__ = "doppler"
     flag_enum = "astra_provider.science.doppler.result.RVFlag"
 
+    row_index: Mapped[int] = result_column(Integer, _ROW, default=0)
     vhelio: Mapped[float | None] = result_column(Float, "Heliocentric (barycentric) radial velocity", _KMS)
     vrel: Mapped[float | None] = result_column(Float, "Radial velocity in the observed frame", _KMS)
     u_vrel: Mapped[float | None] = result_column(Float, "Uncertainty of vrel (and vhelio)", _KMS)
-    bc: Mapped[float | None] = result_column(Float, "Barycentric correction from the file header", _KMS)
+    bc: Mapped[float | None] = result_column(
+        Float, "Barycentric correction: vhelio = vrel + bc (BOSS: -HELIO_RV)", _KMS
+    )
     teff: Mapped[float | None] = result_column(Float, "Effective temperature of the best template", "K")
     u_teff: Mapped[float | None] = result_column(Float, "Uncertainty of teff", "K")
     logg: Mapped[float | None] = result_column(Float, "Surface gravity log10(g / cm s-2) of the template")
@@ -421,6 +431,10 @@ class Doppler(OutputMixin, Base):
     u_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h (dex)")
     chisq: Mapped[float | None] = result_column(Float, "Reduced chi-squared of the fit")
     ccf_peak: Mapped[float | None] = result_column(Float, "Height of the normalised cross-correlation peak")
+    model_mismatch: Mapped[float | None] = result_column(
+        Float, "Model error implied by the chi-squared (fraction of the continuum)"
+    )
+    template_grid: Mapped[str | None] = result_column(Text, "Template grid of the reported fit")
     snr: Mapped[float | None] = result_column(Float, _SNR)
     bitmask_flag: Mapped[int] = result_column(Integer, "Flags (RVFlag bits; 0 = good)", default=0)
 

@@ -114,7 +114,7 @@ def plot_continuum(plt: Any, surveys: Surveys, output_dir: Path, path: Path) -> 
     """The continuum fit of a median-S/N apStar spectrum, if it was normalised into ``output_dir``."""
     import numpy as np
 
-    from astra_provider.contrib.continuum import read_normalized
+    from astra_provider.contrib.continuum import find_normalized
     from astra_provider.science.continuum import load_continuum_pixels
     from astra_provider.sdss.spectrum import read_spectrum
 
@@ -123,11 +123,10 @@ def plot_continuum(plt: Any, surveys: Surveys, output_dir: Path, path: Path) -> 
         return None
     row = rows[len(rows) // 2]  # a median-S/N star
     source = surveys.survey_root / row["path"]
-    normalised = output_dir / f"astraContinuum-{Path(row['path']).stem}.fits"
-    if not normalised.exists():
+    fit = find_normalized(output_dir, source)
+    if fit is None:
         return None
     observed = read_spectrum(source)
-    fit = read_normalized(normalised)
     mask = load_continuum_pixels()
     wavelength = observed.wavelength
     flux = np.where(observed.ivar[0] > 0, observed.flux[0], np.nan)

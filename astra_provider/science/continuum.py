@@ -553,8 +553,12 @@ class RowSinusoidBasis:
         n_usable = np.zeros((n, self.n_regions), dtype=np.int64)
         np.add.at(n_usable, (rows, region), 1)
 
-        # (n, R, D, D)
-        normal = (fit_basis[:, None] * weight[..., None]).swapaxes(-1, -2) @ fit_basis[:, None]
+        # (n, R, D, D), summed over blocks of pixels: each (D × 512) @ (512 × D) GEMM stays below OpenBLAS's
+        # threading threshold (single-threaded, in cache) when many continuum pixels are fitted (BOSS).
+        weighted_basis = (fit_basis[:, None] * weight[..., None]).swapaxes(-1, -2)  # (n, R, D, W)
+        normal = np.zeros((n, self.n_regions, n_params, n_params))
+        for first in range(0, width, 512):
+            normal += weighted_basis[..., first : first + 512] @ fit_basis[:, None, first : first + 512]
         rhs = (weighted_flux[:, :, None, :] @ fit_basis[:, None])[:, :, 0]  # (n, R, D)
         failed = n_usable < n_params
         normal[failed] = np.eye(n_params)

@@ -17,18 +17,32 @@ conservative choice; independent errors would give the smaller ``Σ w² s2``.
 
 A target pixel is masked when its kernel (±``n_sigma``·σ) runs off the source grid or touches a masked
 source pixel.
+
+For a spectrograph whose LSF width varies from fibre to fibre and along the spectrum (BOSS: ``WDISP`` per
+pixel), :func:`convolve_model_stack` builds an :class:`LsfStack`: the model convolved with a geometric
+series of constant widths on one grid. A spectrum's model at a pixel of width σ is then interpolated
+between the two members that bracket σ, linearly in σ² (Gaussian broadening adds in σ², and the broadened
+spectrum is a smooth function of σ²: ∂m/∂(σ²) = ½ ∂²m/∂(ln λ)²).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from astra_provider.science.cannon import CannonModel
+from astra_provider.science.cannon.io import cannon_model_arrays, cannon_model_fields
 
-__all__ = ["convolve_model", "lsf_sigma_from_resolution", "lsf_sigma_from_wdisp"]
+__all__ = [
+    "LsfStack",
+    "convolve_model",
+    "convolve_model_stack",
+    "lsf_sigma_from_resolution",
+    "lsf_sigma_from_wdisp",
+]
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _MIN_SOURCE_PIXELS_PER_SIGMA = 2.0  # a Gaussian sampled this finely integrates to better than 1e-6
@@ -155,3 +169,100 @@ def convolve_model(
         regularization=model.regularization if np.ndim(model.regularization) == 0 else 0.0,
         metadata=new_metadata,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class LsfStack:
+    """One model convolved with Gaussian LSFs of increasing constant widths ``sigmas`` (ln λ), all on the
+    same wavelength grid (:func:`convolve_model_stack`)."""
+
+    models: tuple[CannonModel, ...]
+    sigmas: np.ndarray
+
+    def __post_init__(self) -> None:
+        sigmas = np.asarray(self.sigmas, dtype=np.float64).reshape(-1)
+        if len(self.models) < 2 or sigmas.size != len(self.models) or np.any(np.diff(sigmas) <= 0):
+            raise ValueError("an LSF stack needs at least two models with strictly increasing widths")
+        first = self.models[0]
+        for model in self.models[1:]:
+            if model.theta.shape != first.theta.shape or not np.array_equal(
+                model.wavelength, first.wavelength
+            ):
+                raise ValueError("the models of an LSF stack must share their grid and terms")
+        object.__setattr__(self, "sigmas", sigmas)
+
+    @property
+    def wavelength(self) -> np.ndarray:
+        return self.models[0].wavelength
+
+    def bracket(self, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The member ``l`` (≤ L − 2) below each width σ (ln λ) and the weight ``β`` of member ``l + 1``,
+        linear in σ²: ``β = (σ² − σ_l²)/(σ_{l+1}² − σ_l²)``. Widths outside the stack take its end members
+        (β clipped to [0, 1]); non-finite widths take the middle member."""
+        sigma = np.asarray(sigma, dtype=np.float64)
+        middle = self.sigmas[self.sigmas.size // 2]
+        sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, middle)
+        level = np.clip(np.searchsorted(self.sigmas, sigma, side="right") - 1, 0, self.sigmas.size - 2)
+        low, high = self.sigmas[level] ** 2, self.sigmas[level + 1] ** 2
+        return level, np.clip((sigma**2 - low) / (high - low), 0.0, 1.0)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the stack to one uncompressed ``.npz`` (members as ``m<i>_<array>``; no pickle)."""
+        path = Path(path)
+        arrays = {"kind": np.array(_STACK_KIND), "sigmas": self.sigmas}
+        for index, model in enumerate(self.models):
+            arrays.update({f"m{index}_{key}": value for key, value in cannon_model_arrays(model).items()})
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LsfStack:
+        """Read a stack written by :meth:`save`.
+
+        :raises ValueError: if the file is not an LSF stack.
+        """
+        path = Path(path)
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
+            if "kind" not in npz.files or str(npz["kind"]) != _STACK_KIND:
+                raise ValueError(f"{path} is not an LSF stack")
+            arrays = {key: npz[key] for key in npz.files}
+        sigmas = arrays["sigmas"]
+        members = [
+            {key.split("_", 1)[1]: value for key, value in arrays.items() if key.startswith(f"m{i}_")}
+            for i in range(sigmas.size)
+        ]
+        models = tuple(CannonModel(**cannon_model_fields(member, path)) for member in members)
+        return cls(models, sigmas)
+
+
+_STACK_KIND = "astra_provider.science.lsf.LsfStack"
+
+
+def convolve_model_stack(
+    model: CannonModel,
+    wavelength: np.ndarray,
+    sigmas: np.ndarray,
+    *,
+    n_sigma: float = 5.0,
+    metadata: dict | None = None,
+) -> LsfStack:
+    """The model convolved with each constant Gaussian width of ``sigmas`` (ln λ, increasing) and sampled at
+    ``wavelength`` (:func:`convolve_model`): an :class:`LsfStack`."""
+    sigmas = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    models = tuple(
+        convolve_model(model, wavelength, sigma=float(sigma), n_sigma=n_sigma, metadata=metadata)
+        for sigma in sigmas
+    )
+    masked = np.logical_or.reduce([member.pixel_mask for member in models])
+    constant = np.eye(1, model.n_terms)[0]
+    models = tuple(
+        replace(
+            member,
+            theta=np.where(masked[:, None], constant, member.theta),
+            s2=np.where(masked, 0.0, member.s2),
+            pixel_mask=masked,
+        )
+        for member in models
+    )
+    return LsfStack(models, sigmas)

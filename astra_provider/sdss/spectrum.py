@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from astra_provider.fits import FitsError, FitsFile, HDUInfo
 from astra_provider.sdss.bitmasks import APOGEE_BAD_ERROR, APOGEE_BAD_PIXEL_MASK
 from astra_provider.sdss.paths import canonical_filetype, parse_path
 
@@ -201,52 +201,58 @@ def sigma_to_ivar(sigma: np.ndarray, bad_error: float = APOGEE_BAD_ERROR) -> np.
     return ivar
 
 
-_CORRUPT_WARNINGS = ("truncated", "error validating header", "unexpected bytes trailing")
-
-
 @contextlib.contextmanager
-def _open_fits(path: Path) -> Iterator[Any]:
-    """Open a FITS file eagerly; turn every low-level failure into a :class:`SpectrumReadError`."""
-    from astropy.io import fits
-
+def _open_fits(path: Path) -> Iterator[FitsFile]:
+    """Open a FITS file (HDUs are parsed on demand); turn every failure into a :class:`SpectrumReadError`."""
     if not path.exists():
         raise SpectrumReadError(path, "file does not exist")
     if not path.is_file():
         raise SpectrumReadError(path, "not a regular file")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
-    except OSError as exc:
-        raise SpectrumReadError(path, f"not a valid FITS file ({exc})") from exc
-    except Exception as exc:  # astropy raises a zoo of types for damaged files
-        raise SpectrumReadError(path, f"corrupt FITS file ({type(exc).__name__}: {exc})") from exc
-    problems = [str(w.message) for w in caught if any(s in str(w.message).lower() for s in _CORRUPT_WARNINGS)]
-    if problems:
-        hdul.close()
-        raise SpectrumReadError(path, f"corrupt or truncated FITS file ({problems[0].splitlines()[0]})")
+        handle = FitsFile(path)
+    except FitsError as exc:
+        reason = str(exc)
+        if not reason.startswith("not a valid FITS file"):
+            reason = f"corrupt or truncated FITS file ({reason})"
+        raise SpectrumReadError(path, reason) from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise SpectrumReadError(path, f"not a valid FITS file ({type(exc).__name__}: {exc})") from None
     try:
-        yield hdul
+        yield handle
     except SpectrumReadError:
         raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+    except FitsError as exc:
+        raise SpectrumReadError(path, f"corrupt or truncated FITS file ({exc})") from None
+    except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
         raise SpectrumReadError(
             path, f"corrupt or truncated FITS file ({type(exc).__name__}: {exc})"
-        ) from exc
+        ) from None
     finally:
-        hdul.close()
+        handle.close()
 
 
-def _require_hdus(path: Path, hdul: Any, n: int, what: str) -> None:
-    if len(hdul) < n:
-        raise SpectrumReadError(path, f"{what} needs at least {n} HDUs, found {len(hdul)} (missing HDU)")
+def _count_hdus(handle: FitsFile, n: int) -> int:
+    """How many HDUs the file has, counting no further than ``n``."""
+    try:
+        handle.hdu(n - 1)
+        return n
+    except IndexError:
+        return len(handle)
 
 
-def _image(path: Path, hdul: Any, index: int, name: str) -> np.ndarray:
-    data = hdul[index].data
-    if data is None or not hasattr(data, "ndim") or data.dtype.names is not None:
-        raise SpectrumReadError(path, f"HDU{index} ({name}) holds no image data")
-    return np.asarray(data)
+def _require_hdus(path: Path, handle: FitsFile, n: int, what: str) -> None:
+    found = _count_hdus(handle, n)
+    if found < n:
+        raise SpectrumReadError(path, f"{what} needs at least {n} HDUs, found {found} (missing HDU)")
+
+
+def _image(path: Path, handle: FitsFile, index: int, name: str) -> np.ndarray:
+    try:
+        return handle.read_image(index)
+    except FitsError as exc:
+        if "holds no image" in str(exc):
+            raise SpectrumReadError(path, f"HDU{index} ({name}) holds no image data") from None
+        raise
 
 
 def _header_value(header: Any, *keys: str, default: Any = None) -> Any:
@@ -322,13 +328,13 @@ def read_apstar(path: str | os.PathLike[str]) -> Spectrum:
     Wavelengths ``10**(CRVAL1 + CDELT1·(i + 1 − CRPIX1))`` from the HDU1 header (HDU0 as fallback).
     """
     path = Path(path)
-    with _open_fits(path) as hdul:
-        _require_hdus(path, hdul, 4, "apStar (flux, error, mask in HDU1-3)")
-        header = hdul[0].header
-        flux = _image(path, hdul, 1, "flux")
-        sigma = _image(path, hdul, 2, "error")
-        mask = _image(path, hdul, 3, "mask")
-        wcs_header = hdul[1].header
+    with _open_fits(path) as handle:
+        _require_hdus(path, handle, 4, "apStar (flux, error, mask in HDU1-3)")
+        header = handle.header(0)
+        flux = _image(path, handle, 1, "flux")
+        sigma = _image(path, handle, 2, "error")
+        mask = _image(path, handle, 3, "mask")
+        wcs_header = handle.header(1)
         crval = _header_value(wcs_header, "CRVAL1", default=_header_value(header, "CRVAL1"))
         cdelt = _header_value(wcs_header, "CDELT1", default=_header_value(header, "CDELT1"))
         crpix = _header_value(wcs_header, "CRPIX1", default=1)
@@ -437,16 +443,15 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
     pipeline's RV-template labels ``rv_teff``/``rv_logg``/``rv_fe_h`` (``RVTEFF``... cards) when present.
     """
     path = Path(path)
-    with _open_fits(path) as hdul:
-        if len(hdul) < 5:
-            raise SpectrumReadError(
-                path, f"corrupt apVisit: {len(hdul)} HDUs, at least 5 expected (missing HDU)"
-            )
-        header = hdul[0].header
-        flux = _image(path, hdul, 1, "flux")
-        sigma = _image(path, hdul, 2, "error")
-        mask = _image(path, hdul, 3, "mask")
-        wave = _image(path, hdul, 4, "wavelength")
+    with _open_fits(path) as handle:
+        found = _count_hdus(handle, 5)
+        if found < 5:
+            raise SpectrumReadError(path, f"corrupt apVisit: {found} HDUs, at least 5 expected (missing HDU)")
+        header = handle.header(0)
+        flux = _image(path, handle, 1, "flux")
+        sigma = _image(path, handle, 2, "error")
+        mask = _image(path, handle, 3, "mask")
+        wave = _image(path, handle, 4, "wavelength")
         meta = _common_meta(path, "apVisit", header)
 
     if flux.ndim != 2:
@@ -553,6 +558,17 @@ def _exact_loglam(loglam: np.ndarray, header: Any) -> np.ndarray:
     return exact if np.max(np.abs(exact - loglam)) < _LOGLAM_FLOAT32_TOLERANCE else loglam
 
 
+def _coadd_hdu(handle: FitsFile) -> HDUInfo:
+    """The ``COADD`` HDU: HDU1 when it has that name (as in every SDSS file), else by name, else HDU1."""
+    first = handle.hdu(1)
+    if first.name == "COADD":
+        return first
+    try:
+        return handle.hdu("COADD")
+    except IndexError:
+        return first
+
+
 def read_specfull(path: str | os.PathLike[str]) -> Spectrum:
     """Read a BOSS ``spec-…`` (specFull) file.
 
@@ -566,28 +582,28 @@ def read_specfull(path: str | os.PathLike[str]) -> Spectrum:
     applied), so a velocity measured on them is heliocentric as it is: do not add ``bc`` again.
     """
     path = Path(path)
-    with _open_fits(path) as hdul:
-        _require_hdus(path, hdul, 3, "specFull (COADD table in HDU1, summary in HDU2)")
-        header = hdul[0].header
-        names = [hdu.name.upper() for hdu in hdul]
-        coadd_hdu = hdul[names.index("COADD")] if "COADD" in names else hdul[1]
-        coadd = coadd_hdu.data
-        if coadd is None or getattr(coadd, "columns", None) is None:
+    with _open_fits(path) as handle:
+        _require_hdus(path, handle, 3, "specFull (COADD table in HDU1, summary in HDU2)")
+        header = handle.header(0)
+        coadd_hdu = _coadd_hdu(handle)
+        if coadd_hdu.kind != "table":
             raise SpectrumReadError(path, "HDU1 (COADD) is not a binary table")
-        columns = {name.upper(): name for name in coadd.columns.names}
+        columns = {name.upper(): name for name in handle.column_names(coadd_hdu.index)}
         missing = [c for c in _SPEC_REQUIRED if c not in columns]
         if missing:
             raise SpectrumReadError(path, f"COADD table is missing column(s) {missing}")
+        wanted = [c for c in (*_SPEC_REQUIRED, *_SPEC_OPTIONAL) if c in columns]
+        coadd = handle.read_table(coadd_hdu.index, [columns[c] for c in wanted])
         loglam = np.asarray(coadd[columns["LOGLAM"]], dtype=float)
         flux = np.asarray(coadd[columns["FLUX"]], dtype=float)
         ivar = np.asarray(coadd[columns["IVAR"]], dtype=float)
         and_mask = np.asarray(coadd[columns["AND_MASK"]]).astype(np.int64)
-        extras = {c.lower(): np.asarray(coadd[columns[c]]) for c in _SPEC_OPTIONAL if c in columns}
-        summary_data = hdul[2].data
-        if summary_data is None or getattr(summary_data, "columns", None) is None or len(summary_data) < 1:
+        extras = {c.lower(): coadd[columns[c]] for c in _SPEC_OPTIONAL if c in columns}
+        summary_hdu = handle.hdu(2)
+        if summary_hdu.kind != "table" or int(summary_hdu.header.get("NAXIS2", 0)) < 1:
             raise SpectrumReadError(path, "HDU2 (summary) is not a non-empty binary table")
-        summary_row = summary_data[0]
-        summary = {name.lower(): _scalar(summary_row[name]) for name in summary_data.columns.names}
+        summary_data = handle.read_table(2, rows=slice(0, 1))
+        summary = {name.lower(): _scalar(column[0]) for name, column in summary_data.items()}
         meta = _common_meta(path, "specFull", header)
 
     if loglam.ndim != 1 or flux.shape != loglam.shape or ivar.shape != loglam.shape:

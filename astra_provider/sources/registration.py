@@ -47,6 +47,14 @@ Identified = SourceIdentifiers | str
 """The identifiers of a file, or the reason it has none."""
 
 
+def _is_spectrum(filetype: str, path: str) -> bool:
+    """An SDSS file type (``apStar``...), or a plain file named ``*.fits``: a file whose header may name a
+    star (files written by tasks, such as ``astraContinuum``, get the source of their task's input)."""
+    from astra_provider.sdss.paths import FILETYPES
+
+    return filetype in FILETYPES or (filetype == "full" and path.endswith(FITS_SUFFIXES))
+
+
 def _filetype(filetype: str, path: str) -> str | None:
     """The SDSS file type of a product (a ``full`` product by its file name), if any."""
     if filetype != "full":
@@ -99,7 +107,7 @@ def with_header_identifiers(specs: Sequence[DataProductSpec], logger: Any = log)
     """
     result, unidentified = [], []
     for spec in specs:
-        if spec.source is not None or not (spec.filetype != "full" or spec.path.endswith(FITS_SUFFIXES)):
+        if spec.source is not None or not _is_spectrum(spec.filetype, spec.path):
             result.append(spec)
             continue
         found = header_identifiers(spec.path, spec.filetype, spec.kwargs)
@@ -136,7 +144,7 @@ def _input_identifiers(
     for product in products:
         found = read.get(product.pk)
         if found is None:
-            if not (product.filetype != "full" or product.path.endswith(FITS_SUFFIXES)):
+            if not _is_spectrum(product.filetype, product.path):
                 continue
             found = header_identifiers(product.path, product.filetype, product.kwargs)
             if isinstance(found, str) and found.startswith("no readable FITS header"):

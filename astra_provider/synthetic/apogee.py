@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from astra_provider.fits import ImageHDU, TableHDU, write_fits
 from astra_provider.sdss.apogee import (
     APOGEE_CDELT1,
     APOGEE_CHIPS_PIXELS,
@@ -32,7 +33,6 @@ from astra_provider.sdss.apogee import (
 from astra_provider.sdss.bitmasks import APOGEE_BAD_ERROR, APOGEE_BAD_PIXEL_BITS
 from astra_provider.sdss.paths import sdss_path
 from astra_provider.synthetic.apogee_flux import ApogeeFlux, StarFlux
-from astra_provider.synthetic.fits_writer import ImageHDU, TableHDU, write_fits
 from astra_provider.synthetic.headers import SDSS_FLUX_UNIT, SYNTHETIC_CARD, iso_date
 from astra_provider.synthetic.plan import Star, Visit
 from astra_provider.synthetic.truth import file_row, visit_columns

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from astra_provider.constants import SPEED_OF_LIGHT_KMS
+from astra_provider.fits import ImageHDU, TableHDU, write_fits
 from astra_provider.sdss.boss import BOSS_CDELT, BOSS_CRVAL, BOSS_NPIX
 from astra_provider.sdss.paths import sdss_path
-from astra_provider.synthetic.fits_writer import ImageHDU, TableHDU, write_fits
 from astra_provider.synthetic.headers import SDSS_FLUX_UNIT, SYNTHETIC_CARD
 from astra_provider.synthetic.plan import Star, Visit
 from astra_provider.synthetic.truth import file_row, visit_columns

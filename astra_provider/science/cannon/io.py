@@ -194,52 +194,47 @@ def _read_npz_model_arrays(path: Path) -> dict[str, np.ndarray]:
 def _write_fits_model(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write the arrays as a primary header and six HDUs: THETA, PIXELS, LABELS, PERCENTILE_LEVELS, TERMS,
     METADATA (one row of JSON text)."""
-    from astropy.io import fits
+    from astra_provider.fits import ImageHDU, TableHDU, write_fits
 
-    primary = fits.PrimaryHDU()
-    primary.header["KIND"] = (MODEL_KIND, "file content")
-    primary.header["FMTVER"] = (FORMAT_VERSION, "Cannon model format version")
-    primary.header["NTRAIN"] = (int(arrays["n_training"]), "number of training spectra")
-    theta = fits.ImageHDU(np.asarray(arrays["theta"]), name="THETA")
     regularization = np.broadcast_to(arrays["regularization"], arrays["s2"].shape)
-    pixels = fits.BinTableHDU.from_columns(
+    pixels = {
+        "WAVELENGTH": np.asarray(arrays["wavelength"], dtype=np.float64),
+        "S2": np.asarray(arrays["s2"], dtype=np.float64),
+        "PIXEL_MASK": np.asarray(arrays["pixel_mask"], dtype=bool),
+        "REGULARIZATION": np.asarray(regularization, dtype=np.float64),
+    }
+    labels = {
+        "NAME": np.asarray(arrays["label_names"], dtype=str),
+        "OFFSET": np.asarray(arrays["offsets"], dtype=np.float64),
+        "SCALE": np.asarray(arrays["scales"], dtype=np.float64),
+        "TRAIN_MIN": np.asarray(arrays["training_label_min"], dtype=np.float64),
+        "TRAIN_MAX": np.asarray(arrays["training_label_max"], dtype=np.float64),
+        "PERCENTILES": np.asarray(arrays["training_label_percentiles"], dtype=np.float64).T,
+    }
+    levels = np.asarray(arrays["training_label_percentile_levels"], dtype=np.float64)
+    write_fits(
+        path,
         [
-            fits.Column(name="WAVELENGTH", format="D", array=arrays["wavelength"]),
-            fits.Column(name="S2", format="D", array=arrays["s2"]),
-            fits.Column(name="PIXEL_MASK", format="L", array=arrays["pixel_mask"]),
-            fits.Column(name="REGULARIZATION", format="D", array=regularization),
-        ],
-        name="PIXELS",
-    )
-    pixels.header["REGSCAL"] = (arrays["regularization"].size == 1, "regularization is one scalar")
-    n_levels = len(arrays["training_label_percentile_levels"])
-    name_width = max(1, max(len(s) for s in arrays["label_names"]))
-    labels = fits.BinTableHDU.from_columns(
-        [
-            fits.Column(name="NAME", format=f"{name_width}A", array=arrays["label_names"]),
-            fits.Column(name="OFFSET", format="D", array=arrays["offsets"]),
-            fits.Column(name="SCALE", format="D", array=arrays["scales"]),
-            fits.Column(name="TRAIN_MIN", format="D", array=arrays["training_label_min"]),
-            fits.Column(name="TRAIN_MAX", format="D", array=arrays["training_label_max"]),
-            fits.Column(
-                name="PERCENTILES",
-                format=f"{n_levels}D",
-                array=np.asarray(arrays["training_label_percentiles"]).T,
+            ImageHDU(
+                None,
+                [
+                    ("KIND", MODEL_KIND, "file content"),
+                    ("FMTVER", FORMAT_VERSION, "Cannon model format version"),
+                    ("NTRAIN", int(arrays["n_training"]), "number of training spectra"),
+                ],
             ),
+            ImageHDU(np.asarray(arrays["theta"], dtype=np.float64), name="THETA"),
+            TableHDU(
+                pixels,
+                [("REGSCAL", bool(arrays["regularization"].size == 1), "regularization is one scalar")],
+                name="PIXELS",
+            ),
+            TableHDU(labels, name="LABELS"),
+            ImageHDU(levels, name="PERCENTILE_LEVELS"),
+            TableHDU({"TERM": np.asarray(arrays["terms"], dtype=str)}, name="TERMS"),
+            TableHDU({"JSON": np.array([str(arrays["metadata_json"])])}, name="METADATA"),
         ],
-        name="LABELS",
     )
-    levels = fits.ImageHDU(np.asarray(arrays["training_label_percentile_levels"]), name="PERCENTILE_LEVELS")
-    term_width = max(1, max(len(s) for s in arrays["terms"]))
-    terms = fits.BinTableHDU.from_columns(
-        [fits.Column(name="TERM", format=f"{term_width}A", array=arrays["terms"])], name="TERMS"
-    )
-    text = str(arrays["metadata_json"])
-    metadata = fits.BinTableHDU.from_columns(
-        [fits.Column(name="JSON", format=f"{max(1, len(text.encode()))}A", array=np.array([text]))],
-        name="METADATA",
-    )
-    fits.HDUList([primary, theta, pixels, labels, levels, terms, metadata]).writeto(path, overwrite=True)
 
 
 def _read_fits_model_arrays(path: Path) -> dict[str, np.ndarray]:

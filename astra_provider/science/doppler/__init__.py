@@ -29,16 +29,21 @@ Algorithm
        and ivar), *not* rescaled by the reduced χ².
 
     :func:`.measure_radial_velocities` runs both stages, with CCF templates from :func:`.coarse_label_grid`;
-    :func:`.measure_visit_radial_velocities` does the same for raw spectra on their own pixels (apVisit),
-    evaluating the model at the observed pixels. Tuning options are one :class:`.DopplerOptions` passed as
-    ``options=``.
+    :func:`.measure_visit_radial_velocities` does the same for raw spectra on their own pixels (apVisit,
+    apStar, BOSS), evaluating the model at the observed pixels, with a low-order multiplicative continuum
+    solved jointly at every step, one or several template grids (the best chosen per spectrum), an LSF that
+    may vary from pixel to pixel (:class:`~astra_provider.science.lsf.LsfStack`), and fit-quality flags.
+    Tuning options are one :class:`.DopplerOptions` passed as ``options=``.
 
 Modules: :mod:`~astra_provider.science.doppler.grid` (grid, velocity conversions),
 :mod:`~astra_provider.science.doppler.model` (:class:`.SpectralModel`, CCF templates),
 :mod:`~astra_provider.science.doppler.options`, :mod:`~astra_provider.science.doppler.result`,
 :mod:`~astra_provider.science.doppler.ccf`, :mod:`~astra_provider.science.doppler.refine`,
-:mod:`~astra_provider.science.doppler.measure`, :mod:`~astra_provider.science.doppler.visit`, and the
-internals ``arrays``, ``rest_frame`` (Fourier shift, gap bridging, interpolation table) and ``gauss_newton``.
+:mod:`~astra_provider.science.doppler.measure`, :mod:`~astra_provider.science.doppler.visit` (with
+:mod:`~astra_provider.science.doppler.observed` and :mod:`~astra_provider.science.doppler.visit_model`),
+:mod:`~astra_provider.science.doppler.spectra` (pixel masks and LSF widths of real APOGEE and BOSS files), and
+the internals ``arrays``, ``rest_frame`` (Fourier shift, gap bridging, interpolation table) and
+``gauss_newton`` (with the joint multiplicative continuum).
 """
 
 from astra_provider.constants import SPEED_OF_LIGHT_KMS

@@ -65,18 +65,33 @@ def cross_correlate(
     )
 
 
+class _CcfTemplates:
+    """Templates (T, P) prepared for the cross-correlation once: their deviation from the continuum, its
+    square (float32, for the Pearson moments) and the orthonormal basis they are correlated through."""
+
+    def __init__(self, templates: np.ndarray) -> None:
+        self.dev = _template_deviation(templates)
+        self.dev32 = self.dev.astype(np.float32)
+        self.dev_squared32 = self.dev32 * self.dev32
+        coefficients, basis = _template_basis(self.dev)
+        self.coefficients = coefficients.astype(np.float32)
+        self.basis = basis.astype(np.float32)
+
+
 def _cross_correlate_masked(
     flux: np.ndarray,
     weight: np.ndarray,
-    templates: np.ndarray,
+    templates: np.ndarray | _CcfTemplates,
     log10_step: float,
     *,
     max_velocity: float,
     options: DopplerOptions,
 ) -> CrossCorrelationResult:
-    """:func:`.cross_correlate` of one batch already through :func:`_masked_flux_and_weight`."""
+    """:func:`.cross_correlate` of one batch already through :func:`_masked_flux_and_weight`; ``templates``
+    may be prepared once for many batches (:class:`_CcfTemplates`)."""
     n_spectra, n_pixels = flux.shape
-    dev = _template_deviation(templates)
+    prepared = templates if isinstance(templates, _CcfTemplates) else _CcfTemplates(templates)
+    dev = prepared.dev
     if dev.shape[1] != n_pixels:
         raise ValueError(f"templates have {dev.shape[1]} pixels, spectra {n_pixels}")
     # Pearson coefficients do not depend on a per-spectrum weight scale; unit maximum keeps float32 safe.
@@ -92,10 +107,12 @@ def _cross_correlate_masked(
     var_x = np.einsum("np,np->n", weighted_x, x)
 
     peak_lag, around_peak = _ccf_around_peaks(
-        weighted_x, dev, search, options.ccf_chunk_size, options.workers
+        weighted_x, prepared, search, options.ccf_chunk_size, options.workers
     )
-    pearson = _Pearson(weight, dev, var_x, np.where(usable, sum_w, 1.0)[:, None])
-    chosen, first, second, peak_by_template = _lowest_chi2_template(peak_lag, around_peak, mean, pearson)
+    pearson = _Pearson(weight, prepared, var_x, np.where(usable, sum_w, 1.0)[:, None])
+    chosen, first, second, peak_by_template, chi2 = _lowest_chi2_template(
+        peak_lag, around_peak, mean, pearson
+    )
 
     rows = np.arange(n_spectra)
     c_minus, c_zero, c_plus = np.moveaxis(around_peak[rows, chosen], -1, 0)
@@ -121,6 +138,7 @@ def _cross_correlate_masked(
         peak_by_template=peak_by_template,
         flag=flag,
         max_lag=search - 1,
+        chi2_by_template=chi2,
     )
 
 
@@ -139,20 +157,20 @@ def _template_basis(deviation: np.ndarray, rtol: float = 1e-5) -> tuple[np.ndarr
 
 
 def _ccf_around_peaks(
-    weighted_x: np.ndarray, dev: np.ndarray, search: int, chunk_size: int | None, workers: int | None
+    weighted_x: np.ndarray, templates: _CcfTemplates, search: int, chunk_size: int | None, workers: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Integer lag (N, T) of each template's CCF maximum over ``|k| ≤ search``, and ``C(k−1), C(k), C(k+1)``
     there (N, T, 3)."""
     n_spectra, n_pixels = weighted_x.shape
     n_fft = scipy.fft.next_fast_len(n_pixels + search + 1, real=True)  # no circular wrap for |k| ≤ search+1
     # The CCF is linear in the template: correlate with an orthonormal basis, recombine as C_t = Σ_j a_tj C_j.
-    coefficients, basis = _template_basis(dev)
-    coefficients = coefficients.astype(np.float32)
-    basis_ft = np.conj(scipy.fft.rfft(basis.astype(np.float32), n=n_fft, axis=-1, workers=workers))
+    coefficients, basis = templates.coefficients, templates.basis
+    rank = basis.shape[0]
+    basis_ft = np.conj(scipy.fft.rfft(basis, n=n_fft, axis=-1, workers=workers))
     if chunk_size is None:
-        chunk_size = max(1, _CCF_VALUES_PER_CHUNK // basis.shape[0])
+        chunk_size = max(1, _CCF_VALUES_PER_CHUNK // rank)
 
-    n_templates = dev.shape[0]
+    n_templates = coefficients.shape[0]
     peak_lag = np.zeros((n_spectra, n_templates), dtype=np.int64)
     around_peak = np.zeros((n_spectra, n_templates, 3))
     for first in range(0, n_spectra, chunk_size):
@@ -161,7 +179,10 @@ def _ccf_around_peaks(
         basis_ccf = scipy.fft.irfft(spectra_ft[:, None, :] * basis_ft, n=n_fft, axis=-1, workers=workers)
         # lags −search−1 … search+1 (negative lags wrap to the end of the buffer)
         lags = np.concatenate([basis_ccf[..., n_fft - search - 1 :], basis_ccf[..., : search + 2]], axis=-1)
-        ccf = coefficients @ lags  # (n, T, 2·search + 3)
+        # One GEMM for the chunk (T, r) @ (r, n·L), not one per spectrum: (n, T, 2·search + 3).
+        n_part, n_lags = lags.shape[0], lags.shape[-1]
+        stacked = np.ascontiguousarray(lags.transpose(1, 0, 2)).reshape(rank, n_part * n_lags)
+        ccf = (coefficients @ stacked).reshape(n_templates, n_part, n_lags).transpose(1, 0, 2)
         best = np.argmax(ccf[..., 1:-1], axis=-1) + 1
         peak_lag[part] = best - search - 1
         around_peak[part] = np.take_along_axis(ccf, best[..., None] + np.arange(-1, 2), axis=-1)
@@ -171,13 +192,18 @@ def _ccf_around_peaks(
 class _Pearson:
     """Weighted Pearson coefficients of CCF values, from the template moments at a lag."""
 
-    def __init__(self, weight: np.ndarray, dev: np.ndarray, var_x: np.ndarray, safe_sum: np.ndarray) -> None:
-        self.weight, self.dev, self.var_x, self.safe_sum = weight, dev, var_x, safe_sum
+    def __init__(
+        self, weight: np.ndarray, templates: _CcfTemplates, var_x: np.ndarray, safe_sum: np.ndarray
+    ) -> None:
+        self.weight, self.templates, self.var_x, self.safe_sum = weight, templates, var_x, safe_sum
 
     def moments(self, lag: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Σ_j w(j + k)·d_t(j) and Σ_j w(j + k)·d_t(j)² for one lag k per spectrum, each (N, T)."""
+        """Σ_j w(j + k)·d_t(j) and Σ_j w(j + k)·d_t(j)² for one lag k per spectrum, each (N, T) (float32
+        products: these only normalise the coefficients and rank the templates)."""
         shifted_w = self.weight if lag is None else _shift_rows(self.weight, -lag)  # w(j + k) at rest pixel j
-        return shifted_w @ self.dev.T, shifted_w @ (self.dev * self.dev).T
+        shifted_w = shifted_w.astype(np.float32)
+        first = (shifted_w @ self.templates.dev32.T).astype(float)
+        return first, (shifted_w @ self.templates.dev_squared32.T).astype(float)
 
     def __call__(self, values: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """Pearson coefficient from the CCF value and the template moments."""
@@ -187,9 +213,10 @@ class _Pearson:
 
 def _lowest_chi2_template(
     peak_lag: np.ndarray, around_peak: np.ndarray, mean: np.ndarray, pearson: _Pearson
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The template (N,) with the lowest χ² at its CCF peak, the template moments (N, T) it was chosen with,
-    and every template's normalised CCF peak (N, T)."""
+    every template's normalised CCF peak (N, T) and its χ² up to a per-spectrum constant (N, T; +inf where
+    undefined)."""
     # The template moments depend (weakly) on the lag through the masked pixels: take them at the peak lag of
     # a provisional choice (best lag-0 Pearson peak); the templates' peaks differ by a pixel or so.
     rows = np.arange(peak_lag.shape[0])
@@ -201,5 +228,6 @@ def _lowest_chi2_template(
     # χ² of the unit-amplitude template at its peak: Σw(f − 1 − d_k)² = Σw(f − 1)² − 2Σw(f − 1)d_k + Σw d_k²,
     # with Σw(f − 1)d_k = C + (mean − 1)·Σw d_k. The template with the lowest χ² is chosen.
     chi2 = -2.0 * (around_peak[..., 1] + (mean[:, None] - 1.0) * first) + second
-    chosen = np.argmin(np.where(np.isfinite(peak_by_template), chi2, np.inf), axis=1)
-    return chosen, first, second, peak_by_template
+    chi2 = np.where(np.isfinite(peak_by_template), chi2, np.inf)
+    chosen = np.argmin(chi2, axis=1)
+    return chosen, first, second, peak_by_template, chi2

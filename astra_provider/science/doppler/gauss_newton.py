@@ -5,6 +5,13 @@ function* ``signal_at(active, x, s)`` returning float32 (n, K+2, P): the model m
 with respect to the scaled labels and with respect to the shift, at the spectra's pixels (``active`` are
 indices into the batch). An optional *value function* ``value_at(active, x, s)`` returns the model minus 1
 only, float32 (n, P), and allows simplified Newton steps (see :func:`_gauss_newton`).
+
+An optional multiplicative continuum ``Σ_b a_b φ_b`` (basis ``(n, B, P)``, e.g. low-order polynomials per
+wavelength region) scales the model, ``flux ≈ (Σ_b a_b φ_b)·m``. It is solved by *variable projection*: at
+every model evaluation the coefficients ``a`` are the exact weighted least-squares solution for the current
+model (a linear problem), and the Jacobian of the labels and the shift is projected onto the complement of
+the continuum directions ``φ_b·m``. The Gauss–Newton step and the covariance are then those of the joint
+problem with ``a`` marginalised (the Schur complement of the full curvature matrix).
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ _CHI2_RISE_TOLERANCE = 0.01
 @dataclass
 class _Fit(_Batches):
     """Gauss–Newton outcome of a batch: weights (n, P), scaled labels (n, K), shifts (n,), covariance
-    (n, K+1, K+1) with s last, χ² (n,), model evaluations (n,) and convergence (n,)."""
+    (n, K+1, K+1) with s last, χ² (n,), model evaluations (n,), convergence (n,), the coefficients
+    (n, B) of the multiplicative continuum (B = 0 without one), the residuals flux − model (n, P) at the
+    result and the derivative of the model with respect to the shift (n, P; projected off the continuum) at
+    the last evaluation of the Jacobian."""
 
     weight: np.ndarray
     x: np.ndarray
@@ -37,9 +47,12 @@ class _Fit(_Batches):
     chi2: np.ndarray
     iterations: np.ndarray
     converged: np.ndarray
+    continuum: np.ndarray
+    residual: np.ndarray
+    shift_derivative: np.ndarray
 
     @classmethod
-    def empty(cls, n_pixels: int, n_labels: int) -> _Fit:
+    def empty(cls, n_pixels: int, n_labels: int, n_continuum: int = 0) -> _Fit:
         k = n_labels + 1
         return cls(
             np.zeros((0, n_pixels)),
@@ -49,6 +62,9 @@ class _Fit(_Batches):
             np.zeros(0),
             np.zeros(0, dtype=np.int64),
             np.zeros(0, dtype=bool),
+            np.zeros((0, n_continuum)),
+            np.zeros((0, n_pixels)),
+            np.zeros((0, n_pixels), dtype=np.float32),
         )
 
 
@@ -64,6 +80,7 @@ def _gauss_newton(
     max_shift: float,
     max_iterations: int,
     tolerance: float,
+    continuum_basis: np.ndarray | None = None,
 ) -> _Fit:
     """Batched Gauss–Newton on χ²(x, s) with step halving when χ² rises.
 
@@ -76,9 +93,12 @@ def _gauss_newton(
     Jacobian and curvature for the next step and only the model is evaluated (a simplified Newton step: the
     exact χ² is still minimised; the Jacobian changes by a fraction ~σ_v/line width ≪ 1 over such a step, so
     the convergence stays fast and the covariance is that of a point within ~1σ/100 of the result).
+
+    With ``continuum_basis`` (n, B, P) the model is multiplied by a continuum solved at every evaluation
+    (module docstring); χ² is then minimised over the continuum too.
     """
     state = _GaussNewton(
-        flux, weight, shift_init, x_init, signal_at, value_at, x_bounds, max_shift, tolerance
+        flux, weight, shift_init, x_init, signal_at, value_at, x_bounds, max_shift, tolerance, continuum_basis
     )
     active = np.arange(x_init.shape[0])
     for _ in range(max_iterations):
@@ -102,6 +122,7 @@ class _GaussNewton:
         x_bounds: tuple[np.ndarray, np.ndarray],
         max_shift: float,
         tolerance: float,
+        continuum_basis: np.ndarray | None = None,
     ) -> None:
         n, n_labels = x_init.shape
         self.flux, self.weight = flux, weight
@@ -121,6 +142,11 @@ class _GaussNewton:
             np.empty((n, n_labels + 1, flux.shape[1]), dtype=np.float32) if value_at else None
         )
         self.reuse = np.zeros(n, dtype=bool)
+        self.continuum_basis = continuum_basis
+        self.continuum = np.zeros((n, 0 if continuum_basis is None else continuum_basis.shape[1]))
+        self.residual = np.zeros(flux.shape)
+        self.shift_derivative = np.zeros(flux.shape, dtype=np.float32)
+        self._evaluated_continuum = self.continuum[:0]
 
     def result(self) -> _Fit:
         return _Fit(
@@ -131,6 +157,9 @@ class _GaussNewton:
             self.chi2,
             self.iterations,
             self.converged & ~self.failed,
+            self.continuum,
+            self.residual,
+            self.shift_derivative,
         )
 
     def iterate(self, active: np.ndarray) -> np.ndarray:
@@ -155,6 +184,8 @@ class _GaussNewton:
         better = np.flatnonzero(~worse)
         idx = active[better]
         self.chi2[idx] = new_chi2[better]
+        self.continuum[idx] = self._evaluated_continuum[better]
+        self.residual[idx] = residual[better]
         gradient, ok = self._gradient_and_curvature(active, better, n_full, signal, w, residual)
         done = self._take_step(idx, gradient, ok)
         return active[~done[active]]
@@ -163,12 +194,18 @@ class _GaussNewton:
         """``flux − model`` (n, P) of the active spectra, and the signal (n_full, K+2, P) of the first
         ``n_full`` (model and Jacobian; the others get the model only)."""
         full, cheap = active[:n_full], active[n_full:]
-        residual = self.flux[active] - 1.0
+        deviation = np.empty((active.size, self.flux.shape[1]), dtype=np.float32)  # model − 1
         signal = self.signal_at(full, self.x[full], self.s[full]) if n_full else None  # (n, K+2, P)
         if n_full:
-            residual[:n_full] -= signal[:, 0]
+            deviation[:n_full] = signal[:, 0]
         if cheap.size:
-            residual[n_full:] -= self.value_at(cheap, self.x[cheap], self.s[cheap])
+            deviation[n_full:] = self.value_at(cheap, self.x[cheap], self.s[cheap])
+        if self.continuum_basis is None:
+            self._evaluated_continuum = np.zeros((active.size, 0))
+            return self.flux[active] - 1.0 - deviation, signal
+        residual, self._evaluated_continuum = _project_continuum(
+            self.flux[active], self.weight[active], deviation, self.continuum_basis[active], signal
+        )
         return residual, signal
 
     def _gradient_and_curvature(
@@ -195,6 +232,7 @@ class _GaussNewton:
         hessian = ((jacobian * w32[:, None, :]) @ np.swapaxes(jacobian, 1, 2)).astype(float)
         if self.stored_jacobian is not None:
             self.stored_jacobian[idx_full] = jacobian
+        self.shift_derivative[idx_full] = jacobian[:, -1]
         gradient = np.empty((better.size, n_labels + 1))
         gradient[:n_better_full] = (jacobian @ weighted_residual[:n_better_full, :, None])[..., 0]
         idx_cheap = idx[n_better_full:]
@@ -231,6 +269,55 @@ class _GaussNewton:
         done = np.zeros(self.x.shape[0], dtype=bool)
         done[idx[small | ~ok | out_of_range]] = True
         return done
+
+
+def _project_continuum(
+    flux: np.ndarray,
+    weight: np.ndarray,
+    deviation: np.ndarray,
+    basis: np.ndarray,
+    signal: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The residual (n, P) of the best multiplicative continuum for the model ``1 + deviation`` and its
+    coefficients (n, B); the Jacobian rows of ``signal`` (the first n_full spectra) are scaled by that
+    continuum and projected onto the complement of the continuum directions (in place)."""
+    model = 1.0 + deviation  # float32 (n, P)
+    directions = basis * model[:, None, :]  # φ_b·m, (n, B, P)
+    weighted = directions * weight[:, None, :].astype(np.float32)
+    gram = _pixel_sum(weighted, directions)  # (n, B, B)
+    diagonal = np.diagonal(gram, axis1=1, axis2=2)
+    # A basis function without weighted pixels gets a = 0; a tiny ridge keeps the solve well posed.
+    ridge = np.where(diagonal > 0, 1e-10 * diagonal.max(axis=1, keepdims=True), 1.0)
+    gram[:, np.arange(gram.shape[1]), np.arange(gram.shape[1])] += ridge
+    rhs = _pixel_sum(weighted, flux.astype(np.float32)[:, None, :])[..., 0]  # (n, B)
+    coefficients = np.linalg.solve(gram, rhs[..., None])[..., 0]  # (n, B)
+    multiplier = (coefficients.astype(np.float32)[:, None, :] @ basis)[:, 0]  # (n, P)
+    residual = flux - multiplier * model
+    if signal is not None and signal.shape[0]:
+        n_full = signal.shape[0]
+        jacobian = signal[:, 1:]
+        jacobian *= multiplier[:n_full, None, :]
+        overlap = _pixel_sum(weighted[:n_full], jacobian)  # (n, B, K+1)
+        projection = np.linalg.solve(gram[:n_full], overlap).astype(np.float32).swapaxes(1, 2)
+        for first in range(0, jacobian.shape[-1], _PIXELS_PER_SUM):
+            part = slice(first, first + _PIXELS_PER_SUM)
+            jacobian[..., part] -= projection @ directions[:n_full, :, part]
+    return residual, coefficients
+
+
+# Pixels per partial sum of :func:`_pixel_sum`: (B × 1536) @ (1536 × B') GEMMs stay below OpenBLAS's threading
+# threshold (m·n·k < 262,144 for B, B' ≤ 12), single-threaded and in cache; the partial sums add in float64.
+_PIXELS_PER_SUM = 1536
+
+
+def _pixel_sum(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``Σ_p left[n, a, p]·right[n, b, p]`` (n, A, B) in float64, from float32 arrays (n, A, P), (n, B, P)."""
+    n_pixels = left.shape[-1]
+    total = np.zeros((left.shape[0], left.shape[1], right.shape[1]))
+    for first in range(0, n_pixels, _PIXELS_PER_SUM):
+        part = slice(first, first + _PIXELS_PER_SUM)
+        total += left[..., part] @ right[..., part].swapaxes(1, 2)
+    return total
 
 
 def _inverse_curvature(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

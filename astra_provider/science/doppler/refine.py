@@ -179,7 +179,7 @@ def _refine_velocity_and_labels_masked(
     signal_at = _shifted(shifter, _model_evaluator(model, scaling, shifter, support))
     fitter = _ChunkedFit(flux, weight, shift_init, support, model_variance, shifter, options)
     fit = fitter.run(x_init, usable, scaling.bounds, options.label_chunk_size, lambda _part: signal_at)
-    return _refinement_result(fit, usable, log10_step, scaling)
+    return _refinement_result(fit, usable, log10_step, scaling, options.edge_fraction)
 
 
 class _ChunkedFit:
@@ -291,10 +291,11 @@ def _model_evaluator(
 
 
 def _refinement_result(
-    fit: _Fit, usable: np.ndarray, log10_step: float, scaling: _LabelScaling
+    fit: _Fit, usable: np.ndarray, log10_step: float, scaling: _LabelScaling, edge_fraction: float = 0.0
 ) -> RefinementResult:
     """The fits of the usable spectra scattered back to the whole batch (N = ``usable.size``), in physical
-    units, with flags (NO_USABLE_PIXELS where not usable)."""
+    units, with flags (NO_USABLE_PIXELS where not usable; LABELS_AT_EDGE for labels within ``edge_fraction``
+    of the training range of its bounds, or beyond)."""
     n, n_labels = usable.size, scaling.n_labels
     velocity, u_velocity, chisq = np.full((3, n), np.nan)
     labels, u_labels = np.full((2, n, n_labels), np.nan)
@@ -306,10 +307,17 @@ def _refinement_result(
     labels[usable] = scaling.physical(fit.x)
     u_labels[usable] = sigma[:, :n_labels] * scaling.width
     n_used = (fit.weight > 0).sum(axis=1)
-    chisq[usable] = fit.chi2 / np.maximum(n_used - (n_labels + 1), 1)
+    n_parameters = n_labels + 1 + fit.continuum.shape[1]
+    chisq[usable] = fit.chi2 / np.maximum(n_used - n_parameters, 1)
     n_iter[usable] = fit.iterations
     sub_flag = np.where(fit.converged, 0, int(RVFlag.NOT_CONVERGED))
-    outside = np.any((labels[usable] < scaling.minimum) | (labels[usable] > scaling.maximum), axis=1)
+    margin = edge_fraction * (scaling.maximum - scaling.minimum)
+    varies = scaling.maximum > scaling.minimum  # a constant label has no edge
+    outside = np.any(
+        varies
+        & ((labels[usable] <= scaling.minimum + margin) | (labels[usable] >= scaling.maximum - margin)),
+        axis=1,
+    )
     sub_flag[outside] |= RVFlag.LABELS_AT_EDGE
     flag[usable] |= sub_flag
     return RefinementResult(velocity, u_velocity, labels, u_labels, chisq, n_iter, flag)

@@ -11,7 +11,12 @@ import scipy.fft
 
 from astra_provider.science.doppler.arrays import _shift_rows
 
-_CONTRACT_COLUMNS = 4096  # table columns contracted per GEMM call (small single-threaded GEMMs, in cache)
+# Table columns contracted per GEMM call: (M × C) @ (C × 2048) stays below OpenBLAS's threading threshold
+# (m·n·k < 262,144 for M ≤ 6 rows and C ≤ 21 signals), so each GEMM runs single-threaded and in cache.
+_CONTRACT_COLUMNS = 2048
+# Positions per contraction: (2·1024 × C) @ (C × M) stays below OpenBLAS's threading threshold
+# (m·n·k < 262,144), so each small GEMM runs single-threaded and in cache instead of waking every thread.
+_POSITIONS_PER_BLOCK = 1024
 
 
 class _FourierShifter:
@@ -106,43 +111,63 @@ class _RestFrameSupport:
 
 
 class _RestFrameTable:
-    """Rest-frame signals (C, P) on the model grid, interpolated band-limited at arbitrary positions.
+    """Rest-frame signals on the model grid, interpolated band-limited at arbitrary positions.
 
+    ``signals`` is (C, P), or (L, C, P) for a stack of L versions of the same signals (e.g. one model
+    convolved with L widths of the line-spread function) between which every position may be blended.
     The signals (which must go smoothly to zero at both ends of the grid: :meth:`_RestFrameSupport.fill`
     does this for models with undefined edge pixels) are interpolated by FFT zero-padding (the same
     band-limited interpolant as the Fourier shifter) onto nodes ``oversample`` times finer, with their
     derivatives; values in between come from a cubic Hermite polynomial (relative error ~h^4 f^(4)/384,
     about 1e-6 of the line depth for lines with σ ≥ 1.3 model pixels at ``oversample = 4``).
 
-    The node table (value and h·slope of every signal) is first contracted with each spectrum's
-    coefficients (one GEMM for a batch), so only the M combinations are gathered at the observed pixels,
-    not every signal.
+    Two evaluation orders, for the memory traffic: one level is first contracted with each spectrum's
+    coefficients over the whole node table (one streaming GEMM; only the M combinations are then gathered
+    at the positions), while a stack gathers the rows of the neighbouring nodes of both bracketing levels at
+    each position and contracts those (the cost grows with the positions, not with the stack).
     """
 
     def __init__(self, signals: np.ndarray, oversample: int) -> None:
-        signals = np.atleast_2d(np.asarray(signals, dtype=float))
-        n_signals, n_pixels = signals.shape
+        signals = np.asarray(signals, dtype=float)
+        if signals.ndim == 2:
+            signals = signals[None]
+        n_levels, n_signals, n_pixels = signals.shape
         n_fft = scipy.fft.next_fast_len(n_pixels + 64, real=True)
-        spectrum = scipy.fft.rfft(signals, n=n_fft, axis=-1)
-        if n_fft % 2 == 0:
-            spectrum[..., -1] = 0.0
         omega = 2.0 * np.pi * scipy.fft.rfftfreq(n_fft)
         n_fine = oversample * n_fft
         n_nodes = oversample * (n_pixels - 1) + 2
-        values = scipy.fft.irfft(spectrum, n=n_fine, axis=-1)[:, :n_nodes] * oversample
-        scaled_slopes = scipy.fft.irfft(spectrum * (1j * omega), n=n_fine, axis=-1)[:, :n_nodes]  # h·d/du
-        nodes = np.stack([values.T, scaled_slopes.T], axis=1)  # (n_nodes, 2, C)
-        self.nodes_t = np.ascontiguousarray(nodes.reshape(2 * n_nodes, n_signals).T, dtype=np.float32)
+        # (level, node, value/h·slope, signal)
+        nodes = np.empty((n_levels, n_nodes, 2, n_signals), dtype=np.float32)
+        for level in range(n_levels):  # one level at a time bounds the float64 temporaries
+            spectrum = scipy.fft.rfft(signals[level], n=n_fft, axis=-1)
+            if n_fft % 2 == 0:
+                spectrum[..., -1] = 0.0
+            nodes[level, :, 0] = (scipy.fft.irfft(spectrum, n=n_fine, axis=-1)[:, :n_nodes] * oversample).T
+            nodes[level, :, 1] = scipy.fft.irfft(spectrum * (1j * omega), n=n_fine, axis=-1)[:, :n_nodes].T
+        if n_levels == 1:  # (C, 2·n_nodes): node j at columns 2j (value) and 2j+1 (h·slope)
+            self.nodes_t = np.ascontiguousarray(nodes[0].reshape(2 * n_nodes, n_signals).T)
+        else:  # one row per (level, node): the C values then the C scaled slopes
+            self.rows = nodes.reshape(n_levels * n_nodes, 2 * n_signals)
         self.n_nodes = n_nodes
+        self.n_levels = n_levels
         self.oversample = oversample
         self.n_signals = n_signals
 
     def __call__(
-        self, positions: np.ndarray, coefficients: np.ndarray, derivative: bool = True
+        self,
+        positions: np.ndarray,
+        coefficients: np.ndarray,
+        derivative: bool = True,
+        level: np.ndarray | None = None,
+        blend: np.ndarray | None = None,
     ) -> np.ndarray:
         """Combinations at ``positions`` (n, Q) (model pixels) of the signals, with ``coefficients``
         (n, M, C): float32 (n, M + 1, Q) with rows ``Σ_c a_mc·B_c(u)`` and, last, ``∂/∂u`` of row 0
-        (without that last row if not ``derivative``)."""
+        (without that last row if not ``derivative``).
+
+        For a stack, ``level`` (n, Q) gives each position's level ``l`` (at most L − 2) and ``blend``
+        (n, Q) its weight ``β`` on level ``l + 1``: ``(1 − β)·B_l + β·B_{l+1}``.
+        """
         n, n_positions = positions.shape
         n_rows = coefficients.shape[1]
         out = np.empty((n, n_rows + int(derivative), n_positions), dtype=np.float32)
@@ -152,39 +177,89 @@ class _RestFrameTable:
         np.clip(node, 0, self.n_nodes - 2, out=node)
         t = np.clip(q - node, 0.0, 1.0).astype(np.float32)
         node = node.astype(np.intp)
-        # Cubic Hermite weights of (v0, h·s0, v1 − v0, h·s1) and of their derivatives (per model pixel).
-        t2 = t * t
-        t3 = t2 * t
-        w_s0, w_dv, w_s1 = t3 - 2 * t2 + t, 3 * t2 - 2 * t3, t3 - t2
-        if derivative:
-            d_s0 = (3 * t2 - 4 * t + 1) * self.oversample
-            d_dv = (6 * t - 6 * t2) * self.oversample
-            d_s1 = (3 * t2 - 2 * t) * self.oversample
+        hermite = _HermiteWeights(t, self.oversample, derivative)
+        if self.n_levels == 1:
+            self._gemm_first(node, coefficients, hermite, out)
+        else:
+            if level is None or blend is None:
+                raise ValueError("a stacked table needs a level and a blend for every position")
+            node += np.asarray(level, dtype=np.intp) * self.n_nodes
+            self._gather_first(node, np.asarray(blend, dtype=np.float32), coefficients, hermite, out)
+        return out
+
+    def _gemm_first(
+        self, node: np.ndarray, coefficients: np.ndarray, hermite: _HermiteWeights, out: np.ndarray
+    ) -> None:
+        n, n_rows = coefficients.shape[:2]
+        n_positions = node.shape[1]
         combined = np.empty((n_rows, self.nodes_t.shape[1]), dtype=np.float32)
-        block = _CONTRACT_COLUMNS
         for i in range(n):
-            # (M, 2·n_nodes): node j at columns 2j (value) and 2j+1 (h·slope); column blocks keep each GEMM
-            # small (single-threaded in OpenBLAS, in cache).
-            for first in range(0, combined.shape[1], block):
-                np.matmul(
-                    coefficients[i],
-                    self.nodes_t[:, first : first + block],
-                    out=combined[:, first : first + block],
-                )
+            # Column blocks keep each GEMM small (single-threaded in OpenBLAS, in cache).
+            for first in range(0, combined.shape[1], _CONTRACT_COLUMNS):
+                part = slice(first, first + _CONTRACT_COLUMNS)
+                np.matmul(coefficients[i], self.nodes_t[:, part], out=combined[:, part])
             # (value, h·slope) of node j viewed as one float64: one gather per node.
             pairs = combined.view(np.float64)
             at_node = pairs.take(node[i], axis=1).view(np.float32).reshape(n_rows, n_positions, 2)
             at_next = pairs.take(node[i] + 1, axis=1).view(np.float32).reshape(n_rows, n_positions, 2)
-            v0, s0, s1 = at_node[..., 0], at_node[..., 1], at_next[..., 1]
-            value = out[i, :n_rows]
-            np.subtract(at_next[..., 0], v0, out=value)  # v1 − v0
-            if derivative:
-                slope = out[i, n_rows]
-                np.multiply(value[0], d_dv[i], out=slope)
-                slope += s0[0] * d_s0[i]
-                slope += s1[0] * d_s1[i]
-            value *= w_dv[i]
-            value += v0
-            value += s0 * w_s0[i]
-            value += s1 * w_s1[i]
-        return out
+            hermite.combine(i, at_node[..., 0], at_node[..., 1], at_next[..., 0], at_next[..., 1], out[i])
+
+    def _gather_first(
+        self,
+        node: np.ndarray,
+        blend: np.ndarray,
+        coefficients: np.ndarray,
+        hermite: _HermiteWeights,
+        out: np.ndarray,
+    ) -> None:
+        for i in range(coefficients.shape[0]):
+            transposed = np.ascontiguousarray(coefficients[i].T)  # (C, M)
+            beta = blend[i][None, :, None]
+            at_node = self._contracted(node[i], transposed)  # (M, Q, value/slope)
+            at_node += beta * (self._contracted(node[i] + self.n_nodes, transposed) - at_node)
+            at_next = self._contracted(node[i] + 1, transposed)
+            at_next += beta * (self._contracted(node[i] + 1 + self.n_nodes, transposed) - at_next)
+            hermite.combine(i, at_node[..., 0], at_node[..., 1], at_next[..., 0], at_next[..., 1], out[i])
+
+    def _contracted(self, rows: np.ndarray, coefficients_t: np.ndarray) -> np.ndarray:
+        """Node rows ``rows`` (Q,) contracted with coefficients (C, M): (M, Q, value/slope) float32."""
+        n_positions, n_signals = rows.size, self.n_signals
+        flat = np.empty((2 * n_positions, coefficients_t.shape[1]), dtype=np.float32)
+        for first in range(0, n_positions, _POSITIONS_PER_BLOCK):
+            last = min(first + _POSITIONS_PER_BLOCK, n_positions)
+            gathered = self.rows.take(rows[first:last], axis=0).reshape(2 * (last - first), n_signals)
+            np.matmul(gathered, coefficients_t, out=flat[2 * first : 2 * last])
+        return flat.T.reshape(-1, n_positions, 2)
+
+
+class _HermiteWeights:
+    """Cubic Hermite weights of ``(v0, h·s0, v1 − v0, h·s1)`` at fractions ``t`` (n, Q) of a node step, and of
+    their derivatives with respect to the position (per model pixel)."""
+
+    def __init__(self, t: np.ndarray, oversample: int, derivative: bool) -> None:
+        t2 = t * t
+        t3 = t2 * t
+        self.w_s0, self.w_dv, self.w_s1 = t3 - 2 * t2 + t, 3 * t2 - 2 * t3, t3 - t2
+        self.derivative = derivative
+        if derivative:
+            self.d_s0 = (3 * t2 - 4 * t + 1) * oversample
+            self.d_dv = (6 * t - 6 * t2) * oversample
+            self.d_s1 = (3 * t2 - 2 * t) * oversample
+
+    def combine(
+        self, i: int, v0: np.ndarray, s0: np.ndarray, v1: np.ndarray, s1: np.ndarray, out: np.ndarray
+    ) -> None:
+        """Values (M, Q) of spectrum ``i`` from the node values and slopes (M, Q) into ``out[:M]``, and the
+        derivative of row 0 into ``out[M]`` (if derivatives were asked for)."""
+        n_rows = v0.shape[0]
+        value = out[:n_rows]
+        np.subtract(v1, v0, out=value)  # v1 − v0
+        if self.derivative:
+            slope = out[n_rows]
+            np.multiply(value[0], self.d_dv[i], out=slope)
+            slope += s0[0] * self.d_s0[i]
+            slope += s1[0] * self.d_s1[i]
+        value *= self.w_dv[i]
+        value += v0
+        value += s0 * self.w_s0[i]
+        value += s1 * self.w_s1[i]

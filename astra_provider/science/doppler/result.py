@@ -13,18 +13,34 @@ __all__ = ["CrossCorrelationResult", "RVFlag", "RadialVelocityResult", "Refineme
 
 
 class RVFlag(IntFlag):
-    """Bits of the ``flag`` arrays (0 = all good)."""
+    """Bits of the ``flag`` arrays and of the ``bitmask_flag`` column of ``astra.doppler`` (0 = all good).
+
+    A result with any bit set is stored with its numbers, but must not be trusted blindly: bits 1, 4 and 8
+    mean the velocity itself is doubtful or missing; bits 2, 16, 32, 64 and 128 mean the fit is poor or the
+    labels unreliable (the velocity may still be usable, within its error).
+    """
 
     CCF_AT_EDGE = 1
     """The CCF maximum is at the edge of the searched lag range (true velocity probably outside it)."""
     LOW_CCF_PEAK = 2
-    """The normalised CCF peak is below ``min_ccf_peak`` (weak or no detection)."""
+    """The normalised CCF peak is below ``min_ccf_peak`` (weak or no detection, or a wrong template)."""
     NOT_CONVERGED = 4
     """Refinement not converged in ``max_iterations``, shift out of range, or singular curvature."""
     NO_USABLE_PIXELS = 8
-    """Too few pixels with ivar > 0 and finite flux; all outputs are NaN."""
+    """Too few pixels with ivar > 0 and finite flux (or no pseudo-continuum); all outputs are NaN."""
     LABELS_AT_EDGE = 16
-    """Fitted labels outside the model's training-label range."""
+    """A fitted label is within ``edge_fraction`` of the training range of its bound, or beyond it: the
+    best template sits on the edge of the grid, so the labels (and their errors) are not a measurement."""
+    POOR_FIT = 32
+    """χ² too large for the S/N: the residuals imply a model error above ``max_model_mismatch`` of the
+    continuum (wrong kind of star for the grid, bad pixels, a binary, or a mismatched LSF)."""
+    CONTINUUM_FAILED = 64
+    """The continuum could not be modelled: the fitted multiplicative correction leaves ``continuum_range``
+    on the weighted pixels, or the pseudo-continuum was undefined on many usable pixels."""
+    INCONSISTENT_SEGMENTS = 128
+    """The velocities of independent wavelength segments (APOGEE chips, BOSS ranges) disagree beyond their
+    errors (p < ``segment_p_value``): wavelength-dependent systematics (template, calibration, a blend);
+    ``u_vrel`` has been scaled by their Birge ratio."""
 
 
 class _Batches:
@@ -55,7 +71,8 @@ class CrossCorrelationResult(_Batches):
     ``template_index`` is the chosen template (−1 if unusable), ``shift`` its sub-pixel CCF peak lag
     (pixels), ``vrel`` the corresponding velocity (km/s), ``ccf_peak`` the normalised CCF (weighted Pearson
     correlation) at the peak, ``peak_by_template`` (N, T) the normalised peak of every template, ``flag``
-    the :class:`.RVFlag` bits CCF_AT_EDGE, LOW_CCF_PEAK and NO_USABLE_PIXELS, and ``max_lag`` the lag range.
+    the :class:`.RVFlag` bits CCF_AT_EDGE, LOW_CCF_PEAK and NO_USABLE_PIXELS, ``max_lag`` the lag range, and
+    ``chi2_by_template`` (N, T) every template's χ² at its peak up to a per-spectrum constant (the choice).
     """
 
     _shared_fields = ("max_lag",)
@@ -67,6 +84,7 @@ class CrossCorrelationResult(_Batches):
     peak_by_template: np.ndarray
     flag: np.ndarray
     max_lag: int
+    chi2_by_template: np.ndarray
 
 
 @dataclass
@@ -98,6 +116,9 @@ class RadialVelocityResult(_Batches):
     ``fe_h`` (and ``u_*``) copy the matching columns (NaN if the model lacks them or labels were not fitted).
     ``ccf_vrel`` is the stage-1 velocity, ``template_index`` the chosen CCF template, ``template_labels``
     (T, K) the CCF label grid and ``n_iterations`` the number of model evaluations of the refinement.
+    ``grid_index`` is the model (grid) whose fit is reported (−1: none; always 0 for one model) and
+    ``model_mismatch`` the model error the residuals imply, ``sqrt(max(χ²_red − 1, 0))/(S/N)`` (fraction of
+    the continuum; NaN where not computed).
     """
 
     _shared_fields = ("label_names", "template_labels")
@@ -118,6 +139,8 @@ class RadialVelocityResult(_Batches):
     n_iterations: np.ndarray
     labels: np.ndarray
     u_labels: np.ndarray
+    grid_index: np.ndarray
+    model_mismatch: np.ndarray
     label_names: tuple[str, ...] = ()
     template_labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
@@ -132,6 +155,8 @@ def _radial_velocity_result(
     u_labels: np.ndarray,
     label_names: Sequence[str],
     template_labels: np.ndarray,
+    grid_index: np.ndarray | None = None,
+    model_mismatch: np.ndarray | None = None,
 ) -> RadialVelocityResult:
     """The result of the CCF and the refinement, with Teff/logg/[Fe/H] columns found by name."""
     lowered = [name.lower() for name in label_names]
@@ -159,6 +184,8 @@ def _radial_velocity_result(
         n_iterations=refined.n_iterations,
         labels=labels,
         u_labels=u_labels,
+        grid_index=np.where(ccf.template_index >= 0, 0, -1) if grid_index is None else grid_index,
+        model_mismatch=np.full(len(labels), np.nan) if model_mismatch is None else model_mismatch,
         label_names=label_names,
         template_labels=template_labels,
     )

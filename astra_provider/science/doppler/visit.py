@@ -1,367 +1,442 @@
-"""Spectra on their own pixels (e.g. apVisit: 3 chips on a non-log-linear wavelength solution):
-:func:`.measure_visit_radial_velocities` fits the model at the observed pixels, never resampling the data
-for the fit."""
+"""Spectra on their own pixels (apVisit: 3 chips on a non-log-linear wavelength solution; BOSS coadds on their
+own log grid): :func:`.measure_visit_radial_velocities` fits the model at the observed pixels, never
+resampling the data for the fit."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import fields
 
 import numpy as np
+import scipy.stats
 
-from astra_provider.science.continuum import RIDGE_FACTOR, RowSinusoidBasis, load_continuum_pixels, normalize
+from astra_provider.science.continuum import RowSinusoidBasis
 from astra_provider.science.doppler.arrays import _has_enough_pixels, _masked_flux_and_weight
-from astra_provider.science.doppler.ccf import _cross_correlate_masked
-from astra_provider.science.doppler.gauss_newton import _Fit, _gauss_newton, _SignalFunction, _ValueFunction
-from astra_provider.science.doppler.grid import LogLinearGrid, max_lag_pixels
-from astra_provider.science.doppler.model import (
-    SpectralModel,
-    _ccf_start_labels,
-    _ccf_templates,
-    _LabelScaling,
-    _linear_structure,
-    _LinearBasis,
-    _model_valid_pixels,
+from astra_provider.science.doppler.ccf import _CcfTemplates, _cross_correlate_masked
+from astra_provider.science.doppler.gauss_newton import _Fit, _gauss_newton
+from astra_provider.science.doppler.grid import velocity_to_pixel_shift
+from astra_provider.science.doppler.model import SpectralModel
+from astra_provider.science.doppler.observed import (
+    _ROBUST_SIGMA_PER_MAD,
+    _continuum_correction_basis,
+    _observed_continuum,
+    _ObservedPixels,
+    _pad_rows,
+    _resample_to_grid,
 )
 from astra_provider.science.doppler.options import DopplerOptions
 from astra_provider.science.doppler.refine import _refinement_result
-from astra_provider.science.doppler.rest_frame import _RestFrameSupport, _RestFrameTable
 from astra_provider.science.doppler.result import (
     CrossCorrelationResult,
     RadialVelocityResult,
     RefinementResult,
+    RVFlag,
     _radial_velocity_result,
 )
+from astra_provider.science.doppler.visit_model import _VisitModel
+from astra_provider.science.lsf import LsfStack
 
 __all__ = ["measure_visit_radial_velocities"]
+
+_MAX_CONTINUUM_LOSS = 0.1  # CONTINUUM_FAILED when the pseudo-continuum is undefined on more usable pixels
 
 
 def measure_visit_radial_velocities(
     wavelength: np.ndarray | Sequence[np.ndarray],
     flux: np.ndarray | Sequence[np.ndarray],
     ivar: np.ndarray | Sequence[np.ndarray],
-    model: SpectralModel,
+    model: SpectralModel | LsfStack | Sequence[SpectralModel | LsfStack],
     *,
     max_velocity: float = 1000.0,
     continuum_mask: np.ndarray | None = None,
     template_labels: np.ndarray | None = None,
+    lsf_sigma: np.ndarray | Sequence[np.ndarray] | None = None,
     options: DopplerOptions | None = None,
 ) -> RadialVelocityResult:
-    """Radial velocities and labels of raw spectra on their own wavelengths (e.g. apVisit files).
+    """Radial velocities and labels of raw spectra on their own wavelengths (apVisit, BOSS spec files).
 
     The data are never resampled for the fit:
 
     1. Pseudo-continuum (:class:`~astra_provider.science.continuum.RowSinusoidBasis`, the Sinusoidal model
        of :func:`~astra_provider.science.continuum.fit_sinusoidal_continuum`) on the observed pixels nearest
-       to the rest-frame continuum pixels ``continuum_mask``, taking the spectrum at rest; the normalised
-       spectrum is resampled linearly onto the model grid **for the cross-correlation only**
-       (:func:`.cross_correlate`, templates from :func:`.coarse_label_grid`), which gives a starting velocity
-       good to a fraction of a pixel.
-    2. The continuum is fitted again, on the observed pixels whose rest-frame position at that velocity
-       falls on a continuum pixel (a spectrum shifted by v has its continuum pixels shifted too).
+       to the rest-frame continuum pixels ``continuum_mask``, taking the spectrum at rest (clipped
+       asymmetrically with ``options.continuum_clip_iterations``); the normalised spectrum is resampled
+       linearly onto the model grid **for the cross-correlation only** (:func:`.cross_correlate`, templates
+       from :func:`.coarse_label_grid` of every model), which gives a starting velocity good to a fraction
+       of a pixel and the grid (model) whose template has the lowest χ².
+    2. The pseudo-continuum is fitted again, on the observed pixels whose rest-frame position at that
+       velocity falls on a continuum pixel.
     3. Joint Gauss–Newton fit of (labels, v) with the model evaluated **at the observed pixels**: the
        rest-frame coefficients are interpolated band-limited (FFT oversampling × ``options.table_oversample``
        + cubic Hermite) at ``ln λ_obs − ln(1 + v/c)``, so every observed pixel keeps its own independent
-       noise and the curvature matrix gives the Cramér–Rao bound for these pixels. Observed pixels whose
+       noise and the curvature matrix gives the Cramér–Rao bound for these pixels. With
+       ``options.continuum_correction_deg``, the model is multiplied by a Legendre series per continuum
+       region solved at every step (variable projection), which removes the pseudo-continuum's bias against
+       a model normalised by the true continuum; the errors are marginalised over it. Observed pixels whose
        rest position falls within ``options.guard_pixels`` model pixels of an undefined model pixel get zero
-       weight.
+       weight, as do those in ``options.observed_mask_windows``.
+    4. With several models (grids, e.g. cool stars and hot dwarfs), a spectrum whose labels end at the edge
+       of its grid is fitted with the best template of every other grid as well, and the fit with the
+       lowest reduced χ² is kept (``grid_index``). Fit quality sets :class:`.RVFlag` bits: LABELS_AT_EDGE,
+       POOR_FIT (χ² against the S/N), CONTINUUM_FAILED.
 
     :param wavelength: (n, Q) array or sequence of 1-D arrays (any lengths; each strictly increasing, in the
         same frame and units as the model's grid, not necessarily log-linear).
     :param flux: the raw flux, of the same shapes.
     :param ivar: the inverse variances, of the same shapes.
     :param model: a label-dependent model linear in its coefficients (a Cannon model) on a log-linear grid
-        (its ``wavelength``).
+        (its ``wavelength``), an :class:`~astra_provider.science.lsf.LsfStack` of one, or a sequence of
+        them (grids with the same labels, on the same grid).
     :param max_velocity: the search range ±km/s.
     :param continuum_mask: (P,) bool rest-frame continuum pixels of the model grid (default: the shipped
-        APOGEE list, :func:`~astra_provider.science.continuum.load_continuum_pixels`).
+        APOGEE list on the apStar grid, else every pixel outside ``options.continuum_rest_windows``).
     :param template_labels: labels (T, K) of the CCF templates (default: ``coarse_label_grid(model,
-        options.n_per_label)``).
+        options.n_per_label)``), for every model.
+    :param lsf_sigma: the Gaussian σ (ln λ) of every pixel's line-spread function, of the shapes of
+        ``flux``; needed by (and only used with) LSF stacks.
     :param options: the tuning options, including the continuum's regions (observed frame), harmonics and
         length scale, and ``visit_batch_size``; default :class:`.DopplerOptions`.
-    :returns: ``vrel`` in the frame of the wavelengths; ``ccf_vrel`` from step 1.
-    :raises ValueError: for a model without a log-linear ``wavelength`` or not linear in its coefficients, a
+    :returns: ``vrel`` in the frame of the wavelengths; ``ccf_vrel`` from step 1; ``template_labels`` and
+        ``template_index`` over the templates of all models in order.
+    :raises ValueError: for a model without a log-linear ``wavelength`` or not linear in its coefficients,
+        models on different grids or with different labels, an LSF stack without ``lsf_sigma``, a
         ``continuum_mask`` not on the model grid, or malformed spectra.
     """
     options = DopplerOptions() if options is None else options
-    visit_model = _VisitModel.build(model, continuum_mask, template_labels, max_velocity, options)
-    observed = _ObservedPixels.build(wavelength, flux, ivar, visit_model.grid)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    visit_models, ccf_templates = _prepared_models(
+        models, continuum_mask, template_labels, max_velocity, options
+    )
+    _check_compatible(visit_models, lsf_sigma is not None)
+    observed = _ObservedPixels.build(
+        wavelength, flux, ivar, visit_models[0].grid, options.observed_mask_windows
+    )
+    if lsf_sigma is not None:
+        observed.lsf_sigma = _lsf_rows(lsf_sigma, observed.flux.shape)
     batch = options.visit_batch_size
     batches = [
-        _measure_visit_batch(observed.rows(slice(first, first + batch)), visit_model, max_velocity, options)
+        _measure_visit_batch(
+            observed.rows(slice(first, first + batch)), visit_models, ccf_templates, max_velocity, options
+        )
         for first in range(0, max(observed.flux.shape[0], 1), batch)
     ]
-    ccf = CrossCorrelationResult.concatenate([c for c, _ in batches])
-    refined = RefinementResult.concatenate([r for _, r in batches])
+    ccf = CrossCorrelationResult.concatenate([part[0] for part in batches])
+    refined = RefinementResult.concatenate([part[1] for part in batches])
     return _radial_velocity_result(
-        ccf, refined, refined.labels, refined.u_labels, tuple(model.label_names), visit_model.template_labels
+        ccf,
+        refined,
+        refined.labels,
+        refined.u_labels,
+        visit_models[0].label_names,
+        np.concatenate([vm.template_labels for vm in visit_models]),
+        grid_index=np.concatenate([part[2] for part in batches]),
+        model_mismatch=np.concatenate([part[3] for part in batches]),
     )
 
 
-@dataclass(frozen=True, eq=False)
-class _VisitModel:
-    """What depends on the model and the settings only, shared by every batch of spectra."""
+# What depends only on the models and the settings, kept for the models of the last few calls (a task that
+# measures several bundles in one process builds the tables once): key → (weak references to the models,
+# visit models, CCF templates).
+_PREPARED: dict[tuple, tuple[list[weakref.ref], list[_VisitModel], _CcfTemplates]] = {}
+_PREPARED_KEEP = 4
 
-    grid: LogLinearGrid
-    basis: _LinearBasis  # labels → design matrix (n, D) and its derivative (n, D, K)
-    n_terms: int  # D
-    scaling: _LabelScaling
-    rest_continuum: np.ndarray  # (P,) bool continuum pixels of the model grid
-    template_labels: np.ndarray  # (T, K) of the CCF templates
-    templates: np.ndarray  # (T, P), NaN where the model is undefined
-    usable_rest: np.ndarray  # (P,) model pixels observed pixels may map onto
-    variance: np.ndarray  # (P,) model variance s² for the weights (0 without it)
-    table: _RestFrameTable  # θ (D rows) and −1 (last row), interpolated at arbitrary positions
-    max_shift: float  # model pixels
 
-    @classmethod
-    def build(
-        cls,
-        model: SpectralModel,
-        continuum_mask: np.ndarray | None,
-        template_labels: np.ndarray | None,
-        max_velocity: float,
-        options: DopplerOptions,
-    ) -> _VisitModel:
-        model_wavelength = getattr(model, "wavelength", None)
-        if model_wavelength is None:
-            raise ValueError("the model must have a log-linear wavelength grid (its 'wavelength')")
-        grid = LogLinearGrid.from_wavelength(np.asarray(model_wavelength))
-        n_pixels = grid.n_pixels
-        scaling = _LabelScaling.of_model(model, options.label_margin)
-        linear = _linear_structure(model, scaling.n_labels)
-        if linear is None:
+def _prepared_models(
+    models: list[SpectralModel | LsfStack],
+    continuum_mask: np.ndarray | None,
+    template_labels: np.ndarray | None,
+    max_velocity: float,
+    options: DopplerOptions,
+) -> tuple[list[_VisitModel], _CcfTemplates]:
+    """The visit models of ``models`` and their CCF templates, reused while the same model objects are
+    measured with the same settings (default continuum mask and CCF labels only)."""
+    cacheable = continuum_mask is None and template_labels is None
+    key = (tuple(id(m) for m in models), float(max_velocity), options)
+    if cacheable and key in _PREPARED:
+        references, visit_models, ccf_templates = _PREPARED[key]
+        if all(reference() is m for reference, m in zip(references, models, strict=True)):
+            return visit_models, ccf_templates
+    visit_models = [
+        _VisitModel.build(m, continuum_mask, template_labels, max_velocity, options) for m in models
+    ]
+    ccf_templates = _CcfTemplates(np.concatenate([vm.templates for vm in visit_models]))
+    if cacheable:
+        try:
+            references = [weakref.ref(m) for m in models]
+        except TypeError:  # a model that cannot be weakly referenced is not cached
+            return visit_models, ccf_templates
+        _PREPARED[key] = (references, visit_models, ccf_templates)
+        while len(_PREPARED) > _PREPARED_KEEP:
+            _PREPARED.pop(next(iter(_PREPARED)))
+    return visit_models, ccf_templates
+
+
+def _check_compatible(visit_models: list[_VisitModel], has_lsf_sigma: bool) -> None:
+    """:raises ValueError: if the models' grids or labels differ, or a stack lacks the LSF widths."""
+    first = visit_models[0]
+    for other in visit_models[1:]:
+        if not other.grid.matches(first.grid):
+            raise ValueError("all models (grids) must be on the same wavelength grid")
+        if other.label_names != first.label_names:
             raise ValueError(
-                "measure_visit_radial_velocities needs a model linear in its coefficients (Cannon)"
+                f"all models must have the same labels: {first.label_names} != {other.label_names}"
             )
-        theta, basis = linear
-        rest_mask = (
-            load_continuum_pixels() if continuum_mask is None else np.asarray(continuum_mask, dtype=bool)
-        )
-        if rest_mask.shape != (n_pixels,):
-            raise ValueError(f"continuum_mask must have shape ({n_pixels},)")
-        grid_labels, templates = _ccf_templates(model, template_labels, options.n_per_label, n_pixels)
+    if not has_lsf_sigma and any(vm.stack is not None for vm in visit_models):
+        raise ValueError("an LSF stack needs each pixel's LSF width (lsf_sigma)")
 
-        support = _RestFrameSupport(_model_valid_pixels(model, n_pixels), options.guard_pixels)
-        padding = options.shift_padding_pixels
-        usable_rest = support.usable.copy()
-        usable_rest[:padding] = usable_rest[n_pixels - padding :] = False
-        variance = np.zeros(n_pixels)
-        model_s2 = getattr(model, "s2", None) if options.use_model_scatter else None
-        if model_s2 is not None:
-            variance = np.where(np.isfinite(np.asarray(model_s2, float)), np.asarray(model_s2, float), 0.0)
-        # m − 1 = Σ_d design_d·θ_d − 1: the constant is a signal too, filled like θ so that the fills cancel.
-        signals = np.concatenate(
-            [support.fill(theta.T.copy()), -support.fill(np.ones((1, n_pixels)))], axis=0
-        )
-        return cls(
-            grid=grid,
-            basis=basis,
-            n_terms=theta.shape[1],
-            scaling=scaling,
-            rest_continuum=rest_mask,
-            template_labels=grid_labels,
-            templates=templates,
-            usable_rest=usable_rest,
-            variance=variance,
-            table=_RestFrameTable(signals, options.table_oversample),
-            max_shift=float(max_lag_pixels(max_velocity, grid.log10_step) + padding),
-        )
+
+def _lsf_rows(lsf_sigma: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    rows = (
+        np.atleast_2d(np.asarray(lsf_sigma, dtype=float))
+        if isinstance(lsf_sigma, np.ndarray)
+        else _pad_rows(list(lsf_sigma), np.nan)
+    )
+    if rows.shape != shape:
+        raise ValueError(f"lsf_sigma has shape {rows.shape}, the spectra {shape}")
+    return rows
 
 
 def _measure_visit_batch(
-    observed: _ObservedPixels, visit_model: _VisitModel, max_velocity: float, options: DopplerOptions
-) -> tuple[CrossCorrelationResult, RefinementResult]:
-    """The three steps of :func:`.measure_visit_radial_velocities` for one batch of spectra."""
-    n_pixels, log10_step = visit_model.grid.n_pixels, visit_model.grid.log10_step
-    scaling = visit_model.scaling
-    # 1. Rest-frame continuum pixels taken at v = 0, a resampled copy for the CCF.
+    observed: _ObservedPixels,
+    visit_models: list[_VisitModel],
+    ccf_templates: _CcfTemplates,
+    max_velocity: float,
+    options: DopplerOptions,
+) -> tuple[CrossCorrelationResult, RefinementResult, np.ndarray, np.ndarray]:
+    """Steps 1–4 of :func:`.measure_visit_radial_velocities` for one batch: the CCF, the refinement, the grid
+    of each spectrum and the model mismatch."""
+    first = visit_models[0]
+    n_spectra, n_pixels = observed.flux.shape[0], first.grid.n_pixels
+    # 1. Rest-frame continuum pixels taken at v = 0, a resampled copy for the CCF against every grid.
     sinusoids = RowSinusoidBasis(
         observed.wavelength, options.continuum_regions, options.continuum_deg, options.continuum_length_scale
     )
-    norm_flux, norm_ivar = _observed_continuum(
-        observed, visit_model.rest_continuum, np.zeros(observed.flux.shape[0]), sinusoids
+    norm_flux, norm_ivar, _ = _observed_continuum(
+        observed, first.rest_continuum, np.zeros(n_spectra), sinusoids, options
     )
     ccf = _cross_correlate_masked(
         *_masked_flux_and_weight(*_resample_to_grid(observed, norm_flux, norm_ivar, n_pixels)),
-        visit_model.templates,
-        log10_step,
+        ccf_templates,
+        first.grid.log10_step,
         max_velocity=max_velocity,
         options=options,
     )
-    shift_init = ccf.shift.copy()
-    # 2. Continuum pixels at the CCF velocity.
-    norm_flux, norm_ivar = _observed_continuum(observed, visit_model.rest_continuum, shift_init, sinusoids)
-    # 3. Weights: observed pixels whose (nearest) rest pixel is usable; w̃ = w/(1 + w·s²).
-    nearest, inside = observed.nearest_rest_pixel(shift_init, n_pixels)
-    ok = inside & visit_model.usable_rest[nearest] & (norm_ivar > 0)
-    weight = np.where(ok, norm_ivar / (1.0 + norm_ivar * visit_model.variance[nearest]), 0.0)
-    norm_flux = np.where(ok, norm_flux, 1.0)
+    # 2. The pseudo-continuum at the CCF velocity, and the basis of its correction.
+    norm_flux, norm_ivar, lost = _observed_continuum(
+        observed, first.rest_continuum, ccf.shift, sinusoids, options
+    )
+    spectra = _NormalisedBatch(observed, norm_flux, norm_ivar, options)
+    # 3. Each spectrum against the grid of its best CCF template.
+    template_grid = np.concatenate([np.full(len(vm.template_labels), g) for g, vm in enumerate(visit_models)])
+    grid_index = np.where(ccf.template_index >= 0, template_grid[np.maximum(ccf.template_index, 0)], -1)
+    offsets = np.cumsum([0] + [len(vm.template_labels) for vm in visit_models])
+    fits = _GridFits(n_spectra, first.scaling.n_labels)
+    for g, vm in enumerate(visit_models):
+        rows = np.flatnonzero(grid_index == g)
+        start = vm.template_labels[ccf.template_index[rows] - offsets[g]]
+        fits.keep(rows, g, *_fit_grid(vm, spectra.rows(rows), ccf.shift[rows], start, options))
+    # 4. Labels at a grid's edge: try the best template of every other grid, keep the lowest χ².
+    if len(visit_models) > 1:
+        _refit_at_grid_edges(fits, spectra, visit_models, ccf, offsets, options)
+    flag = fits.refined.flag
+    flag[lost > _MAX_CONTINUUM_LOSS] |= RVFlag.CONTINUUM_FAILED
+    flag[grid_index < 0] |= RVFlag.NO_USABLE_PIXELS
+    return ccf, fits.refined, fits.grid_index, fits.mismatch
 
-    x_init = scaling.scaled(_ccf_start_labels(visit_model.template_labels, ccf.template_index))
-    usable = _has_enough_pixels(weight, np.column_stack([x_init, shift_init]), scaling.n_labels + 1)
+
+class _NormalisedBatch:
+    """A batch of observed spectra after the pseudo-continuum, with the basis of the continuum correction."""
+
+    def __init__(
+        self, observed: _ObservedPixels, flux: np.ndarray, ivar: np.ndarray, options: DopplerOptions
+    ) -> None:
+        self.observed, self.flux, self.ivar = observed, flux, ivar
+        degree = options.continuum_correction_deg
+        self.continuum_basis = (
+            None
+            if degree is None
+            else _continuum_correction_basis(observed.wavelength, ivar > 0, options.continuum_regions, degree)
+        )
+
+    def rows(self, rows: np.ndarray) -> _NormalisedBatch:
+        part = object.__new__(_NormalisedBatch)
+        part.observed, part.flux, part.ivar = self.observed.rows(rows), self.flux[rows], self.ivar[rows]
+        part.continuum_basis = None if self.continuum_basis is None else self.continuum_basis[rows]
+        return part
+
+
+class _GridFits:
+    """The reported fit of every spectrum of a batch: refinement results, grid and model mismatch."""
+
+    def __init__(self, n_spectra: int, n_labels: int) -> None:
+        nan = np.full(n_spectra, np.nan)
+        self.refined = RefinementResult(
+            nan.copy(),
+            nan.copy(),
+            np.full((n_spectra, n_labels), np.nan),
+            np.full((n_spectra, n_labels), np.nan),
+            nan.copy(),
+            np.zeros(n_spectra, dtype=np.int64),
+            np.full(n_spectra, int(RVFlag.NO_USABLE_PIXELS), dtype=np.int64),
+        )
+        self.grid_index = np.full(n_spectra, -1, dtype=np.int64)
+        self.mismatch = nan.copy()
+
+    def keep(self, rows: np.ndarray, grid: int, refined: RefinementResult, mismatch: np.ndarray) -> None:
+        """Store the fits of spectra ``rows`` against ``grid``."""
+        for name in ("vrel", "u_vrel", "labels", "u_labels", "chisq", "n_iterations", "flag"):
+            getattr(self.refined, name)[rows] = getattr(refined, name)
+        self.grid_index[rows] = grid
+        self.mismatch[rows] = mismatch
+
+
+def _fit_grid(
+    visit_model: _VisitModel,
+    spectra: _NormalisedBatch,
+    shift_init: np.ndarray,
+    labels_init: np.ndarray,
+    options: DopplerOptions,
+) -> tuple[RefinementResult, np.ndarray]:
+    """Joint Gauss–Newton fit of labels, v (and the continuum correction) of normalised spectra against one
+    grid; returns the refinement (with the quality flags) and the model mismatch (n,)."""
+    observed, scaling = spectra.observed, visit_model.scaling
+    n_pixels = visit_model.grid.n_pixels
+    # Weights: observed pixels whose (nearest) rest pixel is usable; w̃ = w/(1 + w·s²).
+    nearest, inside = observed.nearest_rest_pixel(shift_init, n_pixels)
+    ok = inside & visit_model.usable_rest[nearest] & (spectra.ivar > 0)
+    weight = np.where(ok, spectra.ivar / (1.0 + spectra.ivar * visit_model.variance[nearest]), 0.0)
+    flux = np.where(ok, spectra.flux, 1.0)
+    basis = spectra.continuum_basis
+    n_continuum = 0 if basis is None else basis.shape[1]
+    x_init = scaling.scaled(labels_init)
+    usable = _has_enough_pixels(
+        weight, np.column_stack([x_init, shift_init]), scaling.n_labels + 1 + n_continuum
+    )
     rows = np.flatnonzero(usable)
     if rows.size:
-        signal_at, value_at = _model_at_observed_pixels(visit_model, observed.position[rows])
-        fit = _gauss_newton(
-            norm_flux[rows],
-            weight[rows],
-            shift_init[rows],
-            x_init[rows],
-            signal_at=signal_at,
-            value_at=value_at,
-            x_bounds=scaling.bounds,
-            max_shift=visit_model.max_shift,
-            max_iterations=options.max_iterations,
-            tolerance=options.tolerance,
-        )
+        level = blend = None
+        if visit_model.stack is not None:
+            level, blend = visit_model.stack.bracket(observed.lsf_sigma[rows])
+        signal_at, value_at = visit_model.signal_functions(observed.position[rows], level, blend)
+        basis = None if basis is None else basis[rows]
+
+        def gauss_newton(weight_rows: np.ndarray, shift: np.ndarray, x: np.ndarray) -> _Fit:
+            return _gauss_newton(
+                flux[rows],
+                weight_rows,
+                shift,
+                x,
+                signal_at=signal_at,
+                value_at=value_at,
+                x_bounds=scaling.bounds,
+                max_shift=visit_model.max_shift,
+                max_iterations=options.max_iterations,
+                tolerance=options.tolerance,
+                continuum_basis=basis,
+            )
+
+        fit = gauss_newton(weight[rows], shift_init[rows], x_init[rows])
+        if options.outlier_clip is not None:
+            clipped = _clip_outliers(fit, options.outlier_clip)
+            if np.any(clipped != fit.weight):
+                fit = gauss_newton(clipped, fit.s, fit.x)
     else:
-        fit = _Fit.empty(observed.flux.shape[1], scaling.n_labels)
-    return ccf, _refinement_result(fit, usable, log10_step, scaling)
+        fit = _Fit.empty(observed.flux.shape[1], scaling.n_labels, n_continuum)
+    refined = _refinement_result(fit, usable, visit_model.grid.log10_step, scaling, options.edge_fraction)
+    mismatch = np.full(usable.size, np.nan)
+    if rows.size:
+        mismatch[rows], quality_flags = _fit_quality(fit, refined.chisq[rows], basis, options)
+        birge = _segment_birge_ratio(fit, observed.wavelength[rows], options)
+        inconsistent = np.isfinite(birge)
+        refined.u_vrel[rows[inconsistent]] *= birge[inconsistent]
+        quality_flags[inconsistent] |= RVFlag.INCONSISTENT_SEGMENTS
+        refined.flag[rows] |= quality_flags
+    return refined, mismatch
 
 
-def _model_at_observed_pixels(
-    visit_model: _VisitModel, position: np.ndarray
-) -> tuple[_SignalFunction, _ValueFunction]:
-    """The signal and value functions of the Gauss–Newton fit for spectra whose pixels sit at ``position``
-    (n, Q) on the model grid (observed frame)."""
-    table, basis, scaling = visit_model.table, visit_model.basis, visit_model.scaling
-    n_labels, n_terms = scaling.n_labels, visit_model.n_terms
-
-    def signal_at(active: np.ndarray, x: np.ndarray, s: np.ndarray) -> np.ndarray:
-        design, derivative = basis(scaling.physical(x))  # (a, D), (a, D, K)
-        coefficients = np.zeros((x.shape[0], 1 + n_labels, n_terms + 1))
-        coefficients[:, 0, :-1] = design
-        coefficients[:, 0, -1] = 1.0
-        coefficients[:, 1:, :-1] = np.swapaxes(derivative, 1, 2) * scaling.width[None, :, None]
-        signal = table(position[active] - s[:, None], coefficients)  # last row: ∂m/∂u
-        signal[:, -1] *= -1.0  # ∂m/∂s = −∂m/∂u
-        return signal
-
-    def value_at(active: np.ndarray, x: np.ndarray, s: np.ndarray) -> np.ndarray:
-        design, _ = basis(scaling.physical(x))
-        coefficients = np.concatenate([design, np.ones((x.shape[0], 1))], axis=1)[:, None, :]
-        return table(position[active] - s[:, None], coefficients, derivative=False)[:, 0]
-
-    return signal_at, value_at
+def _clip_outliers(fit: _Fit, clip: float) -> np.ndarray:
+    """The fit's weights (n, P) with zero where the normalised residual exceeds ``clip`` robust standard
+    deviations (1.4826 × the median absolute normalised residual) of the spectrum's weighted pixels."""
+    weighted = fit.weight > 0
+    normalised = np.abs(fit.residual) * np.sqrt(fit.weight)
+    scale = _ROBUST_SIGMA_PER_MAD * np.nanmedian(
+        np.where(weighted, normalised, np.nan), axis=1, keepdims=True
+    )
+    return np.where(weighted & (normalised > clip * scale), 0.0, fit.weight)
 
 
-def _pad_rows(rows: Sequence[np.ndarray], fill: float) -> np.ndarray:
-    """Stack 1-D arrays of different lengths into (n, max length), padding with ``fill``."""
-    length = max((np.size(r) for r in rows), default=0)
-    out = np.full((len(rows), length), fill, dtype=float)
-    for i, row in enumerate(rows):
-        out[i, : np.size(row)] = np.asarray(row, dtype=float).ravel()
-    return out
+def _segment_birge_ratio(fit: _Fit, wavelength: np.ndarray, options: DopplerOptions) -> np.ndarray:
+    """Birge ratio ``sqrt(χ²/(S − 1))`` (n,) of the velocities of the wavelength segments where they disagree
+    at p < ``options.segment_p_value``, else NaN.
 
-
-def _as_rows(values: np.ndarray | Sequence[np.ndarray], fill: float) -> np.ndarray:
-    if isinstance(values, np.ndarray) and values.ndim == 2:
-        return values.astype(float, copy=False)
-    if isinstance(values, np.ndarray) and values.ndim == 1:
-        return values[None].astype(float)
-    return _pad_rows(list(values), fill)
-
-
-@dataclass
-class _ObservedPixels:
-    """Observed spectra (n, Q) on their own wavelengths, with their positions on a model's log grid."""
-
-    wavelength: np.ndarray  # (n, Q) Å; padding repeats the last wavelength
-    flux: np.ndarray  # (n, Q) raw flux (padding and bad pixels: 0)
-    ivar: np.ndarray  # (n, Q) (padding and bad pixels: 0)
-    position: np.ndarray  # (n, Q) model-grid pixel coordinate of each wavelength (observed frame)
-
-    @classmethod
-    def build(
-        cls,
-        wavelength: np.ndarray | Sequence[np.ndarray],
-        flux: np.ndarray | Sequence[np.ndarray],
-        ivar: np.ndarray | Sequence[np.ndarray],
-        grid: LogLinearGrid,
-    ) -> _ObservedPixels:
-        """Observed spectra as (n, Q) rows (sequences of 1-D arrays are padded), with their positions.
-
-        :raises ValueError: if the shapes differ or the wavelengths are not positive and increasing.
-        """
-        lengths = [np.size(w) for w in wavelength] if not isinstance(wavelength, np.ndarray) else None
-        wave = _as_rows(wavelength, np.nan)
-        flux = _as_rows(flux, 0.0)
-        ivar = _as_rows(ivar, 0.0)
-        if not (wave.shape == flux.shape == ivar.shape):
-            raise ValueError(f"wavelength {wave.shape}, flux {flux.shape} and ivar {ivar.shape} differ")
-        padded = ~np.isfinite(wave)
-        if lengths is not None:
-            for i, n in enumerate(lengths):
-                if n:
-                    wave[i, n:] = wave[i, n - 1]
-        valid_wave = wave[~padded]
-        if valid_wave.size and (np.any(valid_wave <= 0)):
-            raise ValueError("wavelengths must be positive")
-        with np.errstate(invalid="ignore"):  # inf − inf between padding pixels: NaN, not a step
-            steps = np.diff(np.where(padded, np.inf, wave), axis=1)
-        if np.any(steps[np.isfinite(steps)] <= 0):
-            raise ValueError("each spectrum's wavelengths must be strictly increasing")
-        good = ~padded & np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0) & (ivar < np.inf)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            position = (np.log10(np.where(padded, 1.0, wave)) - grid.log10_start) / grid.log10_step
-        position[padded] = 0.0
-        return cls(
-            np.where(padded, 1.0, wave), np.where(good, flux, 0.0), np.where(good, ivar, 0.0), position
-        )
-
-    def rows(self, part: slice) -> _ObservedPixels:
-        """The spectra ``part`` of these."""
-        return _ObservedPixels(self.wavelength[part], self.flux[part], self.ivar[part], self.position[part])
-
-    def nearest_rest_pixel(self, shift: np.ndarray, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-        """The model pixel (n, Q) nearest to each pixel's rest-frame position for shifts ``shift`` (n,) model
-        pixels (NaN: 0), clipped to the grid, and whether it was inside the grid (n, Q)."""
-        nearest = np.rint(self.position - np.nan_to_num(shift)[:, None]).astype(np.int64)
-        inside = (nearest >= 0) & (nearest < n_pixels)
-        return np.clip(nearest, 0, n_pixels - 1), inside
-
-
-def _observed_continuum(
-    observed: _ObservedPixels, rest_mask: np.ndarray, shift: np.ndarray, sinusoids: RowSinusoidBasis
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normalise observed spectra with the pseudo-continuum fitted to the pixels whose rest-frame position
-    (shifted by ``shift`` model pixels) is nearest to a continuum pixel of ``rest_mask`` (model grid).
-
-    ``sinusoids`` is the continuum basis at the observed wavelengths, shared by the two fits. Returns
-    normalised flux and ivar (n, Q); pixels without a continuum get flux 1 and ivar 0.
+    Each segment's velocity offset from the joint solution is one Gauss–Newton step with everything else
+    fixed, ``δ_k = Σ_k w·j·r / Σ_k w·j²`` with variance ``1/Σ_k w·j²`` (j = ∂model/∂shift, r the residual),
+    which is exact to first order in the offsets (a fraction of a line width).
     """
-    nearest, inside = observed.nearest_rest_pixel(shift, rest_mask.size)
-    continuum = sinusoids.fit(observed.flux, observed.ivar, inside & rest_mask[nearest], RIDGE_FACTOR)
-    return normalize(observed.flux, observed.ivar, continuum)
+    derivative = fit.shift_derivative.astype(float)
+    information = fit.weight * derivative  # w·j
+    curvature, gradient = [], []
+    for low, high in options.velocity_segments:
+        inside = (wavelength >= low) & (wavelength <= high)
+        curvature.append(np.sum(np.where(inside, information * derivative, 0.0), axis=1))
+        gradient.append(np.sum(np.where(inside, information * fit.residual, 0.0), axis=1))
+    curvature, gradient = np.array(curvature).T, np.array(gradient).T  # (n, S)
+    has_information = curvature > 0
+    offset = np.divide(gradient, curvature, out=np.zeros_like(gradient), where=has_information)
+    total = curvature.sum(axis=1, keepdims=True)
+    mean = np.divide(
+        (curvature * offset).sum(axis=1, keepdims=True), total, out=np.zeros_like(total), where=total > 0
+    )
+    chi2 = (curvature * (offset - mean) ** 2).sum(axis=1)
+    dof = has_information.sum(axis=1) - 1
+    threshold = scipy.stats.chi2.isf(options.segment_p_value, np.maximum(dof, 1))
+    inconsistent = (dof >= 1) & (chi2 > threshold)
+    return np.where(inconsistent, np.sqrt(chi2 / np.maximum(dof, 1)), np.nan)
 
 
-def _resample_to_grid(
-    observed: _ObservedPixels, flux: np.ndarray, ivar: np.ndarray, n_pixels: int
+def _fit_quality(
+    fit: _Fit, chisq: np.ndarray, basis: np.ndarray | None, options: DopplerOptions
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Linear resampling of normalised spectra (n, Q) onto the model grid pixels 0…P−1 (for the CCF only):
-    :func:`~astra_provider.science.resample.resample_linear` batched over spectra, using the observed pixels'
-    model-grid positions (which increase along each row)."""
-    n, n_observed = flux.shape
-    grid = np.arange(n_pixels, dtype=float)
-    right = np.empty((n, n_pixels), dtype=np.intp)
-    for i in range(n):
-        right[i] = np.searchsorted(observed.position[i], grid)
-    np.clip(right, 1, n_observed - 1, out=right)
-    right += (np.arange(n) * n_observed)[:, None]
-    left = right - 1
-    position = observed.position.ravel()
-    spacing = position[right] - position[left]
-    t = (grid - position[left]) / np.where(spacing > 0, spacing, 1.0)
-    median_spacing = np.median(np.diff(observed.position, axis=1), axis=1)
-    inside = (t >= 0) & (t <= 1) & (spacing > 0) & (spacing <= 2.0 * median_spacing[:, None])
-    usable = (ivar > 0) & np.isfinite(flux)
-    with np.errstate(divide="ignore"):
-        variance = np.where(usable, 1.0 / np.where(usable, ivar, 1.0), 0.0).ravel()
-    safe_flux = np.where(usable, flux, 0.0).ravel()
-    usable = usable.ravel()
-    new_flux = (1.0 - t) * safe_flux[left] + t * safe_flux[right]
-    new_variance = (1.0 - t) ** 2 * variance[left] + t**2 * variance[right]
-    good = usable[left] & usable[right] & inside & (new_variance > 0)
-    new_ivar = np.where(good, 1.0 / np.where(good, new_variance, 1.0), 0.0)
-    return np.where(good, new_flux, 0.0), new_ivar
+    """Model mismatch ``sqrt(max(χ²_red − 1, 0))/(S/N)`` (n,) and the POOR_FIT and CONTINUUM_FAILED bits."""
+    weighted = fit.weight > 0
+    with np.errstate(invalid="ignore"):
+        snr = np.nanmedian(np.where(weighted, np.sqrt(fit.weight), np.nan), axis=1)
+    mismatch = np.sqrt(np.maximum(chisq - 1.0, 0.0)) / snr
+    flag = np.where(mismatch > options.max_model_mismatch, int(RVFlag.POOR_FIT), 0).astype(np.int64)
+    if basis is not None:
+        multiplier = np.einsum("nb,nbp->np", fit.continuum, basis)
+        low, high = options.continuum_range
+        inside = np.where(weighted, (multiplier >= low) & (multiplier <= high), True)
+        flag[~np.all(inside, axis=1)] |= RVFlag.CONTINUUM_FAILED
+    return mismatch, flag
+
+
+def _refit_at_grid_edges(
+    fits: _GridFits,
+    spectra: _NormalisedBatch,
+    visit_models: list[_VisitModel],
+    ccf: CrossCorrelationResult,
+    offsets: np.ndarray,
+    options: DopplerOptions,
+) -> None:
+    """Fit the spectra whose labels ended at the edge of their grid with the best CCF template of each other
+    grid (from their fitted velocity), keeping whichever fit has the lowest reduced χ²."""
+    at_edge = np.flatnonzero((fits.refined.flag & RVFlag.LABELS_AT_EDGE) != 0)
+    for g, vm in enumerate(visit_models):
+        rows = at_edge[fits.grid_index[at_edge] != g]
+        if rows.size == 0:
+            continue
+        own = slice(offsets[g], offsets[g + 1])
+        best = np.argmin(ccf.chi2_by_template[rows, own], axis=1)
+        shift = velocity_to_pixel_shift(fits.refined.vrel[rows], vm.grid.log10_step)
+        refined, mismatch = _fit_grid(vm, spectra.rows(rows), shift, vm.template_labels[best], options)
+        previous = fits.refined.chisq[rows]
+        better = np.isfinite(refined.chisq) & (~np.isfinite(previous) | (refined.chisq < previous))
+        if np.any(better):
+            chosen = np.flatnonzero(better)
+            fits.keep(rows[chosen], g, _select(refined, chosen), mismatch[chosen])
+
+
+def _select(refined: RefinementResult, rows: np.ndarray) -> RefinementResult:
+    return RefinementResult(**{f.name: getattr(refined, f.name)[rows] for f in fields(RefinementResult)})

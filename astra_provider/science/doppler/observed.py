@@ -1,0 +1,200 @@
+"""Observed spectra on their own pixels (apVisit chips, BOSS coadds): their positions on a model's log grid,
+the pseudo-continuum, the basis of the continuum correction fitted with the model, and a resampled copy for
+the cross-correlation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from astra_provider.science.continuum import RIDGE_FACTOR, RowSinusoidBasis, normalize
+from astra_provider.science.doppler.grid import LogLinearGrid
+from astra_provider.science.doppler.options import DopplerOptions
+
+_ROBUST_SIGMA_PER_MAD = 1.4826  # standard deviation of a normal distribution per median absolute deviation
+
+
+def _window_mask(wavelength: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:
+    """True where ``wavelength`` falls in any of the closed ``windows`` (Å)."""
+    inside = np.zeros(np.shape(wavelength), dtype=bool)
+    for low, high in windows:
+        inside |= (wavelength >= low) & (wavelength <= high)
+    return inside
+
+
+def _pad_rows(rows: Sequence[np.ndarray], fill: float) -> np.ndarray:
+    """Stack 1-D arrays of different lengths into (n, max length), padding with ``fill``."""
+    length = max((np.size(r) for r in rows), default=0)
+    out = np.full((len(rows), length), fill, dtype=float)
+    for i, row in enumerate(rows):
+        out[i, : np.size(row)] = np.asarray(row, dtype=float).ravel()
+    return out
+
+
+def _as_rows(values: np.ndarray | Sequence[np.ndarray], fill: float) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        return values.astype(float, copy=False)
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        return values[None].astype(float)
+    return _pad_rows(list(values), fill)
+
+
+@dataclass
+class _ObservedPixels:
+    """Observed spectra (n, Q) on their own wavelengths, with their positions on a model's log grid."""
+
+    wavelength: np.ndarray  # (n, Q) Å; padding repeats the last wavelength
+    flux: np.ndarray  # (n, Q) raw flux (padding and bad pixels: 0)
+    ivar: np.ndarray  # (n, Q) (padding and bad pixels: 0)
+    position: np.ndarray  # (n, Q) model-grid pixel coordinate of each wavelength (observed frame)
+    lsf_sigma: np.ndarray | None = None  # (n, Q) Gaussian σ (ln λ) of each pixel's line-spread function
+
+    @classmethod
+    def build(
+        cls,
+        wavelength: np.ndarray | Sequence[np.ndarray],
+        flux: np.ndarray | Sequence[np.ndarray],
+        ivar: np.ndarray | Sequence[np.ndarray],
+        grid: LogLinearGrid,
+        masked_windows: Sequence[tuple[float, float]] = (),
+    ) -> _ObservedPixels:
+        """Observed spectra as (n, Q) rows (sequences of 1-D arrays are padded), with their positions; pixels
+        in ``masked_windows`` (Å) are unusable.
+
+        :raises ValueError: if the shapes differ or the wavelengths are not positive and increasing.
+        """
+        lengths = [np.size(w) for w in wavelength] if not isinstance(wavelength, np.ndarray) else None
+        wave = _as_rows(wavelength, np.nan)
+        flux = _as_rows(flux, 0.0)
+        ivar = _as_rows(ivar, 0.0)
+        if not (wave.shape == flux.shape == ivar.shape):
+            raise ValueError(f"wavelength {wave.shape}, flux {flux.shape} and ivar {ivar.shape} differ")
+        padded = ~np.isfinite(wave)
+        if lengths is not None:
+            for i, n in enumerate(lengths):
+                if n:
+                    wave[i, n:] = wave[i, n - 1]
+        valid_wave = wave[~padded]
+        if valid_wave.size and (np.any(valid_wave <= 0)):
+            raise ValueError("wavelengths must be positive")
+        with np.errstate(invalid="ignore"):  # inf − inf between padding pixels: NaN, not a step
+            steps = np.diff(np.where(padded, np.inf, wave), axis=1)
+        if np.any(steps[np.isfinite(steps)] <= 0):
+            raise ValueError("each spectrum's wavelengths must be strictly increasing")
+        good = ~padded & np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0) & (ivar < np.inf)
+        if masked_windows:
+            good &= ~_window_mask(np.where(padded, 0.0, wave), masked_windows)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            position = (np.log10(np.where(padded, 1.0, wave)) - grid.log10_start) / grid.log10_step
+        position[padded] = 0.0
+        return cls(
+            np.where(padded, 1.0, wave), np.where(good, flux, 0.0), np.where(good, ivar, 0.0), position
+        )
+
+    def rows(self, part: slice | np.ndarray) -> _ObservedPixels:
+        """The spectra ``part`` of these."""
+        return _ObservedPixels(
+            self.wavelength[part],
+            self.flux[part],
+            self.ivar[part],
+            self.position[part],
+            None if self.lsf_sigma is None else self.lsf_sigma[part],
+        )
+
+    def nearest_rest_pixel(self, shift: np.ndarray, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+        """The model pixel (n, Q) nearest to each pixel's rest-frame position for shifts ``shift`` (n,) model
+        pixels (NaN: 0), clipped to the grid, and whether it was inside the grid (n, Q)."""
+        nearest = np.rint(self.position - np.nan_to_num(shift)[:, None]).astype(np.int64)
+        inside = (nearest >= 0) & (nearest < n_pixels)
+        return np.clip(nearest, 0, n_pixels - 1), inside
+
+
+def _observed_continuum(
+    observed: _ObservedPixels,
+    rest_mask: np.ndarray,
+    shift: np.ndarray,
+    sinusoids: RowSinusoidBasis,
+    options: DopplerOptions,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalise observed spectra with the pseudo-continuum fitted to the pixels whose rest-frame position
+    (shifted by ``shift`` model pixels) is nearest to a continuum pixel of ``rest_mask`` (model grid).
+
+    ``sinusoids`` is the continuum basis at the observed wavelengths, shared by the two fits. With
+    ``options.continuum_clip_iterations``, pixels far below (lines) or above (spikes) the fit, in robust
+    standard deviations of the normalised flux, leave the fit and it is repeated. Returns normalised flux and
+    ivar (n, Q) (pixels without a continuum get flux 1 and ivar 0) and, per spectrum, the fraction of its
+    usable pixels that lost their continuum (n,).
+    """
+    nearest, inside = observed.nearest_rest_pixel(shift, rest_mask.size)
+    mask = inside & rest_mask[nearest] & (observed.ivar > 0)
+    continuum = sinusoids.fit(observed.flux, observed.ivar, mask, RIDGE_FACTOR)
+    for _ in range(options.continuum_clip_iterations):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            deviation = observed.flux / continuum - 1.0
+        deviation = np.where(mask & np.isfinite(deviation), deviation, np.nan)
+        with np.errstate(all="ignore"):
+            centre = np.nanmedian(deviation, axis=1, keepdims=True)
+            sigma = _ROBUST_SIGMA_PER_MAD * np.nanmedian(np.abs(deviation - centre), axis=1, keepdims=True)
+        low, high = options.continuum_clip_low, options.continuum_clip_high
+        with np.errstate(invalid="ignore"):
+            mask &= (deviation > centre - low * sigma) & (deviation < centre + high * sigma)
+        continuum = sinusoids.fit(observed.flux, observed.ivar, mask, RIDGE_FACTOR)
+    flux, ivar = normalize(observed.flux, observed.ivar, continuum)
+    usable = observed.ivar > 0
+    lost = (usable & ~(ivar > 0)).sum(axis=1) / np.maximum(usable.sum(axis=1), 1)
+    return flux, ivar, lost
+
+
+def _continuum_correction_basis(
+    wavelength: np.ndarray, usable: np.ndarray, regions: Sequence[tuple[float, float]], degree: int
+) -> np.ndarray:
+    """Legendre polynomials of degree 0…``degree`` in wavelength, one series per region, over the span of each
+    spectrum's usable pixels in that region (zero elsewhere): float32 (n, regions·(degree + 1), Q)."""
+    n, n_pixels = wavelength.shape
+    n_terms = degree + 1
+    basis = np.zeros((n, len(regions) * n_terms, n_pixels), dtype=np.float32)
+    for index, (low, high) in enumerate(regions):
+        region = (wavelength >= low) & (wavelength <= high)
+        used = region & usable
+        first = np.where(used, wavelength, np.inf).min(axis=1, keepdims=True)
+        last = np.where(used, wavelength, -np.inf).max(axis=1, keepdims=True)
+        span = np.where(last > first, last - first, 1.0)
+        x = np.clip(2.0 * (wavelength - np.where(np.isfinite(first), first, 0.0)) / span - 1.0, -1.0, 1.0)
+        terms = np.polynomial.legendre.legvander(x, degree)  # (n, Q, degree + 1)
+        basis[:, index * n_terms : (index + 1) * n_terms] = np.where(region[..., None], terms, 0.0).transpose(
+            0, 2, 1
+        )
+    return basis
+
+
+def _resample_to_grid(
+    observed: _ObservedPixels, flux: np.ndarray, ivar: np.ndarray, n_pixels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linear resampling of normalised spectra (n, Q) onto the model grid pixels 0…P−1 (for the CCF only):
+    :func:`~astra_provider.science.resample.resample_linear` batched over spectra, using the observed pixels'
+    model-grid positions (which increase along each row)."""
+    n, n_observed = flux.shape
+    grid = np.arange(n_pixels, dtype=float)
+    right = np.empty((n, n_pixels), dtype=np.intp)
+    for i in range(n):
+        right[i] = np.searchsorted(observed.position[i], grid)
+    np.clip(right, 1, n_observed - 1, out=right)
+    right += (np.arange(n) * n_observed)[:, None]
+    left = right - 1
+    position = observed.position.ravel()
+    spacing = position[right] - position[left]
+    t = (grid - position[left]) / np.where(spacing > 0, spacing, 1.0)
+    median_spacing = np.median(np.diff(observed.position, axis=1), axis=1)
+    inside = (t >= 0) & (t <= 1) & (spacing > 0) & (spacing <= 2.0 * median_spacing[:, None])
+    usable = (ivar > 0) & np.isfinite(flux)
+    with np.errstate(divide="ignore"):
+        variance = np.where(usable, 1.0 / np.where(usable, ivar, 1.0), 0.0).ravel()
+    safe_flux = np.where(usable, flux, 0.0).ravel()
+    usable = usable.ravel()
+    new_flux = (1.0 - t) * safe_flux[left] + t * safe_flux[right]
+    new_variance = (1.0 - t) ** 2 * variance[left] + t**2 * variance[right]
+    good = usable[left] & usable[right] & inside & (new_variance > 0)
+    new_ivar = np.where(good, 1.0 / np.where(good, new_variance, 1.0), 0.0)
+    return np.where(good, new_flux, 0.0), new_ivar
