@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import LargeBinary, Select, and_, func, literal, or_, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from astra_provider.catalogue.columns import (
