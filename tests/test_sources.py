@@ -280,11 +280,15 @@ def test_task_outputs_belong_to_the_source_of_their_input(astra_db, survey, tmp_
     paths = [str(p) for p in survey.paths("apStar")]
     task = SinusoidalContinuum(input_data_products=paths, output_dir=str(tmp_path / "out"))
     task.execute()
-    with session_scope() as session:
-        linked = links(session)
-    for path, t in zip(paths, task.tasks, strict=True):
-        (output,) = t.output_data_products
-        assert linked[output.path] == linked[path]
+    with session_scope() as session:  # one file for the bundle: each task's rows are its own data product
+        pairs = select(SourceDataProduct.data_product_pk, SourceDataProduct.source_pk)
+        linked = dict(session.execute(pairs).tuples().all())
+    sources = set()
+    for t in task.tasks:
+        ((output,), (apstar,)) = t.output_data_products, t.input_data_products
+        assert output.filetype == "astraContinuum" and linked[output.pk] == linked[apstar.pk]
+        sources.add(linked[output.pk])
+    assert len(sources) == 3
 
 
 # astra source ---------------------------------------------------------------------------------------
