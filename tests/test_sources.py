@@ -282,7 +282,7 @@ def test_task_outputs_belong_to_the_source_of_their_input(astra_db, survey, tmp_
     task.execute()
     with session_scope() as session:  # one file for the bundle: each task's rows are its own data product
         pairs = select(SourceDataProduct.data_product_pk, SourceDataProduct.source_pk)
-        linked = dict(session.execute(pairs).tuples().all())
+        linked = dict(session.execute(pairs).all())
     sources = set()
     for t in task.tasks:
         ((output,), (apstar,)) = t.output_data_products, t.input_data_products

@@ -137,13 +137,18 @@ def export_catalogue(
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
             "filters": "; ".join(" ".join(map(str, f)) for f in where) or None,
         }
-        writer = open_writer(path, format, columns, widths, meta)
+        partial = path.with_name(f".{path.name}.partial")  # renamed once complete: no half-written catalogue
+        writer = open_writer(partial, format, columns, widths, meta)
         try:
-            order = model.__table__.c.output_pk
-            for chunk in stream_chunks(connection, base, columns, order, chunk_size):
-                writer.write(chunk)
+            try:
+                order = model.__table__.c.output_pk
+                for chunk in stream_chunks(connection, base, columns, order, chunk_size):
+                    writer.write(chunk)
+            finally:
+                writer.close()
+            os.replace(partial, path)
         finally:
-            writer.close()
+            partial.unlink(missing_ok=True)
     return ExportResult(str(path), model.__tablename__, kind, format, writer.rows)
 
 
