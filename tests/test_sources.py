@@ -330,3 +330,37 @@ def test_files_that_share_identifiers_in_one_batch_make_one_source(astra_db, tmp
     assert {linked[str(p)] for p in (a, b, c)} == {star.pk} and linked[str(d)] == sources[
         "2M11111111+1111111"
     ].pk
+
+
+class VisitFiber(TaskInstance):
+    """One ``astra.doppler`` row per apVisit with a known value (no science): ``vhelio`` = its fibre."""
+
+    def execute(self):
+        from astra_provider.database.astradb import Doppler
+
+        for task, data_product, visit in self.read_inputs(read_spectrum):
+            self.add_result(task, Doppler, data_product=data_product, vhelio=float(visit.meta["fiber"]))
+        return [None for _ in self.iterable()]
+
+
+def test_the_every_result_for_one_star_query_of_the_docs(astra_db, survey):
+    """The SQL of docs/catalogues.md ("Every result for one star") returns that star's visit results, each
+    once, with its task, on SQLite and PostgreSQL; another star's results are not among them."""
+    from sqlalchemy import text
+    from test_docs import DOCS, extract_blocks
+
+    (block,) = [b for b in extract_blocks(DOCS / "catalogues.md") if b.language == "sql"]
+    assert "where s.sdss_id = 54351926" in block.code
+    claim_data_products([str(p) for p in survey.paths()])
+    VisitFiber(input_data_products=[str(p) for p in survey.paths("apVisit")]).execute()
+    star = next(r for r in survey.rows if r["filetype"] == "apStar")
+    visits = [r for r in survey.rows if r["filetype"] == "apVisit" and r["star_index"] == star["star_index"]]
+    query = block.code.replace("54351926", ":sdss_id").rstrip().rstrip(";")
+    with session_scope() as session:
+        rows = session.execute(text(query), {"sdss_id": star["sdss_id"]}).all()
+    assert len(rows) == len(visits) >= 2
+    assert {(r.sdss_id, r.filetype, r.task_name) for r in rows} == {
+        (star["sdss_id"], "apVisit", "VisitFiber")
+    }
+    assert sorted(r.vhelio for r in rows) == sorted(float(v["fiber"]) for v in visits)
+    assert all(r.version for r in rows)
