@@ -160,20 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from astra_provider.catalogue import cli as export_cli
     from astra_provider.sources import cli as source_cli
 
-    source_cli.add_arguments(
-        commands.add_parser(
-            "source",
-            help="a source's data products and every result for it",
-            description=source_cli.DESCRIPTION,
-        )
-    )
-    export_cli.add_arguments(
-        commands.add_parser(
-            "export",
-            help="write a pipeline's summary catalogue (FITS, ECSV, Parquet)",
-            description=export_cli.DESCRIPTION,
-        )
-    )
+    source_cli.register(commands)
+    export_cli.register(commands)
     from astra_provider import run_step
 
     run_step.add_arguments(
@@ -220,10 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from astra_provider.synthetic.cli import run as run_survey
 
         return run_survey(args)
-    elif args.command == "source":
-        return source_cli.run(args)
-    elif args.command == "export":
-        return export_cli.run(args)
+    elif args.command in ("source", "export"):
+        return args.run(args)
     elif args.command == "demo":
         from astra_provider.demo import run as run_demo
 

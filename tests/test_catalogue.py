@@ -199,6 +199,14 @@ def test_astra_export_command(results, tmp_path, capsys):
     assert main(["export", "doppler", "-o", str(output), "--where", "colour", "=", "red"]) == 2
     error = capsys.readouterr().err
     assert "unknown column 'colour'" in error and "sdss_id" in error and "flag_not_converged" in error
+    # --where takes a column, an operator and a value; SQL text is refused, not run
+    assert main(["export", "doppler", "-o", str(output), "--where", "1=1 or snr", ">", "0"]) == 2
+    assert "unknown column '1=1 or snr'" in capsys.readouterr().err
+    assert main(["export", "doppler", "-o", str(output), "--where", "snr", "> 0 or", "1"]) == 2
+    assert "unknown operator '> 0 or'" in capsys.readouterr().err
+    assert main(["export", "doppler", "-o", str(output), "--where", "snr", ">", "0 or 1=1"]) == 2
+    assert "snr: '0 or 1=1' is not a valid float" in capsys.readouterr().err
+    assert len(Table.read(output)) == 12  # the catalogue written first is left as it was
 
 
 def test_one_file_per_pipeline_and_kind(results, tmp_path):

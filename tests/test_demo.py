@@ -71,7 +71,11 @@ def check_catalogues(astra_home: Path, output: str) -> None:
     """The summary catalogues: one row per spectrum, every row with its source, and units."""
     from astropy.table import Table
 
-    assert "Summary catalogues" in output
+    assert "Summary catalogues of the export step" in output
+    assert (
+        f"({STARS * VISITS} visit spectra, doppler)" in output
+        and f"({STARS} star spectra, thecannon)" in output
+    )
     visits = Table.read(next((astra_home / "catalogues").glob("astraAllVisitDoppler-*.fits")))
     stars = Table.read(next((astra_home / "catalogues").glob("astraAllStarTheCannon-*.fits")))
     assert len(visits) == STARS * VISITS and len(stars) == STARS

@@ -16,6 +16,15 @@ DESCRIPTION = (
 _HIDDEN = ("output_pk", "task_pk", "data_product_pk", "task", "version", "status")
 
 
+def register(commands: Any) -> None:
+    """Add ``astra source`` to the ``astra`` sub-commands (its handler: ``args.run``)."""
+    parser = commands.add_parser(
+        "source", help="a source's data products and every result for it", description=DESCRIPTION
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "identifier", metavar="ID", help="sdss_id, catalogid, 2MASS designation, or key=value"
