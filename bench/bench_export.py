@@ -63,10 +63,10 @@ INSERT INTO astra.output_interface (pk, table_name, created)
 SELECT g, 'doppler', now() FROM generate_series(1, :rows) g;
 
 INSERT INTO astra.doppler (output_pk, task_pk, data_product_pk, vhelio, vrel, u_vrel, bc, teff, u_teff,
-                           logg, u_logg, fe_h, u_fe_h, chisq, ccf_peak, snr, bitmask_flag)
+                           logg, u_logg, fe_h, u_fe_h, chisq, ccf_peak, snr, bitmask_flag, row_index)
 SELECT g, g, g, -20 + (g % 400) * 0.1, -25 + (g % 500) * 0.1, 0.1 + (g % 7) * 0.01, 5 + (g % 30) * 0.1,
        4000 + g % 2000, 50, 1 + (g % 40) * 0.1, 0.1, -1 + (g % 15) * 0.1, 0.05, 1 + (g % 11) * 0.01,
-       0.5 + (g % 50) * 0.01, 20 + g % 200, (g % 17 = 0)::int * 4
+       0.5 + (g % 50) * 0.01, 20 + g % 200, (g % 17 = 0)::int * 4, 0
 FROM generate_series(1, :rows) g;
 
 ANALYZE;
@@ -94,6 +94,7 @@ with database.session_scope() as session:
     rows = []
     for result, task, product, source in session.execute(query):
         row = {c.name: getattr(result, c.name) for c in Doppler.__table__.columns}
+        row = {k: float("nan") if v is None else v for k, v in row.items()}  # all-missing columns
         row.update(sdss_id=source.sdss_id, catalogid=source.catalogid, obj=source.obj, ra=source.ra,
                    dec=source.dec, path=product.path, task_id=task.task_id, v_astra=task.version,
                    **{k: product.kwargs[k] for k in ("telescope", "field", "plate", "mjd", "fiber")},
