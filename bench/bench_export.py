@@ -56,7 +56,7 @@ FROM generate_series(1, :rows) g;
 INSERT INTO astra.parameter (pk, parameter_name, parameter_value, parameter_value_hash) VALUES
   (1, 'model_path', '"/models/thecannon-apogee.npz"', 'a'), (2, 'max_velocity', '1000.0', 'b');
 
-INSERT INTO astra.task_parameter (pk, task_pk, parameter_pk)
+INSERT INTO astra.task_parameter_link (pk, task_pk, parameter_pk)
 SELECT g, 1 + (g - 1) / 2, 1 + (g - 1) % 2 FROM generate_series(1, 2 * :rows) g;
 
 INSERT INTO astra.output_interface (pk, table_name, created)
@@ -125,7 +125,7 @@ def fill(url: str, rows: int) -> float:
 
     from astra_provider import database
 
-    database.get_engine(url)  # the tables
+    database.init_database(url)  # the tables
     database.dispose_engines()
     engine = create_engine(url)
     start = time.perf_counter()

@@ -119,14 +119,14 @@ def main() -> None:
     with temporary_postgres() as admin_url:
         baseline_specs = specs(n, per_star, identified=False, mjd=59000)
         database.configure(create_database(admin_url, "bench_sources_baseline"))
-        database.get_engine()
+        database.init_database()
         baseline = register(baseline_specs)
         database.dispose_engines()
         rate = f"{n / baseline:.0f} products/s ({baseline:.1f} s)"
         print(f"baseline (no identifiers, no linking): {rate} | {load()}")
 
         database.configure(create_database(admin_url, "bench_sources"))
-        database.get_engine()
+        database.init_database()
         linked = register(specs(n, per_star, identified=True, mjd=59000))
         again = register(specs(n, per_star, identified=True, mjd=60000))
         with database.session_scope() as session:
