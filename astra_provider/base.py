@@ -76,6 +76,7 @@ from astra_provider.database.items import TaskItem
 from astra_provider.database.recording import DataProductSpec
 from astra_provider.parameters import DictParameter, Parameter, TupleParameter
 from astra_provider.running import Attempt, Execution
+from astra_provider.sources.registration import spectrum_identifiers
 from astra_provider.task_classes import import_task_class
 from astra_provider.utils import to_jsonable
 
@@ -133,6 +134,7 @@ class TaskInstance:
         self._bundled = {name: items[0].parameters[name] for name in self.bundled_parameter_names()}
         self._attempt: Attempt | None = None
         self._scope: list[TaskItem] | None = None  # the tasks of the running chunk
+        self._identified: dict[int, Any] = {}  # data product pk -> source identifiers read by read_inputs
         self._bundle: Bundle | None = None
         self._verbose = False
 
@@ -283,7 +285,9 @@ class TaskInstance:
 
         The batch-first pattern of the science components: read every input, then process them together.
         A task whose ``read`` raises ``ValueError`` or ``OSError`` (a corrupt, truncated or unusable file;
-        readers name the file) fails alone, as with :meth:`fail`, and is left out of the list.
+        readers name the file) fails alone, as with :meth:`fail`, and is left out of the list. The source
+        identifiers of a spectrum read by :mod:`astra_provider.sdss.spectrum` are kept, to link the data
+        product to its source after the run without reading the file again.
         """
         loaded = []
         for task, data_products in self.iterable():
@@ -291,6 +295,10 @@ class TaskInstance:
                 loaded.append((task, data_products[0], read(data_products[0].path)))
             except (ValueError, OSError) as error:
                 self.fail(task, error)
+                continue
+            identified = spectrum_identifiers(loaded[-1][2])  # the header the reader kept: no second read
+            if identified is not None:
+                self._identified[data_products[0].pk] = identified
         return loaded
 
     # Execution ---------------------------------------------------------------------------------------

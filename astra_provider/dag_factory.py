@@ -32,6 +32,7 @@ from astra_provider.dag_defaults import template_functions
 from astra_provider.dag_spec import (
     AssetEventsStep,
     AssetSchedule,
+    ExportStep,
     PipelineSpec,
     SensorStep,
     TaskStep,
@@ -70,6 +71,8 @@ def _describe_step(step: Any) -> str:
         what = f"wait for new {', '.join(step.sensor.filetypes or ['files'])}"
     elif isinstance(step, AssetEventsStep):
         what = "register the files of the triggering asset events"
+    elif isinstance(step, ExportStep):
+        what = "write the summary catalogues (one file per pipeline and kind)"
     else:
         what = f"`{step.task.rpartition('.')[2]}`"
         if step.inputs is not None and step.inputs.step:
@@ -114,16 +117,28 @@ def build_dag(spec: PipelineSpec) -> Any:
     )
     tails: dict[str, Any] = {}  # the task whose XCom is each step's output
     with dag:
-        for step in spec.steps:
+        for number, step in enumerate(spec.steps):
             head, tails[step.id] = _build_step(step, tails, spec.astra_conn_id)
             if step.doc:
                 head.doc_md = step.doc
-            for other in step.after:
+            for other in _upstream(step, spec.steps[:number]):
                 tails[other] >> head
-        if any(isinstance(s, TaskStep) and s.trigger_rule not in FAILURE_STOPS for s in spec.steps):
+        if any(
+            isinstance(s, TaskStep | ExportStep) and s.trigger_rule not in FAILURE_STOPS for s in spec.steps
+        ):
             _fail_run_on_failures(dag)
     dag.fileloc = str(Path(spec.path).with_suffix(".py"))
     return dag
+
+
+def _upstream(step: Any, above: list[Any]) -> list[str]:
+    """The steps ``step`` runs after: its ``after``; for an export step without one, the last steps above
+    (those no other step runs after or takes inputs from), so that it runs at the end of the pipeline."""
+    if not isinstance(step, ExportStep) or step.after:
+        return step.after
+    followed = {s.inputs.step for s in above if isinstance(s, TaskStep) and s.inputs and s.inputs.step}
+    followed |= {other for s in above for other in _upstream(s, [])}
+    return [s.id for s in above if s.id not in followed]
 
 
 def _build_step(step: Any, tails: dict[str, Any], conn_id: str) -> tuple[Any, Any]:
@@ -139,6 +154,17 @@ def _build_step(step: Any, tails: dict[str, Any], conn_id: str) -> tuple[Any, An
 
         options = step.asset_events.model_dump(exclude_none=True) if step.asset_events else {}
         operator = AssetEventDataProductsOperator(task_id=step.id, astra_conn_id=conn_id, **options)
+        return operator, operator
+    if isinstance(step, ExportStep):
+        from astra_provider.operators.export import ExportCatalogueOperator
+
+        operator = ExportCatalogueOperator(
+            task_id=step.id,
+            trigger_rule=step.trigger_rule,
+            astra_conn_id=conn_id,
+            **step.export.model_dump(exclude_none=True),
+            **_operator_args(step.operator_args),
+        )
         return operator, operator
 
     from astra_provider.operators.bundle import BundleTasksOperator

@@ -301,7 +301,51 @@ class AssetEventsStep(_Step):
     asset_events: AssetEvents | None = None
 
 
-STEP_KINDS = {model.kind: model for model in (TaskStep, SensorStep, AssetEventsStep)}
+class ExportConfig(_Model):
+    """The arguments of an ``ExportCatalogueOperator``: which catalogues, where."""
+
+    output_dir: str | None = Field(
+        None,
+        description="Directory of the catalogue files (may be a template); empty: $ASTRA_HOME/catalogues.",
+    )
+    pipelines: (
+        Annotated[list[str] | Template, _one_error("must be a list of result tables or a {{ template }}")]
+        | None
+    ) = Field(
+        None, description="Result tables to export (doppler, thecannon...); default: every one with results."
+    )
+    kinds: (
+        Annotated[
+            list[Literal["star", "visit"]] | Template,
+            _one_error("must be a list of star, visit or a {{ template }}"),
+        ]
+        | None
+    ) = Field(None, description="star and/or visit (default both): one file per pipeline and kind.")
+    format: (
+        Annotated[
+            Literal["fits", "csv", "parquet"] | Template,
+            _one_error("must be fits, csv, parquet or a {{ template }}"),
+        ]
+        | None
+    ) = Field(None, description="Default fits.")
+
+
+class ExportStep(_Step):
+    """Write the summary catalogues (``ExportCatalogueOperator``); without ``after``, at the end: after the
+    steps above that no other step follows."""
+
+    kind: ClassVar[str] = "export"
+    tag: ClassVar[str] = "export_step"
+    export: ExportConfig = Field(description="Its settings; {} for the defaults.")
+    trigger_rule: TriggerRule = Field(
+        "all_done",
+        description="Default all_done: once the steps before it finished, failed or skipped (a failed bundle "
+        "does not stop the catalogue of what succeeded; the run still fails).",
+    )
+    operator_args: OperatorArgs = Field(OperatorArgs(), description="Arguments of the export task.")
+
+
+STEP_KINDS = {model.kind: model for model in (TaskStep, SensorStep, AssetEventsStep, ExportStep)}
 
 
 def _step_tag(value: Any) -> str | None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from astra_provider.database.items import STAGES, OutputFile, ResultRow, TaskItem
 from astra_provider.database.recorder import Recorder
 from astra_provider.database.retry import DatabaseUnavailableError
+from astra_provider.sources.registration import link_task_sources
 
 if TYPE_CHECKING:
     from astra_provider.base import TaskInstance
@@ -90,6 +91,8 @@ class Execution:
         self.recorder = Recorder(type(instance), instance._bundled)
         self.name = type(instance).__name__
         self.stage_times = dict.fromkeys(STAGES, 0.0)
+        self.outputs: list[OutputFile] = []  # the files written, linked to their sources at the end
+        instance._identified = {}  # data product pk -> source identifiers read by read_inputs
 
     def run(self) -> None:
         items = self.instance._items
@@ -170,6 +173,7 @@ class Execution:
                 if len(pending) > 1:
                     overhead = {key: value + chunk_overhead / len(chunk) for key, value in overhead.items()}
                 recorder.persist(chunk, results, outputs, overhead)
+                self.outputs.extend(outputs)
         except DatabaseUnavailableError:
             raise  # nothing more can be recorded: the claims lapse with the lease, and a later run retries
         except BaseException as error:  # debug mode, KeyboardInterrupt, SystemExit: nothing stays running
@@ -186,10 +190,20 @@ class Execution:
             instance._scope = None
 
     def _finish(self, pending: list[TaskItem]) -> None:
-        """Record the failed tasks not recorded yet, and the bundle's stage times."""
+        """Record the failed tasks not recorded yet, and the bundle's stage times; link the inputs and
+        outputs to their sources."""
         self.recorder.persist([i for i in pending if i.failed], [], [], {})
         overheads = {s: max(self.stage_times[s] - sum(i.times[s] for i in pending), 0.0) for s in STAGES}
         self.recorder.finish(self.stage_times, overheads)
+        link_task_sources(
+            {item.task.pk: item.data_products for item in pending if item.task is not None},
+            self.instance._identified,
+            [
+                (item.task.pk, spec)
+                for item, spec in self.outputs
+                if not item.failed and item.task is not None
+            ],
+        )
 
     @property
     def _level(self) -> int:

@@ -62,13 +62,18 @@ CREATE TABLE astra.parameter (
 
 CREATE TABLE astra.source (
 	pk BIGSERIAL NOT NULL,
+	sdss_id BIGINT,
 	catalogid BIGINT,
 	obj TEXT,
+	thing_id BIGINT,
 	ra FLOAT,
 	dec FLOAT,
+	created TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
 	PRIMARY KEY (pk),
+	UNIQUE (sdss_id),
 	UNIQUE (catalogid),
-	UNIQUE (obj)
+	UNIQUE (obj),
+	UNIQUE (thing_id)
 );
 
 CREATE TABLE astra.source_data_product (
@@ -76,12 +81,10 @@ CREATE TABLE astra.source_data_product (
 	source_pk BIGINT NOT NULL,
 	data_product_pk BIGINT NOT NULL,
 	PRIMARY KEY (pk),
-	UNIQUE (source_pk, data_product_pk),
 	FOREIGN KEY(source_pk) REFERENCES astra.source (pk) ON DELETE CASCADE,
+	UNIQUE (data_product_pk),
 	FOREIGN KEY(data_product_pk) REFERENCES astra.data_product (pk) ON DELETE CASCADE
 );
-
-CREATE INDEX ix_astra_source_data_product_data_product_pk ON astra.source_data_product (data_product_pk);
 
 CREATE INDEX ix_astra_source_data_product_source_pk ON astra.source_data_product (source_pk);
 

@@ -370,6 +370,17 @@ def test_seed_sql_queries_run_as_written(astra_db):
     results = [t.execute() for t in tasks]
     assert [len(r[0]) for r in results] == [1, 10, 2, 1]  # one list of samples per task
     with session_scope() as session:
+        stored = session.execute(text("select * from astra.random_number_generator;")).all()
+        printed = [  # what the guide prints (PostgreSQL real[]: 8 significant digits)
+            [1.7640524],
+            [1.7640524, 0.4001572, 0.978738, 2.2408931, 1.867558, -0.9772779, 0.95008844, -0.1513572]
+            + [-0.10321885, 0.41059852],
+            [1.7886285, 0.43650985],
+            [0.4412275],
+        ]
+        samples = [row.samples for row in sorted(stored, key=lambda row: row.output_pk)]
+        samples = [json.loads(s) if isinstance(s, str) else s for s in samples]
+        assert [pytest.approx(s, rel=1e-6) for s in samples] == printed
         result = session.execute(
             text(
                 "select t.pk, t.task_module, t.task_id, t.duration, rng.samples from astra.task as t, "

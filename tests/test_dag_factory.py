@@ -180,7 +180,45 @@ SPEC_ERRORS = [
     ("dag_id: x\nsteps: {", ["invalid YAML"]),
     ("start_date: soon\nsteps: [{id: a, task: a.B, bundle: false}]", ["field 'start_date'", "'soon'"]),
     ("- just a list", ["must be a YAML mapping"]),
+    ("steps: [{id: export, export: {kinds: [galaxy]}}]", ["step 'export'", "field 'export.kinds"]),
+    ("steps: [{id: export, export: {folder: /tmp}}]", ["step 'export'", "field 'export.folder'"]),
+    ("steps: [{id: export, export: {format: xls}}]", ["step 'export'", "field 'export.format'"]),
+    (
+        "steps: [{id: export, export: {output_dir: '{{ params.nowhere }}'}}]",
+        ["step 'export'", "field 'export.output_dir'", "undefined param 'nowhere'"],
+    ),
 ]
+
+
+def test_an_export_step_runs_at_the_end_of_the_pipeline(tmp_path):
+    """Without ``after``, after the steps no other step follows; with it, where it says."""
+    text = GOOD.format(dag_id="astra_export") + (
+        "  - {id: side, task: astra_provider.contrib.examples.GreedyPrimes, bundle: false,"
+        " parameters: {max_value: 10}}\n"
+        "  - id: export\n"
+        "    export: {output_dir: /catalogues, pipelines: [doppler], kinds: [visit], format: csv}\n"
+        "  - {id: early_export, export: {}, after: [fit], trigger_rule: none_failed}\n"
+    )
+    dag = dag_from_spec(write_spec(tmp_path, "astra_export", text))
+    export = dag.task_dict["export"]
+    assert export.upstream_task_ids == {"primes", "side"} and export.trigger_rule == "all_done"
+    assert (export.output_dir, export.pipelines, export.kinds, export.format) == (
+        "/catalogues",
+        ["doppler"],
+        ["visit"],
+        "csv",
+    )
+    early = dag.task_dict["early_export"]
+    assert early.upstream_task_ids == {"fit"} and early.trigger_rule == "none_failed"
+    assert (early.output_dir, early.pipelines, early.kinds, early.format) == (
+        None,
+        None,
+        ("star", "visit"),
+        "fits",
+    )
+    # an export step that runs after a failure would hide it: the run's failure watcher is added
+    assert dag.task_dict["any_step_failed"].upstream_task_ids == set(dag.task_dict) - {"any_step_failed"}
+    assert "- `export`: write the summary catalogues" in dag.doc_md
 
 
 @pytest.mark.parametrize(

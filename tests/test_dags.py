@@ -113,8 +113,15 @@ def test_the_pipeline_dags_follow_the_data():
             in dag.doc_md
         )
         steps = [line for line in dag.doc_md.splitlines() if line.startswith("- `")]
-        assert len(steps) == 4 and "|" not in dag.doc_md  # a list (a wide table is cut off in the UI)
+        assert (
+            len(steps) == 4 + (dag is pipeline) and "|" not in dag.doc_md
+        )  # a list (a wide table is cut off in the UI)
         assert max(len(line) for line in steps) < 90
+    # the export step closes the pipeline: after the last steps (not the sensor), whatever their outcome
+    export = pipeline.task_dict["export"]
+    assert export.upstream_task_ids == {"doppler", "thecannon"} and export.trigger_rule == "all_done"
+    assert export.pipelines is None and export.kinds == ("star", "visit")  # every pipeline with results
+    assert export.output_dir == "{{ params.catalogue_dir or None }}"
     sensor = pipeline.task_dict["discover"]
     assert sensor.deferrable and sensor.filetypes == ["apStar", "apVisit"]
     assert sensor.root == "{{ params.data_root or default_data_root() }}"
@@ -285,6 +292,7 @@ def test_the_pipeline_discovers_new_spectra_and_runs_every_component(
         "data_root": str(root),
         "model_path": str(survey["model"]),
         "output_dir": str(tmp_path / "normalised"),
+        "catalogue_dir": str(tmp_path / "catalogues"),
         "bundle_size": 5,
     }
     run = get_dag("astra_pipeline", DAGS).test(run_conf=conf)
@@ -305,6 +313,36 @@ def test_the_pipeline_discovers_new_spectra_and_runs_every_component(
             select(DataProduct.path).join(TheCannon, TheCannon.data_product_pk == DataProduct.pk)
         ).all()
     assert all(Path(path).parent == tmp_path / "normalised" for path in cannon_inputs)
+    _check_catalogues(tmp_path / "catalogues", _step_summaries("astra_pipeline", run.run_id, "export")[0])
+
+
+def _check_catalogues(directory: Path, written: list[dict]) -> None:
+    """The export step's catalogues: one file per pipeline and kind, one row per result, with units."""
+    from astropy.table import Table
+
+    from astra_provider.catalogue import catalogue_filename
+
+    expected = {("continuum", "star"), ("doppler", "visit"), ("thecannon", "star")}
+    assert {(w["pipeline"], w["kind"]) for w in written} == expected
+    assert sorted(p.name for p in directory.iterdir()) == sorted(catalogue_filename(*key) for key in expected)
+    tables = {w["pipeline"]: Table.read(w["path"]) for w in written}
+    assert {name: len(table) for name, table in tables.items()} == {
+        "continuum": _count(Continuum),
+        "doppler": 12,
+        "thecannon": 6,
+    }
+    visits, stars = tables["doppler"], tables["thecannon"]
+    assert set(visits["filetype"]) == {"apVisit"} and set(stars["filetype"]) == {"astraContinuum"}
+    assert len(set(visits["data_product_pk"])) == 12 and len(set(stars["data_product_pk"])) == 6
+    assert str(visits["vhelio"].unit) == "km / s" and str(stars["teff"].unit) == "K"
+    assert len(set(visits["sdss_id"])) == len(set(stars["sdss_id"])) == 6  # each row names its star
+    assert set(visits["sdss_id"]) == set(stars["sdss_id"])
+    with session_scope() as session:
+        truth = dict(session.execute(select(Doppler.data_product_pk, Doppler.vhelio)).all())
+    assert all(
+        abs(v - truth[pk]) <= 1e-6 * max(1.0, abs(v))
+        for pk, v in zip(visits["data_product_pk"], visits["vhelio"])
+    )
 
 
 @pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)

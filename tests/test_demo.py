@@ -67,6 +67,22 @@ def check_accuracy(output: str) -> None:
         assert abs(bias) < tolerance[name][0] and scatter < tolerance[name][1], (name, bias, scatter)
 
 
+def check_catalogues(astra_home: Path, output: str) -> None:
+    """The summary catalogues: one row per spectrum, every row with its source, and units."""
+    from astropy.table import Table
+
+    assert "Summary catalogues of the export step" in output
+    assert (
+        f"({STARS * VISITS} visit spectra, doppler)" in output
+        and f"({STARS} star spectra, thecannon)" in output
+    )
+    visits = Table.read(next((astra_home / "catalogues").glob("astraAllVisitDoppler-*.fits")))
+    stars = Table.read(next((astra_home / "catalogues").glob("astraAllStarTheCannon-*.fits")))
+    assert len(visits) == STARS * VISITS and len(stars) == STARS
+    assert len(set(visits["sdss_id"])) == len(set(stars["sdss_id"])) == STARS  # no row without its source
+    assert str(visits["vhelio"].unit) == "km / s" and str(stars["teff"].unit) == "K"
+
+
 def check_run(astra_home: Path, url: str, first: str, second: str) -> None:
     # first run: everything computed, through the DAGs, and the truth recovered
     assert "==> DAG astra_thecannon_train" in first and "astra_pipeline success" in first
@@ -81,6 +97,7 @@ def check_run(astra_home: Path, url: str, first: str, second: str) -> None:
         assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == PNG, plot
     assert "sqlite3 " in first or "psql " in first
     assert re.search(r"astra (--database-url \S+ )?show \d+", first)
+    check_catalogues(astra_home, first)
 
     # second run: the same data, every task skipped as already done, the same accuracy
     assert "re-using" in second and "generating" not in second

@@ -112,6 +112,7 @@ def test_truth_matches_headers(survey: SurveyTruth):
             if row["filetype"] == "apStar":
                 assert h["NVISITS"] == row["n_visits"] and h["OBJID"] == row["obj"]
                 assert h["CATID"] == row["catalogid"] and h["HEALPIX"] == row["healpix"]
+                assert h["SDSS_ID"] == row["sdss_id"] and h["FIELD"] == row["field"]
                 assert h["SNR"] == pytest.approx(row["snr"])
                 visit_snr = [h[f"SNRVIS{i}"] for i in range(1, row["n_visits"] + 1)]
                 assert row["snr"] == pytest.approx(np.sqrt(np.sum(np.square(visit_snr))))
@@ -122,6 +123,7 @@ def test_truth_matches_headers(survey: SurveyTruth):
                 assert h["FIBERID"] == row["fiber"] and h["PLATE"] == str(row["plate"])
                 assert h["SNR"] == pytest.approx(row["snr"]) and h["OBJID"] == row["obj"]
                 assert h["TELESCOP"] == row["telescope"] and h["CATID"] == row["catalogid"]
+                assert h["SDSS_ID"] == row["sdss_id"] and h["FIELD"] == row["field"]
                 assert h["JD-MID"] == pytest.approx(row["jd_mid"])
                 assert row["rv_applied_kms"] == pytest.approx(row["vhelio_kms"] - row["bc_kms"])
                 wave = hdul[4].data
@@ -131,6 +133,8 @@ def test_truth_matches_headers(survey: SurveyTruth):
                 assert h["HELIO_RV"] == pytest.approx(row["bc_kms"]) and h["MJD"] == row["mjd"]
                 summary = hdul[2].data[0]
                 assert summary["CATALOGID"] == row["catalogid"] and summary["ZWARNING"] == 0
+                assert h["SDSS_ID"] == summary["SDSS_ID"] == row["sdss_id"]
+                assert (h["PLUG_RA"], h["PLUG_DEC"]) == pytest.approx((row["ra"], row["dec"]))
                 assert abs(summary["XCSAO_RV"] - row["vhelio_kms"]) < 6 * summary["XCSAO_ERV"]
                 assert row["rv_applied_kms"] == row["vhelio_kms"]
 
@@ -141,7 +145,7 @@ def test_stars_share_truth_across_files(survey: SurveyTruth):
         by_star.setdefault(row["star_index"], []).append(row)
     assert len(by_star) == 5
     for rows in by_star.values():
-        for key in ("teff", "logg", "fe_h", "obj", "catalogid", "continuum_seed"):
+        for key in ("teff", "logg", "fe_h", "obj", "catalogid", "sdss_id", "continuum_seed"):
             assert len({r[key] for r in rows}) == 1
 
 

@@ -5,7 +5,8 @@
 - :mod:`astra_provider.cli.airflow`: ``airflow-setup``;
 - ``synthetic-survey``, ``demo``, ``run-step`` and ``templates`` come from
   :mod:`astra_provider.synthetic.cli`, :mod:`astra_provider.demo`, :mod:`astra_provider.run_step` and
-  :mod:`astra_provider.templates.cli`.
+  :mod:`astra_provider.templates.cli`; ``source`` and ``export`` from :mod:`astra_provider.sources.cli`
+  and :mod:`astra_provider.catalogue.cli`.
 
 Every URL printed is redacted (:func:`astra_provider.database.redact`).
 """
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     from astra_provider.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
+    from astra_provider.catalogue import cli as export_cli
+    from astra_provider.sources import cli as source_cli
+
+    source_cli.register(commands)
+    export_cli.register(commands)
     from astra_provider import run_step
 
     run_step.add_arguments(
@@ -96,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from astra_provider.synthetic.cli import run as run_survey
 
         return run_survey(args)
+    if args.command in ("source", "export"):
+        return args.run(args)
     if args.command == "run-step":
         from astra_provider import run_step
 

@@ -40,7 +40,8 @@ class RandomNumberGeneratorTask(TaskInstance):
         results = []
         for task, _ in self.iterable():
             time.sleep(task.parameters["delay_time"])
-            samples = np.random.default_rng(task.parameters["seed"]).normal(size=task.parameters["draws"])
+            # NumPy's legacy seeded stream (frozen by NumPy): the numbers the user's guide prints
+            samples = np.random.RandomState(task.parameters["seed"]).normal(size=task.parameters["draws"])
             self.add_result(task, RandomNumberGenerator, samples=samples)
             results.append(samples.tolist())
         return results

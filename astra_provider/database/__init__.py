@@ -119,8 +119,10 @@ def _sqlite_engine(url: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _begin(connection):  # noqa: ANN001
         # Take the write lock at the start of a transaction so concurrent writers queue up
-        # (busy_timeout) instead of failing with "database is locked" on lock upgrade.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # (busy_timeout) instead of failing with "database is locked" on lock upgrade. A connection
+        # with the execution option read_only=True (a long export) only reads: it takes no lock.
+        read_only = connection.get_execution_options().get("read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 

@@ -314,15 +314,30 @@ class VersionParameter(Base):
 
 
 class Source(Base):
-    """An astronomical source (star); data products are linked to it through ``source_data_product``."""
+    """An astronomical source (a star), found from the identifiers in the headers of its data products.
+
+    Any of ``sdss_id``, ``catalogid``, ``obj`` (the APOGEE object id: a 2MASS designation ``2M...``) and
+    ``thing_id`` (an SDSS-III/IV photometric object) identifies it; each is unique. Data products are linked
+    to it through ``source_data_product`` (:mod:`astra_provider.sources`).
+    """
 
     __tablename__ = "source"
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    sdss_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     catalogid: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     obj: Mapped[str | None] = mapped_column(Text, unique=True)
+    thing_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     ra: Mapped[float | None] = mapped_column(Float)
     dec: Mapped[float | None] = mapped_column(Float)
+    created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+
+    def __repr__(self) -> str:
+        names = ("sdss_id", "catalogid", "obj", "thing_id")
+        ids = " ".join(f"{name}={getattr(self, name)}" for name in names if getattr(self, name) is not None)
+        return f"<Source pk={self.pk} {ids}>"
 
 
 class DataProduct(Base):
@@ -353,12 +368,13 @@ class DataProduct(Base):
 
 
 class SourceDataProduct(Base):
+    """The source a data product observes: at most one per data product (the unique key)."""
+
     __tablename__ = "source_data_product"
-    __table_args__ = (UniqueConstraint("source_pk", "data_product_pk"),)
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     source_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("source.pk"), index=True)
-    data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), index=True)
+    data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), unique=True)
 
 
 class TaskInputDataProduct(Base):
@@ -405,32 +421,61 @@ class Bundle(Base):
             return list(session.scalars(select(Task).where(Task.bundle_pk == self.pk).order_by(Task.pk)))
 
 
+def result_column(type_: Any, description: str, unit: str | None = None, **kwargs: Any) -> Any:
+    """A column of a result table with its description and unit, kept in ``column.info`` for the summary
+    catalogues (:mod:`astra_provider.catalogue`): define them once, here. The unit is a string that astropy
+    parses and FITS allows (``"km / s"``, ``"K"``); logarithmic quantities (dex) have none, and say so in
+    their description."""
+    return mapped_column(type_, info={"description": description, "unit": unit}, **kwargs)
+
+
 class OutputMixin:
     """Columns every result table has: its ``output_interface`` key, the task and the data product.
 
-    Declare a result table once::
+    Declare a result table once, with the description and unit of each column (the summary catalogues
+    write them into their headers)::
 
         class RandomNumberGenerator(OutputMixin, Base):
             __tablename__ = "random_number_generator"
-            samples: Mapped[list[float]] = mapped_column(JSONType)
+            samples: Mapped[list[float]] = result_column(JSONType, "Samples drawn")
 
-    and write rows from a task with :meth:`astra_provider.base.TaskInstance.add_result`.
+    and write rows from a task with :meth:`astra_provider.base.TaskInstance.add_result`. A table whose
+    ``bitmask_flag`` holds the bits of an ``enum.IntFlag`` names it in ``flag_enum`` (dotted path): each bit
+    becomes a boolean ``flag_<name>`` column of the catalogue.
     """
+
+    flag_enum: str | None = None
 
     @declared_attr
     def output_pk(cls) -> Mapped[int]:
-        return mapped_column(PrimaryKey, _fk("output_interface.pk", ondelete="RESTRICT"), primary_key=True)
+        return mapped_column(
+            PrimaryKey,
+            _fk("output_interface.pk", ondelete="RESTRICT"),
+            primary_key=True,
+            info={"description": "Unique key of the result, across all result tables"},
+        )
 
     @declared_attr
     def task_pk(cls) -> Mapped[int]:
-        return mapped_column(PrimaryKey, _fk("task.pk"), index=True)
+        return mapped_column(
+            PrimaryKey, _fk("task.pk"), index=True, info={"description": "The task that wrote the result"}
+        )
 
     @declared_attr
     def data_product_pk(cls) -> Mapped[int | None]:
-        return mapped_column(PrimaryKey, _fk("data_product.pk", ondelete="SET NULL"), index=True)
+        return mapped_column(
+            PrimaryKey,
+            _fk("data_product.pk", ondelete="SET NULL"),
+            index=True,
+            info={"description": "The data product (spectrum file) analysed"},
+        )
 
 
 # Result tables -----------------------------------------------------------------------------------------
+
+_SNR = "Signal-to-noise ratio per pixel of the spectrum"
+_ROW = "Row of the spectrum in its file (apStar: 0, 1 stacks, then the visits)"
+_KMS = "km / s"
 
 
 class RandomNumberGenerator(OutputMixin, Base):
@@ -438,7 +483,9 @@ class RandomNumberGenerator(OutputMixin, Base):
 
     __tablename__ = "random_number_generator"
 
-    samples: Mapped[list[float]] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
+    samples: Mapped[list[float]] = result_column(
+        JSON().with_variant(JSONB(), "postgresql"), "Random samples drawn by the task"
+    )
 
 
 class Continuum(OutputMixin, Base):
@@ -446,11 +493,13 @@ class Continuum(OutputMixin, Base):
 
     __tablename__ = "continuum"
 
-    row_index: Mapped[int] = mapped_column(Integer, default=0)
-    snr: Mapped[float | None] = mapped_column(Float)
-    n_continuum_pixels: Mapped[int | None] = mapped_column(Integer)
-    rms_residual: Mapped[float | None] = mapped_column(Float)
-    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
+    row_index: Mapped[int] = result_column(Integer, _ROW, default=0)
+    snr: Mapped[float | None] = result_column(Float, _SNR)
+    n_continuum_pixels: Mapped[int | None] = result_column(Integer, "Continuum pixels used in the fit")
+    rms_residual: Mapped[float | None] = result_column(
+        Float, "RMS of (normalised flux - 1) / sigma over the continuum pixels"
+    )
+    bitmask_flag: Mapped[int] = result_column(Integer, "Flags: 1 = fit failed (too few pixels)", default=0)
 
 
 class Doppler(OutputMixin, Base):
@@ -464,24 +513,29 @@ class Doppler(OutputMixin, Base):
     """
 
     __tablename__ = "doppler"
+    flag_enum = "astra_provider.science.doppler.result.RVFlag"
 
-    row_index: Mapped[int] = mapped_column(Integer, default=0)
-    vhelio: Mapped[float | None] = mapped_column(Float)
-    vrel: Mapped[float | None] = mapped_column(Float)
-    u_vrel: Mapped[float | None] = mapped_column(Float)
-    bc: Mapped[float | None] = mapped_column(Float)
-    teff: Mapped[float | None] = mapped_column(Float)
-    u_teff: Mapped[float | None] = mapped_column(Float)
-    logg: Mapped[float | None] = mapped_column(Float)
-    u_logg: Mapped[float | None] = mapped_column(Float)
-    fe_h: Mapped[float | None] = mapped_column(Float)
-    u_fe_h: Mapped[float | None] = mapped_column(Float)
-    chisq: Mapped[float | None] = mapped_column(Float)
-    ccf_peak: Mapped[float | None] = mapped_column(Float)
-    model_mismatch: Mapped[float | None] = mapped_column(Float)
-    template_grid: Mapped[str | None] = mapped_column(Text)
-    snr: Mapped[float | None] = mapped_column(Float)
-    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
+    row_index: Mapped[int] = result_column(Integer, _ROW, default=0)
+    vhelio: Mapped[float | None] = result_column(Float, "Heliocentric (barycentric) radial velocity", _KMS)
+    vrel: Mapped[float | None] = result_column(Float, "Radial velocity in the observed frame", _KMS)
+    u_vrel: Mapped[float | None] = result_column(Float, "Uncertainty of vrel (and vhelio)", _KMS)
+    bc: Mapped[float | None] = result_column(
+        Float, "Barycentric correction: vhelio = vrel + bc (BOSS: -HELIO_RV)", _KMS
+    )
+    teff: Mapped[float | None] = result_column(Float, "Effective temperature of the best template", "K")
+    u_teff: Mapped[float | None] = result_column(Float, "Uncertainty of teff", "K")
+    logg: Mapped[float | None] = result_column(Float, "Surface gravity log10(g / cm s-2) of the template")
+    u_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg (dex)")
+    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H] (dex) of the best template")
+    u_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h (dex)")
+    chisq: Mapped[float | None] = result_column(Float, "Reduced chi-squared of the fit")
+    ccf_peak: Mapped[float | None] = result_column(Float, "Height of the normalised cross-correlation peak")
+    model_mismatch: Mapped[float | None] = result_column(
+        Float, "Model error implied by the chi-squared (fraction of the continuum)"
+    )
+    template_grid: Mapped[str | None] = result_column(Text, "Template grid of the reported fit")
+    snr: Mapped[float | None] = result_column(Float, _SNR)
+    bitmask_flag: Mapped[int] = result_column(Integer, "Flags (RVFlag bits; 0 = good)", default=0)
 
 
 class TheCannon(OutputMixin, Base):
@@ -492,22 +546,25 @@ class TheCannon(OutputMixin, Base):
     """
 
     __tablename__ = "thecannon"
+    flag_enum = "astra_provider.science.cannon.model.CannonFlag"
 
-    row_index: Mapped[int] = mapped_column(Integer, default=0)
-    snr: Mapped[float | None] = mapped_column(Float)
-    teff: Mapped[float | None] = mapped_column(Float)
-    e_teff: Mapped[float | None] = mapped_column(Float)
-    logg: Mapped[float | None] = mapped_column(Float)
-    e_logg: Mapped[float | None] = mapped_column(Float)
-    fe_h: Mapped[float | None] = mapped_column(Float)
-    e_fe_h: Mapped[float | None] = mapped_column(Float)
-    rho_teff_logg: Mapped[float | None] = mapped_column(Float)
-    rho_teff_fe_h: Mapped[float | None] = mapped_column(Float)
-    rho_logg_fe_h: Mapped[float | None] = mapped_column(Float)
-    chi_sq: Mapped[float | None] = mapped_column(Float)
-    reduced_chi_sq: Mapped[float | None] = mapped_column(Float)
-    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
-    labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    row_index: Mapped[int] = result_column(Integer, _ROW, default=0)
+    snr: Mapped[float | None] = result_column(Float, _SNR)
+    teff: Mapped[float | None] = result_column(Float, "Effective temperature", "K")
+    e_teff: Mapped[float | None] = result_column(Float, "Uncertainty of teff", "K")
+    logg: Mapped[float | None] = result_column(Float, "Surface gravity log10(g / cm s-2)")
+    e_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg (dex)")
+    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H] (dex)")
+    e_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h (dex)")
+    rho_teff_logg: Mapped[float | None] = result_column(Float, "Correlation of teff and logg")
+    rho_teff_fe_h: Mapped[float | None] = result_column(Float, "Correlation of teff and fe_h")
+    rho_logg_fe_h: Mapped[float | None] = result_column(Float, "Correlation of logg and fe_h")
+    chi_sq: Mapped[float | None] = result_column(Float, "Chi-squared of the fit")
+    reduced_chi_sq: Mapped[float | None] = result_column(Float, "Reduced chi-squared of the fit")
+    bitmask_flag: Mapped[int] = result_column(Integer, "Flags (CannonFlag bits; 0 = good)", default=0)
+    labels: Mapped[dict[str, Any] | None] = result_column(
+        JSONType, "All labels, uncertainties and correlations of the model (JSON)"
+    )
 
 
 class ThePayne(OutputMixin, Base):
@@ -519,22 +576,25 @@ class ThePayne(OutputMixin, Base):
     """
 
     __tablename__ = "thepayne"
+    flag_enum = "astra_provider.science.payne.fitting.PayneFlag"
 
-    row_index: Mapped[int] = mapped_column(Integer, default=0)
-    snr: Mapped[float | None] = mapped_column(Float)
-    teff: Mapped[float | None] = mapped_column(Float)
-    e_teff: Mapped[float | None] = mapped_column(Float)
-    logg: Mapped[float | None] = mapped_column(Float)
-    e_logg: Mapped[float | None] = mapped_column(Float)
-    fe_h: Mapped[float | None] = mapped_column(Float)
-    e_fe_h: Mapped[float | None] = mapped_column(Float)
-    rho_teff_logg: Mapped[float | None] = mapped_column(Float)
-    rho_teff_fe_h: Mapped[float | None] = mapped_column(Float)
-    rho_logg_fe_h: Mapped[float | None] = mapped_column(Float)
-    chi_sq: Mapped[float | None] = mapped_column(Float)
-    reduced_chi_sq: Mapped[float | None] = mapped_column(Float)
-    bitmask_flag: Mapped[int] = mapped_column(Integer, default=0)
-    labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    row_index: Mapped[int] = result_column(Integer, _ROW, default=0)
+    snr: Mapped[float | None] = result_column(Float, _SNR)
+    teff: Mapped[float | None] = result_column(Float, "Effective temperature", "K")
+    e_teff: Mapped[float | None] = result_column(Float, "Uncertainty of teff", "K")
+    logg: Mapped[float | None] = result_column(Float, "Surface gravity log10(g / cm s-2)")
+    e_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg (dex)")
+    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H] (dex)")
+    e_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h (dex)")
+    rho_teff_logg: Mapped[float | None] = result_column(Float, "Correlation of teff and logg")
+    rho_teff_fe_h: Mapped[float | None] = result_column(Float, "Correlation of teff and fe_h")
+    rho_logg_fe_h: Mapped[float | None] = result_column(Float, "Correlation of logg and fe_h")
+    chi_sq: Mapped[float | None] = result_column(Float, "Chi-squared of the fit")
+    reduced_chi_sq: Mapped[float | None] = result_column(Float, "Reduced chi-squared of the fit")
+    bitmask_flag: Mapped[int] = result_column(Integer, "Flags (PayneFlag bits; 0 = good)", default=0)
+    labels: Mapped[dict[str, Any] | None] = result_column(
+        JSONType, "All labels, uncertainties, correlations and fit statistics of the model (JSON)"
+    )
 
 
 __all__ = [
@@ -561,5 +621,6 @@ __all__ = [
     "VERSION_PARAMETERS",
     "VersionParameter",
     "parameter_value_hash",
+    "result_column",
     "version_parameters",
 ]

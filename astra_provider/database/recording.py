@@ -1,4 +1,4 @@
-"""Recording provenance rows in bulk: data products, parameters, sources and their links.
+"""Recording provenance rows in bulk: data products (linked to their sources), parameters.
 
 Everything here issues a handful of statements per call, whatever the number of rows, on the bulk statements
 of :mod:`astra_provider.database.bulk`: :func:`get_or_create` looks rows up by a unique key and inserts the
@@ -22,13 +22,7 @@ from typing import Any
 from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
-from astra_provider.database.astradb import (
-    DataProduct,
-    Parameter,
-    Source,
-    SourceDataProduct,
-    parameter_value_hash,
-)
+from astra_provider.database.astradb import DataProduct, Parameter, parameter_value_hash
 from astra_provider.database.bulk import (
     CHUNK,
     PG_CHUNK,
@@ -43,6 +37,7 @@ from astra_provider.database.bulk import (
     select_in,
     update_rows,
 )
+from astra_provider.sdss.headers import SourceIdentifiers
 from astra_provider.utils import canonical_json
 
 # Canonical JSON of flat values --------------------------------------------------------------------------
@@ -167,7 +162,9 @@ class DataProductSpec:
     path: str
     release: str = ""
     metadata: dict[str, Any] | None = field(default=None, compare=False)
-    source: dict[str, Any] | None = field(default=None, compare=False)
+    source: SourceIdentifiers | None = field(default=None, compare=False)
+    """What the file's header says about its source (set by the sensor's header read, see
+    :mod:`astra_provider.sources.registration`); the product is linked to that source when inserted."""
 
     kwargs_hash: str = field(init=False, compare=False)
 
@@ -228,38 +225,17 @@ def get_or_create_data_products(session: Session, specs: Sequence[DataProductSpe
     return [products[(spec.release, spec.filetype, spec.kwargs_hash)] for spec in specs]
 
 
-def _link_sources(session: Session, pairs: list[tuple[DataProduct, dict[str, Any]]]) -> None:
-    """Create ``source`` rows (by catalog id, else object id) and link them to their data products."""
-    if not pairs:
-        return
-    by_catalogid = {int(s["catalogid"]): s for _, s in pairs if s.get("catalogid") is not None}
-    by_obj = {str(s["obj"]): s for _, s in pairs if s.get("catalogid") is None and s.get("obj")}
-    table = Source.__table__
-    with_catalogid = get_or_create(
-        session,
-        table,
-        ("catalogid",),
-        [
-            {"catalogid": k, "obj": s.get("obj"), "ra": s.get("ra"), "dec": s.get("dec")}
-            for k, s in by_catalogid.items()
-        ],
-    )
-    with_obj = get_or_create(
-        session,
-        table,
-        ("obj",),
-        [{"catalogid": None, "obj": k, "ra": s.get("ra"), "dec": s.get("dec")} for k, s in by_obj.items()],
-    )
-    links = []
-    for product, source in pairs:
-        if source.get("catalogid") is not None:
-            row = with_catalogid[(int(source["catalogid"]),)]
-        else:
-            row = with_obj[(str(source["obj"]),)]
-        links.append({"source_pk": row["pk"], "data_product_pk": product.pk})
-    insert_rows(
-        session, SourceDataProduct.__table__, links, on_conflict_do_nothing=("source_pk", "data_product_pk")
-    )
+def _link_sources(
+    session: Session, pairs: list[tuple[DataProduct, SourceIdentifiers]], *, new_products: bool = False
+) -> None:
+    """Link data products to the sources their identifiers name (created if needed), in bulk.
+
+    :raises astra_provider.sources.SourceConflictError: naming the files whose identifiers conflict.
+    """
+    from astra_provider.sources.linking import link_sources
+
+    files = [(product.pk, product.path, identifiers) for product, identifiers in pairs]
+    link_sources(session, files, new_products=new_products)
 
 
 def get_or_create_parameters(
@@ -290,24 +266,36 @@ def register_new_data_products(session: Session, specs: Sequence[DataProductSpec
     """Insert ``specs`` and return only the rows this call created (in ``specs`` order).
 
     The unique constraint on (release, filetype, kwargs_hash) makes this an atomic claim: when two
-    sensors or watchers register the same file concurrently, exactly one of them gets it back.
+    sensors or watchers register the same file concurrently, exactly one of them gets it back. The new rows
+    are linked to the sources of the specs that carry identifiers (``spec.source``).
     """
     if not specs:
         return []
-    unique = _unique_specs(specs)
+    from astra_provider.database.recorder import _gc_paused  # tens of thousands of rows stay alive
+
+    with _gc_paused():
+        return _register_new(session, _unique_specs(specs))
+
+
+def _register_new(session: Session, unique: dict[tuple[str, str, str], DataProductSpec]) -> list[DataProduct]:
+    now = datetime.now(UTC)
     inserted = insert_rows(
         session,
         DataProduct.__table__,
         [_spec_row(spec) for spec in unique.values()],
-        same_for_all={"created": datetime.now(UTC)},
+        same_for_all={"created": now},
         on_conflict_do_nothing=DATA_PRODUCT_KEY,
-        returning=("pk",),
+        returning=("pk", *DATA_PRODUCT_KEY),
     )
-    created = [
-        row[0] for row in select_in(session, select(DataProduct), DataProduct.pk, [r[0] for r in inserted])
-    ]
-    by_key = {(p.release, p.filetype, p.kwargs_hash): p for p in created}
-    _link_sources(session, [(by_key[k], s.source) for k, s in unique.items() if k in by_key and s.source])
+    # The rows are what was inserted: built from the specs, not read back (no JSON decoded again).
+    by_key = {
+        (release, filetype, kwargs_hash): build(
+            DataProduct, {**_spec_row(unique[release, filetype, kwargs_hash]), "pk": pk, "created": now}
+        )
+        for pk, release, filetype, kwargs_hash in inserted
+    }
+    pairs = [(by_key[k], s.source) for k, s in unique.items() if k in by_key and s.source]
+    _link_sources(session, pairs, new_products=True)
     return [by_key[k] for k in unique if k in by_key]
 
 

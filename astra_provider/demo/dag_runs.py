@@ -118,6 +118,11 @@ def step_results(dag_run: Any, steps: Sequence[str]) -> dict[str, StepResult]:
     return results
 
 
+def step_output(run: RunResult, task_id: str) -> Any:
+    """The XCom of an unmapped task of a run (``None`` if it pushed none)."""
+    return _xcoms(run.dag_id, run.run_id).get((task_id, -1))
+
+
 def _xcoms(dag_id: str, run_id: str) -> dict[tuple[str, int], Any]:
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session

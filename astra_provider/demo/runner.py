@@ -19,7 +19,7 @@ from astra_provider.demo.airflow_setup import (
     output_to,
 )
 from astra_provider.demo.console import Console, format_seconds
-from astra_provider.demo.dag_runs import RunResult, run_dag
+from astra_provider.demo.dag_runs import RunResult, run_dag, step_output
 from astra_provider.demo.plots import write_plots
 from astra_provider.demo.progress import StepProgress
 from astra_provider.demo.report import print_outputs, print_steps
@@ -130,6 +130,7 @@ class Demo:
                 "data_root": str(surveys.survey_root),
                 "model_path": str(model_path),
                 "output_dir": str(output_dir),
+                "catalogue_dir": str(self.home / "catalogues"),
                 "bundle_size": int(options.bundle_size),
                 "max_bundles": 100,
                 "max_failure_fraction": 0.1,
@@ -158,6 +159,10 @@ class Demo:
         plots: list[Path] = []
         if not self.options.no_plots:
             plots = write_plots(rv, labels, surveys, output_dir, self.home / "plots", say, model_path)
+        say("")
+        say("Summary catalogues of the export step (open them with astropy.table.Table.read or TOPCAT):")
+        for written in step_output(runs[-1], "export") or []:
+            say(f"  {written['path']}  ({written['rows']} {written['kind']} spectra, {written['pipeline']})")
         print_outputs(
             say,
             astra_url=self.astra_url,

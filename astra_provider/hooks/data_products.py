@@ -114,6 +114,24 @@ def _specs(paths: Iterable[str]) -> list[Any]:
     return specs
 
 
+def _new_specs_with_sources(session: Any, paths: Iterable[str], logger: Any) -> list[Any]:
+    """:func:`_specs` of the files not registered yet, with the source identifiers of each file's primary
+    header (only the header of a new file is read)."""
+    from sqlalchemy import select
+
+    from astra_provider.database.astradb import DataProduct
+    from astra_provider.database.recording import select_in
+    from astra_provider.sources.registration import with_header_identifiers
+
+    specs = _specs(paths)
+    statement = select(DataProduct.release, DataProduct.filetype, DataProduct.kwargs_hash)
+    known = set(
+        select_in(session, statement, DataProduct.kwargs_hash, sorted({s.kwargs_hash for s in specs}))
+    )
+    new = [spec for spec in specs if (spec.release, spec.filetype, spec.kwargs_hash) not in known]
+    return with_header_identifiers(new, logger)
+
+
 def _confined(paths: Sequence[str], root: str | os.PathLike[str] | None, logger: Any) -> list[str]:
     if root is None:
         return list(paths)
@@ -137,6 +155,12 @@ def claim_data_products(
     ``max_new``, claiming stops once that many rows were created, and the paths after the returned count
     were not looked at. Files that no longer exist are skipped. With ``root``, paths outside it (links
     resolved) are refused and logged (see :func:`confine_paths`); they count as used.
+
+    The primary header of each file is read, and the new rows are linked to the sources their identifiers
+    name (:mod:`astra_provider.sources`); a file without identifiers gets no source (logged).
+
+    :raises astra_provider.sources.SourceConflictError: naming the files whose identifiers name two
+        sources (nothing of the batch is registered).
     """
     from astra_provider.database import session_scope
     from astra_provider.database.recording import register_new_data_products
@@ -146,7 +170,7 @@ def claim_data_products(
     with session_scope(database_url) as session:
         while used < len(paths) and not (max_new and len(created) >= max_new):
             chunk = paths[used : used + (max_new - len(created) if max_new else len(paths))]
-            specs = _specs(_confined(chunk, root, logger))
+            specs = _new_specs_with_sources(session, _confined(chunk, root, logger), logger)
             created.extend(register_new_data_products(session, specs))
             used += len(chunk)
     return created, used

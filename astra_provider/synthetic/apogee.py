@@ -128,7 +128,9 @@ def _apstar_cards(star: Star, apred: str, snr_total: float) -> list[tuple]:
     cards: list[tuple] = [
         ("TELESCOP", star.telescope, "telescope"),
         ("APRED", apred, "reduction version (synthetic card)"),
+        ("FIELD", star.field, "field name"),
         ("OBJID", star.obj, "2MASS-style id"),
+        ("SDSS_ID", star.sdss_id, "SDSS-V source id"),
         ("CATID", star.catalogid, "SDSS-V catalog id (synthetic card)"),
         ("HEALPIX", star.healpix, "nside=128 RING (synthetic card)"),
         ("RA", star.ra, "deg"),
@@ -254,6 +256,7 @@ def _apvisit_cards(star: Star, visit: Visit, apred: str) -> list[tuple]:
         ("NCOMBINE", 8),
         ("NPAIRS", "4"),
         ("OBJID", star.obj),
+        ("SDSS_ID", star.sdss_id, "SDSS-V source id"),
         ("CATID", star.catalogid, "SDSS-V catalog id (synthetic card)"),
         ("RA", star.ra),
         ("DEC", star.dec),

@@ -138,6 +138,9 @@ def _specfull_cards(star: Star, visit: Visit, run2d: str) -> list[tuple]:
         ("FIBERID", visit.boss_fiber),
         ("RA", star.ra),
         ("DEC", star.dec),
+        ("PLUG_RA", star.ra, "fibre position (deg)"),
+        ("PLUG_DEC", star.dec, "fibre position (deg)"),
+        ("SDSS_ID", star.sdss_id, "SDSS-V source id"),
         ("HELIO_RV", visit.bc, "barycentric correction applied to wavelengths (km/s)"),
         ("TAI-BEG", tai_mid - 1800.0),
         ("TAI-END", tai_mid + 1800.0),
@@ -156,6 +159,7 @@ def _spall_summary(
     """The one-row ``SPALL`` summary; ``XCSAO_*`` are the truth plus noise of the quoted error."""
     erv = 29.0 / visit.snr + 0.5
     return {
+        "SDSS_ID": np.array([star.sdss_id], np.int64),
         "CATALOGID": np.array([star.catalogid], np.int64),
         "FIELD": np.array([star.fieldid], np.int32),
         "MJD": np.array([visit.mjd], np.int32),

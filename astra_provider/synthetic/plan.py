@@ -21,6 +21,7 @@ LabelSampler = Callable[[int, np.random.Generator], np.ndarray]
 """Draws ``(n, K)`` stellar labels from a random generator (e.g. ``ApogeeTruthModel.draw_labels``)."""
 
 _FIRST_PLATE = 15000
+_FIRST_CATALOGID = 27021597760000000  # catalog ids are this + 3 * a draw in [0, 2e9)
 _APOGEE_FIBERS = 300
 _BOSS_FIBERS = 500
 
@@ -48,6 +49,7 @@ class Star:
     index: int
     obj: str  # 2MASS-style id
     catalogid: int
+    sdss_id: int
     ra: float
     dec: float
     healpix: int
@@ -122,7 +124,7 @@ def _draw_catalogue(
     h_mag = rng.uniform(7.0, 12.0, n_stars)
     j_mag = h_mag + rng.normal(0.75, 0.1, n_stars)
     k_mag = h_mag - rng.normal(0.15, 0.05, n_stars)
-    catalogids = 27021597760000000 + np.sort(rng.choice(2_000_000_000, n_stars, replace=False)) * 3
+    catalogids = _FIRST_CATALOGID + np.sort(rng.choice(2_000_000_000, n_stars, replace=False)) * 3
     return _Catalogue(
         field_ra=field_ra,
         field_dec=field_dec,
@@ -220,6 +222,12 @@ def _draw_visits(
     ]
 
 
+def _sdss_id(catalogid: int) -> int:
+    """The star's sdss_id, a function of its catalog id: unique as the catalog ids are, across surveys of
+    different seeds too (two surveys registered in one database never give one sdss_id to two stars)."""
+    return 1 + (catalogid - _FIRST_CATALOGID) // 3
+
+
 def _unique_id(obj: str, used: set[str]) -> str:
     while obj in used:  # vanishingly rare; keep ids unique
         obj = obj[:-1] + str((int(obj[-1]) + 1) % 10)
@@ -273,6 +281,7 @@ def plan_survey(
                     index=int(i),
                     obj=_unique_id(two_mass_id(ra, dec), used_ids),
                     catalogid=int(catalogue.catalogids[i]),
+                    sdss_id=_sdss_id(int(catalogue.catalogids[i])),
                     ra=ra,
                     dec=dec,
                     healpix=int(catalogue.healpix[i]),

@@ -29,9 +29,14 @@ Sun's ecliptic longitude − 90°; good to ~1 km/s, no ephemeris or network), an
 truth. HEALPix indices are nside = 128, RING ordering, computed from RA/Dec
 (:mod:`~astra_provider.synthetic.sky`).
 
-Invented header cards (not in real SDSS files): ``CATID`` (the SDSS-V catalog id; ``CATALOGID`` is too
-long for a FITS keyword) in apStar/apVisit HDU0; ``HEALPIX`` and ``APRED`` in apStar HDU0; ``FIELD`` and
-``APRED`` in apVisit HDU0; ``FIELDID`` and ``OBSERVAT`` in specFull HDU0; ``SYNTHETC = T`` everywhere.
+Every file of a star carries the same identifiers, as SDSS files do: ``OBJID`` (2MASS-style designation,
+apStar/apVisit), ``SDSS_ID`` (all HDU0s and the specFull summary), the catalog id (``CATID`` in
+apStar/apVisit HDU0, ``CATALOGID`` in the specFull summary and file name), ``TELESCOP``, and the field
+(``FIELD`` apStar/apVisit, ``FIELDID`` specFull); specFull HDU0 has the fibre position
+``PLUG_RA``/``PLUG_DEC``.
+Invented header cards (not in real SDSS files): ``CATID`` (``CATALOGID`` is too long for a FITS keyword);
+``HEALPIX`` and ``APRED`` in apStar HDU0; ``APRED`` in apVisit HDU0; ``FIELDID`` and ``OBSERVAT`` in specFull
+HDU0; ``SYNTHETC = T`` everywhere.
 Measured-RV cards (``VHELIO``, ``VRAD``, ``VHBARY{i}``) are deliberately omitted so that no truth leaks into
 headers; ``XCSAO_*`` in the BOSS summary are truth plus noise of the quoted error.
 

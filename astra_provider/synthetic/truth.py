@@ -39,6 +39,7 @@ _COLUMNS_BEFORE_LABELS: dict[str, type] = {
     "star_index": int,
     "obj": str,  # 2MASS-style id (apStar obj / OBJID)
     "catalogid": int,
+    "sdss_id": int,
     "healpix": int,
     "ra": float,
     "dec": float,
@@ -194,6 +195,7 @@ def file_row(
         "star_index": star.index,
         "obj": star.obj,
         "catalogid": star.catalogid,
+        "sdss_id": star.sdss_id,
         "healpix": star.healpix,
         "ra": star.ra,
         "dec": star.dec,
