@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -28,6 +28,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     SmallInteger,
+    Table,
     Text,
     UniqueConstraint,
     event,
@@ -87,6 +88,11 @@ class Status(enum.IntEnum):
 class Base(DeclarativeBase):
     metadata = MetaData(schema=SCHEMA)
     type_annotation_map = {dict[str, Any]: JSONType, Any: JSONType}
+
+    if TYPE_CHECKING:
+        # every mapped class here declares ``__tablename__``, so its ``__table__`` is a ``Table``
+        # (``DeclarativeBase`` types it as the wider ``FromClause``)
+        __table__: ClassVar[Table]
 
 
 def _fk(column: str, ondelete: str = "CASCADE") -> ForeignKey:
@@ -230,7 +236,9 @@ class Task(Base):
     def output_data_products(self) -> list[DataProduct]:
         return self._data_products(TaskOutputDataProduct)
 
-    def _data_products(self, junction: type[Base]) -> list[DataProduct]:
+    def _data_products(
+        self, junction: type[TaskInputDataProduct] | type[TaskOutputDataProduct]
+    ) -> list[DataProduct]:
         from astra_provider.database import session_scope
 
         with session_scope() as session:
@@ -429,7 +437,16 @@ def result_column(type_: Any, description: str, unit: str | None = None, **kwarg
     return mapped_column(type_, info={"description": description, "unit": unit}, **kwargs)
 
 
-class OutputMixin:
+if TYPE_CHECKING:
+    # every result table is ``class Results(OutputMixin, Base)``: typed as a ``Base`` subclass, the mixin has
+    # the ``__tablename__`` and ``__table__`` the catalogue code reads
+    class _ResultTableBase(Base):
+        __abstract__ = True
+else:
+    _ResultTableBase = object
+
+
+class OutputMixin(_ResultTableBase):
     """Columns every result table has: its ``output_interface`` key, the task and the data product.
 
     Declare a result table once, with the description and unit of each column (the summary catalogues

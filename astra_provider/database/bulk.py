@@ -37,14 +37,19 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Column, Select, Table, Text, any_, cast, func, literal, select, text
+from sqlalchemy import Column, Select, Table, Text, any_, func, literal, select, text
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect, Row
+from sqlalchemy.engine import CursorResult, Dialect, Row
 from sqlalchemy.orm import Session, configure_mappers
+from sqlalchemy.sql.schema import CallableColumnDefault, ScalarElementColumnDefault
 
 from astra_provider.database.text import clean_json, clean_text, json_needs_cleaning, needs_cleaning
+
+if TYPE_CHECKING:
+    from astra_provider.database.astradb import Base
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ CHUNK = 2000  # values per IN list (SQLite)
 PG_CHUNK = 50_000  # rows per statement (PostgreSQL)
 
 
-def build(model: type, values: Mapping[str, Any]) -> Any:
+def build(model: type[Base], values: Mapping[str, Any]) -> Any:
     """A transient ``model`` instance holding ``values`` (column name -> value), built without ORM events.
 
     Building thousands of ORM objects through their constructors dominates the cost of recording a
@@ -68,7 +73,7 @@ def build(model: type, values: Mapping[str, Any]) -> Any:
 
 
 @functools.cache
-def _renamed_attributes(model: type) -> tuple[tuple[str, str], ...]:
+def _renamed_attributes(model: type[Base]) -> tuple[tuple[str, str], ...]:
     """(column name, attribute name) for the columns whose attribute has another name."""
     configure_mappers()  # instrumented attributes are only usable once mappers are configured
     return tuple((column.name, key) for key, column in model.__mapper__.columns.items() if key != column.name)
@@ -156,12 +161,13 @@ def _processed(column: Column, dialect: Dialect, values: Iterable[Any]) -> list[
 
 def _python_defaults(table: Table) -> dict[str, Any]:
     """The Python-side defaults (``default=``) of ``table``'s columns, as Core applies them to an insert."""
-    defaults = {}
+    defaults: dict[str, Any] = {}
     for column in table.columns:
-        if column.default is not None and column.default.is_scalar:
+        if isinstance(column.default, ScalarElementColumnDefault):
             defaults[column.name] = column.default.arg
-        elif column.default is not None and column.default.is_callable:  # e.g. utcnow, once per statement
-            defaults[column.name] = column.default.arg(None)
+        elif isinstance(column.default, CallableColumnDefault):  # e.g. utcnow, once per statement
+            # Core wraps a default that takes no argument so that it accepts (and ignores) the context
+            defaults[column.name] = column.default.arg(None)  # type: ignore[arg-type]
     return defaults
 
 
@@ -301,11 +307,12 @@ def prepare_insert(
         # parameters) then take the unique-index locks in the same order, so they wait instead of deadlocking.
         rows = sorted(rows, key=lambda row: tuple(_sort_key(row.get(key)) for key in on_conflict_do_nothing))
     if returning and not _is_postgresql(session):  # sqlite3's executemany cannot return rows
-        statement = sqlite.insert(table).returning(*(table.c[name] for name in returning))
+        insert = sqlite.insert(table)
         if on_conflict_do_nothing:
-            statement = statement.on_conflict_do_nothing(index_elements=list(on_conflict_do_nothing))
+            insert = insert.on_conflict_do_nothing(index_elements=list(on_conflict_do_nothing))
+        statement = insert.returning(*(table.c[name] for name in returning))
         parameters = [{**(same_for_all or {}), **row} for row in rows]
-        return lambda: session.execute(statement, parameters).all()
+        return lambda: list(session.execute(statement, parameters).all())
 
     same_for_all = {**_constant_columns(rows, list(rows[0])), **(same_for_all or {})}
     dialect, columns, shared, fill = _insert_columns(session, table, rows, same_for_all)
@@ -337,12 +344,15 @@ def prepare_insert(
     statements = []
     for chunk in chunked(rows, PG_CHUNK):
         if columns:
-            source, parameters = _pg_unnest(table, dialect, columns, chunk, fill)
+            source, unnest_parameters = _pg_unnest(table, dialect, columns, chunk, fill)
         else:  # every column is shared: one row per element of a series
-            source, parameters = f"generate_series(1, {len(chunk)}) AS v(n)", {}
+            source, unnest_parameters = f"generate_series(1, {len(chunk)}) AS v(n)", {}
         selected = ", ".join([*(f"v.{quote(name)}" for name in columns), *shared_sql])
         statements.append(
-            (text(f"{into} SELECT {selected} FROM {source}{suffix}"), {**parameters, **shared_parameters})
+            (
+                text(f"{into} SELECT {selected} FROM {source}{suffix}"),
+                {**unnest_parameters, **shared_parameters},
+            )
         )
 
     def execute_postgresql() -> list[Row]:
@@ -428,7 +438,11 @@ def prepare_update(
         statements.append((statement, {**parameters, **shared_parameters}))
 
     def execute() -> int:
-        return sum(session.execute(statement, parameters).rowcount for statement, parameters in statements)
+        # a textual UPDATE returns a CursorResult, which has the row count
+        return sum(
+            cast(CursorResult[Any], session.execute(statement, parameters)).rowcount
+            for statement, parameters in statements
+        )
 
     return execute
 
@@ -514,8 +528,8 @@ def select_in(session: Session, statement: Select, column: Any, values: Iterable
     if not values:
         return []
     if _is_postgresql(session):
-        array = cast(literal(pg_array(values), Text), postgresql.ARRAY(column.type))
-        return session.execute(statement.where(column == any_(array))).all()
+        array = sql_cast(literal(pg_array(values), Text), postgresql.ARRAY(column.type))
+        return list(session.execute(statement.where(column == any_(array))).all())
     rows: list[Row] = []
     for chunk in chunked(values):
         rows.extend(session.execute(statement.where(column.in_(chunk))).all())
