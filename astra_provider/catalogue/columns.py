@@ -13,9 +13,10 @@ import enum
 import importlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, SmallInteger, Text, cast, func, select
+from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
 from astra_provider.database.astradb import DataProduct, OutputMixin, Parameter, Source, Task, TaskParameter
@@ -35,6 +36,9 @@ NULL_INT = -(2**63)
 
 INT, FLOAT, BOOL, STR = "int", "float", "bool", "str"
 
+SQLExpression: TypeAlias = ColumnElement[Any] | QueryableAttribute[Any]
+"""A column expression of a catalogue: a Core expression or a mapped attribute (``Task.pk``)."""
+
 
 @dataclass(frozen=True)
 class CatalogueColumn:
@@ -51,16 +55,21 @@ class CatalogueColumn:
     kind: str
     description: str
     unit: str | None = None
-    expression: ColumnElement | None = None
+    expression: SQLExpression | None = None
     parameter: str | None = None
     flag: tuple[str, int] | None = None
     values: Mapping[int, Any] | None = field(default=None, compare=False, repr=False)
     """For a parameter column: parameter pk (what ``expression`` selects) -> decoded value."""
 
     @property
-    def selected(self) -> ColumnElement:
+    def selected(self) -> SQLExpression:
         """The expression as selected: a missing integer is :data:`NULL_INT`, a missing string ``""``
-        (a parameter column selects the parameter's pk, decoded with :attr:`values`)."""
+        (a parameter column selects the parameter's pk, decoded with :attr:`values`).
+
+        :raises ValueError: for a flag column, which selects nothing (it is computed from its bitmask).
+        """
+        if self.expression is None:
+            raise ValueError(f"catalogue column {self.name!r} has no SQL expression to select")
         if self.parameter is not None:
             return self.expression
         if self.kind == INT:
@@ -160,7 +169,7 @@ def json_value_kind(values: Iterable[Any]) -> str:
     return STR
 
 
-def flag_bits(model: type) -> dict[str, int]:
+def flag_bits(model: type[OutputMixin]) -> dict[str, int]:
     """The ``flag_<name>`` columns of a result model's ``flag_enum`` enum: name -> bit value."""
     path = getattr(model, "flag_enum", None)
     if not path:
@@ -169,11 +178,13 @@ def flag_bits(model: type) -> dict[str, int]:
     flags = getattr(importlib.import_module(module), name)
     if not (isinstance(flags, type) and issubclass(flags, enum.IntFlag)):
         raise TypeError(f"{model.__name__}.flag_enum = {path!r} is not an enum.IntFlag")
-    return {f"flag_{member.name.lower()}": int(member.value) for member in flags}
+    # iterating an IntFlag gives its named members only
+    return {f"flag_{member.name.lower()}": int(member.value) for member in flags if member.name is not None}
 
 
-def _flag_description(model: type, name: str) -> str:
+def _flag_description(model: type[OutputMixin], name: str) -> str:
     path = model.flag_enum
+    assert path is not None  # only called for the flag columns of a model that names its flag_enum
     return f"Bit {name.removeprefix('flag_').upper()} of bitmask_flag ({path.rpartition('.')[2]})"
 
 

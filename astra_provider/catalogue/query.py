@@ -145,7 +145,9 @@ def compile_filters(
             )
         if column.flag is not None:
             bitmask, bit = column.flag
-            expression = next(c for c in columns if c.name == bitmask).expression.op("&")(bit) != 0
+            bitmask_expression = next(c for c in columns if c.name == bitmask).expression
+            assert bitmask_expression is not None  # the bitmask is a column of the result table
+            expression = bitmask_expression.op("&")(bit) != 0
         else:
             expression = column.expression
         if isinstance(value, str) and value.strip().lower() == "null":
@@ -195,7 +197,7 @@ def string_widths(connection: Connection, base: Select, columns: Sequence[Catalo
     parameter columns have theirs in :attr:`CatalogueColumn.values`."""
     text = [c for c in columns if c.kind == STR and c.expression is not None and c.parameter is None]
     widths = {
-        c.name: max((len(_text(v).encode()) for v in c.values.values()), default=0)
+        c.name: max((len(_text(v).encode()) for v in (c.values or {}).values()), default=0)
         for c in columns
         if c.kind == STR and c.parameter is not None
     }
