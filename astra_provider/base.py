@@ -122,9 +122,10 @@ class TaskInstance:
                         value.check_default(cls.__name__)
         cls._parameters = parameters
         # The user's execute() becomes the implementation; execute() itself stays the framework runner.
+        # Rewiring the class's methods is the point here, so the checker's method-assign is silenced.
         if "execute" in vars(cls):
-            cls._execute_impl = vars(cls)["execute"]
-            cls.execute = TaskInstance.execute
+            cls._execute_impl = vars(cls)["execute"]  # type: ignore[method-assign]
+            cls.execute = TaskInstance.execute  # type: ignore[method-assign]
 
     def __init__(self, input_data_products: Any = None, **parameters: Any):
         self._set_items(split_arguments(type(self), input_data_products, parameters))
@@ -195,7 +196,7 @@ class TaskInstance:
     @property
     def failures(self) -> list[tuple[Task, str, str]]:
         """``(task, stage, message)`` for every task that failed in the last execution."""
-        return [(item.task, item.error[0], item.error[1]) for item in self._items if item.error]
+        return [(item.recorded_task, item.error[0], item.error[1]) for item in self._items if item.error]
 
     @property
     def bundle(self) -> Bundle | None:
@@ -243,13 +244,13 @@ class TaskInstance:
                 attempt.yielded.append(item)
                 attempt.times[id(item)] = 0.0
             start = perf_counter()
-            yield item.task, item.data_products
+            yield item.recorded_task, item.data_products
             elapsed = perf_counter() - start
             attempt.times[id(item)] += elapsed
             attempt.in_progress = None
             if self._verbose:
                 log.info("%s: %s task %s (%d/%d) in %.3f s", type(self).__name__, attempt.stage,
-                         item.task.pk, number, len(active), elapsed)  # fmt: skip
+                         item.recorded_task.pk, number, len(active), elapsed)  # fmt: skip
 
     def add_result(
         self, task: Task, model: type[Base], data_product: DataProduct | None = None, **columns: Any
@@ -372,7 +373,9 @@ class TaskInstance:
             ],
             "elsewhere_task_pks": [item.task.pk for item in elsewhere if item.task is not None],
             "failed_tasks": [
-                {"pk": item.task.pk, "stage": item.error[0], "error": item.error[1][:500]} for item in failed
+                {"pk": item.recorded_task.pk, "stage": item.error[0], "error": item.error[1][:500]}
+                for item in failed
+                if item.error is not None  # all of them: failed items are those with an error
             ],
         }
 
@@ -408,14 +411,16 @@ class TaskInstance:
 
     def _raise_all_failed(self, failed: list[TaskItem]) -> None:
         first = failed[0]
+        assert first.error is not None  # failed items are those with an error
+        stage, message, _ = first.error
         if len(self._items) == 1:
             raise TaskFailedError(
-                f"{type(self).__name__} task {first.task.pk} failed in {first.error[0]}: {first.error[1]}",
+                f"{type(self).__name__} task {first.recorded_task.pk} failed in {stage}: {message}",
                 self.failures,
             )
         raise TaskFailedError(
-            f"all {len(failed)} task(s) of {type(self).__name__} failed; first (task {first.task.pk}, "
-            f"{first.error[0]}): {first.error[1]}",
+            f"all {len(failed)} task(s) of {type(self).__name__} failed; "
+            f"first (task {first.recorded_task.pk}, {stage}): {message}",
             self.failures,
         )
 

@@ -196,9 +196,9 @@ def init_database(target: str | Engine | None = None) -> list[str]:
     else:
         url = normalize_url(target or get_database_url())
         with _lock:
-            engine = _engines.get(url)
-        cached = engine is not None
-        engine = engine or _new_engine(url)
+            known = _engines.get(url)
+        cached = known is not None
+        engine = known or _new_engine(url)
     path = _sqlite_file(url) if engine.dialect.name == "sqlite" else None
     lock = file_lock(sqlite_lock_path(path)) if path else contextlib.nullcontext()
     with lock, engine.begin() as connection:

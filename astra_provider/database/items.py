@@ -35,6 +35,16 @@ class TaskItem:
         self.times = dict.fromkeys(STAGES, 0.0)
 
     @property
+    def recorded_task(self) -> Task:
+        """The task's row; set once the task is claimed, so before any of its stages runs.
+
+        :raises RuntimeError: if the task has not been recorded yet.
+        """
+        if self.task is None:
+            raise RuntimeError("the task has not been recorded in the database yet")
+        return self.task
+
+    @property
     def runnable(self) -> bool:
         """Claimed by this run and not finished: it still has stages to run."""
         return not (self.already_done or self.elsewhere or self.failed or self.lost or self.recorded)
