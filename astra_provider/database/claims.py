@@ -148,7 +148,9 @@ class Claimer:
                 resolved.result()  # the identity of a data product given by pk is in the database
                 identities = [[dp.identity for dp in item.data_products] for item in items]
             else:  # a spec has the identity of the row it resolves to (same release, filetype, hash)
-                identities = [[dp.identity for dp in item.inputs] for item in items]
+                identities = [
+                    [dp.identity for dp in item.inputs if not isinstance(dp, int)] for item in items
+                ]
             identify = task_identifier(self.task_class)
             task_ids = [
                 identify(parameters, ids) for parameters, ids in zip(encoded, identities, strict=True)
@@ -214,8 +216,11 @@ class Claimer:
             tid: next((t for t in rows if t.claim == 1 and t.status_code == Status.RUNNING), None)
             for tid, rows in existing.items()
         }
-        states = lease_states(session, [h.lease_pk for h in holders.values() if h is not None])
-        new_items, stale = [], {}
+        states = lease_states(
+            session, [h.lease_pk for h in holders.values() if h is not None and h.lease_pk is not None]
+        )
+        new_items: list[tuple[TaskItem, str, dict[str, str]]] = []
+        stale: dict[int, str | None] = {}
         for item, tid, parameters in zip(items, task_ids, encoded, strict=True):
             rows, holder = existing.get(tid, []), holders.get(tid)
             completed = [t for t in rows if t.status_code == Status.COMPLETED]
@@ -227,7 +232,7 @@ class Claimer:
                 item.task, item.already_done, item.result = twin, True, twin.result
                 twin.__dict__["_parameters"] = item.parameters
             elif holder is not None and not force:
-                state = states.get(holder.lease_pk)
+                state = states.get(holder.lease_pk) if holder.lease_pk is not None else None
                 mine = holder.lease_pk == self.lease.pk
                 if mine and holder.pk not in self.lease.in_flight:  # left by an execution that failed
                     stale[holder.pk] = f"lease {self.lease.owner} (left by an earlier execution)"
@@ -332,11 +337,13 @@ class Claimer:
     def look_again(self, session: Session, held: list[TaskItem]) -> list[TaskItem]:
         """Tasks held elsewhere, looked at again: completed ones become already done (with the stored
         result); the ones whose holder failed or stopped are returned, to be claimed again."""
-        rows = {t.pk: t for (t,) in select_in(session, select(Task), Task.pk, [i.task.pk for i in held])}
+        rows = {
+            t.pk: t for (t,) in select_in(session, select(Task), Task.pk, [i.recorded_task.pk for i in held])
+        }
         states = lease_states(session, [t.lease_pk for t in rows.values()])
         free = []
         for item in held:
-            row = rows.get(item.task.pk)
+            row = rows.get(item.recorded_task.pk)
             if row is not None and row.status_code == Status.COMPLETED:
                 item.task, item.already_done, item.result, item.elsewhere = row, True, row.result, None
                 row.__dict__["_parameters"] = item.parameters

@@ -49,8 +49,10 @@ def store_results(session: Session, pipeline: Pipeline, results: Sequence[Result
     by_model: dict[type[Base], list[dict[str, Any]]] = {}
     first_output: dict[int, int] = {}
     for (item, model, columns), output_pk in zip(results, output_pks, strict=True):
-        by_model.setdefault(model, []).append({**columns, "output_pk": output_pk, "task_pk": item.task.pk})
-        first_output.setdefault(item.task.pk, output_pk)
+        by_model.setdefault(model, []).append(
+            {**columns, "output_pk": output_pk, "task_pk": item.recorded_task.pk}
+        )
+        first_output.setdefault(item.recorded_task.pk, output_pk)
     for model, rows in by_model.items():
         pipeline.submit(prepare_insert(session, model.__table__, rows))
     return first_output
@@ -63,7 +65,7 @@ def store_output_data_products(session: Session, outputs: Sequence[OutputFile]) 
         session,
         TaskOutputDataProduct.__table__,
         [
-            {"task_pk": item.task.pk, "data_product_pk": product.pk}
+            {"task_pk": item.recorded_task.pk, "data_product_pk": product.pk}
             for (item, _), product in zip(outputs, products, strict=True)
         ],
     )
@@ -86,14 +88,16 @@ def final_rows(
             result = to_jsonable(item.result)
         except TypeError:
             log.warning(
-                "task %s returned a %s, which is not stored", item.task.pk, type(item.result).__name__
+                "task %s returned a %s, which is not stored",
+                item.recorded_task.pk,
+                type(item.result).__name__,
             )
             result = None
         share = overhead.get(id(item), 0.0)
         error_stage, error_message, error_traceback = item.error or (None, None, None)
         rows.append(
             {
-                "pk": item.task.pk,
+                "pk": item.recorded_task.pk,
                 "status_code": failed if item.error else completed,
                 "time_pre_execute": times["pre_execute"],
                 "time_execute": times["execute"],
@@ -104,8 +108,8 @@ def final_rows(
                 "error_message": error_message,
                 "error_traceback": error_traceback,
                 "result": result,
-                "output_pk": first_output.get(item.task.pk),
-                "claim": None if item.error else item.task.claim,
+                "output_pk": first_output.get(item.recorded_task.pk),
+                "claim": None if item.error else item.recorded_task.claim,
             }
         )
     return rows

@@ -107,7 +107,7 @@ class Recorder:
                     raise
                 log.info("%s: a concurrent run claimed some of these tasks first; looking again", self.name)
         self.bundle = self.bundle or bundle
-        claimed = {item.task.pk for item in items if item.runnable}
+        claimed = {item.recorded_task.pk for item in items if item.runnable}
         self._claimed |= claimed
         self.lease.in_flight |= claimed
 
@@ -175,7 +175,7 @@ class Recorder:
     def _record_unrecordable(self, items: list[TaskItem], error: Exception) -> None:
         item = items[0]
         message = f"the database refused this task's outcome: {type(error).__name__}: {str(error)[:2000]}"
-        log.warning("%s: task %s %s", self.task_class.__name__, item.task.pk, message)
+        log.warning("%s: task %s %s", self.task_class.__name__, item.recorded_task.pk, message)
         item.failed, item.result = True, None
         item.error = ("record", message, item.error[2] if item.error else "")
         self._persist_owned(items, [], [], {})
@@ -236,13 +236,14 @@ class Recorder:
         def look(session: Session) -> dict[int, tuple[int, str | None, int | None]]:
             statement = select(Task.pk, Task.status_code, Task.error_stage, Task.lease_pk)
             return {
-                row[0]: row[1:] for row in select_in(session, statement, Task.pk, [i.task.pk for i in items])
+                row[0]: row[1:]
+                for row in select_in(session, statement, Task.pk, [i.recorded_task.pk for i in items])
             }
 
         rows = self._transaction(look, "looking up the tasks of a chunk")
         remaining = []
         for item in items:
-            status, stage, lease_pk = rows.get(item.task.pk, (None, None, None))
+            status, stage, lease_pk = rows.get(item.recorded_task.pk, (None, None, None))
             if status == Status.RUNNING and lease_pk == self.lease.pk:
                 remaining.append(item)
             elif (
@@ -253,7 +254,7 @@ class Recorder:
                 item.recorded = True  # an earlier attempt committed, unacknowledged
             else:
                 item.lost = True
-        lost = [item.task.pk for item in items if item.lost]
+        lost = [item.recorded_task.pk for item in items if item.lost]
         if lost:
             log.warning(
                 "%s: %d task(s) were taken over by another run while this one ran them (their lease "
