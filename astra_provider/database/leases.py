@@ -22,13 +22,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from astra_provider.database.astradb import Lease, Status, Task
@@ -116,8 +117,8 @@ class LeaseState:
         return f"lease {self.owner} ({reason})"
 
 
-def lease_states(session: Session, lease_pks: Iterable[int]) -> dict[int, LeaseState]:
-    """The state of each of ``lease_pks`` that exists (one query)."""
+def lease_states(session: Session, lease_pks: Iterable[int | None]) -> dict[int, LeaseState]:
+    """The state of each of ``lease_pks`` that exists (one query; ``None``, no lease, is skipped)."""
     pks = sorted({pk for pk in lease_pks if pk is not None})
     if not pks:
         return {}
@@ -127,7 +128,10 @@ def lease_states(session: Session, lease_pks: Iterable[int]) -> dict[int, LeaseS
             Lease.pk.in_(pks)
         )
     ).all()
-    return {row[0]: LeaseState(*row[:5], expired=bool(row[5])) for row in rows}
+    return {
+        pk: LeaseState(pk, owner, host, pid, expires, expired=bool(expired))
+        for pk, owner, host, pid, expires, expired in rows
+    }
 
 
 def take_over(session: Session, stale: dict[int, str | None], by: str) -> int:
@@ -148,16 +152,19 @@ def take_over(session: Session, stale: dict[int, str | None], by: str) -> int:
             f"the run that claimed this task stopped without recording it ({reason or 'no lease'}); "
             f"marked failed by {by}"
         )
-        result = session.execute(
-            update(Task)
-            .where(Task.pk.in_(pks), Task.status_code == Status.RUNNING)
-            .values(
-                status_code=Status.FAILED,
-                claim=None,
-                error_stage=LEASE_STAGE,
-                error_message=message,
-                modified=datetime.now(UTC),
-            )
+        result = cast(  # an UPDATE's result is a CursorResult, with the row count
+            CursorResult[Any],
+            session.execute(
+                update(Task)
+                .where(Task.pk.in_(pks), Task.status_code == Status.RUNNING)
+                .values(
+                    status_code=Status.FAILED,
+                    claim=None,
+                    error_stage=LEASE_STAGE,
+                    error_message=message,
+                    modified=datetime.now(UTC),
+                )
+            ),
         )
         changed += result.rowcount
     return changed
@@ -201,6 +208,7 @@ class ProcessLease:
         try:
             yield self
         finally:
+            thread: threading.Thread | None
             with self._lock:
                 self._holders -= 1
                 if self._holders == 0 and self._thread is not None:
@@ -233,10 +241,13 @@ class ProcessLease:
 
     def _renew(self, session: Session) -> None:
         if self.pk is not None:
-            result = session.execute(
-                update(Lease)
-                .where(Lease.pk == self.pk)
-                .values(renewed=_now_sql(session), expires=_expiry_sql(session, self.seconds))
+            result = cast(  # an UPDATE's result is a CursorResult, with the row count
+                CursorResult[Any],
+                session.execute(
+                    update(Lease)
+                    .where(Lease.pk == self.pk)
+                    .values(renewed=_now_sql(session), expires=_expiry_sql(session, self.seconds))
+                ),
             )
             if result.rowcount == 1:
                 return
@@ -285,13 +296,17 @@ def process_lease(url: str) -> ProcessLease:
 # Status and recovery -----------------------------------------------------------------------------------
 
 
-def _running_by_lease(session: Session) -> list[tuple[str, str, int | None, int, datetime]]:
+def _running_by_lease(session: Session) -> Sequence[tuple[str, str, int | None, int, datetime]]:
     """``(task_module, task_name, lease_pk, number of running tasks, oldest modified)``."""
-    return session.execute(
-        select(Task.task_module, Task.task_name, Task.lease_pk, func.count(), func.min(Task.modified))
-        .where(Task.status_code == Status.RUNNING)
-        .group_by(Task.task_module, Task.task_name, Task.lease_pk)
-    ).all()
+    return (
+        session.execute(
+            select(Task.task_module, Task.task_name, Task.lease_pk, func.count(), func.min(Task.modified))
+            .where(Task.status_code == Status.RUNNING)
+            .group_by(Task.task_module, Task.task_name, Task.lease_pk)
+        )
+        .tuples()
+        .all()
+    )
 
 
 def task_status(session: Session) -> dict[str, Any]:
@@ -356,13 +371,16 @@ def recover_stale_tasks(session: Session, *, dry_run: bool = False) -> dict[str,
     running = _running_by_lease(session)
     states = lease_states(session, [lease_pk for _, _, lease_pk, _, _ in running])
     stale = {lease_pk for _, _, lease_pk, _, _ in running if lease_pk not in states or states[lease_pk].stale}
-    described = [_lease_entry(pk, states.get(pk)) for pk in sorted(stale, key=lambda pk: (pk is None, pk))]
+    described = [
+        _lease_entry(pk, states.get(pk) if pk is not None else None)
+        for pk in sorted(stale, key=lambda pk: (pk is None, pk))
+    ]
     would = sum(n for _, _, lease_pk, n, _ in running if lease_pk in stale)
     if dry_run or not stale:
         return {"recovered": 0 if dry_run else would, "would_recover": would, "leases": described}
     recovered = 0
     for lease_pk in stale:
-        state = states.get(lease_pk)
+        state = states.get(lease_pk) if lease_pk is not None else None
         reason = state.describe() if state is not None else "no lease"
         message = (
             f"the run that claimed this task stopped without recording it ({reason}); "
@@ -384,7 +402,7 @@ def recover_stale_tasks(session: Session, *, dry_run: bool = False) -> dict[str,
             statement = statement.where(
                 select(Lease.pk).where(Lease.pk == lease_pk, Lease.expires < _now_sql(session)).exists()
             )
-        recovered += session.execute(statement).rowcount
+        recovered += cast(CursorResult[Any], session.execute(statement)).rowcount  # an UPDATE's result
     return {"recovered": recovered, "would_recover": would, "leases": described}
 
 
