@@ -223,7 +223,7 @@ def link_sources(
     ]
     update_rows(session, Source.__table__, changed)
     source_pks = iter(pks)
-    links = []
+    links: list[dict[str, Any]] = []
     for group, _ in resolved:
         source_pk = next(iter(group.sources)) if group.sources else next(source_pks)
         links.extend({"source_pk": source_pk, "data_product_pk": pk} for pk, _, _ in group.files)

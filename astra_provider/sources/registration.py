@@ -73,7 +73,10 @@ def header_identifiers(
     except (HeaderError, OSError) as error:
         return f"no readable FITS header ({error})"
     identifiers, reason = identifiers_from_header(header, _filetype(filetype, path), kwargs)
-    return identifiers if identifiers is not None else reason
+    if identifiers is not None:
+        return identifiers
+    assert reason is not None  # identifiers_from_header gives a reason whenever it gives no identifiers
+    return reason
 
 
 def spectrum_identifiers(value: Any) -> Identified | None:
@@ -200,12 +203,12 @@ def _link_outputs(
     by_key = {(spec.release, spec.filetype, spec.kwargs_hash): task_pk for task_pk, spec in outputs}
     statement = select(DataProduct.pk, DataProduct.release, DataProduct.filetype, DataProduct.kwargs_hash)
     rows = select_in(session, statement, DataProduct.kwargs_hash, sorted({key[2] for key in by_key}))
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for pk, *key in rows:
         task_pk = by_key.get(tuple(key))
         if task_pk is None:
             continue
         sources = {source_of.get(product.pk) for product in inputs.get(task_pk, ())}
-        if len(sources) == 1 and None not in sources:
-            pairs.append((pk, sources.pop()))
+        if len(sources) == 1 and (source_pk := sources.pop()) is not None:
+            pairs.append((pk, source_pk))
     link_products_to_sources(session, pairs)
