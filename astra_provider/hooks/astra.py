@@ -91,6 +91,8 @@ def connection_from_url(url: str) -> str:
 
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database is None:  # sqlite:// (in memory) names no file
+            raise ValueError(f"{url!r} is an in-memory SQLite database: an Airflow connection needs a file")
         return f"sqlite:///{os.path.abspath(parsed.database)}"
     driver = parsed.drivername.partition("+")[2]  # none given: the hook's default (psycopg2)
     extra = {"driver": driver} if driver and driver != "psycopg2" else {}
@@ -210,6 +212,8 @@ class AstraHook(BaseHook):
         The connection must exist (no fallback to the embedded database), and nothing is created in the
         database. Airflow shows the button when ``[core] test_connection`` is ``Enabled``.
         """
+        if self.astra_conn_id is None:
+            return False, "no Airflow connection to test (astra_conn_id is None)"
         try:
             url = url_from_connection(self.get_connection(self.astra_conn_id))
         except Exception as error:
