@@ -10,6 +10,7 @@ by the discarded components, and each optimiser step no longer depends on the nu
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,15 @@ class ProjectedLoss:
         return float(np.einsum("nr,nr->", residual, residual)) / target.size
 
 
+@dataclass
+class _Best:
+    """The parameter vector with the lowest validation loss so far, and its iteration."""
+
+    loss: float
+    vector: np.ndarray
+    iteration: int = 0
+
+
 def fit_hidden(
     network: Network,
     x: np.ndarray,
@@ -132,16 +142,16 @@ def fit_hidden(
     )
     x_valid, target_valid, sqrt_valid = x[valid_rows], target[valid_rows], sqrt_weight[valid_rows]
     start = network.parameter_vector()
-    best = {"loss": objective.validation_loss(start, x_valid, target_valid, sqrt_valid), "vector": start}
-    best["iteration"], state = 0, {"iteration": 0}
+    best = _Best(objective.validation_loss(start, x_valid, target_valid, sqrt_valid), start)
+    state = {"iteration": 0}
 
     def callback(intermediate_result) -> None:
         state["iteration"] += 1
         vector = intermediate_result.x
         loss = objective.validation_loss(vector, x_valid, target_valid, sqrt_valid)
-        if loss < best["loss"]:
-            best.update(loss=loss, vector=vector.copy(), iteration=state["iteration"])
-        elif state["iteration"] - best["iteration"] >= patience:
+        if loss < best.loss:
+            best.loss, best.vector, best.iteration = loss, vector.copy(), state["iteration"]
+        elif state["iteration"] - best.iteration >= patience:
             raise StopIteration  # the validation loss stopped improving
 
     started = time.perf_counter()
@@ -159,13 +169,13 @@ def fit_hidden(
             "gtol": 1e-12,
         },
     )
-    fitted = network.with_parameters(best["vector"])
+    fitted = network.with_parameters(best.vector)
     summary = {
         "iterations": state["iteration"],
-        "best_iteration": best["iteration"],
+        "best_iteration": best.iteration,
         "function_evaluations": int(result.nfev),
-        "training_loss": float(objective(best["vector"])[0]),
-        "validation_loss": float(best["loss"]),
+        "training_loss": float(objective(best.vector)[0]),
+        "validation_loss": float(best.loss),
         "stopped": str(result.message),
         "seconds": time.perf_counter() - started,
     }
