@@ -227,7 +227,10 @@ def write_specfull(
     kwargs = {"run2d": run2d, "fieldid": star.fieldid, "mjd": visit.mjd, "catalogid": star.catalogid}
     path = sdss_path("specFull", root, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    hdus = [ImageHDU(None, _specfull_cards(star, visit, run2d)), TableHDU(columns, name="COADD")]
+    hdus: list[ImageHDU | TableHDU] = [
+        ImageHDU(None, _specfull_cards(star, visit, run2d)),
+        TableHDU(columns, name="COADD"),
+    ]
     write_fits(path, [*hdus, TableHDU(summary, name="SPALL")])
     return file_row(
         star,

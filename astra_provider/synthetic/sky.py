@@ -38,7 +38,9 @@ def healpix_ring(nside: int, ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndar
     return pix
 
 
-def approximate_barycentric_correction(ra_deg: np.ndarray, dec_deg: np.ndarray, jd: np.ndarray) -> np.ndarray:
+def approximate_barycentric_correction(
+    ra_deg: float | np.ndarray, dec_deg: float | np.ndarray, jd: np.ndarray
+) -> np.ndarray:
     """Barycentric correction (km/s; vhelio = vobs + bc) for a circular Earth orbit, good to ~1 km/s.
 
     The Earth moves at 29.78 km/s toward ecliptic longitude L☉ − 90°, with L☉ the Sun's apparent longitude
