@@ -26,6 +26,7 @@ from astra_provider.operators._inputs import (
     is_summary,
     materialize,
     resolve_data_products,
+    skip_unless_enabled,
 )
 from astra_provider.utils import as_bool
 
@@ -131,9 +132,12 @@ class AstraTaskOperator(BaseOperator):
         (templated; ``0`` fails on any failure). Failed tasks are recorded in the astra database either way.
     :param astra_conn_id: the Airflow connection of the astra database (see
         :class:`~astra_provider.hooks.astra.AstraHook`).
+    :param enabled: (templated) false skips this Airflow task, saying so in its log (an optional step).
     """
 
-    template_fields: Sequence[str] = ("parameters", "input_data_products", "force", "max_failure_fraction")
+    template_fields: Sequence[str] = (
+        *("parameters", "input_data_products", "force", "max_failure_fraction", "enabled"),
+    )
     template_fields_renderers = {"parameters": "json", "input_data_products": "json"}
     ui_color = "#e8d8f5"
 
@@ -147,6 +151,7 @@ class AstraTaskOperator(BaseOperator):
         force: bool | str = False,
         max_failure_fraction: float | str = 0.0,
         astra_conn_id: str = "astra_default",
+        enabled: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -158,6 +163,7 @@ class AstraTaskOperator(BaseOperator):
         self.force = force
         self.max_failure_fraction = max_failure_fraction
         self.astra_conn_id = astra_conn_id
+        self.enabled, self.enabled_source = enabled, enabled
 
     # Helpers shared with ExecuteBundleOperator ------------------------------------------------------
 
@@ -235,6 +241,7 @@ class AstraTaskOperator(BaseOperator):
         self.log.error("%d failed task(s) (details: `astra show <pk>`):\n%s", len(failures), "\n".join(lines))
 
     def execute(self, context: Context) -> dict[str, Any]:
+        skip_unless_enabled(self.enabled, self.enabled_source, self.task_id)
         hook = self.get_hook()
         hook.configure()
         cls = self.load_task_class()
