@@ -40,6 +40,33 @@ DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.bundle['label'] }}"
 FAILED_TASKS_IN_XCOM = 20
 
 
+#: Environment variable: BLAS/OpenMP threads per task process (unset: the libraries' defaults, usually one
+#: per core). With as many task processes as cores (the executor's slots), 1 keeps the cores from being
+#: oversubscribed; see docs/deployment.md.
+THREADS_PER_TASK_VARIABLE = "ASTRA_THREADS_PER_TASK"
+
+
+@contextmanager
+def threads_per_task() -> Iterator[int | None]:
+    """Limit the BLAS/OpenMP thread pools to ``$ASTRA_THREADS_PER_TASK`` threads while a task runs
+    (``threadpoolctl``: it applies to libraries already loaded, unlike ``OMP_NUM_THREADS`` set after
+    NumPy's import); yields the limit, or ``None`` when the variable is unset.
+
+    :raises ValueError: if the variable is not a positive integer.
+    """
+    value = os.environ.get(THREADS_PER_TASK_VARIABLE, "").strip()
+    if not value:
+        yield None
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_PER_TASK_VARIABLE} must be a positive integer, got {value!r}")
+    import numpy  # noqa: F401  (load the BLAS library, so that its pool is limited too)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(value)):
+        yield int(value)
+
+
 class AstraTaskFailedError(AirflowException):
     """More astra tasks failed than the operator's ``max_failure_fraction`` allows."""
 
@@ -187,9 +214,9 @@ class AstraTaskOperator(BaseOperator):
         from astra_provider.base import TaskFailedError
 
         name = label or f"{type(instance).__name__} ({len(instance)} task{'s' if len(instance) != 1 else ''})"
-        self.log.info("Running %s", name)
-        with _FailuresLoggedOnce.applied(), suppress(TaskFailedError):  # all failed: see the summary
-            instance.execute(force=as_bool(self.force, "force"))
+        with threads_per_task() as threads, _FailuresLoggedOnce.applied(), suppress(TaskFailedError):
+            self.log.info("Running %s%s", name, f" ({threads} BLAS thread(s))" if threads else "")
+            instance.execute(force=as_bool(self.force, "force"))  # all failed: see the summary
         summary = instance.summary()
         n_tasks, done, failed = summary["n_tasks"], summary["skipped"], summary["failed"]
         if done == n_tasks:
