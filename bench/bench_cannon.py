@@ -21,6 +21,10 @@ What it does (every measurement runs in its own subprocess, so the peak RSS is t
    ``--thecannon-full`` also trains it on all ``--n-train`` stars (≈ 640 s and 10.6 GB at 10,000).
 4. Prints timings, the speed ratio, the scatter recovery and the label accuracy (rms, bias, median formal
    error) against the CRB side by side.
+
+The truth is itself a quadratic Cannon model and the spectra are truth-normalised: the bound is exact for a
+correct implementation, which is the point here (the maths and the comparison with TheCannon). Accuracy on a
+truth that chose none of the method's settings is ``bench/bench_labels.py``.
 """
 
 from __future__ import annotations

@@ -18,8 +18,11 @@ page faults per call. A slow run with kernel time is the cost of getting new out
 kernel, not of the arithmetic. The machine load is printed before and after: the figures are wall-clock
 times on whatever else the machine is running.
 
-``--accuracy`` also prints the accuracy table of ``docs/science.md``: rms and mean of ``C_fit/C − 1`` over
-the detector pixels of 300 spectra per S/N, for a sinusoidal and a per-chip quadratic true continuum.
+``--accuracy`` also prints the "fit's maths" table of ``docs/science.md``: rms and mean of ``C_fit/C − 1``
+over the detector pixels of 300 spectra per S/N, for a sinusoidal and a per-chip quadratic true continuum.
+Those spectra come from the quadratic truth and the shipped pixels are that truth's line-free pixels, so the
+table checks the fit and its noise propagation, not continuum accuracy on spectra whose truth chose nothing
+(that is ``bench/bench_labels.py``, on the independent truth with pixels derived from its training set).
 """
 
 from __future__ import annotations

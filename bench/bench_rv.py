@@ -10,7 +10,10 @@ Usage: ``.venv/bin/python bench/bench_rv.py [--n-spectra 2000] [--snr 50] [--n-b
    ±243 integer lags against all 27 templates (one matrix-vector product per lag), a parabola at the peak,
    then ``scipy.optimize.minimize_scalar`` on χ²(v) with the best template shifted by a cubic spline.
    The baseline refines v only; the batched pipeline also fits three labels.
-5. Prints ms/spectrum, the speed-up, and the accuracy against the Cramér–Rao bound.
+5. Prints ms/spectrum, the speed-up, and the accuracy against the Cramér–Rao bound. These accuracy figures
+   are quadratic-truth figures: the visit continuum uses the shipped pixels, which are that truth's
+   line-free pixels (a check of the machinery against an exact bound, not of accuracy on a truth that
+   chose nothing).
 6. With ``--apvisit-snr 25 50 100 200``: writes ``--n-visits`` apVisit files per S/N with the synthetic
    survey (no intrinsic scatter), measures them with :func:`measure_visit_radial_velocities` (as the
    DopplerRadialVelocity task does, from the arrays read by ``read_spectrum``) and prints rms, bias and

@@ -73,8 +73,12 @@ def cannon_surveys(tmp_path_factory):
 
 
 def test_cannon_train_and_test_tasks(astra_db, cannon_surveys, tmp_path):
+    from astra_provider.base import TaskFailedError
     from astra_provider.contrib.thecannon import TestTheCannon, TrainTheCannon
     from astra_provider.database.astradb import TheCannon
+    from astra_provider.science.cannon import CannonModel
+    from astra_provider.science.continuum import load_continuum_pixels
+    from astra_provider.science.continuum_pixels import continuum_pixel_set_id
 
     root, table, testing = cannon_surveys
     trained = TrainTheCannon(input_data_products=str(table), output_path=str(tmp_path / "model.npz"))
@@ -82,13 +86,32 @@ def test_cannon_train_and_test_tasks(astra_db, cannon_surveys, tmp_path):
     assert summary[0]["n_training"] == 300 if isinstance(summary, list) else summary["n_training"] == 300
     assert [dp.path for dp in trained.tasks[0].output_data_products] == [str(tmp_path / "model.npz")]
 
+    model_path = str(tmp_path / "model.npz")
+    model = CannonModel.load(model_path)
+    # The model carries the continuum pixels derived from its training set (not the shipped list).
+    assert model.continuum_pixels is not None and 210 <= model.continuum_pixels.sum() < 3000
+    assert model.metadata["continuum_pixels"]["id"] == model.continuum_pixels_id
+    assert model.continuum_pixels_id != continuum_pixel_set_id(load_continuum_pixels())
+
     truth = testing.of_filetype("apStar")
+    test_paths = [str(root / "test" / r["path"]) for r in truth]
+    # Spectra normalised with other pixels (the shipped default) are refused, naming both pixel sets.
+    other = SinusoidalContinuum(input_data_products=test_paths[:1], output_dir=str(tmp_path / "other"))
+    other.execute()
+    wrong = TestTheCannon(
+        input_data_products=[other.tasks[0].output_data_products[0].pk], model_path=model_path
+    )
+    with pytest.raises(TaskFailedError, match=f"pixel set px.*{model.continuum_pixels_id}") as error:
+        wrong.execute()
+    assert continuum_pixel_set_id(load_continuum_pixels()) in str(error.value)
+
     normalised = SinusoidalContinuum(
-        input_data_products=[str(root / "test" / r["path"]) for r in truth], output_dir=str(tmp_path / "norm")
+        input_data_products=test_paths, output_dir=str(tmp_path / "norm"), model_path=model_path
     )
     normalised.execute()
-    inputs = [t.output_data_products[0].pk for t in normalised.tasks]  # a row range of the bundle's file
-    tested = TestTheCannon(input_data_products=inputs, model_path=str(tmp_path / "model.npz"))
+    inputs = [t.output_data_products[0] for t in normalised.tasks]  # a row range of the bundle's file
+    assert read_normalized(inputs[0]).meta["continuum_pixels_id"] == model.continuum_pixels_id
+    tested = TestTheCannon(input_data_products=[dp.pk for dp in inputs], model_path=model_path)
     labels = tested.execute()
     assert tested.summary()["completed"] == len(truth)
     with session_scope() as session:

@@ -1,4 +1,9 @@
-"""Tests for the Sinusoidal pseudo-continuum (astra_provider.science.continuum)."""
+"""Tests for the Sinusoidal pseudo-continuum (astra_provider.science.continuum).
+
+These test the fit's maths: the spectra come from the quadratic truth and the continuum pixels are that
+truth's own line-free pixels (the shipped list), so the accuracy bounds here are those of a perfect pixel
+set. Continuum accuracy with pixels found from data, on a truth that chose nothing, is in
+``tests/test_continuum_pixels.py`` (and ``bench/bench_labels.py``)."""
 
 from __future__ import annotations
 

@@ -142,3 +142,15 @@ def test_demo_rejects_sizes_below_one(option, tmp_path):
         timeout=60,
     )
     assert result.returncode == 2 and "must be at least 1" in result.stderr
+
+
+def test_demo_on_the_independent_truth(tmp_path):
+    """``--truth-model independent``: surveys from a truth that chose none of the method's settings, the
+    accuracy against that truth's own bounds (labels far above them: a quadratic model cannot follow it)."""
+    home = tmp_path / "astra-demo"
+    output = run_demo(home, "--truth-model", "independent", "--no-plots", own_airflow_home=True)
+    assert "known truth: the independent truth model" in output
+    assert (home / "data" / f"training-{TRAINING_STARS}stars-seed1-independent" / "survey.json").exists()
+    expected = {"train": 1, "continuum": STARS, "doppler": STARS * VISITS, "thecannon": STARS}
+    assert steps(output) == {step: (n, n, 0, 0) for step, n in expected.items()}, output
+    check_accuracy(output)

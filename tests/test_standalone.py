@@ -227,7 +227,7 @@ def _sensor_pipeline(api: Api, home: Path, log: Path, model: Path, tmp_path: Pat
         for task_id in ("continuum", "doppler", "thecannon")
     }
     assert labels == {
-        "continuum": [f"SinusoidalContinuum (2 tasks, {i}/2)" for i in (1, 2)],
+        "continuum": [f"SinusoidalContinuum model_path=thecannon.npz (2 tasks, {i}/2)" for i in (1, 2)],
         "doppler": [f"DopplerRadialVelocity model_path=thecannon.npz (2 tasks, {i}/2)" for i in (1, 2)],
         "thecannon": [f"TestTheCannon model_path=thecannon.npz (2 tasks, {i}/2)" for i in (1, 2)],
     }

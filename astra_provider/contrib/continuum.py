@@ -10,7 +10,7 @@ Output file ``{output_dir}/astraContinuum-{version}-{digest}.fits``, where ``dig
 and ``pk`` of every task in the file (so different parameters, versions, bundles or forced re-runs never
 share a name):
 
-* HDU 0: ``V_ASTRA`` (version), ``TASKNAME``, ``CONTDEG``, ``CONTL``, ``NTASKS``, ``NROWS``;
+* HDU 0: ``V_ASTRA`` (version), ``TASKNAME``, ``CONTDEG``, ``CONTL``, ``CONTPIX``, ``NTASKS``, ``NROWS``;
 * ``WAVELENGTH`` (P,) float64 vacuum Å;
 * ``FLUX``, ``IVAR`` (n, P) float32: normalised flux and its inverse variance;
 * ``CONTINUUM`` (n, P) float32: the fitted continuum in the input flux units;
@@ -21,6 +21,10 @@ A task's output data product has ``filetype = "astraContinuum"``, ``path`` the f
 ``kwargs = {"path", "row_start", "row_stop"}``: its rows are ``[row_start, row_stop)`` of ``FLUX``, ``IVAR``,
 ``CONTINUUM`` and ``ROWS``. :func:`read_normalized` reads a data product (or a path and rows);
 :func:`read_normalized_inputs` reads the inputs of a whole bundle (TestTheCannon, TestThePayne).
+
+The continuum pixels are those of ``continuum_pixels_path`` (a pixel file), else of the Cannon model at
+``model_path`` (the pixels its training spectra were normalised with), else the shipped synthetic-quadratic
+list; their set id is recorded as ``CONTPIX``, which ``TestTheCannon`` checks against its model.
 """
 
 from __future__ import annotations
@@ -59,15 +63,33 @@ class SinusoidalContinuum(TaskInstance):
         default=None, type=str, bundled=True, description="Where to write the normalised spectra."
     )
 
+    model_path = Parameter(
+        default=None,
+        type=str,
+        bundled=True,
+        description="A Cannon model: normalise with its continuum pixels.",
+    )
+    continuum_pixels_path = Parameter(
+        default=None,
+        type=str,
+        bundled=True,
+        description="A continuum-pixel file (one pixel index per line); default: the model's pixels, else "
+        "the shipped synthetic-quadratic list.",
+    )
+
     def execute(self):
         import numpy as np
 
-        from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
+        from astra_provider.science.cannon.continuum_pixels import resolve_continuum_pixels
+        from astra_provider.science.continuum import continuum_normalize
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id
+        from astra_provider.sdss.apogee import apogee_wavelength
         from astra_provider.sdss.spectrum import read_spectrum
 
         output_dir = Path(self.output_dir or astra_home() / "outputs" / "continuum")
         output_dir.mkdir(parents=True, exist_ok=True)
-        mask = load_continuum_pixels()
+        mask, _ = resolve_continuum_pixels(apogee_wavelength(), self.model_path, self.continuum_pixels_path)
+        pixels_id = continuum_pixel_set_id(mask)
 
         def read(path: str):
             spectrum = read_spectrum(path)
@@ -121,6 +143,7 @@ class SinusoidalContinuum(TaskInstance):
                 deg=self.deg,
                 length_scale=float(self.length_scale),
                 task_name=type(self).task_path(),
+                continuum_pixels_id=pixels_id,
             )
         except OSError as error:
             for task, *_ in kept:
@@ -198,6 +221,7 @@ def write_normalized(
     deg: int,
     length_scale: float,
     task_name: str,
+    continuum_pixels_id: str | None = None,
 ) -> None:
     """Write a bundle's normalised spectra (layout in the module docstring), atomically.
 
@@ -225,6 +249,7 @@ def write_normalized(
         ("TASKNAME", task_name, "task class"),
         ("CONTDEG", int(deg), "sinusoid pairs per region"),
         ("CONTL", float(length_scale), "sinusoid period (Angstrom)"),
+        *([("CONTPIX", continuum_pixels_id, "continuum-pixel set id")] if continuum_pixels_id else []),
         ("NTASKS", len(sources), "tasks in this file"),
         ("NROWS", int(sum(counts)), "spectrum rows in this file"),
     ]
@@ -404,6 +429,7 @@ class NormalizedFile:
             "filetype": OUTPUT_FILETYPE,
             "source": sources[0] if len(sources) == 1 else sources,
             "continuum": (self.header.get("CONTDEG"), self.header.get("CONTL")),
+            "continuum_pixels_id": self.header.get("CONTPIX"),
             "snr": np.asarray(table["SNR"][rows], dtype=float),
         }
         for column, key in (("ROW_INDEX", "row_index"), ("TASK_PK", "task_pk")):

@@ -4,7 +4,10 @@ to every spectrum of the bundle in one batch).
 
 Training spectra are pseudo-continuum normalised with the same Sinusoidal method (and settings, stored in
 the model) that :class:`~astra_provider.contrib.continuum.SinusoidalContinuum` applies before the test
-step; :class:`TestTheCannon` refuses inputs normalised with other settings.
+step. The continuum pixels are derived from the training set itself by default
+(:func:`~astra_provider.science.cannon.continuum_pixels.derive_continuum_pixels`) and stored in the model;
+``SinusoidalContinuum(model_path=...)`` normalises test spectra with them, and :class:`TestTheCannon`
+refuses inputs normalised with other settings or another pixel set.
 """
 
 from __future__ import annotations
@@ -37,16 +40,33 @@ class TrainTheCannon(TaskInstance):
     output_path = Parameter(default=None, type=str, description="Model file to write (.npz or .fits).")
     deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
     length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
+    continuum_pixels_path = Parameter(
+        default=None,
+        type=str,
+        description="A continuum-pixel file (one pixel index per line) for the training spectra; default: "
+        "derive the pixels from the training set (stored in the model either way).",
+    )
 
     def execute(self):
         from astra_provider.science.cannon import train
+        from astra_provider.science.continuum import continuum_normalize
 
         results = []
         for task, data_products in self.iterable():
             table_path = data_products[0].path
             labels, paths = read_training_table(table_path, self.label_names)
-            keep, wavelength, flux, ivar = normalized_training_spectra(
-                table_path, paths, self.deg, float(self.length_scale)
+            _require_enough_spectra(table_path, len(paths), len(self.label_names))
+            keep, wavelength, flux, ivar = read_training_spectra(table_path, paths)
+            _require_enough_spectra(table_path, len(keep), len(self.label_names), len(paths))
+            pixels, pixel_info = self._continuum_pixels(labels[keep], flux, ivar, wavelength)
+            flux, ivar, _ = continuum_normalize(
+                wavelength,
+                flux,
+                ivar,
+                pixels,
+                deg=self.deg,
+                length_scale=float(self.length_scale),
+                on_failure="nan",
             )
             model = train(
                 labels[keep],
@@ -55,11 +75,13 @@ class TrainTheCannon(TaskInstance):
                 list(self.label_names),
                 wavelength,
                 regularization=float(self.regularization),
+                continuum_pixels=pixels,
                 metadata={
                     "task_id": task.task_id,
                     "training_table": table_path,
                     "continuum_deg": self.deg,
                     "continuum_length_scale": float(self.length_scale),
+                    "continuum_pixels": pixel_info,
                     "n_excluded": len(paths) - len(keep),
                 },
             )
@@ -73,6 +95,25 @@ class TrainTheCannon(TaskInstance):
                 {"model_path": str(output), "n_training": len(keep), "n_excluded": len(paths) - len(keep)}
             )
         return results
+
+    def _continuum_pixels(self, labels, flux, ivar, wavelength):
+        """The continuum pixels of the training spectra (from the file, or derived) and their description."""
+        from astra_provider.science.cannon.continuum_pixels import derive_continuum_pixels
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id, read_continuum_pixel_file
+
+        if self.continuum_pixels_path is not None:
+            pixels = read_continuum_pixel_file(self.continuum_pixels_path, wavelength.size)
+            return pixels, {"source": str(self.continuum_pixels_path), "id": continuum_pixel_set_id(pixels)}
+        selection = derive_continuum_pixels(
+            labels,
+            flux,
+            ivar,
+            list(self.label_names),
+            wavelength,
+            deg=self.deg,
+            length_scale=float(self.length_scale),
+        )
+        return selection.mask, {"source": "derived from the training set", **selection.summary()}
 
 
 class TestTheCannon(TaskInstance):
@@ -92,11 +133,14 @@ class TestTheCannon(TaskInstance):
 
         from astra_provider.contrib.continuum import read_normalized_inputs
         from astra_provider.science.cannon import fit
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id, demo_continuum_pixels
 
         settings = (
             self.model.metadata.get("continuum_deg"),
             self.model.metadata.get("continuum_length_scale"),
         )
+        model_pixels = self.model.continuum_pixels_id
+        legacy_pixels = continuum_pixel_set_id(demo_continuum_pixels())  # files without CONTPIX used these
 
         def check(path: str, spectrum) -> None:
             used = spectrum.meta.get("continuum")
@@ -105,8 +149,20 @@ class TestTheCannon(TaskInstance):
                     f"{path}: normalised with (deg, length_scale) = {tuple(used)}, "
                     f"but the model was trained with {settings}"
                 )
-            if spectrum.n_pixels != self.model.n_pixels:
-                raise ValueError(f"{path}: {spectrum.n_pixels} pixels; the model has {self.model.n_pixels}")
+            pixels = spectrum.meta.get("continuum_pixels_id") or legacy_pixels
+            if pixels != model_pixels:
+                raise ValueError(
+                    f"{path}: normalised with continuum pixel set {pixels}, but the model {self.model_path} "
+                    f"was trained on spectra normalised with pixel set {model_pixels}; normalise with "
+                    f"SinusoidalContinuum(model_path=...)"
+                )
+            if spectrum.n_pixels != self.model.n_pixels or not np.allclose(
+                spectrum.wavelength, self.model.wavelength, rtol=1e-9, atol=0.0
+            ):
+                raise ValueError(
+                    f"{path}: {spectrum.n_pixels} pixels at {_grid(spectrum.wavelength)}, but the model "
+                    f"{self.model_path} has {self.model.n_pixels} at {_grid(self.model.wavelength)}"
+                )
 
         inputs = read_normalized_inputs(self, check)
         if not inputs:
@@ -136,6 +192,37 @@ def _finite(value):
     return value if not isinstance(value, float) or np.isfinite(value) else None
 
 
+def _grid(wavelength) -> str:
+    return f"{wavelength[0]:.3f}-{wavelength[-1]:.3f} Å"
+
+
+def _require_enough_spectra(table_path: str, n: int, n_labels: int, n_rows: int | None = None) -> None:
+    """Refuse a training set too small for a quadratic model (before any spectrum is read or normalised)."""
+    n_terms = (n_labels + 1) * (n_labels + 2) // 2
+    if n < 2 * n_terms:
+        readable = "" if n_rows is None else f" readable of {n_rows}"
+        raise ValueError(
+            f"{table_path}: {n}{readable} training spectra are too few for a quadratic model of {n_labels} "
+            f"labels ({n_terms} coefficients per pixel): at least {2 * n_terms} are needed"
+        )
+
+
+def _common_wavelength(spectra, paths):
+    """The wavelength grid shared by all training spectra; an error names the first that differs."""
+    import numpy as np
+
+    reference = spectra[0].wavelength
+    for spectrum, path in zip(spectra, paths, strict=True):
+        if spectrum.wavelength.shape != reference.shape or not np.allclose(
+            spectrum.wavelength, reference, rtol=1e-9, atol=0.0
+        ):
+            raise ValueError(
+                f"{path}: {spectrum.n_pixels} pixels at {_grid(spectrum.wavelength)}, but {paths[0]} has "
+                f"{reference.size} at {_grid(reference)}: training spectra must share one wavelength grid"
+            )
+    return reference
+
+
 def read_training_table(path: str, label_names) -> tuple:
     """``(labels (N, K), paths)`` from a FITS or CSV table with a ``path`` column and the label columns."""
     import numpy as np
@@ -160,16 +247,15 @@ def read_training_table(path: str, label_names) -> tuple:
     return labels, paths
 
 
-def normalized_training_spectra(table_path: str, paths: list[str], deg: int, length_scale: float) -> tuple:
-    """``(kept indices, wavelength, flux, ivar)``: the first row of every readable spectrum of ``paths``,
-    pseudo-continuum normalised with the Sinusoidal method (``deg``, ``length_scale``) that
-    :class:`~astra_provider.contrib.continuum.SinusoidalContinuum` applies before the test step.
+def read_training_spectra(table_path: str, paths: list[str]) -> tuple:
+    """``(kept indices, wavelength, flux, ivar)``: the first row of every readable spectrum of ``paths``, as
+    observed (not normalised).
 
-    Unreadable spectra are logged and left out; none readable is a ``ValueError`` naming ``table_path``.
+    Unreadable spectra are logged and left out; none readable is a ``ValueError`` naming ``table_path``, and
+    so is a spectrum on another wavelength grid than the first (naming both files).
     """
     import numpy as np
 
-    from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
     from astra_provider.sdss.spectrum import read_spectrum
 
     spectra, keep = [], []
@@ -181,12 +267,27 @@ def normalized_training_spectra(table_path: str, paths: list[str], deg: int, len
             log.warning("excluding training spectrum: %s", error)
     if not spectra:
         raise ValueError(f"{table_path}: none of the {len(paths)} training spectra could be read")
-    wavelength = spectra[0].wavelength
+    wavelength = _common_wavelength(spectra, [paths[i] for i in keep])
+    flux = np.concatenate([s.flux[:1] for s in spectra])
+    ivar = np.concatenate([s.ivar[:1] for s in spectra])
+    return keep, wavelength, flux, ivar
+
+
+def normalized_training_spectra(
+    table_path: str, paths: list[str], deg: int, length_scale: float, continuum_mask=None
+) -> tuple:
+    """:func:`read_training_spectra`, pseudo-continuum normalised with the Sinusoidal method (``deg``,
+    ``length_scale``) that :class:`~astra_provider.contrib.continuum.SinusoidalContinuum` applies before the
+    test step, on ``continuum_mask`` (default: the shipped synthetic-quadratic list).
+    """
+    from astra_provider.science.continuum import continuum_normalize, load_continuum_pixels
+
+    keep, wavelength, flux, ivar = read_training_spectra(table_path, paths)
     flux, ivar, _ = continuum_normalize(
         wavelength,
-        np.concatenate([s.flux[:1] for s in spectra]),
-        np.concatenate([s.ivar[:1] for s in spectra]),
-        load_continuum_pixels(),
+        flux,
+        ivar,
+        load_continuum_pixels() if continuum_mask is None else continuum_mask,
         deg=deg,
         length_scale=length_scale,
         on_failure="nan",

@@ -76,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="run every task again, even those already done (force=true)"
     )
+    parser.add_argument(
+        "--truth-model",
+        choices=("quadratic", "independent"),
+        default="quadratic",
+        help="truth model of the synthetic surveys: 'quadratic' (default, fast; exactly a quadratic Cannon, "
+        "so the labels reach its bound) or 'independent' (a truth that chose none of the method's "
+        "settings: the honest accuracy; slower)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="do not write the diagnostic plots")
     parser.add_argument(
         "--progress-interval", type=float, default=2.0, help="seconds between progress polls (default 2)"

@@ -26,7 +26,8 @@ def rv_accuracy(astra_url: str, task_pks: list[int], truth: Any) -> dict[str, An
     from astra_provider.database import session_scope
     from astra_provider.database.astradb import DataProduct, Doppler
     from astra_provider.database.recording import select_in
-    from astra_provider.synthetic.model import TruthModel, crb_rv
+    from astra_provider.synthetic.model import crb_rv
+    from astra_provider.synthetic.truth_model import truth_model_from_survey
 
     by_key = truth_by_keywords(truth)
     with session_scope(astra_url) as session:
@@ -54,7 +55,7 @@ def rv_accuracy(astra_url: str, task_pks: list[int], truth: Any) -> dict[str, An
     true = np.array([m[3]["vhelio_kms"] for m in matched])
     snr = np.array([m[3]["snr"] for m in matched])
     labels = np.array([[m[3]["teff"], m[3]["logg"], m[3]["fe_h"]] for m in matched])
-    model = TruthModel.default(int(truth.parameters.get("model_seed", 0)))
+    model = truth_model_from_survey(truth.parameters)
     crb = crb_rv(model, labels, snr, true - np.array([m[3]["bc_kms"] for m in matched]))
     return {
         "n": len(matched),
@@ -83,7 +84,8 @@ def label_accuracy(astra_url: str, task_pks: list[int], truth: Any) -> dict[str,
         TheCannon,
     )
     from astra_provider.database.recording import select_in
-    from astra_provider.synthetic.model import TruthModel, crb_labels
+    from astra_provider.synthetic.model import crb_labels
+    from astra_provider.synthetic.truth_model import truth_model_from_survey
 
     source = aliased(DataProduct)
     by_key = truth_by_keywords(truth)
@@ -118,7 +120,7 @@ def label_accuracy(astra_url: str, task_pks: list[int], truth: Any) -> dict[str,
     fitted = np.array([m[0] for m in matched], dtype=float)
     true = np.array([[m[2]["teff"], m[2]["logg"], m[2]["fe_h"]] for m in matched])
     snr = np.array([m[2]["snr"] for m in matched])
-    model = TruthModel.default(int(truth.parameters.get("model_seed", 0)))
+    model = truth_model_from_survey(truth.parameters)
     return {
         "n": len(matched),
         "n_results": len(latest),

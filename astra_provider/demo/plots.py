@@ -19,6 +19,7 @@ def write_plots(
     output_dir: Path,
     folder: Path,
     say: Callable[[str], None],
+    model_path: Path | None = None,
 ) -> list[Path]:
     """The plots in ``folder`` (those there is data for); without matplotlib, ``say`` why there are none."""
     try:
@@ -39,7 +40,7 @@ def write_plots(
         written.append(plot_labels(plt, labels, folder / "cannon_labels.png"))
     if rv["n"]:
         written.append(plot_rv(plt, rv, folder / "rv_residuals.png"))
-    example = plot_continuum(plt, surveys, output_dir, folder / "continuum_example.png")
+    example = plot_continuum(plt, surveys, output_dir, folder / "continuum_example.png", model_path)
     if example is not None:
         written.append(example)
     return written
@@ -110,12 +111,15 @@ def plot_rv(plt: Any, rv: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_continuum(plt: Any, surveys: Surveys, output_dir: Path, path: Path) -> Path | None:
-    """The continuum fit of a median-S/N apStar spectrum, if it was normalised into ``output_dir``."""
+def plot_continuum(
+    plt: Any, surveys: Surveys, output_dir: Path, path: Path, model_path: Path | None = None
+) -> Path | None:
+    """The continuum fit of a median-S/N apStar spectrum, if it was normalised into ``output_dir``, with the
+    continuum pixels of the Cannon model at ``model_path`` (those the pipeline normalised with)."""
     import numpy as np
 
     from astra_provider.contrib.continuum import find_normalized
-    from astra_provider.science.continuum import load_continuum_pixels
+    from astra_provider.science.cannon.continuum_pixels import resolve_continuum_pixels
     from astra_provider.sdss.spectrum import read_spectrum
 
     rows = sorted(surveys.survey.of_filetype("apStar"), key=lambda row: row["snr"])
@@ -127,8 +131,9 @@ def plot_continuum(plt: Any, surveys: Surveys, output_dir: Path, path: Path) -> 
     if fit is None:
         return None
     observed = read_spectrum(source)
-    mask = load_continuum_pixels()
     wavelength = observed.wavelength
+    has_model = model_path is not None and Path(model_path).exists()
+    mask, _ = resolve_continuum_pixels(wavelength, model_path if has_model else None)
     flux = np.where(observed.ivar[0] > 0, observed.flux[0], np.nan)
     continuum = np.where(observed.ivar[0] > 0, fit.extras["continuum"][0], np.nan)
     figure, axes = plt.subplots(2, 1, figsize=(13, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1]})

@@ -59,6 +59,7 @@ class Demo:
             stars=options.stars,
             visits=options.visits,
             training_stars=options.training_stars,
+            truth_model=getattr(options, "truth_model", "quadratic"),
             say=self.console.say,
         )
         with output_to(self.log_path):
@@ -156,7 +157,7 @@ class Demo:
         print_accuracy(rv, labels, say)
         plots: list[Path] = []
         if not self.options.no_plots:
-            plots = write_plots(rv, labels, surveys, output_dir, self.home / "plots", say)
+            plots = write_plots(rv, labels, surveys, output_dir, self.home / "plots", say, model_path)
         print_outputs(
             say,
             astra_url=self.astra_url,

@@ -32,14 +32,25 @@ class Surveys:
 
 
 def prepare_surveys(
-    data: Path, *, stars: int, visits: int, training_stars: int, say: Callable[[str], None]
+    data: Path,
+    *,
+    stars: int,
+    visits: int,
+    training_stars: int,
+    say: Callable[[str], None],
+    truth_model: str = "quadratic",
 ) -> Surveys:
-    """The training set and the test survey under ``data``: read if there, else generated."""
+    """The training set and the test survey under ``data``: read if there, else generated from the truth
+    model ``truth_model`` (``"quadratic"`` or ``"independent"``,
+    :func:`~astra_provider.synthetic.truth_model.make_truth_model`)."""
     from astra_provider.synthetic.survey import TRUTH_FILENAME, SurveyTruth, generate_survey
+    from astra_provider.synthetic.truth_model import make_truth_model
 
-    training_root = data / f"training-{training_stars}stars-seed{TRAINING_SEED}"
-    survey_root = data / f"survey-{stars}stars-{visits}visits-seed{SURVEY_SEED}"
-    say("\n==> Synthetic surveys (known truth)")
+    suffix = "" if truth_model == "quadratic" else f"-{truth_model}"
+    training_root = data / f"training-{training_stars}stars-seed{TRAINING_SEED}{suffix}"
+    survey_root = data / f"survey-{stars}stars-{visits}visits-seed{SURVEY_SEED}{suffix}"
+    model = None if truth_model == "quadratic" else make_truth_model(truth_model)
+    say(f"\n==> Synthetic surveys (known truth: the {truth_model} truth model)")
     if training_stars < SCIENCE_TRAINING_STARS:
         say(
             f"  note: {training_stars} training stars is a small training set; a good Cannon "
@@ -78,7 +89,7 @@ def prepare_surveys(
             say(f"  {label:<13} re-using {counts} under {root}")
         else:
             say(f"  {label:<13} generating {kwargs['n_stars']} stars under {root} ...")
-            truth = generate_survey(root, boss_visits_per_star=0, overwrite=True, **kwargs)
+            truth = generate_survey(root, boss_visits_per_star=0, overwrite=True, model=model, **kwargs)
             counts = ", ".join(f"{n} {ft}" for ft, n in sorted(truth.counts().items()))
             snr = kwargs["snr"]
             snr_text = f"S/N {snr[0]:g}" if snr[0] == snr[1] else f"visit S/N {snr[0]:g}-{snr[1]:g}"

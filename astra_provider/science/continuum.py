@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import Literal
 
 import numpy as np
 from numpy.typing import DTypeLike
 
-from astra_provider.sdss.apogee import APOGEE_NPIX, APOGEE_REGIONS_AA
+from astra_provider.science.continuum_pixels import DEMO_CONTINUUM_PIXELS_FILE, demo_continuum_pixels
+from astra_provider.sdss.apogee import APOGEE_REGIONS_AA
 
 __all__ = [
     "ContinuumFitError",
@@ -42,7 +42,7 @@ __all__ = [
 RIDGE_FACTOR = 1e-6
 """Ridge added to the normal matrix, relative to its largest eigenvalue (Astra's ``__magic_scalar``)."""
 
-CONTINUUM_PIXELS_FILE = "apogee_continuum_pixels.txt"
+CONTINUUM_PIXELS_FILE = DEMO_CONTINUUM_PIXELS_FILE
 
 
 class ContinuumFitError(ValueError):
@@ -68,20 +68,11 @@ class ContinuumFitError(ValueError):
         )
 
 
-@lru_cache(maxsize=1)
-def _continuum_pixel_indices() -> np.ndarray:
-    text = resources.files("astra_provider").joinpath("data", CONTINUUM_PIXELS_FILE).read_text()
-    indices = np.loadtxt(text.splitlines(), comments="#", dtype=np.int64, ndmin=1)
-    if indices.size == 0 or indices.min() < 0 or indices.max() >= APOGEE_NPIX:
-        raise ValueError(f"{CONTINUUM_PIXELS_FILE} must hold apStar pixel indices in [0, {APOGEE_NPIX})")
-    return indices
-
-
 def load_continuum_pixels() -> np.ndarray:
-    """Boolean mask (8575,) of the continuum pixels shipped in ``astra_provider/data``."""
-    mask = np.zeros(APOGEE_NPIX, dtype=bool)
-    mask[_continuum_pixel_indices()] = True
-    return mask
+    """Boolean mask (8575,) of the pixel list shipped in ``astra_provider/data``: the line-free pixels of the
+    *synthetic quadratic* truth model, a default for that model's spectra only (see
+    :mod:`astra_provider.science.continuum_pixels`; a Cannon model carries its own pixel set)."""
+    return demo_continuum_pixels()
 
 
 def sinusoid_basis(wavelength: np.ndarray, deg: int = 3, length_scale: float = 1400.0) -> np.ndarray:
@@ -424,7 +415,8 @@ def continuum_normalize(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit and apply the Sinusoidal continuum: returns ``(flux_norm, ivar_norm, continuum)``.
 
-    ``continuum_mask`` defaults to the shipped APOGEE list (:func:`load_continuum_pixels`). All spectra are
+    ``continuum_mask`` defaults to the shipped list of the synthetic quadratic truth
+    (:func:`load_continuum_pixels`); for The Cannon pass its model's ``continuum_pixels``. All spectra are
     fitted first (only their continuum pixels are read); then the continuum is evaluated and applied a few
     spectra at a time, so each output is written once and the temporaries stay in cache. ``dtype`` (of all
     three results; computed in float64 and rounded once) and ``out`` (a preallocated triple of ``dtype``;

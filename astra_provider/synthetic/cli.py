@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from astra_provider.synthetic.truth import SURVEY_FILETYPES
+from astra_provider.synthetic.truth_model import TRUTH_MODEL_KINDS, make_truth_model
 
 __all__ = ["DESCRIPTION", "add_arguments", "main", "run"]
 
@@ -39,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="survey seed (default 0)")
     parser.add_argument("--model-seed", type=int, default=0, help="truth line-list seed (default 0)")
+    parser.add_argument(
+        "--truth-model",
+        choices=list(TRUTH_MODEL_KINDS),
+        default="quadratic",
+        help="APOGEE truth model: 'quadratic' (line depths exactly quadratic in the labels; default) or "
+        "'independent' (Saha-Boltzmann line strengths, exp(-tau) profiles, molecular bands)",
+    )
     parser.add_argument(
         "--filetypes",
         nargs="+",
@@ -83,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
             snr=snr,
             seed=args.seed,
             model_seed=args.model_seed,
+            model=None
+            if args.truth_model == "quadratic"
+            else make_truth_model(args.truth_model, args.model_seed),
             filetypes=args.filetypes,
             boss_visits_per_star=args.boss_visits_per_star,
             apred=args.apred,

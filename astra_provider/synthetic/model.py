@@ -611,7 +611,8 @@ def make_spectra(
 def _pixel_weights(model: TruthModel, snr: float | np.ndarray, n: int, include_scatter: bool) -> np.ndarray:
     """Inverse variances (n, P) on the normalised flux for white noise σ = 1/SNR; zero off-detector."""
     snr_arr = np.broadcast_to(np.asarray(snr, dtype=float), (n,))
-    variance = 1.0 / snr_arr[:, None] ** 2 + (model.intrinsic_scatter() ** 2 if include_scatter else 0.0)
+    scatter = model.intrinsic_scatter() if include_scatter else None
+    variance = 1.0 / snr_arr[:, None] ** 2 + (0.0 if scatter is None else scatter**2)
     return np.where(apogee_detector_mask(), 1.0 / np.broadcast_to(variance, (n, APOGEE_NPIX)), 0.0)
 
 
@@ -624,6 +625,8 @@ def crb_labels(
     """Cramér–Rao bounds (n, 3) on (teff, logg, fe_h) for spectra at rest with σ = 1/SNR per detector pixel.
 
     ``sqrt(diag((Jᵀ W J)⁻¹))`` with J = ∂F/∂ℓ; ``include_scatter`` adds s_p² to the per-pixel variance.
+    ``model`` is a :class:`TruthModel` or any model with its ``label_jacobian`` and ``intrinsic_scatter``
+    methods, such as :class:`~astra_provider.synthetic.independent.IndependentTruthModel`.
     """
     labels = np.atleast_2d(np.asarray(labels, dtype=float))
     jacobian = model.label_jacobian(labels)
@@ -642,7 +645,8 @@ def crb_rv(
     """Cramér–Rao bound on the radial velocity (km/s), (n,), for σ = 1/SNR per detector pixel.
 
     Default is the matched-template bound ``[Σ (∂F/∂v)²/σ²]^−½``; ``marginalize_labels=True`` fits the
-    three labels jointly with v (4×4 Fisher matrix).
+    three labels jointly with v (4×4 Fisher matrix). ``model`` as in :func:`crb_labels` (it also needs
+    ``velocity_derivative``).
     """
     labels = np.atleast_2d(np.asarray(labels, dtype=float))
     n = labels.shape[0]

@@ -30,7 +30,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["ApogeeTruthModel"]
+__all__ = ["TRUTH_MODEL_KINDS", "ApogeeTruthModel", "make_truth_model", "truth_model_from_survey"]
+
+TRUTH_MODEL_KINDS = ("quadratic", "independent")
+"""Names of the truth models of :func:`make_truth_model` (``astra synthetic-survey --truth-model``)."""
 
 
 @runtime_checkable
@@ -75,3 +78,36 @@ class ApogeeTruthModel(Protocol):
     def survey_parameters(self) -> dict[str, Any]:
         """JSON-serialisable keys that identify the model, recorded in ``survey.json``."""
         ...
+
+
+def make_truth_model(kind: str = "quadratic", seed: int = 0) -> ApogeeTruthModel:
+    """The truth model called ``kind``, built from ``seed``.
+
+    - ``"quadratic"``: :class:`~astra_provider.synthetic.model.TruthModel` (Gaussian lines with depths
+      exactly quadratic in the labels: its Cramér–Rao bound is exact for a quadratic Cannon; the shipped
+      demo continuum pixels come from its seed 0);
+    - ``"independent"``: :class:`~astra_provider.synthetic.independent.IndependentTruthModel` (its own
+      line list, non-polynomial Saha–Boltzmann strengths, exp(−τ) profiles, molecular bands): a truth that
+      chose none of the method's settings.
+
+    :raises ValueError: for another ``kind``.
+    """
+    if kind == "quadratic":
+        from astra_provider.synthetic.model import TruthModel
+
+        return TruthModel.default(seed)
+    if kind == "independent":
+        from astra_provider.synthetic.independent import IndependentTruthModel
+
+        return IndependentTruthModel.default(seed)
+    raise ValueError(f"unknown truth model {kind!r}; expected one of {', '.join(TRUTH_MODEL_KINDS)}")
+
+
+def truth_model_from_survey(parameters: dict[str, Any]) -> ApogeeTruthModel:
+    """The truth model of a survey from its ``survey.json`` parameters (``SurveyTruth.parameters``).
+
+    A survey without a ``truth_model`` key was made by the quadratic model.
+    """
+    return make_truth_model(
+        str(parameters.get("truth_model", "quadratic")), int(parameters.get("model_seed", 0))
+    )

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "MODEL_KIND",
+    "OPTIONAL_ARRAYS",
     "REQUIRED_ARRAYS",
     "cannon_model_arrays",
     "cannon_model_fields",
@@ -30,8 +31,10 @@ __all__ = [
 
 #: The ``kind`` of every Cannon model file (unchanged since the model lived in one module of this name).
 MODEL_KIND = "astra_provider.science.cannon.CannonModel"
-#: Newest file format version this code writes and reads.
-FORMAT_VERSION = 1
+#: Newest file format version this code writes and reads (2: adds the optional ``continuum_pixels``).
+FORMAT_VERSION = 2
+#: Arrays a file may lack (older format versions): the model field is then ``None``.
+OPTIONAL_ARRAYS = ("continuum_pixels",)
 #: The arrays of a model file (npz members; FITS HDUs and columns map onto the same names).
 REQUIRED_ARRAYS = (
     "kind",
@@ -73,7 +76,7 @@ def cannon_model_arrays(model: CannonModel) -> dict[str, np.ndarray]:
         metadata_json = json.dumps(model.metadata, default=_json_default, sort_keys=True)
     except TypeError as exc:
         raise ValueError(f"cannot save CannonModel metadata: {exc}") from None
-    return {
+    arrays = {
         "kind": np.array(MODEL_KIND),
         "format_version": np.array(FORMAT_VERSION),
         "label_names": np.array(model.label_names, dtype=str),
@@ -92,6 +95,9 @@ def cannon_model_arrays(model: CannonModel) -> dict[str, np.ndarray]:
         "regularization": np.atleast_1d(np.asarray(model.regularization, dtype=np.float64)),
         "metadata_json": np.array(metadata_json),
     }
+    if model.continuum_pixels is not None:
+        arrays["continuum_pixels"] = model.continuum_pixels
+    return arrays
 
 
 def cannon_model_fields(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
@@ -134,6 +140,7 @@ def cannon_model_fields(arrays: Mapping[str, np.ndarray], path: Path) -> dict[st
             "n_training": int(arrays["n_training"]),
             "regularization": float(regularization[0]) if regularization.size == 1 else regularization,
             "metadata": metadata,
+            "continuum_pixels": arrays.get("continuum_pixels"),
         }
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
@@ -203,6 +210,8 @@ def _write_fits_model(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         "PIXEL_MASK": np.asarray(arrays["pixel_mask"], dtype=bool),
         "REGULARIZATION": np.asarray(regularization, dtype=np.float64),
     }
+    if "continuum_pixels" in arrays:
+        pixels["CONTINUUM_PIXEL"] = np.asarray(arrays["continuum_pixels"], dtype=bool)
     labels = {
         "NAME": np.asarray(arrays["label_names"], dtype=str),
         "OFFSET": np.asarray(arrays["offsets"], dtype=np.float64),
@@ -261,7 +270,10 @@ def _read_fits_model_arrays(path: Path) -> dict[str, np.ndarray]:
             regularization = np.asarray(pixels["REGULARIZATION"], dtype=np.float64)
             if hdus["PIXELS"].header.get("REGSCAL", False):
                 regularization = regularization[:1]
-            return {
+            optional = {}
+            if "CONTINUUM_PIXEL" in pixels.columns.names:
+                optional["continuum_pixels"] = np.asarray(pixels["CONTINUUM_PIXEL"], dtype=bool)
+            return optional | {
                 "kind": np.array(kind),
                 "format_version": np.array(hdus[0].header.get("FMTVER", 0)),
                 "n_training": np.array(hdus[0].header.get("NTRAIN", 0)),

@@ -66,6 +66,9 @@ class CannonModel:
     non-finite solution). Those pixels have ``theta = [1, 0, ...]`` and ``s2 = 0``, they predict a flux of 1,
     and :func:`~astra_provider.science.cannon.fit.fit` ignores them. ``regularization`` is the L1 strength
     ``Lambda`` (scalar, or one value per pixel) on the scaled coefficients, excluding ``theta_0``.
+    ``continuum_pixels`` (P,) bool is the continuum-pixel set the training spectra were normalised with
+    (spectra must be normalised with the same set, :attr:`continuum_pixels_id`); ``None`` for models written
+    before pixel sets were stored (format version 1), which were trained with the shipped list.
     """
 
     label_names: tuple[str, ...]
@@ -83,6 +86,7 @@ class CannonModel:
     regularization: float | np.ndarray = 0.0
     percentile_levels: tuple[float, ...] = PERCENTILE_LEVELS
     metadata: dict[str, Any] = field(default_factory=dict)
+    continuum_pixels: np.ndarray | None = None
     vectorizer: PolynomialVectorizer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +108,8 @@ class CannonModel:
             self.regularization = float(self.regularization)
         else:
             self.regularization = np.asarray(self.regularization, dtype=np.float64).reshape(-1)
+        if self.continuum_pixels is not None:
+            self.continuum_pixels = np.asarray(self.continuum_pixels, dtype=bool).reshape(-1)
         problems = self._shape_problems()
         if problems:
             raise ValueError("invalid CannonModel: " + "; ".join(problems))
@@ -128,6 +134,8 @@ class CannonModel:
             )
         if isinstance(self.regularization, np.ndarray) and self.regularization.shape != (p,):
             problems.append(f"regularization has shape {self.regularization.shape}, expected () or ({p},)")
+        if self.continuum_pixels is not None and self.continuum_pixels.shape != (p,):
+            problems.append(f"continuum_pixels has shape {self.continuum_pixels.shape}, expected ({p},)")
         if np.any(~(self.scales > 0)):
             problems.append("scales must be positive")
         return problems
@@ -168,6 +176,16 @@ class CannonModel:
         if labels.ndim != 2 or labels.shape[1] != self.n_labels:
             raise ValueError(f"expected labels of shape (N, {self.n_labels}) or ({self.n_labels},)")
         return labels, single
+
+    @property
+    def continuum_pixels_id(self) -> str:
+        """Identifier of the continuum-pixel set of the training spectra
+        (:func:`~astra_provider.science.continuum_pixels.continuum_pixel_set_id`); for a model without one
+        (format version 1), that of the shipped list it was trained with."""
+        from astra_provider.science.continuum_pixels import continuum_pixel_set_id, demo_continuum_pixels
+
+        pixels = demo_continuum_pixels() if self.continuum_pixels is None else self.continuum_pixels
+        return continuum_pixel_set_id(pixels)
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def design_matrix(self, labels: np.ndarray) -> np.ndarray:

@@ -240,6 +240,7 @@ def train(
     lasso_max_sweeps: int = 1000,
     n_threads: int | None = None,
     metadata: Mapping[str, Any] | None = None,
+    continuum_pixels: np.ndarray | None = None,
 ) -> CannonModel:
     """Train a Cannon model on normalised spectra.
 
@@ -270,11 +271,13 @@ def train(
     :param n_threads: pixel chunks processed concurrently (default: available CPUs, at most 4; BLAS threads
         come on top). Results do not depend on it.
     :param metadata: extra JSON-serialisable metadata stored with the model.
+    :param continuum_pixels: (P,) bool, the continuum pixels the training spectra were normalised with;
+        stored with the model (``CannonModel.continuum_pixels``).
     :returns: the trained model.
-    :raises ValueError: for inconsistent shapes, non-finite labels or a negative or non-finite
-        regularization.
+    :raises ValueError: for inconsistent shapes, non-finite labels, a negative or non-finite
+        regularization, or fewer training spectra than ``min_stars_per_pixel`` (checked before any work).
     """
-    # Over 80 lines only because the docstring documents 17 parameters; the body is 42 lines.
+    # Over 80 lines only because the docstring documents 18 parameters; the body is 48 lines.
     names, labels, flux, ivar, wavelength, penalty = _validated_training_inputs(
         labels, flux, ivar, label_names, wavelength, regularization
     )
@@ -289,6 +292,12 @@ def train(
         lasso_tol=lasso_tol,
         lasso_max_sweeps=lasso_max_sweeps,
     )
+    if n_stars < settings.min_stars_per_pixel:
+        raise ValueError(
+            f"{n_stars} training spectra are too few for a model with {vectorizer.n_terms} coefficients per "
+            f"pixel (order {order}, {len(names)} labels): every pixel needs at least "
+            f"{settings.min_stars_per_pixel} stars with data (min_stars_per_pixel)"
+        )
     offsets, scales = label_offsets_and_scales(labels)
     state = CannonTrainingState(
         flux=flux,
@@ -316,4 +325,5 @@ def train(
         n_training=n_stars,
         regularization=float(penalty[0]) if np.ndim(regularization) == 0 else penalty.copy(),
         metadata=_training_metadata(settings, metadata),
+        continuum_pixels=continuum_pixels,
     )
