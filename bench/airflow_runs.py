@@ -23,13 +23,24 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+# the `airflow` command: this interpreter's, else the project's virtualenv's (bench_celery.py may run from a
+# virtualenv that adds the Celery packages on top of the project's and has no scripts of its own)
+BIN = next(
+    (d for d in (Path(sys.executable).parent, REPO / ".venv" / "bin") if (d / "airflow").exists()),
+    Path(sys.executable).parent,
+)
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def bench_hostname() -> str:
+    """``[core] hostname_callable`` for processes started side by side that stand for containers:
+    ``$BENCH_HOSTNAME``, else the machine's name (what Airflow records in ``task_instance.hostname``)."""
+    return os.environ.get("BENCH_HOSTNAME") or socket.getfqdn()
 
 
 def load_average() -> list[float]:
@@ -200,8 +211,8 @@ RESULT_SQL = {  # {s}: the schema prefix ("astra." on PostgreSQL; SQLite has no 
     "d.pk = r.data_product_pk group by d.path",
     "doppler": "select d.path, r.row_index, r.vhelio, r.u_vrel from {s}doppler r join {s}data_product d on "
     "d.pk = r.data_product_pk",
-    "thecannon": "select d.path, r.teff, r.logg, r.fe_h from {s}thecannon r join {s}data_product d on "
-    "d.pk = r.data_product_pk",
+    "thecannon": "select d.path, r.row_index, r.teff, r.logg, r.fe_h from {s}thecannon r "
+    "join {s}data_product d on d.pk = r.data_product_pk",
 }
 
 
@@ -217,8 +228,9 @@ def astra_results(astra_url: str, relative_to: dict[str, Path]) -> dict[str, dic
             for root in relative_to.values():
                 if path.startswith(f"{root}/"):
                     path = path[len(str(root)) + 1 :]
-            key = (path, rest[0]) if table == "doppler" else (path,)
-            keyed[key] = tuple(rest[1:] if table == "doppler" else rest)
+            by_row = table in ("doppler", "thecannon")  # keyed by (path, row in the file)
+            key = (path, rest[0]) if by_row else (path,)
+            keyed[key] = tuple(rest[1:] if by_row else rest)
         results[table] = keyed
     return results
 

@@ -1,7 +1,7 @@
 """Do the pipeline's bundles keep every core busy? ``astra_pipeline`` under ``airflow standalone``
 (LocalExecutor, SQLite metadata database, the embedded astra database) on a demo-size survey, run twice:
 
-* **parallel**: the settings docs/deployment.md recommends for a 2-core machine: ``[core] parallelism`` 4
+* **parallel**: the settings docs/deployment.md recommends: ``[core] parallelism`` = the number of cores
   (executor slots), ``ASTRA_THREADS_PER_TASK=1``; the DAG itself sets no limit (``max_active_tasks`` 16,
   no ``max_active_tis_per_dagrun``, the default pool's 128 slots);
 * **serial** (baseline, same survey, same run of this script): ``[core] parallelism`` 1.
@@ -30,6 +30,7 @@ from airflow_runs import (  # noqa: E402
     BIN,
     REPO,
     Processes,
+    astra_results,
     free_port,
     load_average,
     make_survey,
@@ -58,6 +59,9 @@ def standalone_env(home: Path, astra_home: Path, parallelism: int) -> dict[str, 
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
         AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
         AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
+        # the default 5 s timed out (httpx.ReadTimeout) on a machine shared at a load of ~20, failing a task
+        # before it started: the SQLite metadata database behind the API server is slow to answer then
+        AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="60",
     )
     return env
 
@@ -75,8 +79,11 @@ def airflow(env: dict[str, str], *arguments: str) -> str:
     return result.stdout
 
 
-def run_pipeline(work: Path, survey: dict, parallelism: int, bundle_size: int, label: str) -> dict:
-    """One standalone start, one pipeline run; Airflow's records of it."""
+def run_pipeline(
+    work: Path, survey: dict, parallelism: int, bundle_size: int, label: str, with_results: bool = False
+) -> dict:
+    """One standalone start, one pipeline run; Airflow's records of it (and, ``with_results``, the astra
+    result rows: :func:`airflow_runs.astra_results`)."""
     home, astra_home = work / f"airflow-{label}", work / f"astra-{label}"
     data_root = work / f"data-{label}"
     shutil.copytree(survey["data"], data_root)  # a run claims its files: each run gets its own copy
@@ -116,6 +123,7 @@ def run_pipeline(work: Path, survey: dict, parallelism: int, bundle_size: int, l
         completed = dict(
             query(astra_db, "select task_name, count(*) from task where status_code = 2 group by task_name")
         )
+        results = astra_results(astra_db, {"data": data_root, "astra": astra_home}) if with_results else None
     finally:
         processes.stop()
     return {
@@ -129,7 +137,7 @@ def run_pipeline(work: Path, survey: dict, parallelism: int, bundle_size: int, l
         },
         **overlap(instances),
         "load_average_after": load_average(),
-    }
+    } | ({"results": results} if with_results else {})
 
 
 def main() -> int:
@@ -138,7 +146,7 @@ def main() -> int:
     parser.add_argument("--visits", type=int, default=2, help="visits per star (astra demo: 2)")
     parser.add_argument("--training-stars", type=int, default=200)
     parser.add_argument("--bundle-size", type=int, default=25)
-    parser.add_argument("--parallelism", type=int, default=4)
+    parser.add_argument("--parallelism", type=int, default=os.cpu_count(), help="default: the cores")
     parser.add_argument("--no-baseline", action="store_true", help="skip the serial run")
     args = parser.parse_args()
 
