@@ -157,6 +157,8 @@ def check_services(services: dict[str, Any]) -> None:
     worker = services["airflow-worker"]
     assert "container_name" not in worker and not worker.get("ports"), "workers must be scalable (--scale)"
     assert environment(worker).get("DUMB_INIT_SETSID") == "0"
+    # one BLAS thread per task process, applied by the operator too (threads_per_task)
+    assert environment(worker).get("ASTRA_THREADS_PER_TASK") == environment(worker).get("OMP_NUM_THREADS")
 
 
 def check_environment(services: dict[str, Any]) -> None:
@@ -343,6 +345,13 @@ def test_dockerfile_installs_this_package():
     assert "apache-airflow==${AIRFLOW_VERSION}" in words, "pin Airflow to the base image's version"
     # the base image's constraints file (unconstrained, pip took celery 5.7.0, which breaks the scheduler)
     assert words[words.index("--constraint") + 1] == "${HOME}/constraints.txt"
+    # the build fails unless what the services import is there: asyncpg (`airflow db migrate` on PostgreSQL),
+    # psycopg2 (the metadata database and the Celery result backend), the Celery provider
+    imports = re.search(r'python -c "import ([^"]+)"', run)
+    assert imports and {"asyncpg", "psycopg2", "airflow.providers.celery"} <= {
+        name.strip() for name in imports[1].split(",")
+    }, run
+    assert "pip check" in run
     users = [i for i, line in enumerate(instructions) if line.startswith("USER ")]
     assert users and instructions[users[-1]] == "USER airflow" and users[-1] < instructions.index(run), (
         "install (and run) as the airflow user"
