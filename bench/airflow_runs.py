@@ -211,8 +211,12 @@ RESULT_SQL = {  # {s}: the schema prefix ("astra." on PostgreSQL; SQLite has no 
     "d.pk = r.data_product_pk group by d.path",
     "doppler": "select d.path, r.row_index, r.vhelio, r.u_vrel from {s}doppler r join {s}data_product d on "
     "d.pk = r.data_product_pk",
+    # The Cannon reads rows of the continuum step's bundle files (named by a hash that differs between
+    # runs): key its results by the spectrum the continuum task normalised
     "thecannon": "select d.path, r.row_index, r.teff, r.logg, r.fe_h from {s}thecannon r "
-    "join {s}data_product d on d.pk = r.data_product_pk",
+    "join {s}task_output_data_product o on o.data_product_pk = r.data_product_pk "
+    "join {s}task_input_data_product i on i.task_pk = o.task_pk "
+    "join {s}data_product d on d.pk = i.data_product_pk",
 }
 
 

@@ -31,6 +31,8 @@ BIN = Path(sys.executable).parent
 SCREENSHOTS = REPO / "docs" / "_static" / "ui"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DAG = "astra_pipeline"
+#: how long a page may take to show something (the UI loads its data after the page; a loaded machine)
+UI_TIMEOUT_MS = 120_000
 
 
 def _standalone_environment(tmp_path: Path, port: int) -> dict[str, str]:
@@ -59,10 +61,13 @@ def _standalone_environment(tmp_path: Path, port: int) -> dict[str, str]:
 
 
 def _survey(root: Path) -> int:
-    """4 stars, one visit each (apStar + apVisit), older than any readiness age; returns the file count."""
+    """4 APOGEE stars, one visit each (apStar + apVisit), older than any readiness age; returns the file
+    count."""
     from astra_provider.synthetic.survey import generate_survey
 
-    generate_survey(root, n_stars=4, visits_per_star=1, snr=(80.0, 120.0), seed=5)
+    generate_survey(
+        root, n_stars=4, visits_per_star=1, snr=(80.0, 120.0), seed=5, filetypes=("apStar", "apVisit")
+    )
     files = [path for path in root.rglob("*.fits")]
     past = time.time() - 600
     for path in files:
@@ -80,7 +85,6 @@ def _log_in(page, base: str, password: str) -> None:
     page.goto(f"{base}/")
     page.locator("input[name=username]").fill("admin")
     page.locator("input[name=password]").fill(password)
-    page.screenshot(path=SCREENSHOTS / "login.png")
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(lambda url: "/auth/login" not in url, timeout=60_000)
 
@@ -94,7 +98,8 @@ def _trigger_from_form(page, base: str, api: Api, params: dict[str, str], screen
         field = page.locator(f"#element_{name}")
         (field if field.count() else _number_input(page, name)).fill(value)
     if screenshot:
-        page.screenshot(path=SCREENSHOTS / screenshot, full_page=True)
+        page.locator("#element_data_root").scroll_into_view_if_needed()
+        page.screenshot(path=SCREENSHOTS / screenshot)
     page.get_by_test_id("trigger-dag-submit").click()
 
     def new_run() -> str | None:
@@ -159,14 +164,13 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
                 executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else []
             )
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(UI_TIMEOUT_MS)
             _log_in(page, base, password["admin"])
 
             # a run on the 4-star survey, from the trigger form ("Unpause on trigger" is ticked by default)
             params = {
                 "data_root": str(data_root),
-                "model_path": str(model),
-                "doppler_model_path": str(model),
+                "model_path": str(model),  # doppler_model_path empty: the Cannon model trained last
                 "bundle_size": "2",
                 "min_file_age_seconds": "0",
             }
@@ -177,7 +181,7 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
             ]
             assert conf["data_root"] == str(data_root) and conf["min_file_age_seconds"] == 0, conf
             page.goto(f"{base}{_run_path(run_id)}")
-            expect(page.get_by_text("doppler").first).to_be_visible()
+            expect(page.get_by_text("doppler").first).to_be_visible(timeout=UI_TIMEOUT_MS)
             page.screenshot(path=SCREENSHOTS / "run.png")
 
             # a mapped Doppler task instance: its label is its bundle's, its log shows the bundle running
@@ -188,8 +192,8 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
             label = mapped["rendered_map_index"]
             assert label.startswith("DopplerRadialVelocity ") and label.endswith("1/2)"), label
             page.goto(f"{base}{_run_path(run_id)}/tasks/doppler/mapped/0")
-            expect(page.get_by_text(label).first).to_be_visible()
-            expect(page.get_by_text(f"Running {label}").first).to_be_visible()
+            expect(page.get_by_text(label).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(page.get_by_text(f"Running {label}").first).to_be_visible(timeout=UI_TIMEOUT_MS)
             page.screenshot(path=SCREENSHOTS / "mapped-doppler.png")
 
             # a data root that does not exist: the run fails, and discover's log in the UI names the path
@@ -197,7 +201,9 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
             failed_run = _trigger_from_form(page, base, api, {"data_root": str(wrong)}, None)
             assert _wait_for_end(api, failed_run, log, 300) == "failed"
             page.goto(f"{base}{_run_path(failed_run)}/tasks/discover")
-            expect(page.get_by_text(f"data root {wrong} does not exist").first).to_be_visible()
+            expect(page.get_by_text(f"data root {wrong} does not exist").first).to_be_visible(
+                timeout=UI_TIMEOUT_MS
+            )
             page.screenshot(path=SCREENSHOTS / "failed-discover.png")
             browser.close()
 
