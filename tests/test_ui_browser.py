@@ -24,7 +24,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from test_standalone import TRAIN, Api, _free_port, _stop, _wait
+from test_standalone import TRAIN, WAIT_SECONDS, Api, _free_port, _stop, _wait
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -148,13 +148,16 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
             health = api.request("GET", "/api/v2/monitor/health")
             return all(health[part]["status"] == "healthy" for part in health)
 
-        _wait("all components healthy", healthy, 300, log)
+        _wait("all components healthy", healthy, WAIT_SECONDS, log)
         password = json.loads(
             (tmp_path / "airflow" / "simple_auth_manager_passwords.json.generated").read_text()
         )
         api.login(password["admin"])
         _wait(
-            f"the DAG processor to parse {DAG}", lambda: api.request("GET", f"/api/v2/dags/{DAG}"), 180, log
+            f"the DAG processor to parse {DAG}",
+            lambda: api.request("GET", f"/api/v2/dags/{DAG}"),
+            WAIT_SECONDS,
+            log,
         )
         output, _ = train.communicate(timeout=600)
         assert train.returncode == 0, output
