@@ -4,7 +4,7 @@
 tasks is the length of ``input_data_products`` when it is a list (a nested list gives several products to
 one task), or the length of the tuples given for non-bundled, splittable parameters; a scalar value is
 used by every task. :func:`split_arguments` checks the arguments and returns one
-:class:`~astra_provider.database.recorder.TaskItem` per task.
+:class:`~astra_provider.database.items.TaskItem` per task.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from astra_provider.database.astradb import DataProduct
-from astra_provider.database.recorder import TaskItem
+from astra_provider.database.items import TaskItem
 from astra_provider.database.recording import DataProductSpec
 from astra_provider.utils import to_python_value
 

@@ -23,17 +23,26 @@ to one task), or the length of the tuples given for non-bundled parameters. A sc
 task. ``TupleParameter`` and ``DictParameter`` values are never split. Iterate with :meth:`iterable`.
 
 **Identity.** A task is identified by its class, its parameters and its input data products; a stable hash of
-those is its ``task_id``. The package version is not part of ``task_id`` (so one analysis can be compared
-across versions) but it is part of *skip-if-done*: executing a task whose twin (same ``task_id``, same
-version) already completed returns the stored result without running it again; ``force=True`` runs it.
+those is its ``task_id``, prefixed by the class's :meth:`~TaskInstance.task_family` (``task_namespace`` and
+the class name, e.g. ``RNG.RandomNumberGeneratorTask_36a5...``). The package version is not part of
+``task_id`` (so one analysis can be compared across versions) but it is part of *skip-if-done*: executing a
+task whose twin (same ``task_id``, same version) already completed returns the stored result without
+running it again; ``force=True`` runs it. Every task also records the version parameters
+``astra_version_major`` and ``astra_version_minor`` (class attributes here), which are not part of its
+identity.
+
+**Claims and chunks.** ``execute()`` claims its tasks first, so that overlapping runs never execute the same
+task twice, and records the outcome of each chunk of tasks as soon as it has run, so that a crash loses at
+most one chunk; see :mod:`astra_provider.running`.
 
 **Failures.** An exception while a task of a bundle is being processed (between two steps of
 ``iterable()``) fails that task alone: its status, stage, message and traceback are recorded, and the stage
-is run again for the remaining tasks. An exception outside ``iterable()`` fails every remaining task. Tasks
-that handle their own errors can call :meth:`TaskInstance.fail`.
+is run again for the remaining tasks. An exception outside ``iterable()`` fails every remaining task of the
+chunk. Tasks that handle their own errors can call :meth:`TaskInstance.fail`.
 
 **Where the parts are.** Parameters are declared with :mod:`astra_provider.parameters`; the constructor's
-arguments are split into tasks by :mod:`astra_provider.arguments`; every provenance statement is written by
+arguments are split into tasks by :mod:`astra_provider.arguments`; :mod:`astra_provider.running` runs the
+stages; every provenance statement is written by
 :class:`~astra_provider.database.recorder.Recorder`; :func:`~astra_provider.bundling.bundler` and
 :func:`~astra_provider.bundling.bundle_key` live in :mod:`astra_provider.bundling`, and
 :func:`~astra_provider.task_classes.import_task_class` in :mod:`astra_provider.task_classes`. This
@@ -49,21 +58,30 @@ import os
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, ClassVar
 
 from astra_provider._version import __version__
 from astra_provider.arguments import split_arguments
 from astra_provider.bundling import bundle_key, bundler
-from astra_provider.database.astradb import Base, Bundle, DataProduct, Task
-from astra_provider.database.recorder import STAGES, OutputFile, Recorder, ResultRow, TaskItem
+from astra_provider.database.astradb import (
+    VERSION_PARAMETERS,
+    Base,
+    Bundle,
+    DataProduct,
+    Task,
+    version_parameters,
+)
+from astra_provider.database.items import TaskItem
 from astra_provider.database.recording import DataProductSpec
 from astra_provider.parameters import DictParameter, Parameter, TupleParameter
+from astra_provider.running import Attempt, Execution
 from astra_provider.task_classes import import_task_class
 from astra_provider.utils import to_jsonable
 
 log = logging.getLogger(__name__)
+
+_VERSION = version_parameters(__version__)
 
 
 class TaskFailedError(RuntimeError):
@@ -74,21 +92,6 @@ class TaskFailedError(RuntimeError):
         self.failures = failures
 
 
-# Internal state of an instance -------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Attempt:
-    """Book-keeping for one run of one stage over the active tasks."""
-
-    stage: str
-    in_progress: TaskItem | None = None
-    yielded: list[TaskItem] = field(default_factory=list)
-    times: dict[int, float] = field(default_factory=dict)
-    results: list[ResultRow] = field(default_factory=list)
-    outputs: list[OutputFile] = field(default_factory=list)
-
-
 # Task instances ----------------------------------------------------------------------------------------
 
 
@@ -97,12 +100,22 @@ class TaskInstance:
 
     _parameters: ClassVar[dict[str, Parameter]] = {}
 
+    task_namespace: ClassVar[str | None] = None
+    """The prefix of the class's ``task_id`` (see :meth:`task_family`); None: derived from the module."""
+
+    astra_version_major: ClassVar[int] = _VERSION["astra_version_major"]
+    """The major version of astra-provider, recorded as a parameter of every task (not part of identity)."""
+    astra_version_minor: ClassVar[int] = _VERSION["astra_version_minor"]
+    """The minor version of astra-provider, recorded as a parameter of every task (not part of identity)."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         parameters: dict[str, Parameter] = {}
         for klass in reversed(cls.__mro__):
             for name, value in vars(klass).items():
                 if isinstance(value, Parameter):
+                    if name in VERSION_PARAMETERS:
+                        raise TypeError(f"{cls.__name__}: {name!r} is recorded for every task; rename it")
                     parameters[name] = value
                     if klass is cls:
                         value.check_default(cls.__name__)
@@ -118,9 +131,10 @@ class TaskInstance:
     def _set_items(self, items: list[TaskItem]) -> None:
         self._items = items
         self._bundled = {name: items[0].parameters[name] for name in self.bundled_parameter_names()}
-        self._attempt: _Attempt | None = None
+        self._attempt: Attempt | None = None
+        self._scope: list[TaskItem] | None = None  # the tasks of the running chunk
         self._bundle: Bundle | None = None
-        self._debug = False
+        self._verbose = False
 
     @classmethod
     def _from_items(cls, items: list[TaskItem]) -> TaskInstance:
@@ -144,6 +158,23 @@ class TaskInstance:
     def task_path(cls) -> str:
         """The dotted path of the class, as stored in ``task.task_module`` + ``task.task_name``."""
         return f"{cls.__module__}.{cls.__qualname__}"
+
+    @classmethod
+    def task_family(cls) -> str:
+        """``{task_namespace}.{class name}``, the prefix of ``task_id`` (``RNG.RandomNumberGeneratorTask``).
+
+        Without a ``task_namespace`` (set on the class or a base class), the namespace is the package under
+        ``astra_provider.contrib`` (``doppler`` for ``astra_provider.contrib.doppler``), else the last part of
+        the module's name; classes of ``__main__`` have none.
+        """
+        namespace = cls.task_namespace
+        if namespace is None:
+            module = cls.__module__
+            if module.startswith("astra_provider.contrib."):
+                namespace = module.split(".")[2]
+            else:
+                namespace = "" if module == "__main__" else module.rpartition(".")[2]
+        return f"{namespace}.{cls.__name__}" if namespace else cls.__name__
 
     # Accessors ---------------------------------------------------------------------------------------
 
@@ -169,9 +200,10 @@ class TaskInstance:
         return self._bundle
 
     def _parameter_value(self, name: str) -> Any:
+        """The value (bundled, or one task); else one value per task (of the running chunk, if any)."""
         if name in self._bundled or len(self._items) == 1:
             return self._items[0].parameters[name]
-        return tuple(item.parameters[name] for item in self._items)
+        return tuple(item.parameters[name] for item in (self._scope or self._items))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} tasks={len(self._items)} bundled={self._bundled}>"
@@ -200,7 +232,8 @@ class TaskInstance:
         attempt = self._attempt
         if attempt is None:
             raise RuntimeError("iterable() can only be used while the task is executing")
-        for item in self._active_items():
+        active = self._active_items()
+        for number, item in enumerate(active, start=1):
             if item.failed:  # failed by self.fail() earlier in this pass
                 continue
             attempt.in_progress = item
@@ -209,8 +242,12 @@ class TaskInstance:
                 attempt.times[id(item)] = 0.0
             start = perf_counter()
             yield item.task, item.data_products
-            attempt.times[id(item)] += perf_counter() - start
+            elapsed = perf_counter() - start
+            attempt.times[id(item)] += elapsed
             attempt.in_progress = None
+            if self._verbose:
+                log.info("%s: %s task %s (%d/%d) in %.3f s", type(self).__name__, attempt.stage,
+                         item.task.pk, number, len(active), elapsed)  # fmt: skip
 
     def add_result(
         self, task: Task, model: type[Base], data_product: DataProduct | None = None, **columns: Any
@@ -258,38 +295,42 @@ class TaskInstance:
 
     # Execution ---------------------------------------------------------------------------------------
 
-    def execute(self, *, force: bool = False, debug: bool = False, **kwargs: Any) -> Any:
-        """Run the task(s) with provenance; see the module docstring.
+    def execute(
+        self,
+        *,
+        force: bool = False,
+        debug: bool = False,
+        verbose: bool = False,
+        wait: bool | float = False,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the task(s) with provenance; see the module docstring and :mod:`astra_provider.running`.
 
-        :param force: run even if an identical task (same ``task_id`` and version) already completed.
+        :param force: run even if an identical task (same ``task_id`` and version) already completed, or
+            another run holds its claim; the new row does not take the claim.
         :param debug: run even if done, and raise the first exception instead of recording it and going on.
+        :param verbose: log each stage, chunk and task as it runs (on stderr if logging shows nothing else);
+            also passed to the task's own ``execute()`` if it takes ``verbose``.
+        :param wait: wait for tasks that another live run is executing (``True``, or a number of seconds),
+            and use their results (or run them, if that run fails or stops); by default they are skipped.
+        :param chunk_size: tasks per chunk (default ``ASTRA_CHUNK_SIZE``, 1,000).
         :param kwargs: passed to the task's own ``execute()``.
         :returns: the value returned by the task's ``execute()`` (for a bundle: a list, one per task);
-            for tasks that were already done, the stored value.
+            for tasks that were already done, the stored value; None for tasks held elsewhere.
         """
+        if verbose and _accepts(type(self), "verbose"):
+            kwargs["verbose"] = verbose
         _check_execute_kwargs(type(self), kwargs)
-        self._debug = debug
-        for item in self._items:
-            item.reset()
-        recorder = Recorder(type(self), self._items, self._bundled)
-        recorder.record(force=force or debug)
-        self._bundle = recorder.bundle
-        pending = [item for item in self._items if not item.already_done]
-        if pending:
-            skipped = len(self._items) - len(pending)
-            if skipped:
-                log.info(
-                    "%s: %d of %d tasks already done, running %d",
-                    type(self).__name__,
-                    skipped,
-                    len(self),
-                    len(pending),
-                )
-            self._run(pending, kwargs, recorder)
-        else:
-            log.info(
-                "%s: all %d task(s) already done; returning stored results", type(self).__name__, len(self)
-            )
+        self._verbose = verbose
+        run = Execution(
+            self, kwargs, force=force or debug, debug=debug, verbose=verbose, wait=wait, chunk_size=chunk_size
+        )
+        try:
+            run.run()
+        finally:
+            self._bundle = run.recorder.bundle
+            self._verbose = False
         failed = [item for item in self._items if item.error]
         if failed and len(failed) == len(self._items):
             self._raise_all_failed(failed)
@@ -308,111 +349,36 @@ class TaskInstance:
     def summary(self) -> dict[str, Any]:
         """A compact, JSON-safe account of the last execution (used for Airflow XComs)."""
         done = [item for item in self._items if item.already_done]
-        failed = [item for item in self._items if item.error]
+        failed = [item for item in self._items if item.error and not item.lost]
+        elsewhere = [item for item in self._items if item.elsewhere or item.lost]
         return {
             "task_class": type(self).task_path(),
             "n_tasks": len(self._items),
-            "completed": len(self._items) - len(done) - len(failed),
+            "completed": len(self._items) - len(done) - len(failed) - len(elsewhere),
             "skipped": len(done),
             "failed": len(failed),
+            "elsewhere": len(elsewhere),
             "bundle_pk": self._bundle.pk if self._bundle else None,
-            "task_pks": [item.task.pk for item in self._items if item.task is not None],
+            "task_pks": [
+                item.task.pk for item in self._items if item.task is not None and item not in elsewhere
+            ],
+            "elsewhere_task_pks": [item.task.pk for item in elsewhere if item.task is not None],
             "failed_tasks": [
                 {"pk": item.task.pk, "stage": item.error[0], "error": item.error[1][:500]} for item in failed
             ],
         }
 
-    # Running -----------------------------------------------------------------------------------------
+    # Running (see astra_provider.running) ----------------------------------------------------------
 
     def _active_items(self) -> list[TaskItem]:
-        return [item for item in self._items if not item.already_done and not item.failed]
-
-    def _run(self, pending: list[TaskItem], kwargs: dict[str, Any], recorder: Recorder) -> None:
-        """Run the stages over the pending tasks, then record the outcome with ``recorder``."""
-        stage_times = dict.fromkeys(STAGES, 0.0)
-        results: list[ResultRow] = []
-        outputs: list[OutputFile] = []
-        stage = STAGES[0]
-        try:
-            for stage in STAGES:
-                if not self._active_items():
-                    break
-                start = perf_counter()
-                attempt = self._run_stage(stage, kwargs)
-                stage_times[stage] = perf_counter() - start
-                if attempt is not None:
-                    results.extend(r for r in attempt.results if not r[0].failed)
-                    outputs.extend(o for o in attempt.outputs if not o[0].failed)
-        except BaseException as error:  # debug mode, KeyboardInterrupt, SystemExit: nothing stays running
-            message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-            for item in self._active_items():
-                self._mark_failed(item, stage, f"not completed: the run stopped ({message})", "")
-            raise
-        finally:
-            self._attempt = None
-            recorder.finish(pending, stage_times, results, outputs)
-
-    def _run_stage(self, stage: str, kwargs: dict[str, Any]) -> _Attempt | None:
-        """Run one stage over the active items, failing and retrying around per-task errors."""
-        function: Callable[..., Any] = getattr(self, "_execute_impl" if stage == "execute" else stage)
-        while True:
-            active = self._active_items()
-            if not active:
-                return None
-            attempt = self._attempt = _Attempt(stage)
-            try:
-                value = function(**kwargs) if stage == "execute" else function()
-            except Exception as error:
-                tb = traceback.format_exc()
-                message = f"{type(error).__name__}: {error}"
-                culprit = attempt.in_progress
-                if culprit is None:
-                    for item in self._active_items():
-                        self._mark_failed(item, stage, message, tb)
-                    if self._debug:
-                        raise
-                    return None
-                self._mark_failed(culprit, stage, message, tb)
-                if self._debug:
-                    raise
-                log.warning(
-                    "%s: task %s failed in %s (%s); running %s again for the other tasks",
-                    type(self).__name__,
-                    culprit.task.pk,
-                    stage,
-                    message,
-                    stage,
-                )
-                continue
-            for item in active:
-                item.times[stage] = attempt.times.get(id(item), 0.0)
-            if stage == "execute":
-                self._assign_results(value, attempt, active)
-            return attempt
-
-    def _assign_results(self, value: Any, attempt: _Attempt, active: list[TaskItem]) -> None:
-        if len(self._items) == 1:
-            active[0].result = value
-            return
-        order = attempt.yielded or active
-        survivors = [item for item in order if not item.failed]
-        if isinstance(value, list | tuple) and len(value) in (len(order), len(survivors)):
-            targets = order if len(value) == len(order) else survivors
-            for item, result in zip(targets, value, strict=True):
-                if not item.failed:
-                    item.result = result
-        elif value is not None:
-            log.warning(
-                "%s.execute() returned %s, not one value per task; results not stored per task",
-                type(self).__name__,
-                type(value).__name__,
-            )
+        """The tasks still to run in the current scope (the running chunk, else all)."""
+        return [item for item in (self._scope or self._items) if item.runnable]
 
     def _mark_failed(self, item: TaskItem, stage: str, message: str, tb: str) -> None:
         item.failed = True
         item.error = (stage, message, tb)
 
-    def _require_attempt(self, name: str) -> _Attempt:
+    def _require_attempt(self, name: str) -> Attempt:
         if self._attempt is None:
             raise RuntimeError(f"{name}() can only be called while the task is executing")
         return self._attempt
@@ -466,6 +432,16 @@ class TaskInstance:
             for name in stale:
                 parameters.pop(name)
         return klass(input_data_products=[task.input_data_products], **parameters)
+
+
+def _accepts(cls: type[TaskInstance], name: str) -> bool:
+    """Whether the task's own ``execute()`` takes keyword ``name``."""
+    parameters = inspect.signature(cls._execute_impl).parameters.values()
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in parameters
+    )
 
 
 def _check_execute_kwargs(cls: type[TaskInstance], kwargs: dict[str, Any]) -> None:

@@ -1,184 +1,194 @@
-"""Benchmark: recording a bundle of 10,000 tasks (3 parameters and 1 data product each).
+"""Benchmark: recording a bundle of 10,000 tasks (3 parameters and 1 data product each), against main.
 
-Measures the framework's own cost of creating and recording the bundle (tasks, parameters, data products,
-bundle, statuses and timings) through ``TaskInstance.execute()`` with a trivial ``execute``, on PostgreSQL (a
-throwaway server started here) and on the embedded SQLite default. The tasks are inserted once (as running,
-with their parameters, input data products and bundle) and updated once (final status and timings); the
-time includes building the instance (one ``stat`` and path parse per input file). The baseline, measured in
-the same run, is the naive way: one ``session.add`` per row and a commit per task.
+Measures the framework's own cost of creating and recording a bundle (data products, parameters, the claim
+of each task, its version parameters, bundle, statuses and timings) through ``TaskInstance.execute()`` with
+a trivial ``execute``, on PostgreSQL (a throwaway server started here) and on SQLite. The baseline is the
+code of another git revision (``--baseline``, default ``main``), exported with ``git archive`` into a
+temporary directory and run the same way in the same session: each repeat runs this branch and the
+baseline one after the other, each in its own process and a fresh database, so both see the same load.
 
-The bundle is recorded ``--repeat`` times, each time into a fresh database (so every repeat does the same
-work: new data products, parameters and tasks); the best and median rates are printed, with the load
-average, as the machine may be shared. The ratio compares the median bulk rate with the baseline.
+For each: best and median wall rate, the median CPU time of the recording process (Python and the driver)
+and, on PostgreSQL, of the server (all its backends, from ``/proc``). On a loaded machine the wall rate
+measures the load; the CPU times estimate the rate on an idle machine: ``N / max(client, server)`` when
+Python and the server overlap perfectly, ``N / (client + server)`` when they do not. ``--processes 4``
+adds 4 processes recording 4 different bundles at once into one PostgreSQL database (the issue's
+non-overlapping concurrent case). The load average is printed before and after.
 
-    .venv/bin/python bench/bench_recording.py [--tasks 10000] [--baseline-tasks 1000] [--repeat 3]
+    .venv/bin/python bench/bench_recording.py [--tasks 10000] [--repeat 3] [--processes 4] [--baseline main]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import select
-
-from astra_provider import __version__, database
-from astra_provider.base import Parameter, TaskInstance
-from astra_provider.database.astradb import (
-    DataProduct,
-    Status,
-    Task,
-    TaskInputDataProduct,
-    TaskParameter,
-    parameter_value_hash,
-)
-from astra_provider.database.astradb import Parameter as ParameterRow
 from astra_provider.devtools import create_database, temporary_postgres
-from astra_provider.utils import canonical_json, stable_hash
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "recording_worker.py"
 
 
-class RecordingBenchTask(TaskInstance):
-    model_path = Parameter(bundled=True)
-    initial_teff = Parameter()
-    initial_logg = Parameter()
-
-    def execute(self):
-        return [None for _ in self.iterable()]
-
-
-def make_files(directory: Path, n: int) -> list[str]:
-    paths = []
-    for i in range(n):
-        path = directory / f"spec-{i:06d}.fits"
-        path.touch()
-        paths.append(str(path))
-    return paths
+def export_revision(revision: str, directory: Path) -> Path:
+    """The package of ``revision`` (read-only: ``git archive``, nothing in the repository changes)."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, "astra_provider"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
 
 
-CLIENT_CPU: list[float] = []
+def server_cpu(data_directory: str | None) -> float:
+    """CPU seconds of a PostgreSQL server so far: the postmaster, its live and its finished children."""
+    if data_directory is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    postmaster = int(Path(data_directory, "postmaster.pid").read_text().split()[0])
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == postmaster:
+            total += sum(int(x) for x in fields[11:15]) / tick  # utime, stime, cutime, cstime
+        elif ppid == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
-def bulk(paths: list[str], offset: float) -> float:
-    start, cpu = time.perf_counter(), time.process_time()
-    instance = RecordingBenchTask(
-        input_data_products=paths,
-        model_path="model.npz",
-        initial_teff=tuple(4000.0 + offset + i for i in range(len(paths))),
-        initial_logg=tuple(2.0 + (i % 7) / 10 for i in range(len(paths))),
-    )
-    instance.execute()
-    elapsed = time.perf_counter() - start
-    CLIENT_CPU.append(time.process_time() - cpu)  # this process: Python + the driver (not the server)
-    assert instance.summary()["completed"] == len(paths)
-    return elapsed
+def run_workers(code: Path, urls: list[str], files: list[Path], n: int, data_directory: str | None) -> dict:
+    """Record one bundle per URL, all at once; wall time from the first start to the last end."""
+    environment = {**os.environ, "PYTHONPATH": str(code)}
+    for url in dict.fromkeys(urls):  # the schema first, by one process, outside the measurements
+        subprocess.run([sys.executable, str(WORKER), url, "-", "0", "0"], env=environment, check=True)
+    before = server_cpu(data_directory)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), url, str(directory), str(n), str(float(i))],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, (url, directory) in enumerate(zip(urls, files, strict=True))
+    ]
+    outputs = []
+    for process in processes:
+        stdout, stderr = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"worker failed:\n{stderr[-3000:]}")
+        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert all(o["completed"] == n for o in outputs), outputs
+    wall = max(o["end"] for o in outputs) - min(o["start"] for o in outputs)
+    return {
+        "wall": wall,
+        "client_cpu": sum(o["cpu"] for o in outputs),
+        "server_cpu": server_cpu(data_directory) - before,
+        "tasks": n * len(urls),
+    }
 
 
-def naive(paths: list[str], offset: float) -> float:
-    """One ORM add per row and one commit per task (get-or-create by query for shared rows)."""
-    start = time.perf_counter()
-    with database.session_scope() as session:
-        for i, path in enumerate(paths):
-            values = {
-                "model_path": "model.npz",
-                "initial_teff": 4000.0 + offset + i,
-                "initial_logg": 2.0 + (i % 7) / 10,
-            }
-            task = Task(
-                task_module=__name__,
-                task_name="RecordingBenchTask",
-                version=__version__,
-                task_id=stable_hash([values, path]),
-                status_code=int(Status.COMPLETED),
-            )
-            session.add(task)
-            product = session.scalars(
-                select(DataProduct).where(
-                    DataProduct.filetype == "full", DataProduct.kwargs_hash == stable_hash(path)
-                )
-            ).first()
-            if product is None:
-                product = DataProduct(
-                    filetype="full", kwargs={"full": path}, kwargs_hash=stable_hash(path), path=path
-                )
-                session.add(product)
-            session.flush()
-            for name, value in values.items():
-                encoded = canonical_json(value)
-                value_hash = parameter_value_hash(encoded)  # the unique key: (name, hash of the value)
-                row = session.scalars(
-                    select(ParameterRow).where(
-                        ParameterRow.parameter_name == name, ParameterRow.parameter_value_hash == value_hash
-                    )
-                ).first()
-                if row is None:
-                    row = ParameterRow(
-                        parameter_name=name, parameter_value=encoded, parameter_value_hash=value_hash
-                    )
-                    session.add(row)
-                    session.flush()
-                session.add(TaskParameter(task_pk=task.pk, parameter_pk=row.pk))
-            session.add(TaskInputDataProduct(task_pk=task.pk, data_product_pk=product.pk))
-            session.commit()
-    return time.perf_counter() - start
+def summarize(label: str, runs: list[dict]) -> dict:
+    rates = [r["tasks"] / r["wall"] for r in runs]
+    client = statistics.median(r["client_cpu"] for r in runs)
+    server = statistics.median(r["server_cpu"] for r in runs)
+    tasks = runs[0]["tasks"]
+    summary = {"best": max(rates), "median": statistics.median(rates), "client": client, "server": server}
+    text = f"  {label:<9} wall: best {summary['best']:6.0f}/s, median {summary['median']:6.0f}/s"
+    text += f" | CPU per {tasks} tasks: client {client:.2f} s"
+    if server:
+        overlap, serial = tasks / max(client, server), tasks / (client + server)
+        text += f", server {server:.2f} s -> idle-machine estimate {serial:.0f}-{overlap:.0f}/s"
+    print(text, flush=True)
+    return summary
 
 
-def measure(
-    label: str, new_database: Callable[[int], str], paths: list[str], baseline_paths: list[str], repeat: int
-) -> None:
-    """Record the bundle ``repeat`` times (a fresh database each time), then the baseline once."""
-    times = []
-    CLIENT_CPU.clear()
+def compare(
+    title: str, codes: dict[str, Path], new_urls: Callable[[int], list[str]], files: list[Path], n: int,
+    repeat: int, data_directory: str | None,
+) -> None:  # fmt: skip
+    print(f"{title} ({load()})", flush=True)
+    runs: dict[str, list[dict]] = {label: [] for label in codes}
     for attempt in range(repeat):
-        database.configure(new_database(attempt))
-        database.get_engine()  # create the tables outside the timings
-        times.append(bulk(paths, offset=0.0))
-        if attempt == repeat - 1:
-            naive_time = naive(baseline_paths, offset=0.5)
-        database.configure(None)
-        database.dispose_engines()
-    best, median = len(paths) / min(times), len(paths) / statistics.median(times)
-    naive_rate = len(baseline_paths) / naive_time
-    bulk_text = f"{len(paths)} tasks in {min(times):.2f} s (best of {repeat}) = {best:.0f} tasks/s"
-    naive_text = f"{len(baseline_paths)} tasks in {naive_time:.2f} s = {naive_rate:.0f} tasks/s"
-    ratios = f"{median / naive_rate:.1f}x (median), {best / naive_rate:.1f}x (best)"
-    print(f"{label:<11} bulk: {bulk_text}, median {median:.0f}/s | naive: {naive_text} | ratio {ratios}")
-    print(f"{'':<11} client CPU (this process) per bundle: median {statistics.median(CLIENT_CPU):.2f} s")
+        for index, (label, code) in enumerate(codes.items()):
+            urls = new_urls(2 * attempt + index)
+            runs[label].append(run_workers(code, urls, files[: len(urls)], n, data_directory))
+    summaries = {label: summarize(label, label_runs) for label, label_runs in runs.items()}
+    this, baseline = summaries["this"], summaries["baseline"]
+    print(
+        f"  ratio this/baseline: wall median {this['median'] / baseline['median']:.2f}, best "
+        f"{this['best'] / baseline['best']:.2f}; CPU client {this['client'] / baseline['client']:.2f}"
+        + (f", server {this['server'] / baseline['server']:.2f}" if baseline["server"] else ""),
+        flush=True,
+    )
 
 
 def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
 
 
+def make_files(directory: Path, n: int) -> Path:
+    directory.mkdir(parents=True)
+    for i in range(n):
+        (directory / f"spec-{i:06d}.fits").touch()
+    return directory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000)
-    parser.add_argument("--baseline-tasks", type=int, default=1_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=4, help="concurrent processes (0: skip)")
+    parser.add_argument("--baseline", default="main", help="git revision to compare with (default main)")
+    parser.add_argument("--no-sqlite", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "bulk").mkdir()
-        (root / "naive").mkdir()
-        paths = make_files(root / "bulk", args.tasks)
-        baseline_paths = make_files(root / "naive", args.baseline_tasks)
-        print(
-            f"Recording a bundle of {args.tasks} tasks (3 parameters, 1 data product each); "
-            f"naive baseline on {args.baseline_tasks} tasks, one add + commit per task. {load()}"
-        )
+        codes = {"this": REPO, "baseline": export_revision(args.baseline, make_dir(root / "baseline"))}
+        files = [make_files(root / f"files-{i}", args.tasks) for i in range(max(args.processes, 1))]
+        print(f"Recording bundles of {args.tasks} tasks (3 parameters, 1 data product each): this branch "
+              f"against {args.baseline}, {args.repeat} repeat(s). {load()}")  # fmt: skip
         with temporary_postgres() as admin_url:
-            measure(
-                "PostgreSQL",
-                lambda i: create_database(admin_url, f"bench_recording_{i}"),
-                paths,
-                baseline_paths,
-                args.repeat,
+            data_directory = _data_directory(admin_url)
+            counter = iter(range(10**6))
+
+            def databases(k: int) -> Callable[[int], list[str]]:
+                return lambda _: [create_database(admin_url, f"bench_{next(counter)}") for _ in range(k)]
+
+            compare(
+                "PostgreSQL, 1 process", codes, databases(1), files, args.tasks, args.repeat, data_directory
             )
-        measure("SQLite", lambda i: f"sqlite:///{root / f'astra-{i}.db'}", paths, baseline_paths, args.repeat)
+            if args.processes:
+                shared = lambda _: [create_database(admin_url, f"bench_{next(counter)}")] * args.processes  # noqa: E731
+                compare(f"PostgreSQL, {args.processes} processes, one database, different bundles", codes,
+                        shared, files, args.tasks, args.repeat, data_directory)  # fmt: skip
+        if not args.no_sqlite:
+            sqlite = lambda i: [f"sqlite:///{root / f'astra-{i}.db'}"]  # noqa: E731
+            compare("SQLite, 1 process", codes, sqlite, files, args.tasks, args.repeat, None)
         print(load())
+
+
+def make_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def _data_directory(admin_url: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(admin_url)
+    with engine.connect() as connection:
+        directory = connection.execute(text("SHOW data_directory")).scalar_one()
+    engine.dispose()
+    return directory
 
 
 if __name__ == "__main__":

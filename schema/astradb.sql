@@ -33,6 +33,17 @@ CREATE TABLE astra.data_product (
 	UNIQUE (kwargs_hash, release, filetype)
 );
 
+CREATE TABLE astra.lease (
+	pk BIGSERIAL NOT NULL,
+	owner TEXT NOT NULL,
+	host TEXT NOT NULL,
+	pid INTEGER NOT NULL,
+	created TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	renewed TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+	expires TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (pk)
+);
+
 CREATE TABLE astra.output_interface (
 	pk BIGSERIAL NOT NULL,
 	table_name TEXT NOT NULL,
@@ -94,16 +105,26 @@ CREATE TABLE astra.task (
 	result JSONB,
 	output_pk BIGINT,
 	bundle_pk BIGINT,
+	claim SMALLINT,
+	lease_pk BIGINT,
 	PRIMARY KEY (pk),
 	FOREIGN KEY(output_pk) REFERENCES astra.output_interface (pk) ON DELETE SET NULL,
-	FOREIGN KEY(bundle_pk) REFERENCES astra.bundle (pk) ON DELETE SET NULL
+	FOREIGN KEY(bundle_pk) REFERENCES astra.bundle (pk) ON DELETE SET NULL,
+	FOREIGN KEY(lease_pk) REFERENCES astra.lease (pk) ON DELETE SET NULL
 );
 
 CREATE INDEX ix_astra_task_bundle_pk ON astra.task (bundle_pk);
 
 CREATE INDEX ix_astra_task_output_pk ON astra.task (output_pk);
 
-CREATE INDEX ix_task_task_id ON astra.task (task_id);
+CREATE UNIQUE INDEX ux_task_claim ON astra.task (task_id, version, claim);
+
+CREATE TABLE astra.version_parameter (
+	version TEXT NOT NULL,
+	parameter_pk BIGINT NOT NULL,
+	PRIMARY KEY (version, parameter_pk),
+	FOREIGN KEY(parameter_pk) REFERENCES astra.parameter (pk) ON DELETE CASCADE
+);
 
 CREATE TABLE astra.continuum (
 	row_index INTEGER NOT NULL,
@@ -196,7 +217,7 @@ CREATE INDEX ix_astra_task_output_data_product_data_product_pk ON astra.task_out
 
 CREATE INDEX ix_astra_task_output_data_product_task_pk ON astra.task_output_data_product (task_pk);
 
-CREATE TABLE astra.task_parameter (
+CREATE TABLE astra.task_parameter_link (
 	pk BIGSERIAL NOT NULL,
 	task_pk BIGINT NOT NULL,
 	parameter_pk BIGINT NOT NULL,
@@ -205,9 +226,9 @@ CREATE TABLE astra.task_parameter (
 	FOREIGN KEY(parameter_pk) REFERENCES astra.parameter (pk) ON DELETE CASCADE
 );
 
-CREATE INDEX ix_astra_task_parameter_parameter_pk ON astra.task_parameter (parameter_pk);
+CREATE INDEX ix_astra_task_parameter_link_parameter_pk ON astra.task_parameter_link (parameter_pk);
 
-CREATE INDEX ix_astra_task_parameter_task_pk ON astra.task_parameter (task_pk);
+CREATE INDEX ix_astra_task_parameter_link_task_pk ON astra.task_parameter_link (task_pk);
 
 CREATE TABLE astra.thecannon (
 	row_index INTEGER NOT NULL,
@@ -266,3 +287,9 @@ CREATE TABLE astra.thepayne (
 CREATE INDEX ix_astra_thepayne_data_product_pk ON astra.thepayne (data_product_pk);
 
 CREATE INDEX ix_astra_thepayne_task_pk ON astra.thepayne (task_pk);
+
+CREATE OR REPLACE VIEW astra.task_parameter AS
+SELECT l.pk, l.task_pk, l.parameter_pk FROM astra.task_parameter_link AS l
+UNION ALL
+SELECT CAST(NULL AS BIGINT) AS pk, t.pk AS task_pk, v.parameter_pk FROM astra.task AS t
+JOIN astra.version_parameter AS v ON v.version = t.version;

@@ -47,11 +47,14 @@ def postgres_server() -> Iterator[str]:
 _database_counter = 0
 
 
-def _new_postgres_database(admin_url: str) -> str:
-    """A fresh, empty database on the session server."""
+def _new_postgres_database(admin_url: str, schema: bool = True) -> str:
+    """A fresh database on the session server, with the astra schema unless ``schema`` is false."""
     global _database_counter
     _database_counter += 1
-    return create_database(admin_url, f"astra_test_{os.getpid()}_{_database_counter}")
+    url = create_database(admin_url, f"astra_test_{os.getpid()}_{_database_counter}")
+    if schema:
+        database.init_database(url)  # as `astra initdb`: engines never create tables on PostgreSQL
+    return url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

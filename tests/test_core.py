@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from sqlalchemy import func, select, text, update
@@ -108,7 +109,7 @@ def test_greedy_primes_is_recorded(astra_db):
     for stage in ("time_pre_execute", "time_execute", "time_post_execute", "duration"):
         assert getattr(task, stage) is not None and getattr(task, stage) >= 0
     assert task.duration >= task.time_execute
-    assert task.task_id.startswith("GreedyPrimes_")
+    assert task.task_id.startswith("examples.GreedyPrimes_")
 
 
 def test_missing_and_unknown_parameters_are_named():
@@ -116,8 +117,8 @@ def test_missing_and_unknown_parameters_are_named():
         GreedyPrimes()
     with pytest.raises(TypeError, match="unexpected parameter.*'max_valu'"):
         GreedyPrimes(max_valu=3)
-    with pytest.raises(TypeError, match=r"execute\(\) got unexpected keyword.*'verbose'"):
-        GreedyPrimes(max_value=3).execute(verbose=True)
+    with pytest.raises(TypeError, match=r"execute\(\) got unexpected keyword.*'verbosity'"):
+        GreedyPrimes(max_value=3).execute(verbosity=2)
 
 
 def test_bundle_forms(astra_db, data_files):
@@ -358,39 +359,57 @@ def test_bundler_groups_by_bundled_parameters(astra_db, data_files):
 
 
 def test_seed_sql_queries_run_as_written(astra_db):
+    """The guide's RandomNumberGenerator example (seed 004): its two queries, as written, print the
+    columns and rows the guide shows, the version parameters included, on SQLite and PostgreSQL."""
     tasks = [
         RandomNumberGeneratorTask(seed=0),
         RandomNumberGeneratorTask(seed=0, draws=10),
-        RandomNumberGeneratorTask(seed=3, draws=2),
-        RandomNumberGeneratorTask(seed=5, draws=1),
+        RandomNumberGeneratorTask(seed=3, draws=2, delay_time=0.3),  # the guide waits 5 s
+        RandomNumberGeneratorTask(seed=5, draws=1, delay_time=0.1),
     ]
     results = [t.execute() for t in tasks]
     assert [len(r[0]) for r in results] == [1, 10, 2, 1]  # one list of samples per task
     with session_scope() as session:
-        rows = session.execute(
+        result = session.execute(
             text(
                 "select t.pk, t.task_module, t.task_id, t.duration, rng.samples from astra.task as t, "
                 "astra.random_number_generator as rng where t.output_pk = rng.output_pk;"
             )
-        ).all()
+        )
+        assert list(result.keys()) == ["pk", "task_module", "task_id", "duration", "samples"]
+        rows = result.all()
         assert len(rows) == 4
         by_pk = {row.pk: row for row in rows}
         samples = by_pk[tasks[1].tasks[0].pk].samples  # JSON text on SQLite, decoded JSONB on PostgreSQL
         assert (json.loads(samples) if isinstance(samples, str) else samples) == pytest.approx(results[1][0])
-        assert rows[0].task_module == "astra_provider.contrib.examples"
+        assert {row.task_module for row in rows} == {"astra_provider.contrib.examples"}
+        assert all(re.fullmatch(r"RNG\.RandomNumberGeneratorTask_[0-9a-f]{20}", row.task_id) for row in rows)
         third = tasks[2].tasks[0].pk
-        parameters = session.execute(
+        assert by_pk[third].duration >= 0.3  # it slept 0.3 s
+        result = session.execute(
             text(
                 "select t.task_id, t.duration, p.parameter_name, p.parameter_value "
                 "from astra.parameter as p, "
                 f"astra.task_parameter as tp, astra.task as t where t.pk = {third} and t.pk = tp.task_pk "
                 "and tp.parameter_pk = p.pk;"
             )
-        ).all()
+        )
+        assert list(result.keys()) == ["task_id", "duration", "parameter_name", "parameter_value"]
+        parameters = result.all()
+    assert {r.task_id for r in parameters} == {by_pk[third].task_id}
     assert {(r.parameter_name, r.parameter_value) for r in parameters} == {
+        ("astra_version_major", str(int(__version__.split(".")[0]))),
+        ("astra_version_minor", str(int(__version__.split(".")[1]))),
         ("seed", "3"),
         ("draws", "2"),
-        ("delay_time", "0"),
+        ("delay_time", "0.3"),
+    }
+    # the version parameters are provenance: not the class's parameters, not part of the identity
+    task = Task.get_by_id(third)
+    assert task.parameters == {"seed": 3, "draws": 2, "delay_time": 0.3}
+    assert task.version_parameters == {
+        "astra_version_major": RandomNumberGeneratorTask.astra_version_major,
+        "astra_version_minor": RandomNumberGeneratorTask.astra_version_minor,
     }
 
 
@@ -401,10 +420,94 @@ def test_parameters_are_shared_rows(astra_db):
         links = session.scalar(select(func.count()).select_from(TaskParameter))
         bundle_links = session.scalar(select(func.count()).where(Task.bundle_pk.is_not(None)))
     assert sorted(names) == [
+        ("astra_version_major", "0"),
+        ("astra_version_minor", "1"),
         ("offset", "0"),
         ("scale", "1"),
         ("value", "10"),
         ("value", "11"),
         ("value", "12"),
     ]
-    assert links == 9 and bundle_links == 3
+    assert links == 9 and bundle_links == 3  # the version parameters are recorded once, not per task
+
+
+class Chunked(TaskInstance):
+    """Counts its stage calls; `self.value` is the tuple of the running chunk."""
+
+    model = Parameter(bundled=True)
+    value = Parameter()
+
+    def pre_execute(self):
+        CALLS.append(("pre", len(self.value)))
+
+    def execute(self):
+        CALLS.append(("execute", self.value))
+        return [task.parameters["value"] * 10 for task, _ in self.iterable()]
+
+    def post_execute(self):
+        CALLS.append(("post", len(list(self.iterable()))))
+
+
+def test_a_bundle_runs_in_chunks_recorded_one_by_one(astra_db):
+    CALLS.clear()
+    instance = Chunked(model="m", value=tuple(range(7)))
+    assert instance.execute(chunk_size=3) == [0, 10, 20, 30, 40, 50, 60]
+    assert CALLS == [
+        ("pre", 7),
+        ("execute", (0, 1, 2)),
+        ("post", 3),
+        ("execute", (3, 4, 5)),
+        ("post", 3),
+        ("execute", (6,)),
+        ("post", 1),
+    ]
+    tasks = [Task.get_by_id(t.pk) for t in instance.tasks]
+    assert [t.result for t in tasks] == [0, 10, 20, 30, 40, 50, 60]
+    assert {t.status for t in tasks} == {Status.COMPLETED} and {t.claim for t in tasks} == {1}
+    assert {t.bundle_pk for t in tasks} == {instance.bundle.pk}
+    with session_scope() as session:
+        recorded = session.get(Bundle, instance.bundle.pk)
+    # the bundle's stage times are the sums over chunks; each task's overhead share adds up to them
+    overhead = sum(
+        getattr(recorded, f"time_{s}_overhead") for s in ("pre_execute", "execute", "post_execute")
+    )
+    assert sum(t.time_bundle_overhead for t in tasks) == pytest.approx(overhead, rel=1e-6, abs=1e-9)
+    assert recorded.time_execute == pytest.approx(
+        recorded.time_execute_overhead + sum(t.time_execute for t in tasks), rel=1e-6, abs=1e-9
+    )
+
+
+def test_verbose_logs_each_stage_and_task(astra_db, capfd):
+    import logging
+
+    logger = logging.getLogger("astra_provider")
+    handlers, logger.handlers = logger.handlers, []
+    propagate, logger.propagate = logger.propagate, False  # nothing configured: verbose shows on stderr
+    try:
+        bundle = ScaledSum(offset=1, value=(2, 3))
+        bundle.execute()
+        rebuilt = TaskInstance.from_task(Task.get_by_id(bundle.tasks[0].pk))
+        assert rebuilt.execute(debug=True, verbose=True) == [3.0]  # the guide's seed 002
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    err = capfd.readouterr().err
+    assert "ScaledSum: execute (1 task(s))" in err and "ScaledSum: pre_execute took" in err
+    assert "ScaledSum: execute task" in err and "(1/1)" in err  # per-task progress
+
+
+def test_task_namespaces(astra_db):
+    assert RandomNumberGeneratorTask.task_family() == "RNG.RandomNumberGeneratorTask"
+    assert GreedyPrimes.task_family() == "examples.GreedyPrimes"
+    assert AnalysisTask.task_family() == "test_core.AnalysisTask"
+
+    class Named(GreedyPrimes):
+        task_namespace = "LAB"
+
+    class Inherits(Named):
+        pass
+
+    assert Named.task_family() == "LAB.Named" and Inherits.task_family() == "LAB.Inherits"
+    with pytest.raises(TypeError, match="'astra_version_major' is recorded for every task"):
+
+        class Clashing(TaskInstance):
+            astra_version_major = Parameter(default=1)

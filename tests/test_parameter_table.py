@@ -103,6 +103,7 @@ def test_an_old_postgresql_database_is_refused_then_upgraded_by_the_documented_s
         # The documented upgrade, as psql would run it (its own begin; ... commit;).
         with old.execution_options(isolation_level="AUTOCOMMIT").connect() as connection:
             connection.exec_driver_sql(_documented_upgrade_sql())
+        database.init_database(url)  # then `astra initdb`, as documented: the tables of this version
         database.configure(url)
         with session_scope() as session:
             pk = session.scalar(select(ParameterRow.pk).where(ParameterRow.parameter_name == "scale"))

@@ -26,7 +26,7 @@ def test_schema_file_is_generated_from_the_orm():
 def test_schema_file_loads_with_psql_and_matches_the_orm(postgres_server):
     from conftest import _new_postgres_database
 
-    url = sqlalchemy.engine.make_url(_new_postgres_database(postgres_server))
+    url = sqlalchemy.engine.make_url(_new_postgres_database(postgres_server, schema=False))
     with SCHEMA_FILE.open() as sql:
         completed = subprocess.run(
             [

@@ -28,6 +28,8 @@ class GreedyPrimes(TaskInstance):
 class RandomNumberGeneratorTask(TaskInstance):
     """Draw ``draws`` normal deviates with ``seed`` and write them to ``astra.random_number_generator``."""
 
+    task_namespace = "RNG"  # as in the user's guide: task_ids read RNG.RandomNumberGeneratorTask_...
+
     seed = Parameter(type=int, description="The random seed to use.")
     draws = Parameter(default=1, type=int, description="The number of draws to make.")
     delay_time = Parameter(default=0, type=float, description="Seconds to wait before drawing.")

@@ -73,7 +73,8 @@ class TrainThePayne(TaskInstance):
                 },
             )
             output = Path(
-                self.output_path or astra_home() / "outputs" / "thepayne" / f"model-{task.task_id}.npz"
+                self.output_path
+                or astra_home() / "outputs" / "thepayne" / f"model-{task.task_id.rpartition('.')[2]}.npz"
             )
             output.parent.mkdir(parents=True, exist_ok=True)
             model.save(output, overwrite=True)

@@ -10,17 +10,25 @@ The database is chosen, in order, by:
 PostgreSQL keeps every table in the ``astra`` schema. SQLite has no schemas, so the SQLite file is
 *attached* under the name ``astra`` to every connection: SQL written as ``select * from astra.task``
 runs unchanged on both back ends.
+
+Starting an engine never changes the database: it checks, with one read of the catalogs, that the schema
+is there and current (a read-only role can use every read path), and refuses it with a
+:class:`~astra_provider.database.schema.SchemaError` saying what to run otherwise. The schema is created
+by ``astra initdb`` (:func:`init_database`) and, for an SQLite file, on its first use
+(:mod:`astra_provider.database.schema`). A PostgreSQL URL without a driver (``postgresql://...``) uses
+psycopg2, the driver this package installs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -58,15 +66,41 @@ def configure(url: str | None) -> None:
     _configured_url = url
 
 
-def _sqlite_engine(url: str) -> Engine:
+def normalize_url(url: str) -> str:
+    """``url`` with its driver made explicit where SQLAlchemy's default is not installed.
+
+    SQLAlchemy 2.1 reads ``postgresql://`` as psycopg 3; this package installs psycopg2, so a PostgreSQL URL
+    without a driver (``postgresql://`` or ``postgres://``) gets ``postgresql+psycopg2://``.
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The absolute path of an SQLite URL's file (None: in memory)."""
     database = make_url(url).database
     if database in (None, "", ":memory:"):
+        return None
+    return str(Path(database).expanduser().resolve())
+
+
+def is_in_memory(url: str) -> bool:
+    """Whether ``url`` is an SQLite database in memory (private to this process)."""
+    return make_url(url).get_backend_name() == "sqlite" and _sqlite_file(url) is None
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = _sqlite_file(url)
+    if path is None:
         engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
         attached = ":memory:"
     else:
-        path = Path(database).expanduser().resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        attached = str(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        attached = path
         engine = create_engine("sqlite://", connect_args={"check_same_thread": False, "timeout": 60})
 
     @event.listens_for(engine, "connect")
@@ -91,48 +125,89 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+def _new_engine(url: str) -> Engine:
+    if make_url(url).get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    psycopg2 = make_url(url).get_driver_name() == "psycopg2"
+    options = {"executemany_mode": "values_plus_batch"} if psycopg2 else {}
+    return create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000, **options)
+
+
 def get_engine(url: str | None = None) -> Engine:
-    """The (cached) engine for ``url``, or for :func:`get_database_url`; tables are created on first use."""
-    url = url or get_database_url()
+    """The (cached) engine for ``url``, or for :func:`get_database_url`.
+
+    The first call for a URL checks the schema (read-only); an SQLite file gets its tables on first use.
+
+    :raises ~astra_provider.database.schema.SchemaError: no schema, or one from an earlier version.
+    """
+    url = normalize_url(url or get_database_url())
     with _lock:
         engine = _engines.get(url)
         if engine is None:
-            if make_url(url).get_backend_name() == "sqlite":
-                engine = _sqlite_engine(url)
-            else:
-                psycopg2 = make_url(url).get_driver_name() == "psycopg2"
-                options = {"executemany_mode": "values_plus_batch"} if psycopg2 else {}
-                engine = create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000, **options)
-            init_database(engine, url)
+            engine = _new_engine(url)
+            try:
+                _prepare(engine, url)
+            except BaseException:
+                engine.dispose()
+                raise
             _engines[url] = engine
     return engine
 
 
-def init_database(engine: Engine, url: str | None = None) -> None:
-    """Create the ``astra`` schema (PostgreSQL) and every table that does not exist yet.
+def _prepare(engine: Engine, url: str) -> None:
+    """Check the schema; an SQLite file whose tables are missing gets them first (under a file lock)."""
+    from astra_provider.database.schema import check_schema, file_lock, schema_problems, sqlite_lock_path
 
-    :param url: the database's URL, named in errors (default: the engine's).
-    :raises RuntimeError: when an existing table lacks a column this version needs (see
-        ``docs/database.md``, *Upgrading*).
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            _, missing = schema_problems(connection)
+        if missing:
+            path = _sqlite_file(url)
+            lock = file_lock(sqlite_lock_path(path)) if path else contextlib.nullcontext()
+            with lock, engine.begin() as connection:
+                _create(connection)
+    with engine.connect() as connection:
+        check_schema(connection, url)
+
+
+def _create(connection: Connection) -> list[str]:
+    from astra_provider.database.schema import create_schema
+
+    return create_schema(connection)
+
+
+def init_database(target: str | Engine | None = None) -> list[str]:
+    """Create the astra schema and its missing tables, and upgrade an earlier version's (``astra initdb``).
+
+    Idempotent: existing tables keep their rows; concurrent runs wait for each other.
+
+    :param target: a URL or an engine (default: :func:`get_database_url`).
+    :returns: what was created or changed (empty when the schema was already current).
+    :raises ~astra_provider.database.schema.SchemaError: when the result is still unusable (e.g. an
+        earlier ``astra.parameter`` table, see ``docs/database.md``).
     """
-    from astra_provider.database.astradb import Base
+    from astra_provider.database.schema import check_schema, file_lock, sqlite_lock_path
 
-    with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
-        Base.metadata.create_all(connection)
-        _check_upgraded(connection, url or engine.url.render_as_string(hide_password=False))
-
-
-def _check_upgraded(connection: Connection, url: str) -> None:
-    """Refuse a database whose ``parameter`` table predates the key on the hash of the value."""
-    columns = {column["name"] for column in inspect(connection).get_columns("parameter", schema=SCHEMA)}
-    if "parameter_value_hash" not in columns:
-        raise RuntimeError(
-            f"the astra database {redact(url)} was created by an "
-            "earlier astra-provider: its table astra.parameter has no column parameter_value_hash. Upgrade "
-            "it as described in the documentation (docs/database.md, 'Upgrading from earlier versions')"
-        )
+    if isinstance(target, Engine):
+        engine, url = target, target.url.render_as_string(hide_password=False)
+        cached = True
+    else:
+        url = normalize_url(target or get_database_url())
+        with _lock:
+            engine = _engines.get(url)
+        cached = engine is not None
+        engine = engine or _new_engine(url)
+    path = _sqlite_file(url) if engine.dialect.name == "sqlite" else None
+    lock = file_lock(sqlite_lock_path(path)) if path else contextlib.nullcontext()
+    with lock, engine.begin() as connection:
+        done = _create(connection)
+    with engine.connect() as connection:
+        check_schema(connection, url)
+    if not cached:
+        with _lock:
+            if _engines.setdefault(url, engine) is not engine:
+                engine.dispose()  # another thread cached one meanwhile
+    return done
 
 
 def dispose_engines() -> None:
@@ -165,5 +240,8 @@ __all__ = [
     "get_database_url",
     "get_engine",
     "init_database",
+    "is_in_memory",
+    "normalize_url",
+    "redact",
     "session_scope",
 ]

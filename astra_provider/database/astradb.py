@@ -1,12 +1,14 @@
 """SQLAlchemy 2 models of the astra database (schema ``astra``).
 
-Provenance tables: ``task``, ``parameter`` and the ``task_parameter`` junction, ``data_product`` with the
-``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` (a task's bundle is its
-``bundle_pk``), ``source`` and ``source_data_product``, and ``output_interface``, which gives every result
-row a key that is unique across all result tables. Result tables (``doppler``, ``thecannon``,
-``thepayne``, ...) use :class:`OutputMixin`.
+Provenance tables: ``task``, ``parameter`` and the ``task_parameter_link`` junction (read through the view
+``task_parameter``, which adds each task's version parameters from ``version_parameter``), ``data_product``
+with the ``task_input_data_product`` / ``task_output_data_product`` junctions, ``bundle`` (a task's bundle is
+its ``bundle_pk``), ``lease`` (the processes running tasks), ``source`` and ``source_data_product``, and
+``output_interface``, which gives every result row a key that is unique across all result tables. Result
+tables (``doppler``, ``thecannon``, ``thepayne``, ...) use :class:`OutputMixin`.
 
-``schema/astradb.sql`` is generated from these models (``astra schema``) and a test keeps the two equal.
+``schema/astradb.sql`` is generated from these models and the view of
+:mod:`astra_provider.database.schema` (``astra schema``), and a test keeps the two equal.
 """
 
 from __future__ import annotations
@@ -47,6 +49,32 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+VERSION_PARAMETERS = ("astra_version_major", "astra_version_minor")
+"""Parameters that every task carries, from the astra-provider version that ran it (provenance).
+
+Their values are rows of ``astra.parameter``, recorded once per value and tied to the version by
+``astra.version_parameter``; the view ``astra.task_parameter`` shows them with each task's own parameters,
+so SQL on the parameter tables lists them for every task, without a row per task (see
+:class:`TaskParameter`). They are not part of ``task_id`` and not arguments of any task class (see
+``docs/database.md``, *Versions and identity*).
+"""
+
+
+def version_parameters(version: str) -> dict[str, int]:
+    """``{"astra_version_major": 0, "astra_version_minor": 1}`` for version ``"0.1.0"``."""
+    major, minor = (version.split(".") + ["0", "0"])[:2]
+    return {VERSION_PARAMETERS[0]: _leading_int(major), VERSION_PARAMETERS[1]: _leading_int(minor)}
+
+
+def _leading_int(text: str) -> int:
+    digits = ""
+    for character in text:
+        if not character.isdigit():
+            break
+        digits += character
+    return int(digits or 0)
+
+
 class Status(enum.IntEnum):
     """``task.status_code`` values."""
 
@@ -77,17 +105,50 @@ class OutputInterface(Base):
     )
 
 
+class Lease(Base):
+    """A process that executes tasks: its owner (host, pid, a random id) and how long its claims hold.
+
+    A running task belongs to the lease of the process that claimed it (``task.lease_pk``). The process
+    renews ``expires`` (a heartbeat) while it runs tasks; once ``expires`` has passed, or the process is
+    known to be dead (same host, no such pid), its running tasks are *stale*: another run takes them over
+    and ``astra recover`` marks them failed (:mod:`astra_provider.database.leases`).
+    """
+
+    __tablename__ = "lease"
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    owner: Mapped[str] = mapped_column(Text)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+    renewed: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"<Lease pk={self.pk} {self.owner} expires={self.expires}>"
+
+
 class Task(Base):
     """One executed (or executing) task: its identity, status, timings, version and error.
 
     A row records one execution: executing a task again (``force=True``, a failed task, a new version)
     inserts a new row, so a row belongs to at most one bundle, ``bundle_pk`` (NULL for a task executed
-    alone). Skip-if-done looks twins up by ``task_id`` (nearly unique), so the index holds only that
-    column: a narrower index is cheaper to fill when a bundle is inserted.
+    alone).
+
+    **Claims.** ``claim`` is 1 on the one row that holds the claim on its ``(task_id, version)``: the row
+    being executed (``RUNNING``, owned by the lease ``lease_pk``) or the row that completed it. It is NULL
+    on failed rows, on rows taken over after their lease expired, and on rows of forced runs. The unique
+    index on ``(task_id, version, claim)`` lets only one row hold a claim (NULLs are distinct), so two
+    overlapping runs cannot both execute or complete the same task; the same index serves skip-if-done's
+    look-ups by ``task_id`` (one index to fill per inserted task, not two).
     """
 
     __tablename__ = "task"
-    __table_args__ = (Index("ix_task_task_id", "task_id"),)
+    __table_args__ = (Index("ux_task_claim", "task_id", "version", "claim", unique=True),)
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     task_module: Mapped[str] = mapped_column(Text)
@@ -116,6 +177,8 @@ class Task(Base):
     bundle_pk: Mapped[int | None] = mapped_column(
         PrimaryKey, _fk("bundle.pk", ondelete="SET NULL"), index=True
     )
+    claim: Mapped[int | None] = mapped_column(SmallInteger)
+    lease_pk: Mapped[int | None] = mapped_column(PrimaryKey, _fk("lease.pk", ondelete="SET NULL"))
 
     @property
     def status(self) -> Status:
@@ -123,20 +186,40 @@ class Task(Base):
 
     @property
     def parameters(self) -> dict[str, Any]:
-        """All parameters of the task (defaults included), decoded from the ``parameter`` table."""
+        """All parameters of the task class (defaults included), decoded from the ``parameter`` table.
+
+        These rebuild the task (:meth:`~astra_provider.base.TaskInstance.from_task`). The version parameters
+        every task carries (:data:`VERSION_PARAMETERS`) are in :attr:`version_parameters`.
+        """
         cached = self.__dict__.get("_parameters")
         if cached is None:
-            from astra_provider.database import session_scope
-
-            with session_scope() as session:
-                rows = session.execute(
-                    select(Parameter.parameter_name, Parameter.parameter_value)
-                    .join(TaskParameter, TaskParameter.parameter_pk == Parameter.pk)
-                    .where(TaskParameter.task_pk == self.pk)
-                ).all()
-            cached = {name: parse_json(value) for name, value in rows}
+            cached = self._recorded_parameters()
             self.__dict__["_parameters"] = cached
         return cached
+
+    @property
+    def version_parameters(self) -> dict[str, int]:
+        """``astra_version_major`` and ``astra_version_minor`` of the version that ran the task."""
+        from astra_provider.database import session_scope
+
+        with session_scope() as session:
+            rows = session.execute(
+                select(Parameter.parameter_name, Parameter.parameter_value)
+                .join(VersionParameter, VersionParameter.parameter_pk == Parameter.pk)
+                .where(VersionParameter.version == self.version)
+            ).all()
+        return {name: parse_json(value) for name, value in sorted(rows)}
+
+    def _recorded_parameters(self) -> dict[str, Any]:
+        from astra_provider.database import session_scope
+
+        with session_scope() as session:
+            rows = session.execute(
+                select(Parameter.parameter_name, Parameter.parameter_value)
+                .join(TaskParameter, TaskParameter.parameter_pk == Parameter.pk)
+                .where(TaskParameter.task_pk == self.pk)
+            ).all()
+        return {name: parse_json(value) for name, value in rows}
 
     @property
     def input_data_products(self) -> list[DataProduct]:
@@ -207,11 +290,27 @@ def _fill_parameter_value_hash(_mapper: Any, _connection: Any, row: Parameter) -
 
 
 class TaskParameter(Base):
-    __tablename__ = "task_parameter"
+    """A task's own parameter: the junction of ``task`` and ``parameter`` (table ``task_parameter_link``).
+
+    SQL reads the view ``astra.task_parameter``: these rows, and one row per version parameter of each task
+    (from ``version_parameter`` and ``task.version``; ``pk`` NULL), as in the user's guide. Only this table
+    is written.
+    """
+
+    __tablename__ = "task_parameter_link"
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
     parameter_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("parameter.pk"), index=True)
+
+
+class VersionParameter(Base):
+    """The values of the version parameters of an astra-provider version: recorded once per version."""
+
+    __tablename__ = "version_parameter"
+
+    version: Mapped[str] = mapped_column(Text, primary_key=True)
+    parameter_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("parameter.pk"), primary_key=True)
 
 
 class Source(Base):
@@ -445,6 +544,7 @@ __all__ = [
     "DataProduct",
     "Doppler",
     "JSONType",
+    "Lease",
     "OutputInterface",
     "OutputMixin",
     "Parameter",
@@ -458,5 +558,8 @@ __all__ = [
     "TaskParameter",
     "TheCannon",
     "ThePayne",
+    "VERSION_PARAMETERS",
+    "VersionParameter",
     "parameter_value_hash",
+    "version_parameters",
 ]

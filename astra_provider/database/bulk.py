@@ -33,6 +33,7 @@ return keys in input order.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date, datetime
@@ -42,6 +43,10 @@ from sqlalchemy import Column, Select, Table, Text, any_, cast, func, literal, s
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.orm import Session, configure_mappers
+
+from astra_provider.database.text import clean_json, clean_text, json_needs_cleaning, needs_cleaning
+
+log = logging.getLogger(__name__)
 
 CHUNK = 2000  # values per IN list (SQLite)
 PG_CHUNK = 50_000  # rows per statement (PostgreSQL)
@@ -121,12 +126,32 @@ def _pg_type(column: Column, dialect: Dialect) -> str:
 
 
 def _processed(column: Column, dialect: Dialect, values: Iterable[Any]) -> list[Any]:
-    """``values`` as SQLAlchemy would send them for ``column`` (e.g. JSON serialized)."""
+    """``values`` as SQLAlchemy would send them for ``column`` (e.g. JSON serialized), with text that no
+    database can store (NUL, lone surrogates) replaced by its escapes (:mod:`astra_provider.database.text`).
+    """
     process = column.type.dialect_impl(dialect).bind_processor(dialect)
     if process is None:
-        return list(values)
-    null = process(None)  # e.g. JSON 'null': computed once, as most values of a JSON column are None
-    return [null if value is None else process(value) for value in values]
+        processed = list(values)
+        bad = [i for i, value in enumerate(processed) if type(value) is str and needs_cleaning(value)]
+        for i in bad:
+            processed[i] = clean_text(processed[i])
+    else:
+        null = process(None)  # e.g. JSON 'null': computed once, as most values of a JSON column are None
+        values = list(values)
+        processed = [null if value is None else process(value) for value in values]
+        bad = [i for i, value in enumerate(processed) if type(value) is str and json_needs_cleaning(value)]
+        bad = [i for i in bad if clean_json(values[i]) != values[i]]  # e.g. an emoji is fine as it is
+        for i in bad:
+            processed[i] = process(clean_json(values[i]))
+    if bad:
+        log.warning(
+            "%d value(s) of %s.%s held NUL characters or lone surrogates, written as their escapes "
+            "(\\x00, \\udXXX; see docs/database.md, 'Text the database cannot store')",
+            len(bad),
+            column.table.name,
+            column.name,
+        )
+    return processed
 
 
 def _python_defaults(table: Table) -> dict[str, Any]:
@@ -178,14 +203,21 @@ def _pg_unnest(
     columns: Sequence[str],
     rows: Sequence[Mapping[str, Any]],
     fill: Mapping[str, Any] | None = None,
+    constant: Mapping[str, tuple[str, Any]] | None = None,
 ) -> tuple[str, dict[str, str]]:
-    """``unnest(CAST(:a0 AS T0[]), ...) AS v(c0, ...)`` and its parameters: an array literal per column."""
+    """``unnest(CAST(:a0 AS T0[]), ...) AS v(c0, ...)`` and its parameters: an array literal per column.
+
+    :param constant: more columns, ``alias -> (column, processed value)``: the value repeated in every row.
+    """
     quote = dialect.identifier_preparer.quote
-    types = [_pg_type(table.c[name], dialect) for name in columns]
+    constant = constant or {}
+    names = [*columns, *constant]
+    types = [_pg_type(table.c[name], dialect) for name in [*columns, *(c for c, _ in constant.values())]]
     arrays = ", ".join(f"CAST(:a{i} AS {sql_type}[])" for i, sql_type in enumerate(types))
     values = _column_values(table, dialect, columns, rows, fill)
+    values += [[value] * len(rows) for _, value in constant.values()]
     parameters = {f"a{i}": pg_array(column) for i, column in enumerate(values)}
-    return f"unnest({arrays}) AS v({', '.join(map(quote, columns))})", parameters
+    return f"unnest({arrays}) AS v({', '.join(map(quote, names))})", parameters
 
 
 def _pg_shared(table: Table, dialect: Dialect, shared: Mapping[str, Any]) -> tuple[list[str], dict]:
@@ -331,12 +363,15 @@ def update_rows(
     *,
     key: str = "pk",
     same_for_all: Mapping[str, Any] | None = None,
-) -> None:
+    only_if: Mapping[str, Any] | None = None,
+) -> int:
     """Update, for each of ``rows`` (dicts with the same keys, ``key`` among them), the row it names.
 
     :param same_for_all: column values set on every row (sent once, not once per row).
+    :param only_if: update only the rows whose columns hold these values (e.g. still running, still ours).
+    :returns: the number of rows updated.
     """
-    prepare_update(session, table, rows, key=key, same_for_all=same_for_all)()
+    return prepare_update(session, table, rows, key=key, same_for_all=same_for_all, only_if=only_if)()
 
 
 def prepare_update(
@@ -346,27 +381,33 @@ def prepare_update(
     *,
     key: str = "pk",
     same_for_all: Mapping[str, Any] | None = None,
-) -> Callable[[], None]:
-    """:func:`update_rows` in two steps, like :func:`prepare_insert`.
+    only_if: Mapping[str, Any] | None = None,
+) -> Callable[[], int]:
+    """:func:`update_rows` in two steps, like :func:`prepare_insert`; the function returns the row count.
 
     One ``UPDATE ... FROM unnest(...)`` on PostgreSQL, whatever the number of rows; values that are the
-    same object in every row (typically ``None``) are sent once.
+    same object in every row (typically ``None``) are sent once. On PostgreSQL the ``only_if`` values travel
+    as columns of the ``unnest`` too, so that they are conditions of the join on ``key``, never filters of
+    the table: as filters, the planner (which cannot know that most rows pass) may scan the whole table
+    once per updated row.
     """
     if not rows:
-        return lambda: None
+        return lambda: 0
     dialect = session.get_bind().dialect
     quote = dialect.identifier_preparer.quote
     constant = {k: v for k, v in _constant_columns(rows, list(rows[0])).items() if k != key}
     same_for_all = {**constant, **(same_for_all or {})}
     columns = [name for name in rows[0] if name != key and name not in same_for_all]
     shared = {name: _processed(table.c[name], dialect, [v])[0] for name, v in same_for_all.items()}
+    only_if = {name: _processed(table.c[name], dialect, [v])[0] for name, v in (only_if or {}).items()}
     target = dialect.identifier_preparer.format_table(table)
     if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
         assignments = ", ".join(f"{quote(name)} = ?" for name in [*columns, *shared])
+        tests = "".join(f" AND {quote(name)} = ?" for name in only_if)
         values = zip(*_column_values(table, dialect, [*columns, key], rows), strict=True)
-        sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?"
-        tuples = [(*row[:-1], *shared.values(), row[-1]) for row in values]
-        return lambda: session.connection().exec_driver_sql(sql, tuples) and None
+        sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?{tests}"
+        tuples = [(*row[:-1], *shared.values(), row[-1], *only_if.values()) for row in values]
+        return lambda: session.connection().exec_driver_sql(sql, tuples).rowcount
 
     shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
     assignments = ", ".join(
@@ -379,12 +420,15 @@ def prepare_update(
     for chunk in chunked(rows, PG_CHUNK):
         source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk)
         where = f"t.{quote(key)} = v.{quote(key)}"
+        if only_if:
+            guard = {f"only_if_{name}": (name, value) for name, value in only_if.items()}
+            source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk, constant=guard)
+            where += "".join(f" AND t.{quote(name)} = v.{quote(alias)}" for alias, (name, _) in guard.items())
         statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
         statements.append((statement, {**parameters, **shared_parameters}))
 
-    def execute() -> None:
-        for statement, parameters in statements:
-            session.execute(statement, parameters)
+    def execute() -> int:
+        return sum(session.execute(statement, parameters).rowcount for statement, parameters in statements)
 
     return execute
 

@@ -98,7 +98,7 @@ class Demo:
         say(f"  DAGs              {airflow.dags_folder}")
         say(f"  Airflow's log     {self.log_path}")
         with contextlib.suppress(Exception):
-            database.get_engine(self.astra_url)  # create the tables now: the progress thread reads them
+            database.init_database(self.astra_url)  # the demo's own database: create its tables now
 
     def run_dags(self, surveys: Surveys, model_path: Path, output_dir: Path) -> list[RunResult]:
         """Train The Cannon on the training set, then run the pipeline on the test survey."""

@@ -185,7 +185,7 @@ class AstraHook(BaseHook):
         return url
 
     def get_engine(self) -> Any:
-        """The SQLAlchemy engine (tables are created on first use)."""
+        """The SQLAlchemy engine (its schema is checked, read-only, on first use; see ``astra initdb``)."""
         from astra_provider.database import get_engine
 
         return get_engine(self.get_database_url())
