@@ -9,7 +9,9 @@ file system. On a machine where ``astra demo`` ran, they find its model, surveys
   model trained last by ``astra_thecannon_train``);
 * :func:`default_data_root`: ``$ASTRA_DATA_ROOT``, else the newest survey (a folder with apVisit files) under
   ``$ASTRA_HOME/data``, where ``astra demo`` writes its surveys;
-* :func:`default_training_table`: the newest ``$ASTRA_HOME/data/*/training.csv``.
+* :func:`default_training_table`: the newest ``$ASTRA_HOME/data/*/training.csv``;
+* :func:`default_templates`: Doppler's templates: the grids installed by ``astra templates install``
+  (``$ASTRA_HOME/templates``), else the Cannon model trained last.
 
 Each raises :class:`MissingDefaultError`, saying what to pass instead, when there is nothing to find.
 """
@@ -101,6 +103,25 @@ def default_training_table() -> str:
     return str(table)
 
 
+def default_templates(*, astra_conn_id: str = "astra_default") -> str:
+    """Doppler's default ``model_path``: ``$ASTRA_HOME/templates`` when ``astra templates install`` put
+    template grids there (real APOGEE and BOSS spectra), else the Cannon model trained last.
+
+    :raises MissingDefaultError: if there is neither.
+    """
+    from astra_provider.templates.importer import templates_dir
+
+    installed = templates_dir()
+    if any(installed.glob("*.npz")):
+        return str(installed.resolve())
+    try:
+        return latest_output("astra_provider.contrib.thecannon.TrainTheCannon", astra_conn_id=astra_conn_id)
+    except MissingDefaultError as error:
+        raise MissingDefaultError(
+            f"no template grids in {installed} (astra templates install puts them there) and {error}"
+        ) from None
+
+
 def template_functions(astra_conn_id: str) -> dict[str, Callable[..., Any]]:
     """The functions above, by name, for a DAG's ``user_defined_macros``."""
     return {
@@ -108,4 +129,5 @@ def template_functions(astra_conn_id: str) -> dict[str, Callable[..., Any]]:
         "latest_output": functools.partial(latest_output, astra_conn_id=astra_conn_id),
         "default_data_root": default_data_root,
         "default_training_table": default_training_table,
+        "default_templates": functools.partial(default_templates, astra_conn_id=astra_conn_id),
     }

@@ -81,6 +81,8 @@ def _describe_step(step: Any) -> str:
             )
             what += f" on the {source} `{step.inputs.step}`"
         what += ", in bundles" if step.bundle else ", one task"
+        if step.enabled is not True:
+            what += ", when enabled"
     after = f" (after {', '.join(f'`{a}`' for a in step.after)})" if step.after else ""
     return f"- `{step.id}`: {what}{after}"
 
@@ -189,6 +191,7 @@ def _build_step(step: Any, tails: dict[str, Any], conn_id: str) -> tuple[Any, An
             parameters=step.parameters,
             input_data_products=data_products,
             input_filetypes=filetypes,
+            enabled=step.enabled,
             **common,
             **_operator_args(step.operator_args),
         )
@@ -204,6 +207,7 @@ def _build_step(step: Any, tails: dict[str, Any], conn_id: str) -> tuple[Any, An
         bundle_size=500 if step.bundle_size is None else step.bundle_size,
         max_bundles=100 if step.max_bundles is None else step.max_bundles,
         astra_conn_id=conn_id,
+        enabled=step.enabled,
     )
     run = ExecuteBundleOperator.partial(
         task_id=step.id,

@@ -235,6 +235,11 @@ class TaskStep(_Step):
         None, description="The Airflow task fails past this fraction of failed tasks (0.1 bundled, else 0)."
     )
     force: Flag = Field(False, description="Run even if identical tasks completed.")
+    enabled: Flag = Field(
+        True,
+        description="false (usually a template of params) skips the step, and the steps that need it, in a "
+        "run; the run can still succeed.",
+    )
     trigger_rule: TriggerRule = Field(DEFAULT_TRIGGER_RULE, description="The trigger rule of the step.")
     operator_args: OperatorArgs = Field(
         OperatorArgs(), description="Arguments of the task that runs the tasks."

@@ -7,9 +7,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 cd "$REPO"
 
 # System packages the tests use for real: the PostgreSQL server (the tests start their own on a
-# loopback port) and a Compose client (to validate docker-compose.yaml; no Docker engine is needed).
+# loopback port), a Compose client (to validate docker-compose.yaml; no Docker engine is needed) and
+# Chromium (tests/test_ui_browser.py drives the Airflow UI with Playwright; Debian's browser, not a download
+# by `playwright install`).
 missing=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || missing+=(postgresql)
+command -v chromium > /dev/null || command -v chromium-browser > /dev/null || missing+=(chromium)
 docker compose version > /dev/null 2>&1 || command -v docker-compose > /dev/null || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} via apt"

@@ -67,17 +67,21 @@ def counts(home: Path) -> dict[str, dict[int, int]]:
 COMPLETED = 2  # Status.COMPLETED
 
 
-def test_dags_test_trains_a_model_then_runs_the_pipeline_with_the_defaults(demo_home):
-    """No conf at all: the training table, the data root and the model are found."""
-    result = run_airflow("dags", "test", "astra_thecannon_train", DATE, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert counts(demo_home) == {"TrainTheCannon": {COMPLETED: 1}}
+def test_dags_test_trains_models_then_runs_the_pipeline_with_the_defaults(demo_home):
+    """No conf at all: the training table, the data root and the models are found; Doppler's templates are
+    the Cannon model (no template grids installed); the optional Payne step is skipped."""
+    for dag_id in ("astra_thecannon_train", "astra_thepayne_train"):
+        result = run_airflow("dags", "test", dag_id, DATE, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert counts(demo_home) == {"TrainTheCannon": {COMPLETED: 1}, "TrainThePayne": {COMPLETED: 1}}
 
     result = run_airflow("dags", "test", "astra_pipeline", "2025-06-02", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "model_path=model-TrainTheCannon" in result.stdout  # the model trained above
+    assert "DopplerRadialVelocity model_path=model-TrainTheCannon" in result.stdout  # the model trained above
+    assert "step thepayne_bundles is not enabled in this run" in result.stdout
     assert counts(demo_home) == {
         "TrainTheCannon": {COMPLETED: 1},
+        "TrainThePayne": {COMPLETED: 1},
         "SinusoidalContinuum": {COMPLETED: 6},
         "DopplerRadialVelocity": {COMPLETED: 12},
         "TestTheCannon": {COMPLETED: 6},
@@ -85,7 +89,14 @@ def test_dags_test_trains_a_model_then_runs_the_pipeline_with_the_defaults(demo_
 
 
 @pytest.mark.parametrize(
-    "dag_id", ["astra_continuum", "astra_doppler", "astra_thecannon_test", "astra_pipeline_on_new_spectra"]
+    "dag_id",
+    [
+        "astra_continuum",
+        "astra_doppler",
+        "astra_thecannon_test",
+        "astra_thepayne_test",
+        "astra_pipeline_on_new_spectra",
+    ],
 )
 def test_dags_test_runs_the_other_dags_with_their_defaults(demo_home, dag_id):
     """Nothing to process by default (no data products given, no asset event): the run succeeds."""
@@ -101,6 +112,7 @@ def _survey(home: Path, filetype: str) -> str:
 TASKS = [
     # (dag, task, -t params or None, what its log must say)
     ("astra_thecannon_train", "train", None, "all 1 task(s) already done"),
+    ("astra_thepayne_train", "train", None, "all 1 task(s) already done"),
     (
         "astra_continuum",
         "continuum_bundles",
@@ -114,6 +126,7 @@ TASKS = [
         "DopplerRadialVelocity model_path=model-TrainTheCannon",  # the default model, in the bundle's label
     ),
     ("astra_thecannon_test", "thecannon_bundles", None, "No tasks to bundle"),
+    ("astra_thepayne_test", "thepayne_bundles", None, "No tasks to bundle"),
     (
         "astra_pipeline",
         "discover",

@@ -93,10 +93,19 @@ def test_the_pipeline_dags_follow_the_data():
         tasks = dag.task_dict
         assert tasks[first].downstream_task_ids == {"continuum_bundles", "doppler_bundles", "any_step_failed"}
         assert tasks["continuum_bundles"].input_filetypes == ["apStar"]
-        assert tasks["doppler_bundles"].input_filetypes == ["apVisit"]
+        assert tasks["doppler_bundles"].input_filetypes == ["apVisit", "specFull"]  # APOGEE and BOSS
         assert tasks["doppler_bundles"].upstream_task_ids == {first}
         assert tasks["thecannon_bundles"].upstream_task_ids == {"continuum"}
         assert tasks["thecannon_bundles"].trigger_rule == "all_done_min_one_success"
+        # The Payne: optional, on the continuum outputs like The Cannon
+        assert tasks["thepayne_bundles"].upstream_task_ids == {"continuum"}
+        assert tasks["thepayne_bundles"].trigger_rule == "all_done_min_one_success"
+        assert tasks["thepayne_bundles"].enabled == "{{ params.payne_model_path not in (none, '') }}"
+        assert dag.params["payne_model_path"] in (None, "")  # skipped by default
+        assert "latest_output(" in tasks["thepayne_bundles"].parameters["model_path"]
+        assert tasks["doppler_bundles"].parameters["model_path"] == (
+            "{{ params.doppler_model_path or default_templates() }}"
+        )
         assert tasks["doppler_bundles"].trigger_rule == "none_failed_min_one_success"
         watcher = tasks["any_step_failed"]
         assert watcher.trigger_rule == "one_failed" and watcher.upstream_task_ids == set(tasks) - {
@@ -105,30 +114,33 @@ def test_the_pipeline_dags_follow_the_data():
         assert dag.render_template_as_native_obj
         # bundles of continuum and Doppler may run at once: nothing limits them to one task at a time
         assert dag.max_active_tasks >= 16 and dag.max_active_runs == 1
-        for step in ("continuum", "doppler", "thecannon"):
+        for step in ("continuum", "doppler", "thecannon", "thepayne"):
             assert tasks[step].partial_kwargs.get("max_active_tis_per_dagrun") is None
             assert tasks[step].partial_kwargs.get("max_active_tis_per_dag") is None
         assert (
-            "\n- `doppler`: `DopplerRadialVelocity` on the apVisit of `" + first + "`, in bundles\n"
+            "\n- `doppler`: `DopplerRadialVelocity` on the apVisit, specFull of `" + first + "`, in bundles\n"
             in dag.doc_md
         )
         steps = [line for line in dag.doc_md.splitlines() if line.startswith("- `")]
         assert (
-            len(steps) == 4 + (dag is pipeline) and "|" not in dag.doc_md
+            len(steps) == 5 + (dag is pipeline) and "|" not in dag.doc_md
         )  # a list (a wide table is cut off in the UI)
         assert max(len(line) for line in steps) < 90
     # the export step closes the pipeline: after the last steps (not the sensor), whatever their outcome
     export = pipeline.task_dict["export"]
-    assert export.upstream_task_ids == {"doppler", "thecannon"} and export.trigger_rule == "all_done"
+    assert export.upstream_task_ids == {"doppler", "thecannon", "thepayne"}
+    assert export.trigger_rule == "all_done"
     assert export.pipelines is None and export.kinds == ("star", "visit")  # every pipeline with results
     assert export.output_dir == "{{ params.catalogue_dir or None }}"
     sensor = pipeline.task_dict["discover"]
-    assert sensor.deferrable and sensor.filetypes == ["apStar", "apVisit"]
+    assert sensor.deferrable and sensor.filetypes == ["apStar", "apVisit", "specFull"]
     assert sensor.root == "{{ params.data_root or default_data_root() }}"
-    # the model defaults to the one trained last, found in the astra database when the task runs
-    assert pipeline.params.get_param("model_path").schema == {"type": ["string", "null"]}
-    assert pipeline.params["model_path"] is None
-    assert "latest_output(" in pipeline.task_dict["doppler_bundles"].parameters["model_path"]
+    # the models default to the one trained last, found in the astra database when the task runs; Doppler's
+    # templates to the installed grids, else that Cannon model (dag_defaults.default_templates)
+    for name in ("model_path", "doppler_model_path", "payne_model_path"):
+        assert pipeline.params.get_param(name).schema == {"type": ["string", "null"]}
+        assert pipeline.params[name] is None
+    assert "latest_output(" in pipeline.task_dict["thecannon_bundles"].parameters["model_path"]
     # a run over the whole data root again (rediscover), and the files' readiness age, from the trigger form
     assert (pipeline.params["rediscover"], pipeline.params["min_file_age_seconds"]) == (False, 5)
     assert (sensor.include_registered, sensor.min_age_seconds) == (
@@ -210,13 +222,20 @@ def _statuses(task_name: str) -> dict[str, int]:
         return {Status(code).name: n for code, n in rows}
 
 
-def _succeeded(dag_run) -> None:
-    """Every task succeeded (the failure watcher of the pipelines, ``any_step_failed``, is skipped)."""
+#: The optional Payne step of the pipelines, skipped when no payne_model_path is given.
+PAYNE_SKIPPED = ("thepayne_bundles", "thepayne")
+
+
+def _succeeded(dag_run, skipped: tuple[str, ...] = ()) -> None:
+    """Every task succeeded but those of ``skipped``, which were skipped (and the failure watcher of the
+    pipelines, ``any_step_failed``, is skipped)."""
     from airflow.utils.state import DagRunState
 
     states = {key: str(ti.state) for key, ti in task_instances(dag_run).items()}
     assert dag_run.state == DagRunState.SUCCESS, states
     assert states.pop(("any_step_failed", -1), "skipped") == "skipped", states
+    for task_id in skipped:
+        assert states.pop((task_id, -1), None) == "skipped", (task_id, states)
     assert set(states.values()) == {"success"}, states
 
 
@@ -283,7 +302,7 @@ def test_component_dags_run_on_synthetic_spectra(airflow_db, astra_conn, survey,
 
 
 def test_the_pipeline_discovers_new_spectra_and_runs_every_component(
-    airflow_db, astra_conn, survey, tmp_path
+    airflow_db, astra_conn, survey, tmp_path, capfd
 ):
     root = tmp_path / "sdss"
     shutil.copytree(survey["data"] / "apogee", root / "apogee")
@@ -291,12 +310,17 @@ def test_the_pipeline_discovers_new_spectra_and_runs_every_component(
     conf = {
         "data_root": str(root),
         "model_path": str(survey["model"]),
+        "doppler_model_path": str(survey["model"]),
         "output_dir": str(tmp_path / "normalised"),
         "catalogue_dir": str(tmp_path / "catalogues"),
         "bundle_size": 5,
     }
     run = get_dag("astra_pipeline", DAGS).test(run_conf=conf)
-    _succeeded(run)
+    _succeeded(run, skipped=PAYNE_SKIPPED)  # no payne_model_path: the optional step is skipped, saying why
+    assert (
+        "step thepayne_bundles is not enabled in this run ({{ params.payne_model_path not in (none, '') }} "
+        "is False): skipped, with what needs it" in capfd.readouterr().out
+    )
     tis = task_instances(run)
     assert sorted(k for k in tis if k[0] == "doppler") == [("doppler", 0), ("doppler", 1), ("doppler", 2)]
 
@@ -346,6 +370,50 @@ def _check_catalogues(directory: Path, written: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)
+def test_the_payne_dags_and_the_optional_payne_step_of_the_pipeline(airflow_db, astra_conn, survey, tmp_path):
+    """astra_thepayne_train on the training table; astra_pipeline with payne_model_path "latest" runs The
+    Payne on the continuum outputs (the model trained last); astra_thepayne_test with its default model
+    finds those tasks done."""
+    from astra_provider.database.astradb import ThePayne
+
+    run = get_dag("astra_thepayne_train", DAGS).test(run_conf={"training_table": str(survey["table"])})
+    _succeeded(run)
+    assert _statuses("TrainThePayne") == {"COMPLETED": 1}
+
+    root = tmp_path / "sdss"
+    shutil.copytree(survey["data"] / "apogee", root / "apogee")
+    _age(root)
+    conf = {
+        "data_root": str(root),
+        "model_path": str(survey["model"]),
+        "doppler_model_path": str(survey["model"]),
+        "output_dir": str(tmp_path / "normalised"),
+        "payne_model_path": "latest",
+    }
+    run = get_dag("astra_pipeline", DAGS).test(run_conf=conf)
+    _succeeded(run)
+    [payne_bundle] = [ti for ti in run.get_task_instances() if ti.task_id == "thepayne"]
+    assert payne_bundle.rendered_map_index.startswith("TestThePayne model_path=model-TrainThePayne")
+    assert _statuses("TestThePayne") == {"COMPLETED": 6} and _statuses("TestTheCannon") == {"COMPLETED": 6}
+    with session_scope() as session:
+        teffs = list(session.scalars(select(ThePayne.teff)))
+        normalised = sorted(
+            session.scalars(
+                select(TaskOutputDataProduct.data_product_pk)
+                .join(Task, Task.pk == TaskOutputDataProduct.task_pk)
+                .where(Task.task_name == "SinusoidalContinuum")
+            )
+        )
+    # a model of 40 training stars: labels inside the survey's range, not an accuracy test (test_payne.py)
+    assert len(teffs) == 6 and all(3000 < teff < 8000 for teff in teffs)
+
+    run = get_dag("astra_thepayne_test", DAGS).test(run_conf={"data_products": normalised})
+    _succeeded(run)
+    [summary] = _step_summaries("astra_thepayne_test", run.run_id, "thepayne")
+    assert (summary["skipped"], summary["completed"], summary["failed"]) == (6, 0, 0)  # done above
+
+
+@pytest.mark.parametrize("astra_db", ["sqlite"], indirect=True)
 def test_a_corrupt_apstar_fails_its_continuum_bundle_only(airflow_db, astra_conn, survey, tmp_path, capfd):
     """One corrupt apStar file: its continuum bundle fails; Doppler, the other continuum bundle and The Cannon
     on that bundle's outputs still run; the failure is recorded with its file, and the run fails."""
@@ -357,13 +425,15 @@ def test_a_corrupt_apstar_fails_its_continuum_bundle_only(airflow_db, astra_conn
     conf = {
         "data_root": str(root),
         "model_path": str(survey["model"]),
+        "doppler_model_path": str(survey["model"]),
         "output_dir": str(tmp_path / "normalised"),
         "bundle_size": 3,  # 6 apStar: 2 continuum bundles; one failure in 3 is past max_failure_fraction 0.1
     }
     run = get_dag("astra_pipeline", DAGS).test(run_conf=conf)
     states = {key: str(ti.state) for key, ti in task_instances(run).items()}
     assert str(run.state) == "failed", states
-    failed = sorted(key for key, state in states.items() if state != "success")
+    failed = sorted(key for key, state in states.items() if state not in ("success", "skipped"))
+    assert {key[0] for key, state in states.items() if state == "skipped"} == set(PAYNE_SKIPPED)
     assert len(failed) == 2 and ("any_step_failed", -1) in failed, states  # the watcher fails the run...
     [(_, index)] = [key for key in failed if key[0] == "continuum"]  # ...after one continuum bundle failed
     message = f"a step of this run failed: continuum_{index}; the steps after it ran on what succeeded"
@@ -416,18 +486,19 @@ def test_rediscover_runs_the_pipeline_again_over_the_data_root(airflow_db, astra
     conf = {
         "data_root": str(root),
         "model_path": str(survey["model"]),
+        "doppler_model_path": str(survey["model"]),
         "output_dir": str(tmp_path / "normalised"),
         "rediscover": True,
         "min_file_age_seconds": 0,
     }
     dag = get_dag("astra_pipeline", DAGS)
     first = dag.test(run_conf=conf)
-    _succeeded(first)
+    _succeeded(first, skipped=PAYNE_SKIPPED)
     n_tasks, n_results = _count(Task), _count(Doppler) + _count(TheCannon) + _count(Continuum)
     assert _statuses("DopplerRadialVelocity") == {"COMPLETED": 12}
 
     second = dag.test(run_conf=conf)
-    _succeeded(second)
+    _succeeded(second, skipped=PAYNE_SKIPPED)
     discovered = _step_summaries("astra_pipeline", second.run_id, "discover")[0]
     assert discovered["counts"] == {"apStar": 6, "apVisit": 12}
     for step, n in (("continuum", 6), ("doppler", 12), ("thecannon", 6)):

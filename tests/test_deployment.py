@@ -157,6 +157,8 @@ def check_services(services: dict[str, Any]) -> None:
     worker = services["airflow-worker"]
     assert "container_name" not in worker and not worker.get("ports"), "workers must be scalable (--scale)"
     assert environment(worker).get("DUMB_INIT_SETSID") == "0"
+    # one BLAS thread per task process, applied by the operator too (threads_per_task)
+    assert environment(worker).get("ASTRA_THREADS_PER_TASK") == environment(worker).get("OMP_NUM_THREADS")
 
 
 def check_environment(services: dict[str, Any]) -> None:
@@ -172,7 +174,9 @@ def check_environment(services: dict[str, Any]) -> None:
             postgres["POSTGRES_DB"],
         ), f"{name}: the metadata DB URL does not match the postgres service"
         backend = env["AIRFLOW__CELERY__RESULT_BACKEND"]
-        assert backend.startswith("db+postgresql://") and make_url(backend[3:]).database == metadata.database
+        # psycopg2 named: plain postgresql:// is psycopg 3 under SQLAlchemy 2.1, which the image may lack
+        assert backend.startswith("db+postgresql+psycopg2://"), name
+        assert make_url(backend[3:]).database == metadata.database, name
         assert re.fullmatch(r"redis://[^@]*@?redis:6379/\d+", env["AIRFLOW__CELERY__BROKER_URL"]), name
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"], f"{name}: no JWT secret"
@@ -228,6 +232,9 @@ def check_volumes(services: dict[str, Any], data_root: str = "./data") -> None:
         assert same_path(volumes.get("/opt/airflow/dags", "?"), "dags"), f"{name}: ./dags not mounted"
         assert same_path(volumes.get("/data", "?"), data_root), f"{name}: data root not mounted at /data"
         assert same_path(volumes.get("/opt/airflow/logs", "?"), "logs"), f"{name}: logs must be shared"
+        # outputs written by one worker are read by the next step on another: one shared astra home
+        assert same_path(volumes.get("/astra", "?"), "astra"), f"{name}: astra home not shared"
+        assert environment(services[name])["ASTRA_HOME"] == "/astra", name
     assert any((REPO / "dags").glob("*.py")), "the mounted ./dags holds the DAG files"
     postgres = services["postgres"]
     volumes = mounts(postgres)
@@ -336,6 +343,15 @@ def test_dockerfile_installs_this_package():
     words = shlex.split(run)
     assert "/opt/astra-provider" in words, "the image must install this repository's package"
     assert "apache-airflow==${AIRFLOW_VERSION}" in words, "pin Airflow to the base image's version"
+    # the base image's constraints file (unconstrained, pip took celery 5.7.0, which breaks the scheduler)
+    assert words[words.index("--constraint") + 1] == "${HOME}/constraints.txt"
+    # the build fails unless what the services import is there: asyncpg (`airflow db migrate` on PostgreSQL),
+    # psycopg2 (the metadata database and the Celery result backend), the Celery provider
+    imports = re.search(r'python -c "import ([^"]+)"', run)
+    assert imports and {"asyncpg", "psycopg2", "airflow.providers.celery"} <= {
+        name.strip() for name in imports[1].split(",")
+    }, run
+    assert "pip check" in run
     users = [i for i, line in enumerate(instructions) if line.startswith("USER ")]
     assert users and instructions[users[-1]] == "USER airflow" and users[-1] < instructions.index(run), (
         "install (and run) as the airflow user"

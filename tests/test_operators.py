@@ -473,3 +473,29 @@ def test_debug_a_failed_bundle_with_airflow_tasks_test(airflow_db, astra_conn, n
     with session_scope() as session:
         latest = session.scalars(select(Task).order_by(Task.pk.desc()).limit(1)).one()
     assert latest.status == Status.COMPLETED and latest.result == 12.0
+
+
+def test_threads_per_task_limits_the_blas_pool_while_a_task_runs():
+    """``ASTRA_THREADS_PER_TASK`` (docs/deployment.md) caps the BLAS threads of a task process; unset, the
+    library's own setting stays; a bad value is an error naming the variable."""
+    import numpy  # noqa: F401  (loads its BLAS library)
+    from threadpoolctl import threadpool_info
+
+    from astra_provider.operators.task import threads_per_task
+
+    def blas_threads() -> set[int]:
+        return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert before  # NumPy's BLAS is loaded
+    with environment(ASTRA_THREADS_PER_TASK=None), threads_per_task() as limit:
+        assert limit is None and blas_threads() == before
+    with environment(ASTRA_THREADS_PER_TASK="1"), threads_per_task() as limit:
+        assert limit == 1 and blas_threads() == {1}
+    assert blas_threads() == before
+    with (
+        environment(ASTRA_THREADS_PER_TASK="two"),
+        pytest.raises(ValueError, match="ASTRA_THREADS_PER_TASK must be a positive integer, got 'two'"),
+        threads_per_task(),
+    ):
+        pass

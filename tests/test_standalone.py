@@ -340,6 +340,9 @@ def test_astra_pipelines_under_airflow_standalone(tmp_path):
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",  # the workers' Execution API follows it
         AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(_free_port()),
         AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(_free_port()),
+        # at load ~20 the default 5 s timed out a task's first Execution API call (httpx.ReadTimeout),
+        # failing it before it ran
+        AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="60",
     )
     log = tmp_path / "standalone.log"
     finished = False

@@ -24,6 +24,23 @@ def materialize(value: Any) -> Any:
     return value
 
 
+def skip_unless_enabled(enabled: Any, source: Any, task_id: str) -> None:
+    """Skip the Airflow task (and, through trigger rules, the steps that need it) when ``enabled`` is false.
+
+    :param enabled: the rendered value of the operator's ``enabled`` field.
+    :param source: that field before rendering (the template), to say why in the log.
+    :raises AirflowSkipException: if ``enabled`` is false.
+    """
+    from astra_provider.utils import as_bool
+
+    if as_bool(enabled, "enabled"):
+        return
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    why = f" ({source} is {enabled!r})" if isinstance(source, str) and source != str(enabled) else ""
+    raise AirflowSkipException(f"step {task_id} is not enabled in this run{why}: skipped, with what needs it")
+
+
 def is_summary(value: Any) -> bool:
     """Whether ``value`` is the XCom of an astra operator (a summary of executed tasks)."""
     return isinstance(value, Mapping) and "task_pks" in value

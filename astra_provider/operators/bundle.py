@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from astra_provider.operators._inputs import materialize, resolve_data_products
+from astra_provider.operators._inputs import materialize, resolve_data_products, skip_unless_enabled
 from astra_provider.operators.task import task_class_path
 
 if TYPE_CHECKING:
@@ -36,9 +36,13 @@ class BundleTasksOperator(BaseOperator):
     :param max_bundles: (templated) the most bundles (mapped task instances) to make; the bundle size grows
         to respect it. It is also capped by ``[core] max_map_length``.
     :param astra_conn_id: the astra database connection (to look up upstream outputs and filetypes).
+    :param enabled: (templated) false skips the planner, so the mapped task and the steps that need it are
+        skipped too; the planner's log says why (an optional step).
     """
 
-    template_fields: Sequence[str] = ("items", "data_products", "parameters", "bundle_size", "max_bundles")
+    template_fields: Sequence[str] = (
+        *("items", "data_products", "parameters", "bundle_size", "max_bundles", "enabled"),
+    )
     template_fields_renderers = {"parameters": "json"}
     ui_color = "#f5ecd8"
 
@@ -53,9 +57,11 @@ class BundleTasksOperator(BaseOperator):
         bundle_size: int | str = 500,
         max_bundles: int | str = 100,
         astra_conn_id: str = "astra_default",
+        enabled: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.enabled, self.enabled_source = enabled, enabled
         self.task_class = task_class_path(task_class)
         self._task_class_object = None if isinstance(task_class, str) else task_class
         self.items = items
@@ -73,6 +79,7 @@ class BundleTasksOperator(BaseOperator):
         from astra_provider.bundling import plan_bundles
         from astra_provider.hooks.astra import AstraHook
 
+        skip_unless_enabled(self.enabled, self.enabled_source, self.task_id)
         cls = self._task_class_object or import_task_class(self.task_class)
         items = list(materialize(self.items) or [])
         if self.data_products is not None:

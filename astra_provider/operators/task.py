@@ -26,6 +26,7 @@ from astra_provider.operators._inputs import (
     is_summary,
     materialize,
     resolve_data_products,
+    skip_unless_enabled,
 )
 from astra_provider.utils import as_bool
 
@@ -37,6 +38,33 @@ if TYPE_CHECKING:
 
 DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.bundle['label'] }}"
 FAILED_TASKS_IN_XCOM = 20
+
+
+#: Environment variable: BLAS/OpenMP threads per task process (unset: the libraries' defaults, usually one
+#: per core). With as many task processes as cores (the executor's slots), 1 keeps the cores from being
+#: oversubscribed; see docs/deployment.md.
+THREADS_PER_TASK_VARIABLE = "ASTRA_THREADS_PER_TASK"
+
+
+@contextmanager
+def threads_per_task() -> Iterator[int | None]:
+    """Limit the BLAS/OpenMP thread pools to ``$ASTRA_THREADS_PER_TASK`` threads while a task runs
+    (``threadpoolctl``: it applies to libraries already loaded, unlike ``OMP_NUM_THREADS`` set after
+    NumPy's import); yields the limit, or ``None`` when the variable is unset.
+
+    :raises ValueError: if the variable is not a positive integer.
+    """
+    value = os.environ.get(THREADS_PER_TASK_VARIABLE, "").strip()
+    if not value:
+        yield None
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_PER_TASK_VARIABLE} must be a positive integer, got {value!r}")
+    import numpy  # noqa: F401  (load the BLAS library, so that its pool is limited too)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(value)):
+        yield int(value)
 
 
 class AstraTaskFailedError(AirflowException):
@@ -131,9 +159,12 @@ class AstraTaskOperator(BaseOperator):
         (templated; ``0`` fails on any failure). Failed tasks are recorded in the astra database either way.
     :param astra_conn_id: the Airflow connection of the astra database (see
         :class:`~astra_provider.hooks.astra.AstraHook`).
+    :param enabled: (templated) false skips this Airflow task, saying so in its log (an optional step).
     """
 
-    template_fields: Sequence[str] = ("parameters", "input_data_products", "force", "max_failure_fraction")
+    template_fields: Sequence[str] = (
+        *("parameters", "input_data_products", "force", "max_failure_fraction", "enabled"),
+    )
     template_fields_renderers = {"parameters": "json", "input_data_products": "json"}
     ui_color = "#e8d8f5"
 
@@ -147,6 +178,7 @@ class AstraTaskOperator(BaseOperator):
         force: bool | str = False,
         max_failure_fraction: float | str = 0.0,
         astra_conn_id: str = "astra_default",
+        enabled: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -158,6 +190,7 @@ class AstraTaskOperator(BaseOperator):
         self.force = force
         self.max_failure_fraction = max_failure_fraction
         self.astra_conn_id = astra_conn_id
+        self.enabled, self.enabled_source = enabled, enabled
 
     # Helpers shared with ExecuteBundleOperator ------------------------------------------------------
 
@@ -181,9 +214,9 @@ class AstraTaskOperator(BaseOperator):
         from astra_provider.base import TaskFailedError
 
         name = label or f"{type(instance).__name__} ({len(instance)} task{'s' if len(instance) != 1 else ''})"
-        self.log.info("Running %s", name)
-        with _FailuresLoggedOnce.applied(), suppress(TaskFailedError):  # all failed: see the summary
-            instance.execute(force=as_bool(self.force, "force"))
+        with threads_per_task() as threads, _FailuresLoggedOnce.applied(), suppress(TaskFailedError):
+            self.log.info("Running %s%s", name, f" ({threads} BLAS thread(s))" if threads else "")
+            instance.execute(force=as_bool(self.force, "force"))  # all failed: see the summary
         summary = instance.summary()
         n_tasks, done, failed = summary["n_tasks"], summary["skipped"], summary["failed"]
         if done == n_tasks:
@@ -235,6 +268,7 @@ class AstraTaskOperator(BaseOperator):
         self.log.error("%d failed task(s) (details: `astra show <pk>`):\n%s", len(failures), "\n".join(lines))
 
     def execute(self, context: Context) -> dict[str, Any]:
+        skip_unless_enabled(self.enabled, self.enabled_source, self.task_id)
         hook = self.get_hook()
         hook.configure()
         cls = self.load_task_class()
