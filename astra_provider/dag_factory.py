@@ -97,11 +97,12 @@ def build_dag(spec: PipelineSpec) -> Any:
     """The :class:`airflow.sdk.DAG` of a validated spec."""
     from airflow.sdk import DAG
 
-    schedule = spec.schedule
-    if isinstance(schedule, AssetSchedule):
+    schedule: Any = spec.schedule  # a cron string or preset, or the asset it is scheduled on
+    if isinstance(spec.schedule, AssetSchedule):
         from astra_provider.assets import reduced_spectra_asset
 
-        schedule = [reduced_spectra_asset(**schedule.asset.model_dump(exclude_none=True))]
+        schedule = [reduced_spectra_asset(**spec.schedule.asset.model_dump(exclude_none=True))]
+    optional: dict[str, Any] = {"max_active_tasks": spec.max_active_tasks} if spec.max_active_tasks else {}
     dag = DAG(
         dag_id=spec.dag_id,
         description=spec.description,
@@ -115,7 +116,7 @@ def build_dag(spec: PipelineSpec) -> Any:
         params={name: param.to_param() for name, param in spec.params.items()},
         render_template_as_native_obj=True,
         user_defined_macros=template_functions(spec.astra_conn_id),
-        **({"max_active_tasks": spec.max_active_tasks} if spec.max_active_tasks else {}),
+        **optional,
     )
     tails: dict[str, Any] = {}  # the task whose XCom is each step's output
     with dag:
@@ -155,19 +156,19 @@ def _build_step(step: Any, tails: dict[str, Any], conn_id: str) -> tuple[Any, An
         from astra_provider.operators.asset_events import AssetEventDataProductsOperator
 
         options = step.asset_events.model_dump(exclude_none=True) if step.asset_events else {}
-        operator = AssetEventDataProductsOperator(task_id=step.id, astra_conn_id=conn_id, **options)
-        return operator, operator
+        events = AssetEventDataProductsOperator(task_id=step.id, astra_conn_id=conn_id, **options)
+        return events, events
     if isinstance(step, ExportStep):
         from astra_provider.operators.export import ExportCatalogueOperator
 
-        operator = ExportCatalogueOperator(
+        export = ExportCatalogueOperator(
             task_id=step.id,
             trigger_rule=step.trigger_rule,
             astra_conn_id=conn_id,
             **step.export.model_dump(exclude_none=True),
             **_operator_args(step.operator_args),
         )
-        return operator, operator
+        return export, export
 
     from astra_provider.operators.bundle import BundleTasksOperator
     from astra_provider.operators.task import (

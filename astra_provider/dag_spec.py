@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import date, datetime
-from typing import Annotated, Any, ClassVar, Literal, NoReturn, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NoReturn, Union
 
 from pydantic import (
     AfterValidator,
@@ -73,28 +73,32 @@ def _parse_date(value: Any) -> Any:
         fail(f"must be a date (YYYY-MM-DD), got {value!r}")
 
 
-def _matching(pattern: str, message: str) -> Any:
-    """A string type matching ``pattern``, with one message."""
-    return Annotated[str, StringConstraints(pattern=pattern), _one_error(message)]
-
-
-def _or_template(number: Any, message: str) -> Any:
-    """A number type that may also be a ``{{ template }}`` (rendered when the task runs)."""
-    return Annotated[number | Template, _one_error(f"{message} or a {{{{ template }}}}")]
+def _or_template(message: str) -> WrapValidator:
+    """The message of a number type that may also be a ``{{ template }}`` (rendered when the task runs)."""
+    return _one_error(f"{message} or a {{{{ template }}}}")
 
 
 Template = Annotated[str, StringConstraints(pattern=r"\{\{")]
-TaskId = _matching(r"^[A-Za-z0-9_.\-]{1,200}$", "must be letters, digits, '_', '-' or '.'")
-DottedPath = _matching(
-    r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$", "must be the dotted path of a task class (module.Class)"
-)
-ParamName = _matching(r"^[A-Za-z_]\w*$", "must be an identifier")
-Count = _or_template(Annotated[StrictInt, Field(ge=1)], "must be an integer >= 1")
-Seconds = _or_template(Annotated[float, Field(ge=0)], "must be a number >= 0")
-Fraction = _or_template(Annotated[float, Field(ge=0, le=1)], "must be a number between 0 and 1")
+# The field types, written out as Annotated aliases (not built by functions) so that type checkers see them.
+TaskId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,200}$"),
+    _one_error("must be letters, digits, '_', '-' or '.'"),
+]
+DottedPath = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$"),
+    _one_error("must be the dotted path of a task class (module.Class)"),
+]
+ParamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_]\w*$"), _one_error("must be an identifier")]
+Count = Annotated[Annotated[StrictInt, Field(ge=1)] | Template, _or_template("must be an integer >= 1")]
+Seconds = Annotated[Annotated[float, Field(ge=0)] | Template, _or_template("must be a number >= 0")]
+Fraction = Annotated[
+    Annotated[float, Field(ge=0, le=1)] | Template, _or_template("must be a number between 0 and 1")
+]
 PositiveInt = Annotated[StrictInt, Field(ge=1), _one_error("must be an integer >= 1")]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0), _one_error("must be an integer >= 0")]
-Flag = _or_template(StrictBool, "must be true, false")
+Flag = Annotated[StrictBool | Template, _or_template("must be true, false")]
 Bool = Annotated[StrictBool, _one_error("must be true or false")]
 TriggerRule = Annotated[
     Literal[TRIGGER_RULES],  # type: ignore[valid-type]
@@ -128,9 +132,11 @@ class ParamSpec(_Model):
         """The ``airflow.sdk.Param`` of this parameter."""
         from airflow.sdk import Param
 
-        schema = self.model_dump(exclude_unset=True, exclude={"description", "default"})
-        default = (self.default,) if self.has_default else ()
-        return Param(*default, description=self.description, **schema)
+        arguments: dict[str, Any] = {"description": self.description}
+        arguments |= self.model_dump(exclude_unset=True, exclude={"description", "default"})
+        if self.has_default:
+            arguments["default"] = self.default
+        return Param(**arguments)
 
     @model_validator(mode="after")
     def _default_is_valid(self) -> ParamSpec:
@@ -361,14 +367,17 @@ def _step_tag(value: Any) -> str | None:
     return STEP_KINDS[kinds[0]].tag if len(kinds) == 1 else None
 
 
-Step = Annotated[
-    Union[tuple(Annotated[model, Tag(model.tag)] for model in STEP_KINDS.values())],  # noqa: UP007
-    Discriminator(
-        _step_tag,
-        custom_error_type=ERROR_TYPE,
-        custom_error_message=f"a step needs exactly one of {', '.join(STEP_KINDS)}",
-    ),
-]
+if TYPE_CHECKING:  # the union that the discriminated type below validates, as type checkers see it
+    Step = Union[TaskStep, SensorStep, AssetEventsStep, ExportStep]  # noqa: UP007
+else:
+    Step = Annotated[
+        Union[tuple(Annotated[model, Tag(model.tag)] for model in STEP_KINDS.values())],  # noqa: UP007
+        Discriminator(
+            _step_tag,
+            custom_error_type=ERROR_TYPE,
+            custom_error_message=f"a step needs exactly one of {', '.join(STEP_KINDS)}",
+        ),
+    ]
 
 
 def _not_empty(steps: list[Any]) -> list[Any]:

@@ -17,7 +17,14 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from astra_provider.dag_spec import ERROR_TYPE, AssetEventsStep, PipelineSpec, SensorStep, TaskStep
+from astra_provider.dag_spec import (
+    ERROR_TYPE,
+    AssetEventsStep,
+    AssetSchedule,
+    PipelineSpec,
+    SensorStep,
+    TaskStep,
+)
 
 # Template variables that only exist when a run has a logical date (UI, REST and asset runs have none).
 LOGICAL_DATE_VARIABLES = re.compile(
@@ -176,9 +183,8 @@ def _unknown_arguments(target: Any, given: Mapping[str, Any], where: str) -> Ite
     for owner in getattr(target, "__mro__", [target]):
         if owner.__name__ == "BaseOperator":  # a sensor's own arguments, not those of every operator
             break
-        parameters = inspect.signature(
-            owner.__init__ if isinstance(owner, type) else owner
-        ).parameters.values()
+        function = owner.__init__ if isinstance(owner, type) else owner  # type: ignore[misc]  # a class here
+        parameters = inspect.signature(function).parameters.values()
         accepted |= {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     for name in sorted(set(given) - accepted):
         yield f"{where}.{name}", f"unknown field (allowed: {', '.join(sorted(accepted - {'self'}))})"
@@ -186,7 +192,7 @@ def _unknown_arguments(target: Any, given: Mapping[str, Any], where: str) -> Ite
 
 def _cross_checks(spec: PipelineSpec) -> Iterator[tuple[str | None, str | None, str]]:
     """``(step, field, message)`` for problems across fields: references to steps and params, schedules."""
-    if spec.scheduled_on_asset:
+    if isinstance(spec.schedule, AssetSchedule):
         from astra_provider.assets import reduced_spectra_asset
 
         extra = spec.schedule.asset.model_extra or {}
