@@ -162,7 +162,9 @@ def run_tasks(stars: list[str], visits: list[str], model: Path, workdir: Path, t
     continuum_run: list[Any] = []
 
     def continuum_task():
-        continuum_run.append(SinusoidalContinuum(input_data_products=stars, output_dir=str(out)))
+        continuum_run.append(
+            SinusoidalContinuum(input_data_products=stars, output_dir=str(out), model_path=str(model))
+        )
         return continuum_run[0]
 
     def cannon_task():
@@ -292,7 +294,7 @@ def floors(stars: list[str], visits: list[str], model: Path, workdir: Path) -> t
     floor_db = workdir / f"bench-floor-{time.time_ns()}.db"  # a new database: the tasks run
     database.configure(f"sqlite:///{floor_db}")
     out = workdir / "outputs" / "floor"
-    normalised = SinusoidalContinuum(input_data_products=stars, output_dir=str(out))
+    normalised = SinusoidalContinuum(input_data_products=stars, output_dir=str(out), model_path=str(model))
     normalised.execute()
     by_file: dict[str, list[slice]] = {}
     for task in normalised.tasks:  # untimed look-up of where each task's rows are
