@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from astra_provider.hooks.data_products import claim_data_products, registered_d
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
+    from sqlalchemy import Select
     from sqlalchemy.orm import Session
 
     from astra_provider.database.astradb import DataProduct
@@ -263,25 +264,35 @@ class AstraHook(BaseHook):
 
     # Provenance look-ups used by the operators -------------------------------------------------------
 
+    def _grouped_by_task(
+        self, task_pks: Iterable[int], pairs: Callable[[Sequence[int]], Select]
+    ) -> dict[int, list[Any]]:
+        """Run ``pairs(chunk)`` (a query of ``(task_pk, value)`` rows) over chunks of ``task_pks``; group the
+        values by task, in the query's order (tasks without rows are absent)."""
+        from astra_provider.database.recording import chunked
+
+        grouped: dict[int, list[Any]] = {}
+        with self.session_scope() as session:
+            for chunk in chunked(sorted(set(task_pks))):
+                for task_pk, value in session.execute(pairs(chunk)):
+                    grouped.setdefault(task_pk, []).append(value)
+        return grouped
+
     def output_data_product_pks(self, task_pks: Iterable[int]) -> dict[int, list[int]]:
         """The output data product pks of each task (tasks without outputs are absent)."""
         from sqlalchemy import select
 
         from astra_provider.database.astradb import TaskOutputDataProduct
-        from astra_provider.database.recording import chunked
 
         junction = TaskOutputDataProduct
-        outputs: dict[int, list[int]] = {}
-        with self.session_scope() as session:
-            for chunk in chunked(sorted(set(task_pks))):
-                rows = session.execute(
-                    select(junction.task_pk, junction.data_product_pk)
-                    .where(junction.task_pk.in_(chunk))
-                    .order_by(junction.task_pk, junction.pk)
-                )
-                for task_pk, data_product_pk in rows:
-                    outputs.setdefault(task_pk, []).append(data_product_pk)
-        return outputs
+        return self._grouped_by_task(
+            task_pks,
+            lambda chunk: (
+                select(junction.task_pk, junction.data_product_pk)
+                .where(junction.task_pk.in_(chunk))
+                .order_by(junction.task_pk, junction.pk)
+            ),
+        )
 
     def data_product_pks_by_filetype(
         self, data_product_pks: Iterable[int], filetypes: Iterable[str]
@@ -325,18 +336,14 @@ class AstraHook(BaseHook):
         from sqlalchemy import select
 
         from astra_provider.database.astradb import DataProduct, TaskInputDataProduct
-        from astra_provider.database.recording import chunked
 
         junction = TaskInputDataProduct
-        paths: dict[int, list[str]] = {}
-        with self.session_scope() as session:
-            for chunk in chunked(sorted(set(task_pks))):
-                rows = session.execute(
-                    select(junction.task_pk, DataProduct.path)
-                    .join(DataProduct, DataProduct.pk == junction.data_product_pk)
-                    .where(junction.task_pk.in_(chunk))
-                    .order_by(junction.task_pk, junction.pk)
-                )
-                for task_pk, path in rows:
-                    paths.setdefault(task_pk, []).append(path)
-        return paths
+        return self._grouped_by_task(
+            task_pks,
+            lambda chunk: (
+                select(junction.task_pk, DataProduct.path)
+                .join(DataProduct, DataProduct.pk == junction.data_product_pk)
+                .where(junction.task_pk.in_(chunk))
+                .order_by(junction.task_pk, junction.pk)
+            ),
+        )
