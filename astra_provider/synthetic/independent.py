@@ -51,7 +51,12 @@ from astra_provider.synthetic.independent_lines import (
     star_physics,
     u_of_wavelength,
 )
-from astra_provider.synthetic.truth_model import broadcast_rv
+from astra_provider.synthetic.model.profiles import (
+    doppler_offset_pixels,
+    gaussian_lsf_sigma_kms,
+    pixel_coordinate,
+)
+from astra_provider.synthetic.truth_model import labels_and_rv
 
 __all__ = ["FINE_OVERSAMPLE", "LABEL_STEPS", "IndependentTruthModel"]
 
@@ -81,6 +86,16 @@ def _lagrange_weights(position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         axis=-1,
     )
     return base, weights
+
+
+def _tapered_windows(center: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows of ``2·half + 2`` fine pixels around fractional fine-grid positions ``center`` (L,): the first
+    fine index (L,), the offsets from the centre (L, W), and the taper ``(1 − (offset/(half + 1))²)²``
+    (clipped at 0) that brings a line's wings smoothly to zero at the window's ends."""
+    start = np.floor(center).astype(np.int64) - half
+    offsets = start[:, None] + np.arange(2 * half + 2) - center[:, None]
+    taper = np.clip(1.0 - (offsets / (half + 1.0)) ** 2, 0.0, None) ** 2
+    return start, offsets, taper
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,25 +133,15 @@ class IndependentTruthModel:
     @cached_property
     def _windows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """First fine index (L,), offsets from the centre in fine pixels (L, W) and the wing taper (L, W)."""
-        center = (self.lines.center + _MARGIN) * FINE_OVERSAMPLE
-        start = np.floor(center).astype(np.int64) - _HALF_WINDOW
-        offsets = start[:, None] + np.arange(2 * _HALF_WINDOW + 2) - center[:, None]
-        taper = np.clip(1.0 - (offsets / (_HALF_WINDOW + 1.0)) ** 2, 0.0, None) ** 2
-        return start, offsets, taper
+        return _tapered_windows((self.lines.center + _MARGIN) * FINE_OVERSAMPLE, _HALF_WINDOW)
 
     @cached_property
     def _brackett_windows(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Per Brackett line: first fine index, offsets from the centre (fine pixels) and the taper of its
         Lorentzian, which reaches 0 at ±:data:`_BRACKETT_HALF_WINDOW` apStar pixels."""
-        half = _BRACKETT_HALF_WINDOW * FINE_OVERSAMPLE
-        windows = []
-        for u_line in u_of_wavelength(brackett_wavelengths()):
-            center = (u_line + _MARGIN) * FINE_OVERSAMPLE
-            start = int(np.floor(center)) - half
-            offsets = start + np.arange(2 * half + 2) - center
-            taper = np.clip(1.0 - (offsets / (half + 1.0)) ** 2, 0.0, None) ** 2
-            windows.append((start, offsets, taper))
-        return windows
+        center = (u_of_wavelength(brackett_wavelengths()) + _MARGIN) * FINE_OVERSAMPLE
+        start, offsets, taper = _tapered_windows(center, _BRACKETT_HALF_WINDOW * FINE_OVERSAMPLE)
+        return [(int(start[k]), offsets[k], taper[k]) for k in range(center.size)]
 
     def _line_optical_depth(self, labels: np.ndarray) -> np.ndarray:
         """τ on the fine grid, (n, N_fine)."""
@@ -176,7 +181,7 @@ class IndependentTruthModel:
         intrinsic -= 1.0
         n_fft = scipy.fft.next_fast_len(_N_FINE, real=True)
         spectrum = scipy.fft.rfft(intrinsic, n=n_fft, axis=1)
-        sigma_lsf = SPEED_OF_LIGHT_KMS / self.resolution / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+        sigma_lsf = gaussian_lsf_sigma_kms(self.resolution)
         sigma = np.sqrt(sigma_lsf**2 + physics.macroturbulence**2) / self._fine_kms  # fine pixels
         frequency = scipy.fft.rfftfreq(n_fft)  # cycles per fine pixel
         spectrum *= np.exp(-2.0 * math.pi**2 * np.outer(sigma**2, frequency**2))
@@ -187,15 +192,15 @@ class IndependentTruthModel:
             result += 1.0
         return result
 
-    def _sample(self, fine: np.ndarray, rv: np.ndarray, wavelength: np.ndarray | None) -> np.ndarray:
-        """Fine-grid spectra (n, N_fine) at the apStar pixels (or ``wavelength``), shifted by ``rv``."""
-        if wavelength is None and not np.any(rv):
+    def _sample(self, fine: np.ndarray, rv: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+        """Fine-grid spectra (n, N_fine) at the apStar pixels (or at positions ``u`` in apStar pixel units of
+        ln λ), shifted by ``rv``."""
+        if u is None and not np.any(rv):
             return fine[
                 :, _MARGIN * FINE_OVERSAMPLE : (_MARGIN + APOGEE_NPIX) * FINE_OVERSAMPLE : FINE_OVERSAMPLE
             ]
-        u = np.arange(APOGEE_NPIX, dtype=float) if wavelength is None else u_of_wavelength(wavelength)
-        shift = np.log1p(rv / SPEED_OF_LIGHT_KMS) / APOGEE_LN_STEP
-        position = (u[None, :] - shift[:, None] + _MARGIN) * FINE_OVERSAMPLE
+        u = np.arange(APOGEE_NPIX, dtype=float) if u is None else u
+        position = (u[None, :] - doppler_offset_pixels(rv)[:, None] + _MARGIN) * FINE_OVERSAMPLE
         if position.min() < 1 or position.max() > _N_FINE - 3:
             raise ValueError(
                 "wavelengths (after the Doppler shift) must lie within about 14,700-17,400 Å for the "
@@ -213,20 +218,16 @@ class IndependentTruthModel:
         return draw_independent_labels(n, rng)
 
     def _evaluate(self, labels, rv_kms, wavelength, derivative: bool) -> np.ndarray:
-        labels = np.atleast_2d(np.asarray(labels, dtype=float))
+        labels, rv = labels_and_rv(labels, rv_kms)
         if labels.ndim != 2 or labels.shape[1] != 3:
             raise ValueError(f"labels must have shape (n, 3), got {labels.shape}")
-        rv = broadcast_rv(rv_kms, labels.shape[0])
-        if wavelength is not None:
-            wavelength = np.asarray(wavelength, dtype=float)
-            if wavelength.ndim != 1 or np.any(np.diff(wavelength) <= 0):
-                raise ValueError("wavelength must be a strictly increasing 1-D array")
-        n_out = APOGEE_NPIX if wavelength is None else wavelength.size
+        u = pixel_coordinate(wavelength)  # None: the apStar grid
+        n_out = APOGEE_NPIX if u is None else u.size
         out = np.empty((labels.shape[0], n_out))
         for first in range(0, labels.shape[0], 16):  # bounds the (16, N_fine) temporaries
             rows = slice(first, first + 16)
             fine = self._convolved(labels[rows], derivative)
-            out[rows] = self._sample(fine, rv[rows], wavelength)
+            out[rows] = self._sample(fine, rv[rows], u)
         return out
 
     def normalized_flux(
@@ -250,9 +251,8 @@ class IndependentTruthModel:
     ) -> np.ndarray:
         """∂F/∂ℓ in physical units (per K, per dex), (n, P, 3), by central differences
         (:data:`LABEL_STEPS`)."""
-        labels = np.atleast_2d(np.asarray(labels, dtype=float))
+        labels, rv = labels_and_rv(labels, rv_kms)
         n = labels.shape[0]
-        rv = broadcast_rv(rv_kms, n)
         steps = np.diag(LABEL_STEPS)
         shifted = np.concatenate([labels[:, None, :] + steps, labels[:, None, :] - steps], axis=1)
         flux = self.normalized_flux(shifted.reshape(-1, 3), np.repeat(rv, 6), wavelength)
@@ -266,8 +266,7 @@ class IndependentTruthModel:
         wavelength: np.ndarray | None = None,
     ) -> np.ndarray:
         """∂F/∂v per km/s, (n, P): the spectral u-derivative of the convolved spectrum, interpolated."""
-        labels = np.atleast_2d(np.asarray(labels, dtype=float))
-        rv = broadcast_rv(rv_kms, labels.shape[0])
+        labels, rv = labels_and_rv(labels, rv_kms)
         d_flux_d_u = self._evaluate(labels, rv, wavelength, derivative=True)
         return -d_flux_d_u / ((SPEED_OF_LIGHT_KMS + rv) * APOGEE_LN_STEP)[:, None]
 

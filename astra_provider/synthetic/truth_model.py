@@ -36,6 +36,7 @@ __all__ = [
     "TRUTH_MODEL_KINDS",
     "ApogeeTruthModel",
     "broadcast_rv",
+    "labels_and_rv",
     "make_truth_model",
     "truth_model_from_survey",
 ]
@@ -132,3 +133,13 @@ def broadcast_rv(rv_kms: float | np.ndarray | None, n: int) -> np.ndarray:
     if np.any(rv <= -SPEED_OF_LIGHT_KMS):
         raise ValueError("rv_kms must be greater than −c")
     return rv
+
+
+def labels_and_rv(labels: np.ndarray, rv_kms: float | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as a float array of at least two dimensions ``(n, K)``, and their velocities ``(n,)`` km/s
+    (:func:`broadcast_rv`): the arguments of a truth model's flux and derivatives.
+
+    :raises ValueError: for a velocity at or below −c.
+    """
+    labels = np.atleast_2d(np.asarray(labels, dtype=float))
+    return labels, broadcast_rv(rv_kms, labels.shape[0])

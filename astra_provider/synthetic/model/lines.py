@@ -7,7 +7,6 @@ Cannon model with known coefficients (:attr:`TruthModel.theta`) and a Doppler sh
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -33,10 +32,11 @@ from astra_provider.synthetic.model.labels import (
 )
 from astra_provider.synthetic.model.profiles import (
     doppler_offset_pixels,
+    gaussian_lsf_sigma_kms,
     pixel_coordinate,
     sum_line_profiles,
 )
-from astra_provider.synthetic.truth_model import broadcast_rv
+from astra_provider.synthetic.truth_model import labels_and_rv
 
 __all__ = ["C_KMS", "TruthModel", "derive_continuum_pixels"]
 
@@ -100,7 +100,7 @@ class TruthModel:
             ]
         )
         rng = np.random.default_rng(line_seed)
-        sigma_lsf = C_KMS / resolution / (2.0 * math.sqrt(2.0 * math.log(2.0))) / velocity_per_pixel(1.0)
+        sigma_lsf = gaussian_lsf_sigma_kms(resolution) / velocity_per_pixel(1.0)
         sigma_int = rng.uniform(*intrinsic_sigma_pixels, n_lines)
         sigma = np.sqrt(sigma_lsf**2 + sigma_int**2)
         log_lo, log_hi = np.log(depth_range)
@@ -190,8 +190,7 @@ class TruthModel:
 
         ``wavelength`` defaults to the apStar grid; any strictly increasing vacuum grid (Å) is accepted.
         """
-        labels = np.atleast_2d(np.asarray(labels, dtype=float))
-        rv = broadcast_rv(rv_kms, labels.shape[0])
+        labels, rv = labels_and_rv(labels, rv_kms)
         if wavelength is None and not np.any(rv):
             return self.label_vector(labels) @ self.theta.T
         depths = self.line_depths(labels)[..., None]
@@ -206,8 +205,7 @@ class TruthModel:
         wavelength: np.ndarray | None = None,
     ) -> np.ndarray:
         """∂F/∂ℓ in physical label units (per K, per dex), (n, P, 3)."""
-        labels = np.atleast_2d(np.asarray(labels, dtype=float))
-        rv = broadcast_rv(rv_kms, labels.shape[0])
+        labels, rv = labels_and_rv(labels, rv_kms)
         if wavelength is None and not np.any(rv):
             dv = quadratic_label_vector_derivative(self.scaled_labels(labels)) / self.label_scales
             n, d, k = dv.shape
@@ -224,8 +222,7 @@ class TruthModel:
         wavelength: np.ndarray | None = None,
     ) -> np.ndarray:
         """∂F/∂v per km/s, (n, P)."""
-        labels = np.atleast_2d(np.asarray(labels, dtype=float))
-        rv = broadcast_rv(rv_kms, labels.shape[0])
+        labels, rv = labels_and_rv(labels, rv_kms)
         depths = self.line_depths(labels)[..., None]
         d_profile_d_shift = self._sum_line_profiles(
             depths, doppler_offset_pixels(rv), pixel_coordinate(wavelength), derivative=True

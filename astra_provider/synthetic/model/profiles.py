@@ -14,7 +14,7 @@ import numpy as np
 from astra_provider.constants import SPEED_OF_LIGHT_KMS
 from astra_provider.sdss.apogee import APOGEE_LN_STEP, APOGEE_NPIX, apogee_pixel_coordinate
 
-__all__ = ["doppler_offset_pixels", "pixel_coordinate", "sum_line_profiles"]
+__all__ = ["doppler_offset_pixels", "gaussian_lsf_sigma_kms", "pixel_coordinate", "sum_line_profiles"]
 
 _HALF_WINDOW_SIGMA = 7.0  # lines are evaluated within ≥ ±7σ (exp(−24.5) ≈ 2e-11 of their depth is dropped)
 _CHUNK_ELEMENTS = 3_000_000  # (spectra × lines × window) elements per evaluation chunk
@@ -36,6 +36,12 @@ def pixel_coordinate(wavelength: np.ndarray | None) -> np.ndarray | None:
 def doppler_offset_pixels(rv_kms: np.ndarray) -> np.ndarray:
     """Shift of the spectrum in apStar pixels for velocities ``rv_kms``: ``ln(1 + v/c) / Δ``."""
     return np.log1p(rv_kms / SPEED_OF_LIGHT_KMS) / APOGEE_LN_STEP
+
+
+def gaussian_lsf_sigma_kms(resolution: float) -> float:
+    """Standard deviation (km/s) of a Gaussian line-spread function of resolving power ``resolution``:
+    ``(c/R) / (2·sqrt(2 ln 2))``, the FWHM c/R as a σ."""
+    return SPEED_OF_LIGHT_KMS / resolution / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 def _line_windows(
