@@ -115,6 +115,20 @@ def _clear_root(root: Path, overwrite: bool) -> None:
             old.unlink(missing_ok=True)
 
 
+def _prepare_root(
+    root: str | os.PathLike[str], filetypes: Sequence[str], n_stars: int, overwrite: bool
+) -> tuple[Path, set[str]]:
+    """Check the arguments that need no model, then clear (or refuse) and create ``root``; return it and the
+    wanted file types."""
+    wanted = _wanted_filetypes(filetypes)
+    if n_stars < 1:
+        raise ValueError("n_stars must be >= 1")
+    root = Path(root)
+    _clear_root(root, overwrite)
+    root.mkdir(parents=True, exist_ok=True)
+    return root, wanted
+
+
 def _check_labels(model: ApogeeTruthModel, stars: list[Star], wanted: set[str]) -> tuple[str, ...]:
     """The model's label names, checked against the drawn labels (and against the BOSS model's needs)."""
     names = tuple(model.label_names)
@@ -233,15 +247,8 @@ def generate_survey(
     :raises ValueError: on bad arguments, or a model whose labels do not fit (see ``ApogeeTruthModel``).
     :raises FileExistsError: if ``root`` holds a survey and not ``overwrite``.
     """
-    # Long only by its signature, docstring and the survey.json dict of its options; the work is in helpers.
     started = time.perf_counter()
-    root = Path(root)
-    wanted = _wanted_filetypes(filetypes)
-    if n_stars < 1:
-        raise ValueError("n_stars must be >= 1")
-    _clear_root(root, overwrite)
-    root.mkdir(parents=True, exist_ok=True)
-
+    root, wanted = _prepare_root(root, filetypes, n_stars, overwrite)
     model = _default_model(model_seed) if model is None else model
     stars = plan_survey(
         n_stars,
