@@ -67,8 +67,16 @@ def latest_output(task_class: str, *, astra_conn_id: str = "astra_default") -> s
     return path
 
 
-def _newest(paths: list[Path]) -> Path | None:
-    return max(paths, key=lambda path: path.stat().st_mtime, default=None)
+def _newest_in_data(pattern: str, missing: str) -> Path:
+    """The most recently modified match of ``pattern`` under ``$ASTRA_HOME/data``.
+
+    :raises MissingDefaultError: with the message ``missing`` (``{data}`` becomes that folder) if none.
+    """
+    data = Path(astra_home()) / "data"
+    newest = max(data.glob(pattern), key=lambda path: path.stat().st_mtime, default=None)
+    if newest is None:
+        raise MissingDefaultError(missing.format(data=data))
+    return newest
 
 
 def default_data_root() -> str:
@@ -78,13 +86,11 @@ def default_data_root() -> str:
     """
     if os.environ.get("ASTRA_DATA_ROOT"):
         return os.environ["ASTRA_DATA_ROOT"]
-    data = Path(astra_home()) / "data"
-    visits = _newest(list(data.glob("*/apogee/*/visit")))
-    if visits is None:
-        raise MissingDefaultError(
-            f"data_root is empty, ASTRA_DATA_ROOT is not set, and {data} holds no survey with apVisit files "
-            "(astra demo writes one there): give data_root"
-        )
+    visits = _newest_in_data(
+        "*/apogee/*/visit",
+        "data_root is empty, ASTRA_DATA_ROOT is not set, and {data} holds no survey with apVisit files "
+        "(astra demo writes one there): give data_root",
+    )
     return str(visits.parents[2])
 
 
@@ -93,13 +99,11 @@ def default_training_table() -> str:
 
     :raises MissingDefaultError: if there is none.
     """
-    data = Path(astra_home()) / "data"
-    table = _newest(list(data.glob("*/training.csv")))
-    if table is None:
-        raise MissingDefaultError(
-            f"training_table is empty and there is no {data}/*/training.csv (astra demo writes one): "
-            "give training_table"
-        )
+    table = _newest_in_data(
+        "*/training.csv",
+        "training_table is empty and there is no {data}/*/training.csv (astra demo writes one): "
+        "give training_table",
+    )
     return str(table)
 
 
