@@ -23,31 +23,20 @@ def rv_accuracy(astra_url: str, task_pks: list[int], truth: Any) -> dict[str, An
     import numpy as np
     from sqlalchemy import select
 
-    from astra_provider.database import session_scope
     from astra_provider.database.astradb import DataProduct, Doppler
-    from astra_provider.database.recording import select_in
     from astra_provider.synthetic.model.bounds import crb_rv, differentiable_truth_model
 
-    by_key = truth_by_keywords(truth)
-    with session_scope(astra_url) as session:
-        rows = select_in(
-            session,
-            select(
-                Doppler.task_pk,
-                Doppler.output_pk,
-                Doppler.vhelio,
-                Doppler.u_vrel,
-                Doppler.bitmask_flag,
-                Doppler.chisq,
-                DataProduct.kwargs_hash,
-            ).join(DataProduct, DataProduct.pk == Doppler.data_product_pk),
-            Doppler.task_pk,
-            task_pks,
-        )
-    latest = {}
-    for task_pk, _, vhelio, u_vrel, flag, chisq, key in sorted(rows, key=lambda r: r[1]):
-        latest[task_pk] = (vhelio, u_vrel, flag, chisq, by_key.get(key))
-    matched = [(v, u, f, t, c) for v, u, f, c, t in latest.values() if t is not None and v is not None]
+    query = select(
+        Doppler.task_pk,
+        Doppler.output_pk,
+        Doppler.vhelio,
+        Doppler.u_vrel,
+        Doppler.bitmask_flag,
+        Doppler.chisq,
+        DataProduct.kwargs_hash,
+    ).join(DataProduct, DataProduct.pk == Doppler.data_product_pk)
+    latest = _latest_results(astra_url, query, Doppler.task_pk, task_pks, truth)
+    matched = [(v, u, f, t, c) for (v, u, f, c), t in latest.values() if t is not None and v is not None]
     if not matched:
         return {"n": 0, "n_results": len(latest)}
     measured = np.array([m[0] for m in matched])
@@ -75,43 +64,34 @@ def label_accuracy(astra_url: str, task_pks: list[int], truth: Any) -> dict[str,
     from sqlalchemy import select
     from sqlalchemy.orm import aliased
 
-    from astra_provider.database import session_scope
     from astra_provider.database.astradb import (
         DataProduct,
         TaskInputDataProduct,
         TaskOutputDataProduct,
         TheCannon,
     )
-    from astra_provider.database.recording import select_in
     from astra_provider.synthetic.model.bounds import crb_labels, differentiable_truth_model
 
     source = aliased(DataProduct)
-    by_key = truth_by_keywords(truth)
-    with session_scope(astra_url) as session:
-        rows = select_in(
-            session,
-            select(
-                TheCannon.task_pk,
-                TheCannon.output_pk,
-                TheCannon.teff,
-                TheCannon.logg,
-                TheCannon.fe_h,
-                TheCannon.bitmask_flag,
-                source.kwargs_hash,
-            )
-            .join(TaskOutputDataProduct, TaskOutputDataProduct.data_product_pk == TheCannon.data_product_pk)
-            .join(TaskInputDataProduct, TaskInputDataProduct.task_pk == TaskOutputDataProduct.task_pk)
-            .join(source, source.pk == TaskInputDataProduct.data_product_pk),
+    query = (
+        select(
             TheCannon.task_pk,
-            task_pks,
+            TheCannon.output_pk,
+            TheCannon.teff,
+            TheCannon.logg,
+            TheCannon.fe_h,
+            TheCannon.bitmask_flag,
+            source.kwargs_hash,
         )
-    latest = {}
-    for task_pk, _, teff, logg, fe_h, flag, key in sorted(rows, key=lambda r: r[1]):
-        latest[task_pk] = ((teff, logg, fe_h), flag, by_key.get(key))
+        .join(TaskOutputDataProduct, TaskOutputDataProduct.data_product_pk == TheCannon.data_product_pk)
+        .join(TaskInputDataProduct, TaskInputDataProduct.task_pk == TaskOutputDataProduct.task_pk)
+        .join(source, source.pk == TaskInputDataProduct.data_product_pk)
+    )
+    latest = _latest_results(astra_url, query, TheCannon.task_pk, task_pks, truth)
     matched = [
-        (values, flag, row)
-        for values, flag, row in latest.values()
-        if row is not None and all(v is not None for v in values)
+        ((teff, logg, fe_h), flag, row)
+        for (teff, logg, fe_h, flag), row in latest.values()
+        if row is not None and all(v is not None for v in (teff, logg, fe_h))
     ]
     if not matched:
         return {"n": 0, "n_results": len(latest)}
@@ -206,6 +186,24 @@ def flag_counts(flags: Any, module: str, name: str) -> str:
     counts = [(bit.name, int(sum((int(f) & bit.value) != 0 for f in flags))) for bit in bits]
     text = ", ".join(f"{bit} {n}" for bit, n in counts if n)
     return f"{text} (of {len(flags)})" if text else "none"
+
+
+def _latest_results(
+    astra_url: str, query: Any, task_pk_column: Any, task_pks: list[int], truth: Any
+) -> dict[int, tuple[tuple[Any, ...], dict[str, Any] | None]]:
+    """Each task's last result (largest output pk) of ``query``, whose rows are ``(task_pk, output_pk,
+    *values, kwargs_hash)``: its values, and the truth row of its data product (``None`` if not in the truth).
+    """
+    from astra_provider.database import session_scope
+    from astra_provider.database.recording import select_in
+
+    by_key = truth_by_keywords(truth)
+    with session_scope(astra_url) as session:
+        rows = select_in(session, query, task_pk_column, task_pks)
+    latest = {}
+    for task_pk, _, *values, key in sorted(rows, key=lambda r: r[1]):
+        latest[task_pk] = (tuple(values), by_key.get(key))
+    return latest
 
 
 def truth_by_keywords(truth: Any) -> dict[str, dict[str, Any]]:
