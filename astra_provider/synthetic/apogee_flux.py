@@ -37,11 +37,6 @@ _FINE_U = (
 )
 
 
-def _u_of_wavelength(wavelength: np.ndarray) -> np.ndarray:
-    """Position of ``wavelength`` (Å) in apStar pixels of ln λ (pixel i at u = i)."""
-    return apogee_pixel_coordinate(wavelength)
-
-
 def fine_grid_wavelength() -> np.ndarray:
     """Vacuum wavelengths (Å) of the fine grid on which visit fluxes are interpolated (≈ 15,017–17,093 Å)."""
     return np.exp(APOGEE_LN_START + APOGEE_LN_STEP * _FINE_U)
@@ -138,7 +133,8 @@ class ApogeeFlux:
         rv_kms: float,
     ) -> np.ndarray:
         """Normalised flux plus the star's scatter field at observed, ascending ``wavelength``."""
-        u_rest = _u_of_wavelength(wavelength) - math.log1p(rv_kms / SPEED_OF_LIGHT_KMS) / APOGEE_LN_STEP
+        shift = math.log1p(rv_kms / SPEED_OF_LIGHT_KMS) / APOGEE_LN_STEP
+        u_rest = apogee_pixel_coordinate(wavelength) - shift
         if self.exact_visits or fine_rest is None:
             flux = self.model.normalized_flux(labels[None], rv_kms, wavelength=wavelength)[0]
         else:

@@ -51,12 +51,8 @@ from astra_provider.synthetic.independent_lines import (
     star_physics,
     u_of_wavelength,
 )
-from astra_provider.synthetic.model.profiles import (
-    doppler_offset_pixels,
-    gaussian_lsf_sigma_kms,
-    pixel_coordinate,
-)
-from astra_provider.synthetic.truth_model import labels_and_rv
+from astra_provider.synthetic.model.profiles import doppler_offset_pixels, gaussian_lsf_sigma_kms
+from astra_provider.synthetic.model.spectrum_model import SpectrumModel
 
 __all__ = ["FINE_OVERSAMPLE", "LABEL_STEPS", "IndependentTruthModel"]
 
@@ -99,7 +95,7 @@ def _tapered_windows(center: np.ndarray, half: int) -> tuple[np.ndarray, np.ndar
 
 
 @dataclass(frozen=True, eq=False)
-class IndependentTruthModel:
+class IndependentTruthModel(SpectrumModel):
     """Saha–Boltzmann line list with exp(−τ) profiles, molecular bands and Brackett lines (see the module
     docstring). Build with :meth:`default`; instances are immutable and reproducible from their seed.
 
@@ -217,11 +213,12 @@ class IndependentTruthModel:
         (:func:`~astra_provider.synthetic.independent_lines.draw_independent_labels`)."""
         return draw_independent_labels(n, rng)
 
-    def _evaluate(self, labels, rv_kms, wavelength, derivative: bool) -> np.ndarray:
-        labels, rv = labels_and_rv(labels, rv_kms)
+    def _evaluate(
+        self, labels: np.ndarray, rv: np.ndarray, u: np.ndarray | None, derivative: bool
+    ) -> np.ndarray:
+        """The convolved spectra (or their u-derivatives) of ``labels`` sampled at ``u`` shifted by ``rv``."""
         if labels.ndim != 2 or labels.shape[1] != 3:
             raise ValueError(f"labels must have shape (n, 3), got {labels.shape}")
-        u = pixel_coordinate(wavelength)  # None: the apStar grid
         n_out = APOGEE_NPIX if u is None else u.size
         out = np.empty((labels.shape[0], n_out))
         for first in range(0, labels.shape[0], 16):  # bounds the (16, N_fine) temporaries
@@ -230,44 +227,21 @@ class IndependentTruthModel:
             out[rows] = self._sample(fine, rv[rows], u)
         return out
 
-    def normalized_flux(
-        self,
-        labels: np.ndarray,
-        rv_kms: float | np.ndarray | None = None,
-        wavelength: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Continuum-normalised flux (n, P) of ``labels`` (n, 3), Doppler-shifted by ``rv_kms``.
+    def _flux(self, labels: np.ndarray, rv: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+        """Any wavelengths within about 14,700–17,400 Å (after the shift) are accepted."""
+        return self._evaluate(labels, rv, u, derivative=False)
 
-        ``wavelength`` defaults to the apStar grid; any strictly increasing vacuum grid within about
-        14,700–17,400 Å is accepted.
-        """
-        return self._evaluate(labels, rv_kms, wavelength, derivative=False)
-
-    def label_jacobian(
-        self,
-        labels: np.ndarray,
-        rv_kms: float | np.ndarray | None = None,
-        wavelength: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """∂F/∂ℓ in physical units (per K, per dex), (n, P, 3), by central differences
-        (:data:`LABEL_STEPS`)."""
-        labels, rv = labels_and_rv(labels, rv_kms)
+    def _label_jacobian(self, labels: np.ndarray, rv: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+        """By central differences (:data:`LABEL_STEPS`)."""
         n = labels.shape[0]
         steps = np.diag(LABEL_STEPS)
         shifted = np.concatenate([labels[:, None, :] + steps, labels[:, None, :] - steps], axis=1)
-        flux = self.normalized_flux(shifted.reshape(-1, 3), np.repeat(rv, 6), wavelength)
-        flux = flux.reshape(n, 6, -1)
+        flux = self._flux(shifted.reshape(-1, 3), np.repeat(rv, 6), u).reshape(n, 6, -1)
         return ((flux[:, :3] - flux[:, 3:]) / (2.0 * LABEL_STEPS[None, :, None])).transpose(0, 2, 1)
 
-    def velocity_derivative(
-        self,
-        labels: np.ndarray,
-        rv_kms: float | np.ndarray | None = None,
-        wavelength: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """∂F/∂v per km/s, (n, P): the spectral u-derivative of the convolved spectrum, interpolated."""
-        labels, rv = labels_and_rv(labels, rv_kms)
-        d_flux_d_u = self._evaluate(labels, rv, wavelength, derivative=True)
+    def _velocity_derivative(self, labels: np.ndarray, rv: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+        """The spectral u-derivative of the convolved spectrum, interpolated like the flux."""
+        d_flux_d_u = self._evaluate(labels, rv, u, derivative=True)
         return -d_flux_d_u / ((SPEED_OF_LIGHT_KMS + rv) * APOGEE_LN_STEP)[:, None]
 
     def intrinsic_scatter(self) -> np.ndarray | None:

@@ -12,6 +12,7 @@ interpolation).
 Modules: :mod:`~astra_provider.synthetic.model.labels` (the label population and the quadratic label
 vector), :mod:`~astra_provider.synthetic.model.profiles` (sums of Gaussian line profiles on a pixel grid),
 :mod:`~astra_provider.synthetic.model.lines` (the truth model),
+:mod:`~astra_provider.synthetic.model.spectrum_model` (the flux and derivative methods of every truth model),
 :mod:`~astra_provider.synthetic.model.continuum` (random smooth continua),
 :mod:`~astra_provider.synthetic.model.spectra` (noisy spectra) and
 :mod:`~astra_provider.synthetic.model.bounds` (Cramér–Rao bounds). The names below, and the APOGEE

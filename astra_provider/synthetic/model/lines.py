@@ -36,7 +36,7 @@ from astra_provider.synthetic.model.profiles import (
     pixel_coordinate,
     sum_line_profiles,
 )
-from astra_provider.synthetic.truth_model import labels_and_rv
+from astra_provider.synthetic.model.spectrum_model import SpectrumModel
 
 __all__ = ["C_KMS", "TruthModel", "derive_continuum_pixels"]
 
@@ -48,7 +48,7 @@ _QUAD_I, _QUAD_J = np.triu_indices(len(LABEL_NAMES))
 
 
 @dataclass(frozen=True, eq=False)
-class TruthModel:
+class TruthModel(SpectrumModel):
     """Gaussian line-list model whose line depths are exactly quadratic in the scaled labels.
 
     ``F(λ; ℓ, v) = 1 − Σ_j d0_j·(1 + c_j·v(x))·G_j(u(λ) − ln(1 + v/c)/Δ)`` with ``x = (ℓ − offsets)/scales``,
@@ -180,55 +180,27 @@ class TruthModel:
         theta.setflags(write=False)
         return theta
 
-    def normalized_flux(
-        self,
-        labels: np.ndarray,
-        rv_kms: float | np.ndarray | None = None,
-        wavelength: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Continuum-normalised model flux (n, P) for labels (n, 3), Doppler-shifted by ``rv_kms`` (n,).
-
-        ``wavelength`` defaults to the apStar grid; any strictly increasing vacuum grid (Å) is accepted.
-        """
-        labels, rv = labels_and_rv(labels, rv_kms)
-        if wavelength is None and not np.any(rv):
+    def _flux(self, labels: np.ndarray, rv: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+        if u is None and not np.any(rv):
             return self.label_vector(labels) @ self.theta.T
         depths = self.line_depths(labels)[..., None]
-        shift = doppler_offset_pixels(rv)
-        flux = self._sum_line_profiles(depths, shift, pixel_coordinate(wavelength))[..., 0]
+        flux = self._sum_line_profiles(depths, doppler_offset_pixels(rv), u)[..., 0]
         return np.subtract(1.0, flux, out=flux)
 
-    def label_jacobian(
-        self,
-        labels: np.ndarray,
-        rv_kms: float | np.ndarray | None = None,
-        wavelength: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """∂F/∂ℓ in physical label units (per K, per dex), (n, P, 3)."""
-        labels, rv = labels_and_rv(labels, rv_kms)
-        if wavelength is None and not np.any(rv):
+    def _label_jacobian(self, labels: np.ndarray, rv: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+        if u is None and not np.any(rv):
             dv = quadratic_label_vector_derivative(self.scaled_labels(labels)) / self.label_scales
             n, d, k = dv.shape
             product = self.theta @ dv.transpose(1, 0, 2).reshape(d, n * k)  # one GEMM → (P, n·3)
             return np.ascontiguousarray(product.reshape(-1, n, k).transpose(1, 0, 2))
         depth_jacobian = self.line_depth_jacobian(labels)
-        shift = doppler_offset_pixels(rv)
-        return -self._sum_line_profiles(depth_jacobian, shift, pixel_coordinate(wavelength))
+        return -self._sum_line_profiles(depth_jacobian, doppler_offset_pixels(rv), u)
 
-    def velocity_derivative(
-        self,
-        labels: np.ndarray,
-        rv_kms: float | np.ndarray | None = None,
-        wavelength: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """∂F/∂v per km/s, (n, P)."""
-        labels, rv = labels_and_rv(labels, rv_kms)
+    def _velocity_derivative(self, labels: np.ndarray, rv: np.ndarray, u: np.ndarray | None) -> np.ndarray:
         depths = self.line_depths(labels)[..., None]
-        d_profile_d_shift = self._sum_line_profiles(
-            depths, doppler_offset_pixels(rv), pixel_coordinate(wavelength), derivative=True
-        )[..., 0]
+        d_profile_d_shift = self._sum_line_profiles(depths, doppler_offset_pixels(rv), u, derivative=True)
         d_shift_d_v = 1.0 / ((C_KMS + rv) * APOGEE_LN_STEP)
-        return -d_profile_d_shift * d_shift_d_v[:, None]
+        return -d_profile_d_shift[..., 0] * d_shift_d_v[:, None]
 
     # ---- the survey's protocol (astra_provider.synthetic.truth_model.ApogeeTruthModel) --------------------
 
