@@ -16,6 +16,7 @@ star's continuum and s the visit's throughput; F and the scatter field come from
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,27 @@ from astra_provider.synthetic.headers import SDSS_FLUX_UNIT, SYNTHETIC_CARD, iso
 from astra_provider.synthetic.plan import Star, Visit
 from astra_provider.synthetic.truth import file_row, visit_columns
 
-__all__ = ["write_apstar", "write_apvisit"]
+__all__ = ["ApogeeFiles", "write_apstar", "write_apvisit"]
 
 _HARMLESS_BITS = (11, 12)  # PERSIST_LOW, SIG_SKYLINE: set on some pixels, do not zero ivar
 _OUTLIER_SIGMA = 20.0  # flux offset of a flagged pixel, in σ
 _MAX_APSTAR_VISITS = 99  # SNRVIS{i}, DATE{i}, ... header cards have room for two digits
+
+
+@dataclass(frozen=True)
+class ApogeeFiles:
+    """What the APOGEE files of a survey share.
+
+    :param root: the data root the files are written under.
+    :param apred: the reduction version in their paths and headers.
+    :param synth: the stars' noise-free flux and scatter.
+    :param flagged_fraction: the fraction of pixels given bad bits (and as many given harmless bits).
+    """
+
+    root: Path
+    apred: str
+    synth: ApogeeFlux
+    flagged_fraction: float
 
 
 def _flag_pixels(
@@ -175,16 +192,8 @@ def _apstar_hdus(cards: list[tuple], flux: np.ndarray, sigma: np.ndarray, mask: 
     ]
 
 
-def write_apstar(
-    root: Path,
-    apred: str,
-    star: Star,
-    synth: ApogeeFlux,
-    truth: StarFlux,
-    flagged_fraction: float,
-    rng: np.random.Generator,
-) -> dict[str, Any]:
-    """Write the apStar file of ``star`` under ``root``; return its truth row.
+def write_apstar(files: ApogeeFiles, star: Star, truth: StarFlux, rng: np.random.Generator) -> dict[str, Any]:
+    """Write the apStar file of ``star`` under ``files.root``; return its truth row.
 
     :param truth: the star's noise-free flux, continuum and scatter field.
     :param rng: the file's random stream (noise and pixel flags).
@@ -193,21 +202,25 @@ def write_apstar(
     visits = star.visits
     if len(visits) > _MAX_APSTAR_VISITS:
         raise ValueError("at most 99 visits per apStar (SNRVIS{i} header cards)")
-    flux, sigma, mask, bad = _observe_apstar_visits(truth, visits, synth.detector, flagged_fraction, rng)
-    rows_flux, rows_sigma, rows_mask = _stack_rows(flux, sigma, mask, bad, synth.detector)
+    flux, sigma, mask, bad = _observe_apstar_visits(
+        truth, visits, files.synth.detector, files.flagged_fraction, rng
+    )
+    rows_flux, rows_sigma, rows_mask = _stack_rows(flux, sigma, mask, bad, files.synth.detector)
 
     snr_total = float(math.sqrt(sum(v.snr**2 for v in visits)))
-    kwargs = {"apred": apred, "telescope": star.telescope, "healpix": star.healpix, "obj": star.obj}
-    path = sdss_path("apStar", root, **kwargs)
+    kwargs = {"apred": files.apred, "telescope": star.telescope, "healpix": star.healpix, "obj": star.obj}
+    path = sdss_path("apStar", files.root, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_fits(path, _apstar_hdus(_apstar_cards(star, apred, snr_total), rows_flux, rows_sigma, rows_mask))
+    write_fits(
+        path, _apstar_hdus(_apstar_cards(star, files.apred, snr_total), rows_flux, rows_sigma, rows_mask)
+    )
 
     levels = [float(truth.continuum[a:b].mean()) for a, b in APOGEE_CHIPS_PIXELS]
     throughput = float(np.mean([v.throughput for v in visits]))
     return file_row(
         star,
-        synth.label_names,
-        root,
+        files.synth.label_names,
+        files.root,
         path,
         "apStar",
         kwargs,
@@ -220,7 +233,7 @@ def write_apstar(
         continuum_level_blue=levels[0] * throughput,
         continuum_level_green=levels[1] * throughput,
         continuum_level_red=levels[2] * throughput,
-        continuum_level=float(truth.continuum[synth.detector].mean()) * throughput,
+        continuum_level=float(truth.continuum[files.synth.detector].mean()) * throughput,
         throughput=throughput,
         n_flagged_pixels=int(bad.sum()),
     )
@@ -290,14 +303,7 @@ def _apvisit_hdus(
 
 
 def write_apvisit(
-    root: Path,
-    apred: str,
-    star: Star,
-    visit: Visit,
-    synth: ApogeeFlux,
-    truth: StarFlux,
-    flagged_fraction: float,
-    rng: np.random.Generator,
+    files: ApogeeFiles, star: Star, visit: Visit, truth: StarFlux, rng: np.random.Generator
 ) -> dict[str, Any]:
     """Write the apVisit file of one ``visit`` of ``star`` (shifted by vhelio − bc); return its truth row.
 
@@ -307,35 +313,36 @@ def write_apvisit(
     wave = _visit_wavelength(rng, star.telescope)  # (3, 4096) descending
     ascending = wave[::-1, ::-1].ravel()
     vrel = visit.vhelio - visit.bc
-    normalized = synth.visit_normalized(star.labels, truth.fine_rest, truth.scatter, ascending, vrel)
+    normalized = files.synth.visit_normalized(star.labels, truth.fine_rest, truth.scatter, ascending, vrel)
     # the continuum is smooth (periods >= 1400/3 Å) and its region boundaries fall in the chip gaps
-    continuum = np.interp(ascending, synth.wavelength, truth.continuum) * visit.throughput
+    continuum = np.interp(ascending, files.synth.wavelength, truth.continuum) * visit.throughput
     sigma = continuum / visit.snr
     flux = continuum * normalized + sigma * rng.standard_normal(ascending.size)
-    mask, bad = _flag_pixels(rng, ascending.size, flagged_fraction)
+    mask, bad = _flag_pixels(rng, ascending.size, files.flagged_fraction)
     flux[bad] += _OUTLIER_SIGMA * sigma[bad]
 
     def fold(a: np.ndarray) -> np.ndarray:  # ascending 1-D → the file's (3, 4096) red→blue layout
         return a.reshape(wave.shape)[::-1, ::-1]
 
     kwargs = {
-        "apred": apred,
+        "apred": files.apred,
         "telescope": star.telescope,
         "field": star.field,
         "plate": visit.plate,
         "mjd": visit.mjd,
         "fiber": visit.fiber,
     }
-    path = sdss_path("apVisit", root, **kwargs)
+    path = sdss_path("apVisit", files.root, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_fits(
-        path, _apvisit_hdus(_apvisit_cards(star, visit, apred), wave, fold(flux), fold(sigma), fold(mask))
+        path,
+        _apvisit_hdus(_apvisit_cards(star, visit, files.apred), wave, fold(flux), fold(sigma), fold(mask)),
     )
     chip_means = [continuum[k * VISIT_CHIP_PIXELS : (k + 1) * VISIT_CHIP_PIXELS].mean() for k in range(3)]
     return file_row(
         star,
-        synth.label_names,
-        root,
+        files.synth.label_names,
+        files.root,
         path,
         "apVisit",
         kwargs,

@@ -58,7 +58,7 @@ import numpy as np
 
 from astra_provider._version import __version__
 from astra_provider.sdss.paths import canonical_filetype
-from astra_provider.synthetic.apogee import write_apstar, write_apvisit
+from astra_provider.synthetic.apogee import ApogeeFiles, write_apstar, write_apvisit
 from astra_provider.synthetic.apogee_flux import ApogeeFlux
 from astra_provider.synthetic.boss import BossLineModel, require_boss_labels, write_specfull
 from astra_provider.synthetic.cli import DESCRIPTION, add_arguments, main, run
@@ -153,18 +153,17 @@ def _write_star(
     """Write every file of one star; return their truth rows. Each file type has its own random stream
     (``default_rng([seed, star.index, 10..13])``), so dropping a file type does not change the others."""
     seed, wanted = parameters["seed"], parameters["filetypes"]
-    flagged_fraction, apred = parameters["flagged_fraction"], parameters["apred"]
     rows: list[dict[str, Any]] = []
     if synth is not None and rest_flux is not None:
+        files = ApogeeFiles(root, parameters["apred"], synth, parameters["flagged_fraction"])
         stream = np.random.default_rng([seed, star.index, 10])
         truth = synth.star(star, rest_flux[star.index], "apVisit" in wanted, stream)
         if "apStar" in wanted:
-            rng = np.random.default_rng([seed, star.index, 11])
-            rows.append(write_apstar(root, apred, star, synth, truth, flagged_fraction, rng))
+            rows.append(write_apstar(files, star, truth, np.random.default_rng([seed, star.index, 11])))
         if "apVisit" in wanted:
             rng = np.random.default_rng([seed, star.index, 12])
             for visit in star.visits:
-                rows.append(write_apvisit(root, apred, star, visit, synth, truth, flagged_fraction, rng))
+                rows.append(write_apvisit(files, star, visit, truth, rng))
     if boss is not None:
         rng = np.random.default_rng([seed, star.index, 13])
         for visit in star.visits[: max(0, parameters["boss_visits_per_star"])]:
