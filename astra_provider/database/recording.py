@@ -38,7 +38,7 @@ from astra_provider.database.bulk import (
     update_rows,
 )
 from astra_provider.sdss.headers import SourceIdentifiers
-from astra_provider.utils import canonical_json
+from astra_provider.utils import canonical_json, gc_paused
 
 # Canonical JSON of flat values --------------------------------------------------------------------------
 
@@ -271,9 +271,7 @@ def register_new_data_products(session: Session, specs: Sequence[DataProductSpec
     """
     if not specs:
         return []
-    from astra_provider.database.recorder import _gc_paused  # tens of thousands of rows stay alive
-
-    with _gc_paused():
+    with gc_paused():  # tens of thousands of rows stay alive
         return _register_new(session, _unique_specs(specs))
 
 
