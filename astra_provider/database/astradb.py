@@ -358,20 +358,24 @@ class SourceDataProduct(Base):
     data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), unique=True)
 
 
-class TaskInputDataProduct(Base):
+class _TaskDataProductLink:
+    """The columns of the task <-> data product junctions: a task and one of its inputs or outputs."""
+
+    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
+    data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), index=True)
+
+
+class TaskInputDataProduct(_TaskDataProductLink, Base):
+    """A data product that a task read."""
+
     __tablename__ = "task_input_data_product"
 
-    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
-    task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
-    data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), index=True)
 
+class TaskOutputDataProduct(_TaskDataProductLink, Base):
+    """A data product that a task wrote."""
 
-class TaskOutputDataProduct(Base):
     __tablename__ = "task_output_data_product"
-
-    pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
-    task_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("task.pk"), index=True)
-    data_product_pk: Mapped[int] = mapped_column(PrimaryKey, _fk("data_product.pk"), index=True)
 
 
 class Bundle(Base):
