@@ -289,12 +289,10 @@ def prepare_update(
     )
     statements = []
     for chunk in chunked(rows, PG_CHUNK):
-        source, parameters = pg_unnest(table, dialect, [key, *columns], chunk)
+        guard = {f"only_if_{name}": (name, value) for name, value in only_if.items()}
+        source, parameters = pg_unnest(table, dialect, [key, *columns], chunk, constant=guard)
         where = f"t.{quote(key)} = v.{quote(key)}"
-        if only_if:
-            guard = {f"only_if_{name}": (name, value) for name, value in only_if.items()}
-            source, parameters = pg_unnest(table, dialect, [key, *columns], chunk, constant=guard)
-            where += "".join(f" AND t.{quote(name)} = v.{quote(alias)}" for alias, (name, _) in guard.items())
+        where += "".join(f" AND t.{quote(name)} = v.{quote(alias)}" for alias, (name, _) in guard.items())
         statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
         statements.append((statement, {**parameters, **shared_parameters}))
 

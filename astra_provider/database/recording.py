@@ -130,7 +130,15 @@ def get_or_create(
         wanted.setdefault(tuple(row[name] for name in key), row)
     found = _select_by_key(session, table, key, wanted)
     missing = [row for values, row in wanted.items() if values not in found]
-    if missing:
+    if missing and session.get_bind().dialect.name == "sqlite":
+        # This transaction holds SQLite's write lock (``BEGIN IMMEDIATE``): no one else can insert these
+        # keys, so the rows get keys reserved in advance and need no RETURNING (sqlite3's executemany).
+        pks = allocate_pks(session, table, len(missing))
+        keyed = [{**row, "pk": pk} for row, pk in zip(missing, pks, strict=True)]
+        insert_rows(session, table, keyed, same_for_all=same_for_all)
+        for row, pk in zip(missing, pks, strict=True):
+            found[tuple(row[name] for name in key)] = {**row, **(same_for_all or {}), "pk": pk}
+    elif missing:
         inserted = insert_rows(
             session,
             table,
