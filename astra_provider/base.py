@@ -78,7 +78,7 @@ from astra_provider.parameters import DictParameter, Parameter, TupleParameter
 from astra_provider.running import Attempt, Execution
 from astra_provider.sources.registration import spectrum_identifiers
 from astra_provider.task_classes import import_task_class
-from astra_provider.utils import to_jsonable
+from astra_provider.utils import gc_paused, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ class TaskInstance:
             cls.execute = TaskInstance.execute  # type: ignore[method-assign]
 
     def __init__(self, input_data_products: Any = None, **parameters: Any):
-        self._set_items(split_arguments(type(self), input_data_products, parameters))
+        with gc_paused():  # one TaskItem and data product spec per task, all kept
+            self._set_items(split_arguments(type(self), input_data_products, parameters))
 
     def _set_items(self, items: list[TaskItem]) -> None:
         self._items = items

@@ -36,6 +36,7 @@ from astra_provider.database.items import STAGES, OutputFile, ResultRow, TaskIte
 from astra_provider.database.recorder import Recorder
 from astra_provider.database.retry import DatabaseUnavailableError
 from astra_provider.sources.registration import link_task_sources
+from astra_provider.utils import gc_paused
 
 if TYPE_CHECKING:
     from astra_provider.base import TaskInstance
@@ -195,6 +196,10 @@ class Execution:
         self.recorder.persist([i for i in pending if i.failed], [], [], {})
         overheads = {s: max(self.stage_times[s] - sum(i.times[s] for i in pending), 0.0) for s in STAGES}
         self.recorder.finish(self.stage_times, overheads)
+        with gc_paused():
+            self._link_sources(pending)
+
+    def _link_sources(self, pending: list[TaskItem]) -> None:
         link_task_sources(
             {item.task.pk: item.data_products for item in pending if item.task is not None},
             self.instance._identified,

@@ -31,12 +31,17 @@ os.environ["ASTRA_TASK_MODULE_PREFIXES"] = TASK_MODULE_PREFIXES
 import pytest  # noqa: E402
 
 from astra_provider import database  # noqa: E402
-from astra_provider.devtools import create_database, temporary_postgres  # noqa: E402
+from astra_provider.devtools import create_database, reap_orphan_postgres, temporary_postgres  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """A PostgreSQL server for the whole session; yields the URL of its ``postgres`` database."""
+    """A PostgreSQL server for the whole session; yields the URL of its ``postgres`` database.
+
+    Servers left running by killed sessions (their owner process is dead) are stopped first; those of
+    sessions still running (other worktrees) are left alone.
+    """
+    reap_orphan_postgres()
     try:
         with temporary_postgres() as url:
             yield url

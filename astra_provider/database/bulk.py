@@ -3,7 +3,8 @@
 Recording a bundle of 10,000 tasks writes about 70,000 rows. Everything here issues a handful of statements
 per call, whatever the number of rows: :func:`insert_rows` and :func:`update_rows` write any number of
 rows of any table, :func:`select_in` reads rows by a list of values, :func:`allocate_pks` reserves primary
-keys, and :class:`Pipeline` overlaps building a statement with executing the previous one. The
+keys, and :class:`~astra_provider.database.pipeline.Pipeline` overlaps building a statement with executing
+the previous one (values are converted for the driver by :mod:`astra_provider.database.bind`). The
 get-or-create helpers of :mod:`astra_provider.database.recording` and the
 :class:`~astra_provider.database.recorder.Recorder` are built from those.
 
@@ -33,25 +34,28 @@ return keys in input order.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import date, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 
-from sqlalchemy import Column, Select, Table, Text, any_, func, literal, select, text
+from sqlalchemy import Select, Table, Text, any_, func, literal, select, text
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import CursorResult, Dialect, Row
+from sqlalchemy.engine import CursorResult, Row
 from sqlalchemy.orm import Session, configure_mappers
-from sqlalchemy.sql.schema import CallableColumnDefault, ScalarElementColumnDefault
 
-from astra_provider.database.text import clean_json, clean_text, json_needs_cleaning, needs_cleaning
+from astra_provider.database.bind import (
+    column_values,
+    insert_columns,
+    pg_array,
+    pg_shared,
+    pg_unnest,
+    processed_values,
+)
+from astra_provider.database.pipeline import Pipeline
 
 if TYPE_CHECKING:
     from astra_provider.database.astradb import Base
 
-log = logging.getLogger(__name__)
 
 CHUNK = 2000  # values per IN list (SQLite)
 PG_CHUNK = 50_000  # rows per statement (PostgreSQL)
@@ -91,173 +95,26 @@ def _is_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def _pg_element(value: Any) -> str:
-    """One element of a PostgreSQL array literal."""
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return "t" if value else "f"
-    if isinstance(value, int):
-        return int.__repr__(value)
-    if isinstance(value, float):
-        return float.__repr__(value)  # nan, inf and -inf are valid input too
-    if isinstance(value, str):
-        return _pg_string(value)
-    if isinstance(value, datetime | date):
-        return '"' + value.isoformat() + '"'
-    raise TypeError(f"cannot send a {type(value).__name__} in a PostgreSQL array")
+class InsertOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`insert_rows` and :func:`prepare_insert`."""
 
-
-def _pg_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'  # quoted: only " and \ are escaped
-
-
-def pg_array(values: Sequence[Any]) -> str:
-    """A PostgreSQL array literal, e.g. ``'{1,NULL,"a\\"b"}'``, of None, bool, int, float, str, datetime."""
-    kinds = set(map(type, values))
-    if kinds == {int}:  # the common columns (keys) first, without a call per element
-        body = ",".join(map(int.__repr__, values))
-    elif kinds == {float}:
-        body = ",".join(map(float.__repr__, values))
-    elif kinds == {str}:
-        body = ",".join(map(_pg_string, values))
-    else:
-        body = ",".join(map(_pg_element, values))
-    return "{" + body + "}"
-
-
-def _pg_type(column: Column, dialect: Dialect) -> str:
-    return column.type.compile(dialect=dialect)
-
-
-def _processed(column: Column, dialect: Dialect, values: Iterable[Any]) -> list[Any]:
-    """``values`` as SQLAlchemy would send them for ``column`` (e.g. JSON serialized), with text that no
-    database can store (NUL, lone surrogates) replaced by its escapes (:mod:`astra_provider.database.text`).
-    """
-    process = column.type.dialect_impl(dialect).bind_processor(dialect)
-    if process is None:
-        processed = list(values)
-        bad = [i for i, value in enumerate(processed) if type(value) is str and needs_cleaning(value)]
-        for i in bad:
-            processed[i] = clean_text(processed[i])
-    else:
-        null = process(None)  # e.g. JSON 'null': computed once, as most values of a JSON column are None
-        values = list(values)
-        processed = [null if value is None else process(value) for value in values]
-        bad = [i for i, value in enumerate(processed) if type(value) is str and json_needs_cleaning(value)]
-        bad = [i for i in bad if clean_json(values[i]) != values[i]]  # e.g. an emoji is fine as it is
-        for i in bad:
-            processed[i] = process(clean_json(values[i]))
-    if bad:
-        log.warning(
-            "%d value(s) of %s.%s held NUL characters or lone surrogates, written as their escapes "
-            "(\\x00, \\udXXX; see docs/database.md, 'Text the database cannot store')",
-            len(bad),
-            column.table.name,
-            column.name,
-        )
-    return processed
-
-
-def _python_defaults(table: Table) -> dict[str, Any]:
-    """The Python-side defaults (``default=``) of ``table``'s columns, as Core applies them to an insert."""
-    defaults: dict[str, Any] = {}
-    for column in table.columns:
-        if isinstance(column.default, ScalarElementColumnDefault):
-            defaults[column.name] = column.default.arg
-        elif isinstance(column.default, CallableColumnDefault):  # e.g. utcnow, once per statement
-            # Core wraps a default that takes no argument so that it accepts (and ignores) the context
-            defaults[column.name] = column.default.arg(None)  # type: ignore[arg-type]
-    return defaults
-
-
-def _insert_columns(
-    session: Session, table: Table, rows: Sequence[Mapping[str, Any]], same_for_all: Mapping[str, Any] | None
-) -> tuple[Dialect, list[str], dict[str, Any], dict[str, Any]]:
-    """The dialect, the rows' columns, the (processed) values shared by all rows, and per-column fillers.
-
-    A row may leave out a column that other rows have: it gets the column's default (else NULL), as if
-    it had been inserted alone. Columns no row has get their default as a shared value.
-    """
-    dialect = session.get_bind().dialect
-    columns = list(dict.fromkeys(name for row in rows for name in row))
-    defaults = _python_defaults(table)
-    shared = dict(same_for_all or {})
-    shared |= {name: value for name, value in defaults.items() if name not in columns and name not in shared}
-    shared = {name: _processed(table.c[name], dialect, [value])[0] for name, value in shared.items()}
-    return dialect, columns, shared, {name: defaults.get(name) for name in columns}
-
-
-def _column_values(
-    table: Table,
-    dialect: Dialect,
-    columns: Sequence[str],
-    rows: Sequence[Mapping[str, Any]],
-    fill: Mapping[str, Any] | None = None,
-) -> list[list[Any]]:
-    """The processed values of each column of ``rows``; with ``fill``, rows may leave columns out."""
-    if fill is None:
-        return [_processed(table.c[name], dialect, [row[name] for row in rows]) for name in columns]
-    return [
-        _processed(table.c[name], dialect, [row.get(name, fill[name]) for row in rows]) for name in columns
-    ]
-
-
-def _pg_unnest(
-    table: Table,
-    dialect: Dialect,
-    columns: Sequence[str],
-    rows: Sequence[Mapping[str, Any]],
-    fill: Mapping[str, Any] | None = None,
-    constant: Mapping[str, tuple[str, Any]] | None = None,
-) -> tuple[str, dict[str, str]]:
-    """``unnest(CAST(:a0 AS T0[]), ...) AS v(c0, ...)`` and its parameters: an array literal per column.
-
-    :param constant: more columns, ``alias -> (column, processed value)``: the value repeated in every row.
-    """
-    quote = dialect.identifier_preparer.quote
-    constant = constant or {}
-    names = [*columns, *constant]
-    types = [_pg_type(table.c[name], dialect) for name in [*columns, *(c for c, _ in constant.values())]]
-    arrays = ", ".join(f"CAST(:a{i} AS {sql_type}[])" for i, sql_type in enumerate(types))
-    values = _column_values(table, dialect, columns, rows, fill)
-    values += [[value] * len(rows) for _, value in constant.values()]
-    parameters = {f"a{i}": pg_array(column) for i, column in enumerate(values)}
-    return f"unnest({arrays}) AS v({', '.join(map(quote, names))})", parameters
-
-
-def _pg_shared(table: Table, dialect: Dialect, shared: Mapping[str, Any]) -> tuple[list[str], dict]:
-    """``CAST(:k0 AS T0)``, ... and their parameters, for (processed) values shared by every row."""
-    expressions = [f"CAST(:k{i} AS {_pg_type(table.c[name], dialect)})" for i, name in enumerate(shared)]
-    return expressions, {f"k{i}": value for i, value in enumerate(shared.values())}
+    same_for_all: Mapping[str, Any] | None
+    """Column values shared by every row (sent once, not once per row)."""
+    on_conflict_do_nothing: Sequence[str]
+    """Skip rows that collide on this unique key (only the inserted rows are returned)."""
+    returning: Sequence[str]
+    """Columns to return for the inserted rows (in no particular order: return a key)."""
 
 
 def insert_rows(
-    session: Session,
-    table: Table,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    same_for_all: Mapping[str, Any] | None = None,
-    on_conflict_do_nothing: Sequence[str] = (),
-    returning: Sequence[str] = (),
+    session: Session, table: Table, rows: Sequence[Mapping[str, Any]], **options: Unpack[InsertOptions]
 ) -> list[Row]:
-    """Insert ``rows`` (dicts: column -> value) into ``table`` in bulk; the ``returning`` rows if asked.
-
-    :param same_for_all: column values shared by every row (sent once, not once per row).
-    :param on_conflict_do_nothing: skip rows that collide on this unique key (only the inserted rows are
-        returned).
-    :param returning: columns to return for the inserted rows (in no particular order: return a key).
+    """Insert ``rows`` (dicts: column -> value) into ``table`` in bulk; the ``returning`` rows if asked
+    (see :class:`InsertOptions`).
 
     Columns a row leaves out get their Python-side default (else NULL), as with an ORM or Core insert.
     """
-    return prepare_insert(
-        session,
-        table,
-        rows,
-        same_for_all=same_for_all,
-        on_conflict_do_nothing=on_conflict_do_nothing,
-        returning=returning,
-    )()
+    return prepare_insert(session, table, rows, **options)()
 
 
 def _no_rows() -> list[Row]:
@@ -315,7 +172,7 @@ def prepare_insert(
         return lambda: list(session.execute(statement, parameters).all())
 
     same_for_all = {**_constant_columns(rows, list(rows[0])), **(same_for_all or {})}
-    dialect, columns, shared, fill = _insert_columns(session, table, rows, same_for_all)
+    dialect, columns, shared, fill = insert_columns(session, table, rows, same_for_all)
     columns = [name for name in columns if name not in shared]
     quote = dialect.identifier_preparer.quote
     target = dialect.identifier_preparer.format_table(table)
@@ -328,7 +185,7 @@ def prepare_insert(
     if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
         placeholders = ", ".join("?" * (len(columns) + len(shared)))
         if columns:
-            values = zip(*_column_values(table, dialect, columns, rows, fill), strict=True)
+            values = zip(*column_values(table, dialect, columns, rows, fill), strict=True)
             tuples = [(*row, *shared.values()) for row in values]
         else:
             tuples = [tuple(shared.values())] * len(rows)
@@ -340,11 +197,11 @@ def prepare_insert(
 
         return execute_sqlite
 
-    shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
+    shared_sql, shared_parameters = pg_shared(table, dialect, shared)
     statements = []
     for chunk in chunked(rows, PG_CHUNK):
         if columns:
-            source, unnest_parameters = _pg_unnest(table, dialect, columns, chunk, fill)
+            source, unnest_parameters = pg_unnest(table, dialect, columns, chunk, fill)
         else:  # every column is shared: one row per element of a series
             source, unnest_parameters = f"generate_series(1, {len(chunk)}) AS v(n)", {}
         selected = ", ".join([*(f"v.{quote(name)}" for name in columns), *shared_sql])
@@ -366,22 +223,26 @@ def prepare_insert(
     return execute_postgresql
 
 
-def update_rows(
-    session: Session,
-    table: Table,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    key: str = "pk",
-    same_for_all: Mapping[str, Any] | None = None,
-    only_if: Mapping[str, Any] | None = None,
-) -> int:
-    """Update, for each of ``rows`` (dicts with the same keys, ``key`` among them), the row it names.
+class UpdateOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`update_rows` and :func:`prepare_update`."""
 
-    :param same_for_all: column values set on every row (sent once, not once per row).
-    :param only_if: update only the rows whose columns hold these values (e.g. still running, still ours).
+    key: str
+    """The column that names the row to update (default ``pk``)."""
+    same_for_all: Mapping[str, Any] | None
+    """Column values set on every row (sent once, not once per row)."""
+    only_if: Mapping[str, Any] | None
+    """Update only the rows whose columns hold these values (e.g. still running, still ours)."""
+
+
+def update_rows(
+    session: Session, table: Table, rows: Sequence[Mapping[str, Any]], **options: Unpack[UpdateOptions]
+) -> int:
+    """Update, for each of ``rows`` (dicts with the same keys, the key column among them), the row it names
+    (see :class:`UpdateOptions`).
+
     :returns: the number of rows updated.
     """
-    return prepare_update(session, table, rows, key=key, same_for_all=same_for_all, only_if=only_if)()
+    return prepare_update(session, table, rows, **options)()
 
 
 def prepare_update(
@@ -408,18 +269,18 @@ def prepare_update(
     constant = {k: v for k, v in _constant_columns(rows, list(rows[0])).items() if k != key}
     same_for_all = {**constant, **(same_for_all or {})}
     columns = [name for name in rows[0] if name != key and name not in same_for_all]
-    shared = {name: _processed(table.c[name], dialect, [v])[0] for name, v in same_for_all.items()}
-    only_if = {name: _processed(table.c[name], dialect, [v])[0] for name, v in (only_if or {}).items()}
+    shared = {name: processed_values(table.c[name], dialect, [v])[0] for name, v in same_for_all.items()}
+    only_if = {name: processed_values(table.c[name], dialect, [v])[0] for name, v in (only_if or {}).items()}
     target = dialect.identifier_preparer.format_table(table)
     if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
         assignments = ", ".join(f"{quote(name)} = ?" for name in [*columns, *shared])
         tests = "".join(f" AND {quote(name)} = ?" for name in only_if)
-        values = zip(*_column_values(table, dialect, [*columns, key], rows), strict=True)
+        values = zip(*column_values(table, dialect, [*columns, key], rows), strict=True)
         sql = f"UPDATE {target} SET {assignments} WHERE {quote(key)} = ?{tests}"
         tuples = [(*row[:-1], *shared.values(), row[-1], *only_if.values()) for row in values]
         return lambda: session.connection().exec_driver_sql(sql, tuples).rowcount
 
-    shared_sql, shared_parameters = _pg_shared(table, dialect, shared)
+    shared_sql, shared_parameters = pg_shared(table, dialect, shared)
     assignments = ", ".join(
         [
             *(f"{quote(name)} = v.{quote(name)}" for name in columns),
@@ -428,12 +289,10 @@ def prepare_update(
     )
     statements = []
     for chunk in chunked(rows, PG_CHUNK):
-        source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk)
+        guard = {f"only_if_{name}": (name, value) for name, value in only_if.items()}
+        source, parameters = pg_unnest(table, dialect, [key, *columns], chunk, constant=guard)
         where = f"t.{quote(key)} = v.{quote(key)}"
-        if only_if:
-            guard = {f"only_if_{name}": (name, value) for name, value in only_if.items()}
-            source, parameters = _pg_unnest(table, dialect, [key, *columns], chunk, constant=guard)
-            where += "".join(f" AND t.{quote(name)} = v.{quote(alias)}" for alias, (name, _) in guard.items())
+        where += "".join(f" AND t.{quote(name)} = v.{quote(alias)}" for alias, (name, _) in guard.items())
         statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
         statements.append((statement, {**parameters, **shared_parameters}))
 
@@ -445,56 +304,6 @@ def prepare_update(
         )
 
     return execute
-
-
-class Pipeline:
-    """Overlap building statements (Python) with executing them (the database), in one transaction.
-
-    ``submit(function, *args)`` runs ``function`` on a single worker thread, in submission order, and
-    returns a future. The session is only used by the worker while the caller builds the next statement's
-    parameters: drivers release the GIL while the server works, so on two cores the client's and the
-    server's work overlap. After a submitted function fails, the ones submitted after it raise the same
-    exception instead of running (so ``result()`` of any later future reports the first error, not the
-    aborted transaction). Leaving the ``with`` block waits for the worker, before the session commits or
-    rolls back. SQLite runs in this process (there is no server to overlap with): with ``threaded=False``
-    each function runs at once, in the caller's thread.
-    """
-
-    def __init__(self, threaded: bool = True) -> None:
-        self._executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="astra-recording") if threaded else None
-        )
-        self._error: BaseException | None = None
-
-    @classmethod
-    def for_session(cls, session: Session) -> Pipeline:
-        return cls(threaded=_is_postgresql(session))
-
-    def _run(self, function: Callable[..., Any], args: tuple) -> Any:
-        if self._error is not None:
-            raise self._error
-        try:
-            return function(*args)
-        except BaseException as error:
-            self._error = error
-            raise
-
-    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
-        if self._executor is not None:
-            return self._executor.submit(self._run, function, args)
-        future: Future = Future()
-        try:
-            future.set_result(self._run(function, args))
-        except BaseException as error:  # raised again by result(), as from the worker
-            future.set_exception(error)
-        return future
-
-    def __enter__(self) -> Pipeline:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def allocate_pks(session: Session, table: Table, n: int) -> list[int]:
@@ -539,6 +348,7 @@ def select_in(session: Session, statement: Select, column: Any, values: Iterable
 __all__ = [
     "CHUNK",
     "PG_CHUNK",
+    "InsertOptions",
     "Pipeline",
     "allocate_pks",
     "build",
@@ -548,5 +358,6 @@ __all__ = [
     "prepare_insert",
     "prepare_update",
     "select_in",
+    "UpdateOptions",
     "update_rows",
 ]

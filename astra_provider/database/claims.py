@@ -217,7 +217,8 @@ class Claimer:
             for tid, rows in existing.items()
         }
         states = lease_states(
-            session, [h.lease_pk for h in holders.values() if h is not None and h.lease_pk is not None]
+            session,
+            [h.lease_pk for h in holders.values() if h is not None],  # None: no lease, skipped
         )
         new_items: list[tuple[TaskItem, str, dict[str, str]]] = []
         stale: dict[int, str | None] = {}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import ColumnElement, Update, bindparam, func, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -134,6 +134,23 @@ def lease_states(session: Session, lease_pks: Iterable[int | None]) -> dict[int,
     }
 
 
+def _fail_stopped(condition: ColumnElement[bool], reason: str, by: str) -> Update:
+    """The ``UPDATE`` that marks the ``RUNNING`` tasks matching ``condition`` failed (error stage ``lease``),
+    releasing their claim: their run stopped (``reason``, its lease described) without recording them."""
+    message = f"the run that claimed this task stopped without recording it ({reason}); marked failed by {by}"
+    return (
+        update(Task)
+        .where(condition, Task.status_code == Status.RUNNING)
+        .values(
+            status_code=Status.FAILED,
+            claim=None,
+            error_stage=LEASE_STAGE,
+            error_message=message,
+            modified=datetime.now(UTC),
+        )
+    )
+
+
 def take_over(session: Session, stale: dict[int, str | None], by: str) -> int:
     """Mark the stale ``RUNNING`` tasks ``stale`` (task pk -> the lease's description, None: no lease) failed.
 
@@ -148,24 +165,8 @@ def take_over(session: Session, stale: dict[int, str | None], by: str) -> int:
         by_reason.setdefault(reason, []).append(pk)
     changed = 0
     for reason, pks in by_reason.items():
-        message = (
-            f"the run that claimed this task stopped without recording it ({reason or 'no lease'}); "
-            f"marked failed by {by}"
-        )
-        result = cast(  # an UPDATE's result is a CursorResult, with the row count
-            CursorResult[Any],
-            session.execute(
-                update(Task)
-                .where(Task.pk.in_(pks), Task.status_code == Status.RUNNING)
-                .values(
-                    status_code=Status.FAILED,
-                    claim=None,
-                    error_stage=LEASE_STAGE,
-                    error_message=message,
-                    modified=datetime.now(UTC),
-                )
-            ),
-        )
+        statement = _fail_stopped(Task.pk.in_(pks), reason or "no lease", by)
+        result = cast(CursorResult[Any], session.execute(statement))  # an UPDATE's result: the row count
         changed += result.rowcount
     return changed
 
@@ -382,22 +383,8 @@ def recover_stale_tasks(session: Session, *, dry_run: bool = False) -> dict[str,
     for lease_pk in stale:
         state = states.get(lease_pk) if lease_pk is not None else None
         reason = state.describe() if state is not None else "no lease"
-        message = (
-            f"the run that claimed this task stopped without recording it ({reason}); "
-            "marked failed by astra recover"
-        )
         condition = Task.lease_pk.is_(None) if lease_pk is None else Task.lease_pk == lease_pk
-        statement = (
-            update(Task)
-            .where(Task.status_code == Status.RUNNING, condition)
-            .values(
-                status_code=Status.FAILED,
-                claim=None,
-                error_stage=LEASE_STAGE,
-                error_message=message,
-                modified=datetime.now(UTC),
-            )
-        )
+        statement = _fail_stopped(condition, reason, "astra recover")
         if state is not None and state.expired and not state.dead:  # unless renewed meanwhile
             statement = statement.where(
                 select(Lease.pk).where(Lease.pk == lease_pk, Lease.expires < _now_sql(session)).exists()

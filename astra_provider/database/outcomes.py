@@ -83,13 +83,13 @@ def final_rows(
     completed, failed = int(Status.COMPLETED), int(Status.FAILED)
     rows = []
     for item in items:
-        times = item.times
+        times, task = item.times, item.recorded_task
         try:
             result = to_jsonable(item.result)
         except TypeError:
             log.warning(
                 "task %s returned a %s, which is not stored",
-                item.recorded_task.pk,
+                task.pk,
                 type(item.result).__name__,
             )
             result = None
@@ -97,7 +97,7 @@ def final_rows(
         error_stage, error_message, error_traceback = item.error or (None, None, None)
         rows.append(
             {
-                "pk": item.recorded_task.pk,
+                "pk": task.pk,
                 "status_code": failed if item.error else completed,
                 "time_pre_execute": times["pre_execute"],
                 "time_execute": times["execute"],
@@ -108,8 +108,8 @@ def final_rows(
                 "error_message": error_message,
                 "error_traceback": error_traceback,
                 "result": result,
-                "output_pk": first_output.get(item.recorded_task.pk),
-                "claim": None if item.error else item.recorded_task.claim,
+                "output_pk": first_output.get(task.pk),
+                "claim": None if item.error else task.claim,
             }
         )
     return rows

@@ -26,11 +26,9 @@ statement about it.
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +48,7 @@ from astra_provider.database.leases import LEASE_STAGE, process_lease
 from astra_provider.database.outcomes import final_rows, store_output_data_products, store_results
 from astra_provider.database.recording import Pipeline, prepare_update, select_in
 from astra_provider.database.retry import run_transaction
+from astra_provider.utils import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class Recorder:
             self._transaction(self.claimer.record_version_parameters, "recording the version parameters")
         for attempt in range(1, CLAIM_ATTEMPTS + 1):
             try:
-                with _gc_paused():
+                with gc_paused():
                     bundle = self._transaction(claim, description)
                 break
             except IntegrityError as error:  # a concurrent run inserted some of the same claims first
@@ -150,7 +149,7 @@ class Recorder:
         _fail_missing_outputs(outputs)
         results = [r for r in results if not r[0].failed]
         outputs = [o for o in outputs if not o[0].failed]
-        with _gc_paused():
+        with gc_paused():
             self._persist_or_split(items, results, outputs, overhead)
 
     def _persist_or_split(self, items, results, outputs, overhead) -> None:  # noqa: ANN001
@@ -288,24 +287,6 @@ def _fail_missing_outputs(outputs: Sequence[OutputFile]) -> None:
                 f"output data product {spec.path!r} does not exist when recorded",
                 "",
             )
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause CPython's cyclic garbage collector while recording a bundle.
-
-    Recording 10,000 tasks creates a few hundred thousand objects that all stay alive (rows, ``Task`` and
-    ``DataProduct`` records); each time enough of them accumulate, the collector walks every object of
-    the process, which made up about a quarter of the recording's CPU time. Nothing here creates garbage
-    cycles worth collecting early; the collector's previous state is restored on exit.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 __all__ = ["CLAIM_ATTEMPTS", "Recorder"]

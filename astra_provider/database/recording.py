@@ -38,7 +38,7 @@ from astra_provider.database.bulk import (
     update_rows,
 )
 from astra_provider.sdss.headers import SourceIdentifiers
-from astra_provider.utils import canonical_json
+from astra_provider.utils import canonical_json, gc_paused
 
 # Canonical JSON of flat values --------------------------------------------------------------------------
 
@@ -130,7 +130,15 @@ def get_or_create(
         wanted.setdefault(tuple(row[name] for name in key), row)
     found = _select_by_key(session, table, key, wanted)
     missing = [row for values, row in wanted.items() if values not in found]
-    if missing:
+    if missing and session.get_bind().dialect.name == "sqlite":
+        # This transaction holds SQLite's write lock (``BEGIN IMMEDIATE``): no one else can insert these
+        # keys, so the rows get keys reserved in advance and need no RETURNING (sqlite3's executemany).
+        pks = allocate_pks(session, table, len(missing))
+        keyed = [{**row, "pk": pk} for row, pk in zip(missing, pks, strict=True)]
+        insert_rows(session, table, keyed, same_for_all=same_for_all)
+        for row, pk in zip(missing, pks, strict=True):
+            found[tuple(row[name] for name in key)] = {**row, **(same_for_all or {}), "pk": pk}
+    elif missing:
         inserted = insert_rows(
             session,
             table,
@@ -271,9 +279,7 @@ def register_new_data_products(session: Session, specs: Sequence[DataProductSpec
     """
     if not specs:
         return []
-    from astra_provider.database.recorder import _gc_paused  # tens of thousands of rows stay alive
-
-    with _gc_paused():
+    with gc_paused():  # tens of thousands of rows stay alive
         return _register_new(session, _unique_specs(specs))
 
 

@@ -100,21 +100,21 @@ def existing_columns(connection: Connection) -> dict[str, set[str]]:
 
 
 def existing_views(connection: Connection) -> set[str]:
-    if connection.dialect.name == "postgresql":
-        statement = "SELECT viewname FROM pg_catalog.pg_views WHERE schemaname = :schema"
-        return set(connection.execute(text(statement), {"schema": SCHEMA}).scalars())
-    return set(
-        connection.execute(text(f"SELECT name FROM {SCHEMA}.sqlite_master WHERE type = 'view'")).scalars()
-    )
+    return _existing_objects(connection, "view")
 
 
 def existing_indexes(connection: Connection) -> set[str]:
+    return _existing_objects(connection, "index")
+
+
+def _existing_objects(connection: Connection, kind: str) -> set[str]:
+    """The names of the views or indexes (``kind``) of the astra schema."""
     if connection.dialect.name == "postgresql":
-        statement = "SELECT indexname FROM pg_catalog.pg_indexes WHERE schemaname = :schema"
+        catalog, column = {"view": ("pg_views", "viewname"), "index": ("pg_indexes", "indexname")}[kind]
+        statement = f"SELECT {column} FROM pg_catalog.{catalog} WHERE schemaname = :schema"
         return set(connection.execute(text(statement), {"schema": SCHEMA}).scalars())
-    return set(
-        connection.execute(text(f"SELECT name FROM {SCHEMA}.sqlite_master WHERE type = 'index'")).scalars()
-    )
+    statement = f"SELECT name FROM {SCHEMA}.sqlite_master WHERE type = :kind"
+    return set(connection.execute(text(statement), {"kind": kind}).scalars())
 
 
 def schema_problems(connection: Connection) -> tuple[dict[str, set[str]], list[str]]:

@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "HEADER_CARDS",
@@ -265,6 +265,17 @@ def _card_value(text: str) -> Any:
         return token
 
 
+def _read_block(stream: BinaryIO) -> bytes:
+    """The next header block of an unbuffered file: fewer bytes only at the end of the file."""
+    block = stream.read(_BLOCK) or b""
+    while 0 < len(block) < _BLOCK:  # a short read before the end of the file: read the rest
+        more = stream.read(_BLOCK - len(block))
+        if not more:
+            break
+        block += more
+    return block
+
+
 def read_primary_header(
     path: str | os.PathLike[str], cards: Collection[str] | None = HEADER_CARDS
 ) -> dict[str, Any]:
@@ -278,9 +289,9 @@ def read_primary_header(
     """
     wanted = None if cards is None else frozenset(cards)
     blocks = []
-    with open(path, "rb") as stream:
+    with open(path, "rb", buffering=0) as stream:  # whole blocks: no buffer needed
         for number in range(_MAX_BLOCKS):
-            block = stream.read(_BLOCK)
+            block = _read_block(stream)
             if len(block) < _BLOCK:
                 what = "empty" if number == 0 and not block else "truncated in its primary header"
                 raise HeaderError(path, f"not a FITS file ({what})")

@@ -50,9 +50,11 @@ Identified = SourceIdentifiers | str
 def _is_spectrum(filetype: str, path: str) -> bool:
     """An SDSS file type (``apStar``...), or a plain file named ``*.fits``: a file whose header may name a
     star (files written by tasks, such as ``astraContinuum``, get the source of their task's input)."""
+    if filetype == "full":
+        return path.endswith(FITS_SUFFIXES)
     from astra_provider.sdss.paths import FILETYPES
 
-    return filetype in FILETYPES or (filetype == "full" and path.endswith(FITS_SUFFIXES))
+    return filetype in FILETYPES
 
 
 def _filetype(filetype: str, path: str) -> str | None:
@@ -145,17 +147,19 @@ def _input_identifiers(
     """``(pk, path, identifiers)`` of the given inputs, from what the readers kept, else from the header."""
     files, unidentified = [], []
     for product in products:
-        found = read.get(product.pk)
+        pk, path = product.pk, product.path
+        found = read.get(pk)
         if found is None:
-            if not _is_spectrum(product.filetype, product.path):
+            filetype = product.filetype
+            if not _is_spectrum(filetype, path):
                 continue
-            found = header_identifiers(product.path, product.filetype, product.kwargs)
+            found = header_identifiers(path, filetype, product.kwargs)
             if isinstance(found, str) and found.startswith("no readable FITS header"):
                 continue  # not a spectrum after all: the task reading it says so, if it matters
         if isinstance(found, str):
-            unidentified.append((product.path, found))
+            unidentified.append((path, found))
         else:
-            files.append((product.pk, product.path, found))
+            files.append((pk, path, found))
     return files, unidentified
 
 
