@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import LargeBinary, Select, and_, func, literal, or_, select
+from sqlalchemy import Select, and_, func, literal, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -51,7 +51,6 @@ __all__ = [
     "parameter_summary",
     "results_select",
     "stream_chunks",
-    "string_widths",
 ]
 
 KINDS = {
@@ -184,28 +183,6 @@ def _array(column: CatalogueColumn, values: Sequence[Any]) -> np.ndarray:
     if column.kind == BOOL:
         return np.array([bool(v) for v in values], dtype=bool)
     return np.array(values, dtype=object)
-
-
-def _byte_length(connection: Connection, expression: ColumnElement) -> ColumnElement:
-    if connection.dialect.name == "postgresql":
-        return func.octet_length(expression)
-    return func.length(func.cast(expression, LargeBinary))
-
-
-def string_widths(connection: Connection, base: Select, columns: Sequence[CatalogueColumn]) -> dict[str, int]:
-    """The longest value (in UTF-8 bytes) of each SQL text column of ``base`` (for fixed-width formats);
-    parameter columns have theirs in :attr:`CatalogueColumn.values`."""
-    text = [c for c in columns if c.kind == STR and c.expression is not None and c.parameter is None]
-    widths = {
-        c.name: max((len(_text(v).encode()) for v in (c.values or {}).values()), default=0)
-        for c in columns
-        if c.kind == STR and c.parameter is not None
-    }
-    if text:
-        maxima = [func.coalesce(func.max(_byte_length(connection, c.selected)), 0) for c in text]
-        row = connection.execute(base.with_only_columns(*maxima)).one()
-        widths.update({column.name: int(width) for column, width in zip(text, row, strict=True)})
-    return widths
 
 
 def parameter_summary(
