@@ -31,7 +31,6 @@ from astra_provider.catalogue.query import (
     parameter_summary,
     results_select,
     stream_chunks,
-    string_widths,
 )
 from astra_provider.catalogue.writers import FORMATS, format_for_path, open_writer
 from astra_provider.database.astradb import Base, DataProduct, OutputMixin
@@ -129,7 +128,6 @@ def export_catalogue(
             connection.exec_driver_sql("SET LOCAL jit = off")
         columns = _columns(connection, model, results_select(model, kind, []))
         base = results_select(model, kind, compile_filters(where, columns))
-        widths = string_widths(connection, base, columns) if format == "fits" else {}
         meta = {
             "pipeline": model.__tablename__,
             "kind": kind,
@@ -138,7 +136,7 @@ def export_catalogue(
             "filters": "; ".join(" ".join(map(str, f)) for f in where) or None,
         }
         partial = path.with_name(f".{path.name}.partial")  # renamed once complete: no half-written catalogue
-        writer = open_writer(partial, format, columns, widths, meta)
+        writer = open_writer(partial, format, columns, meta)
         try:
             try:
                 order = model.__table__.c.output_pk

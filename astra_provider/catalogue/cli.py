@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from astra_provider.catalogue.query import KINDS
 from astra_provider.catalogue.writers import FORMATS
@@ -15,15 +14,7 @@ DESCRIPTION = (
     "per result, with the source's identifiers, the data product, the task, its parameters, the results and "
     "the flags, and units and descriptions in the header. Rows are streamed in chunks."
 )
-
-
-def register(commands: Any) -> None:
-    """Add ``astra export`` to the ``astra`` sub-commands (its handler: ``args.run``)."""
-    parser = commands.add_parser(
-        "export", help="write a pipeline's summary catalogue (FITS, ECSV, Parquet)", description=DESCRIPTION
-    )
-    add_arguments(parser)
-    parser.set_defaults(run=run)
+HELP = "write a pipeline's summary catalogue (FITS, ECSV, Parquet)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

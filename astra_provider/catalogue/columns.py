@@ -64,15 +64,13 @@ class CatalogueColumn:
     @property
     def selected(self) -> SQLExpression:
         """The expression as selected: a missing integer is :data:`NULL_INT`, a missing string ``""``
-        (a parameter column selects the parameter's pk, decoded with :attr:`values`).
+        (a parameter column selects the parameter's pk, decoded with :attr:`values`; none: :data:`NULL_INT`).
 
         :raises ValueError: for a flag column, which selects nothing (it is computed from its bitmask).
         """
         if self.expression is None:
             raise ValueError(f"catalogue column {self.name!r} has no SQL expression to select")
-        if self.parameter is not None:
-            return self.expression
-        if self.kind == INT:
+        if self.kind == INT or self.parameter is not None:
             return func.coalesce(self.expression, NULL_INT)
         if self.kind == STR:
             return func.coalesce(self.expression, "")

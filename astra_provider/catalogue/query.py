@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import LargeBinary, Select, and_, func, literal, or_, select
+from sqlalchemy import Select, and_, func, literal, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -51,7 +51,6 @@ __all__ = [
     "parameter_summary",
     "results_select",
     "stream_chunks",
-    "string_widths",
 ]
 
 KINDS = {
@@ -176,36 +175,15 @@ def results_select(model: type[OutputMixin], kind: str | None, conditions: Seque
     return statement.where(*conditions)
 
 
-def _array(column: CatalogueColumn, values: Sequence[Any]) -> np.ndarray:
+def _array(column: CatalogueColumn, values: np.ndarray) -> np.ndarray:
+    """A column of a chunk from its object array (missing floats NaN: ``None`` casts to NaN)."""
     if column.kind == FLOAT:
-        return np.array(values, dtype=np.float64)  # None -> NaN
+        return values.astype(np.float64)
     if column.kind == INT:
-        return np.array(values, dtype=np.int64)
+        return values.astype(np.int64)
     if column.kind == BOOL:
-        return np.array([bool(v) for v in values], dtype=bool)
-    return np.array(values, dtype=object)
-
-
-def _byte_length(connection: Connection, expression: ColumnElement) -> ColumnElement:
-    if connection.dialect.name == "postgresql":
-        return func.octet_length(expression)
-    return func.length(func.cast(expression, LargeBinary))
-
-
-def string_widths(connection: Connection, base: Select, columns: Sequence[CatalogueColumn]) -> dict[str, int]:
-    """The longest value (in UTF-8 bytes) of each SQL text column of ``base`` (for fixed-width formats);
-    parameter columns have theirs in :attr:`CatalogueColumn.values`."""
-    text = [c for c in columns if c.kind == STR and c.expression is not None and c.parameter is None]
-    widths = {
-        c.name: max((len(_text(v).encode()) for v in (c.values or {}).values()), default=0)
-        for c in columns
-        if c.kind == STR and c.parameter is not None
-    }
-    if text:
-        maxima = [func.coalesce(func.max(_byte_length(connection, c.selected)), 0) for c in text]
-        row = connection.execute(base.with_only_columns(*maxima)).one()
-        widths.update({column.name: int(width) for column, width in zip(text, row, strict=True)})
-    return widths
+        return values.astype(bool)
+    return values
 
 
 def parameter_summary(
@@ -232,16 +210,42 @@ def _text(value: Any) -> str:
     return "" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
-def _parameter_array(column: CatalogueColumn, pks: Sequence[Any]) -> np.ndarray:
+def _parameter_array(column: CatalogueColumn, pks: np.ndarray) -> np.ndarray:
+    """The values of a parameter column from the parameter pks selected (:data:`NULL_INT`: none), decoded
+    once per distinct pk."""
     values = column.values or {}
-    decoded = [values.get(pk) for pk in pks]
+    keys, inverse = np.unique(pks.astype(np.int64), return_inverse=True)
+    decoded = [values.get(int(key)) for key in keys]
     if column.kind == STR:
-        return np.array([_text(v) for v in decoded], dtype=object)
-    if column.kind == INT:
-        return np.array([NULL_INT if v is None else v for v in decoded], dtype=np.int64)
-    if column.kind == FLOAT:
-        return np.array(decoded, dtype=np.float64)  # None -> NaN
-    return np.array([bool(v) for v in decoded], dtype=bool)
+        distinct = np.array([_text(v) for v in decoded], dtype=object)
+    elif column.kind == INT:
+        distinct = np.array([NULL_INT if v is None else v for v in decoded], dtype=np.int64)
+    elif column.kind == FLOAT:
+        distinct = np.array(decoded, dtype=np.float64)  # None -> NaN
+    else:
+        distinct = np.array([bool(v) for v in decoded], dtype=bool)
+    return distinct[inverse.reshape(-1)]
+
+
+def _driver_rows(connection: Connection, statement: Select, chunk_size: int) -> Iterator[Sequence[Any]]:
+    """The rows of ``statement``, ``chunk_size`` at a time, as the driver's tuples, from a server-side cursor
+    on PostgreSQL (so the driver holds one chunk).
+
+    SQLAlchemy executes the statement (binding the parameters); the first chunk is read through it, which
+    empties what it buffered (it reads one row ahead on a server-side cursor), and the others straight
+    from the driver's cursor: no SQLAlchemy ``Row`` per row.
+    """
+    result = connection.execution_options(stream_results=True).execute(statement)
+    try:
+        first = result.fetchmany(chunk_size)
+        if first:
+            yield [tuple(row) for row in first]
+        if len(first) < chunk_size:  # all read (and the result closed by SQLAlchemy)
+            return
+        while rows := result.cursor.fetchmany(chunk_size):
+            yield rows
+    finally:
+        result.close()
 
 
 def stream_chunks(
@@ -257,21 +261,17 @@ def stream_chunks(
     """
     selected = [column for column in columns if column.expression is not None]
     statement = base.with_only_columns(*(c.selected.label(c.name) for c in selected)).order_by(order_by)
-    result = connection.execution_options(stream_results=True, yield_per=chunk_size).execute(statement)
-    try:
-        for rows in result.partitions(chunk_size):
-            transposed = list(zip(*rows, strict=True))
-            chunk = {
-                c.name: _parameter_array(c, values) if c.parameter is not None else _array(c, values)
-                for c, values in zip(selected, transposed, strict=True)
-            }
-            for column in columns:
-                if column.flag is not None:
-                    bitmask, bit = column.flag
-                    chunk[column.name] = (chunk[bitmask] & bit) != 0
-            yield {column.name: chunk[column.name] for column in columns}
-    finally:
-        result.close()
+    for rows in _driver_rows(connection, statement, chunk_size):
+        block = np.array(rows, dtype=object).reshape(len(rows), len(selected))
+        chunk = {
+            c.name: _parameter_array(c, block[:, i]) if c.parameter is not None else _array(c, block[:, i])
+            for i, c in enumerate(selected)
+        }
+        for column in columns:
+            if column.flag is not None:
+                bitmask, bit = column.flag
+                chunk[column.name] = (chunk[bitmask] & bit) != 0
+        yield {column.name: chunk[column.name] for column in columns}
 
 
 def count_rows(connection: Connection, base: Select) -> int:

@@ -7,9 +7,9 @@ Each writer takes the catalogue's columns once, then ``write(chunk)`` any number
 ``astropy.table.Table.read`` gives the units back; the rows are appended as they come, never all in memory.
 
 * **FITS**: a primary HDU with the catalogue's description (``PIPELINE``, ``KIND``, ``V_ASTRA``...; also in
-  the table's header, so in ``table.meta``) and one binary table, whose rows are written as bytes;
-  ``NAXIS2`` is set when the file is closed. Units in
-  ``TUNITn``, descriptions in ``TCOMMn``, missing integers ``TNULLn`` (read back masked).
+  the table's header, so in ``table.meta``) and one binary table, whose rows are written as bytes; each
+  text column is as wide as its longest value (so the rows are spooled, and the file written on close).
+  Units in ``TUNITn``, descriptions in ``TCOMMn``, missing integers ``TNULLn`` (read back masked).
 * **ECSV** (``--format csv``): astropy's ECSV header (``# %ECSV 1.0``, units, descriptions), comma-separated
   rows; missing integers are empty fields (read back masked). ``Table.read`` recognises a ``.ecsv`` file;
   give ``format="ascii.ecsv"`` for another suffix. Any CSV reader that skips ``#`` lines reads it too.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,84 +78,97 @@ def header_table(columns: Sequence[CatalogueColumn], widths: Mapping[str, int]) 
     return table
 
 
-def _strings(values: np.ndarray, width: int) -> np.ndarray:
-    """Fixed-width bytes: ASCII text converted by numpy at once, other text encoded as UTF-8 per value."""
+def _strings(values: np.ndarray) -> np.ndarray:
+    """Bytes as wide as the longest value: ASCII text converted by numpy at once, other text encoded as UTF-8
+    per value."""
     listed = values.tolist()
     try:
-        return np.array(listed, dtype=f"S{max(width, 1)}")
+        return np.array(listed, dtype="S")
     except UnicodeEncodeError:
-        return np.array([value.encode() for value in listed], dtype=f"S{max(width, 1)}")
+        return np.array([value.encode() for value in listed], dtype="S")
 
 
 class FitsWriter:
-    """A FITS file with one binary table, appended to chunk by chunk (see the module docstring)."""
+    """A FITS file with one binary table, appended to chunk by chunk (see the module docstring).
 
-    def __init__(
-        self,
-        path: Path,
-        columns: Sequence[CatalogueColumn],
-        widths: Mapping[str, int],
-        meta: Mapping[str, Any],
-    ) -> None:
+    A text column is as wide as its longest value, known only once every row is in: each chunk is spooled,
+    as records with its own text widths, to an anonymous temporary file next to ``path``; :meth:`close`
+    writes the headers, then copies the chunks one at a time, padded to the final widths. So the database is
+    read once, memory holds one chunk, and the disk holds the catalogue twice until the file is closed.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[CatalogueColumn], meta: Mapping[str, Any]) -> None:
+        self.path, self.columns, self.meta, self.rows = path, list(columns), dict(meta), 0
+        self.text = [c.name for c in self.columns if c.kind not in (INT, FLOAT, BOOL)]
+        self.widths = dict.fromkeys(self.text, 1)
+        self.spool = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115 - closed by close()
+        self.chunks: list[tuple[np.dtype, int]] = []
+
+    def write(self, chunk: Mapping[str, np.ndarray]) -> None:
+        fields: dict[str, np.ndarray] = {}
+        for column in self.columns:
+            values = chunk[column.name]
+            if column.kind == BOOL:
+                fields[column.name] = np.where(values, b"T", b"F")
+            elif column.kind in (INT, FLOAT):
+                fields[column.name] = values.astype(">i8" if column.kind == INT else ">f8", copy=False)
+            else:
+                fields[column.name] = _strings(values)
+                width = fields[column.name].dtype.itemsize
+                self.widths[column.name] = max(self.widths[column.name], width)
+        n = len(next(iter(fields.values()))) if fields else 0
+        records = np.empty(n, dtype=[(name, array.dtype) for name, array in fields.items()])
+        for name, array in fields.items():
+            records[name] = array
+        self.spool.write(records.tobytes())
+        self.chunks.append((records.dtype, n))
+        self.rows += n
+
+    def _headers(self) -> tuple[Any, Any]:
+        """The primary header (the catalogue's description) and the table's (``NAXIS2`` set)."""
         from astropy.io import fits
 
-        self.columns, self.widths, self.rows = list(columns), dict(widths), 0
         primary = fits.PrimaryHDU()
-        for key, value in meta.items():
+        hdu = fits.table_to_hdu(header_table(self.columns, self.widths))
+        hdu.header["EXTNAME"] = str(self.meta.get("kind") or "CATALOGUE").upper()
+        for key, value in self.meta.items():  # in both: Table.read puts the table's in table.meta
             if value is not None:
                 primary.header[key[:8].upper()] = value
-        hdu = fits.table_to_hdu(header_table(columns, widths))
-        hdu.header["EXTNAME"] = str(meta.get("kind") or "CATALOGUE").upper()
-        for key, value in meta.items():  # also in the table's header: Table.read puts them in table.meta
-            if value is not None:
                 hdu.header[key[:8].upper()] = value
         for index, column in enumerate(self.columns, start=1):
             if column.description:
                 hdu.header[f"TCOMM{index}"] = column.description  # long ones: CONTINUE cards
-        self.header = hdu.header
-        self.dtype = np.dtype(
-            [
-                (
-                    c.name,
-                    ">i8"
-                    if c.kind == INT
-                    else ">f8"
-                    if c.kind == FLOAT
-                    else "S1"
-                    if c.kind == BOOL
-                    else f"S{max(self.widths.get(c.name, 1), 1)}",
-                )
-                for c in self.columns
-            ]
-        )
-        if self.dtype.itemsize != self.header["NAXIS1"]:  # pragma: no cover - a programming error
-            raise RuntimeError(f"row size {self.dtype.itemsize} != NAXIS1 {self.header['NAXIS1']}")
-        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
-        self.file.write(primary.header.tostring().encode("ascii"))
-        self.header_offset = self.file.tell()
-        self.file.write(self.header.tostring().encode("ascii"))
-
-    def write(self, chunk: Mapping[str, np.ndarray]) -> None:
-        n = len(next(iter(chunk.values()))) if chunk else 0
-        records = np.empty(n, dtype=self.dtype)
-        for column in self.columns:
-            values = chunk[column.name]
-            if column.kind == BOOL:
-                records[column.name] = np.where(values, b"T", b"F")
-            elif column.kind in (INT, FLOAT):
-                records[column.name] = values
-            else:
-                records[column.name] = _strings(values, self.widths.get(column.name, 1))
-        self.file.write(records.tobytes())
-        self.rows += n
+        hdu.header["NAXIS2"] = self.rows
+        return primary.header, hdu.header
 
     def close(self) -> None:
-        size = self.rows * self.dtype.itemsize
-        self.file.write(b"\0" * (-size % _BLOCK))
-        self.header["NAXIS2"] = self.rows
-        self.file.seek(self.header_offset)
-        self.file.write(self.header.tostring().encode("ascii"))  # same length: only NAXIS2 changed
-        self.file.close()
+        try:
+            dtype = np.dtype(
+                [
+                    (c.name, f"S{self.widths[c.name]}")
+                    if c.name in self.widths
+                    else (c.name, ">i8" if c.kind == INT else ">f8" if c.kind == FLOAT else "S1")
+                    for c in self.columns
+                ]
+            )
+            primary, header = self._headers()
+            if dtype.itemsize != header["NAXIS1"]:  # pragma: no cover - a programming error
+                raise RuntimeError(f"row size {dtype.itemsize} != NAXIS1 {header['NAXIS1']}")
+            self.spool.seek(0)
+            with open(self.path, "wb") as file:
+                file.write(primary.tostring().encode("ascii"))
+                file.write(header.tostring().encode("ascii"))
+                for spooled, n in self.chunks:
+                    records = np.frombuffer(self.spool.read(spooled.itemsize * n), dtype=spooled)
+                    if spooled != dtype:  # narrower text: padded with NULs to the final widths
+                        padded = np.empty(n, dtype=dtype)
+                        for name in dtype.names or ():
+                            padded[name] = records[name]
+                        records = padded
+                    file.write(records.tobytes())
+                file.write(b"\0" * (-self.rows * dtype.itemsize % _BLOCK))
+        finally:
+            self.spool.close()
 
 
 class EcsvWriter:
@@ -232,11 +246,7 @@ class ParquetWriter:
 
 
 def open_writer(
-    path: str | os.PathLike[str],
-    format: str,
-    columns: Sequence[CatalogueColumn],
-    widths: Mapping[str, int],
-    meta: Mapping[str, Any],
+    path: str | os.PathLike[str], format: str, columns: Sequence[CatalogueColumn], meta: Mapping[str, Any]
 ) -> CatalogueWriter:
     """A writer of ``format`` (``fits``, ``csv``, ``parquet``) for ``path``.
 
@@ -244,7 +254,7 @@ def open_writer(
     """
     path = Path(path)
     if format == "fits":
-        return FitsWriter(path, columns, widths, meta)
+        return FitsWriter(path, columns, meta)
     if format == "csv":
         return EcsvWriter(path, columns, meta)
     if format == "parquet":

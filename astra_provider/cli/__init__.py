@@ -16,11 +16,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
 from astra_provider.cli import database as database_commands
 from astra_provider.cli import tasks as task_commands
 from astra_provider.cli.airflow import airflow_setup
 from astra_provider.cli.database import schema_sql
+
+
+def _add_command(commands: Any, name: str, module: ModuleType) -> None:
+    """Add ``astra name`` from a module with ``HELP``, ``DESCRIPTION``, ``add_arguments`` and ``run``
+    (the handler, as ``args.run``)."""
+    parser = commands.add_parser(name, help=module.HELP, description=module.DESCRIPTION)
+    module.add_arguments(parser)
+    parser.set_defaults(run=module.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     from astra_provider.catalogue import cli as export_cli
     from astra_provider.sources import cli as source_cli
 
-    source_cli.register(commands)
-    export_cli.register(commands)
+    _add_command(commands, "source", source_cli)
+    _add_command(commands, "export", export_cli)
     from astra_provider import run_step
 
     run_step.add_arguments(

@@ -13,16 +13,8 @@ DESCRIPTION = (
     "catalogid, a 2MASS designation (2M00000002+7417074 or J00000002+7417074) or key=value (sdss_id, "
     "catalogid, obj, thing_id, pk)."
 )
+HELP = "a source's data products and every result for it"
 _HIDDEN = ("output_pk", "task_pk", "data_product_pk", "task", "version", "status")
-
-
-def register(commands: Any) -> None:
-    """Add ``astra source`` to the ``astra`` sub-commands (its handler: ``args.run``)."""
-    parser = commands.add_parser(
-        "source", help="a source's data products and every result for it", description=DESCRIPTION
-    )
-    add_arguments(parser)
-    parser.set_defaults(run=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
