@@ -285,18 +285,21 @@ def read_normalized(product: str | os.PathLike | DataProduct, rows: slice | None
 
 
 def read_normalized_inputs(
-    instance: TaskInstance, check: Callable[[str, Spectrum], None] | None = None
+    instance: TaskInstance, check: Callable[[str, Spectrum], None] | None = None, *, first_row: bool = False
 ) -> list[tuple[Task, DataProduct, Spectrum]]:
     """``(task, data_product, spectrum)`` for the first input of each task of ``instance`` still to run.
 
-    The inputs are normalised spectra, as :func:`read_normalized` reads them but without the continuum.
-    Each file is opened once for all the tasks whose rows it holds. A file that cannot be read fails the
+    The inputs are normalised spectra, as :func:`read_normalized` reads them but without the continuum;
+    with ``first_row``, only the first row of each task's spectra (an apStar's pixel-weighted stack).
+    Each file is read once for all the tasks whose rows it holds. A file that cannot be read fails the
     tasks that read it; ``check(path, spectrum)`` raising ``ValueError`` fails only its own task. Failures
     are recorded with :meth:`TaskInstance.fail`, and their messages name the file.
     """
     by_file: dict[str, list[tuple[Task, DataProduct, slice | None]]] = {}
     for task, data_products in instance.iterable():
         path, rows = _rows_of(data_products[0])
+        if first_row and rows is not None and rows.stop > rows.start:
+            rows = slice(rows.start, rows.start + 1)
         by_file.setdefault(path, []).append((task, data_products[0], rows))
     loaded = {}
     for path, wanted in by_file.items():
@@ -311,6 +314,8 @@ def read_normalized_inputs(
             for task, product, rows in wanted:
                 try:
                     spectrum = normalized.spectrum(rows, continuum=False)
+                    if first_row and spectrum.n_spectra > 1:  # a one-task file read whole
+                        spectrum = spectrum.select([0])
                     if check is not None:
                         check(path, spectrum)
                     loaded[task.pk] = (task, product, spectrum)
@@ -400,37 +405,33 @@ class NormalizedFile(Closing):
         self._handle.close()
 
     def preload(self, rows: slice) -> None:
-        """Read ``FLUX`` and ``IVAR`` of ``rows`` once: :meth:`spectrum` then slices each task's rows from
-        them (without the continuum) instead of reading the file again."""
-        self._preloaded = (rows, *self._read_images(rows, continuum=False)[:2])
+        """Read ``FLUX`` and ``IVAR`` of ``rows`` once, as stored: :meth:`spectrum` then takes each task's
+        rows from them instead of reading the file again."""
+        self._preloaded = (rows, self._read_image("FLUX", rows), self._read_image("IVAR", rows))
 
     def _images(self, rows: slice, continuum: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``flux``, ``ivar`` (0 where the flux is not finite) in float64; ``{"continuum": ...}`` if asked."""
-        if self._preloaded is not None and not continuum:
-            span, flux, ivar = self._preloaded
-            if span.start <= rows.start and rows.stop <= span.stop:
-                inside = slice(rows.start - span.start, rows.stop - span.start)
-                return flux[inside], ivar[inside], {}
-        return self._read_images(rows, continuum)
-
-    def _read_images(
-        self, rows: slice, continuum: bool
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         import numpy as np
 
+        span, flux, ivar = self._preloaded or (slice(0, 0), None, None)
+        if flux is not None and ivar is not None and span.start <= rows.start and rows.stop <= span.stop:
+            inside = slice(rows.start - span.start, rows.stop - span.start)
+            flux, ivar = flux[inside], ivar[inside]
+        else:
+            flux, ivar = self._read_image("FLUX", rows), self._read_image("IVAR", rows)
+        flux, ivar = flux.astype(float), ivar.astype(float)
+        np.copyto(ivar, 0.0, where=~np.isfinite(flux))
+        extras = {"continuum": self._read_image("CONTINUUM", rows).astype(float)} if continuum else {}
+        return flux, ivar, extras
+
+    def _read_image(self, name: str, rows: slice) -> np.ndarray:
         from astra_provider.fits import FitsError
         from astra_provider.sdss.spectrum import SpectrumReadError
 
         try:
-            flux = self._handle.read_image("FLUX", rows).astype(float)
-            ivar = self._handle.read_image("IVAR", rows).astype(float)
-            extras = (
-                {"continuum": self._handle.read_image("CONTINUUM", rows).astype(float)} if continuum else {}
-            )
+            return self._handle.read_image(name, rows)
         except FitsError as error:
             raise SpectrumReadError(self.path, f"cannot read normalised spectra ({error})") from None
-        np.copyto(ivar, 0.0, where=~np.isfinite(flux))
-        return flux, ivar, extras
 
     def spectrum(self, rows: slice | None, continuum: bool = True) -> Spectrum:
         """The spectra of ``rows`` (all rows when ``None``: the file must then hold one task's)."""

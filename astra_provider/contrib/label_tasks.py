@@ -255,15 +255,15 @@ def fit_normalized_inputs(instance: TaskInstance, model, model_path: str, fit: C
 
     from astra_provider.contrib.continuum import read_normalized_inputs
 
-    inputs = read_normalized_inputs(instance, normalized_input_check(model, model_path))
+    inputs = read_normalized_inputs(instance, normalized_input_check(model, model_path), first_row=True)
     if not inputs:
         return []
     result = fit(
         model,
-        np.concatenate([spectrum.flux[:1] for _, _, spectrum in inputs]),
-        np.concatenate([spectrum.ivar[:1] for _, _, spectrum in inputs]),
+        np.concatenate([spectrum.flux for _, _, spectrum in inputs]),
+        np.concatenate([spectrum.ivar for _, _, spectrum in inputs]),
     )
-    columns = result.columns()
+    columns = {name: np.asarray(column).tolist() for name, column in result.columns().items()}
     named_columns = {c.name for c in table.__table__.columns} - {"labels", "row_index"}
     outputs = {}
     for index, (task, data_product, _) in enumerate(inputs):
