@@ -157,7 +157,7 @@ def pipeline_mode(args: argparse.Namespace) -> None:
         database_url=f"sqlite:///{database_file}",
         force=False,
         no_plots=True,
-        progress_interval=30.0,
+        progress_interval=300.0,  # seldom: the progress thread polls the astra database the tasks write
     )
     from astra_provider.demo.airflow_setup import migrate_metadata, output_to
     from astra_provider.demo.runner import PIPELINE_STEPS, Demo
