@@ -209,18 +209,20 @@ def report(
         f"\npipeline on {counts['continuum']:,} apStar + {counts['doppler']:,} apVisit, bundles of {bundle}; "
         f"plain loop on {', '.join(f'{plain[s].spectra:,} {s}' for s in steps)} (scaled to all files)"
     )
+    print("DAG seconds of a step: its task instances' durations, summed (dag.test interleaves the steps)")
     print(
         "| step | tasks done | DAG seconds | DAG spectra/s | plain-loop seconds | plain spectra/s | ratio |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for step in steps:
-        result, loop = pipeline.steps[step], plain[step]
-        rate = result.completed / result.seconds if result.seconds else float("nan")
+        result, loop, seconds = pipeline.steps[step], plain[step], busy.get(step, float("nan"))
         print(
-            f"| {step} | {result.completed:,} | {result.seconds:.1f} | {rate:.1f} | "
+            f"| {step} | {result.completed:,} | {seconds:.1f} | {result.completed / seconds:.1f} | "
             f"{loop.scaled_seconds:.1f} | {loop.spectra / loop.seconds:.1f} | "
-            f"{result.seconds / loop.scaled_seconds:.2f} |"
+            f"{seconds / loop.scaled_seconds:.2f} |"
         )
+    others = sum(seconds for step, seconds in busy.items() if step not in steps)
+    print(f"| other task instances (discover, export, ...) | | {others:.1f} | | | | |")
     total = sum(counts.values())
     plain_sum = sum(plain[step].scaled_seconds for step in steps)
     print(
