@@ -17,12 +17,25 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Self
 
 FLOAT_TAG = "$float"
 """The key of the JSON object that stands for a non-finite float or ``-0.0`` (see the module docstring)."""
 
 _SPECIAL_FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan, "-0.0": -0.0}
+
+
+class Closing:
+    """Something open (a file) for ``with`` blocks: leaving the block calls the subclass's ``close()``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def to_jsonable(value: Any) -> Any:

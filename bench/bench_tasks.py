@@ -25,7 +25,12 @@ machine may be running other work.
 **Pipeline** (``--pipeline``, opt-in, long): the ``astra_pipeline`` DAG end to end through Airflow
 (``dag.test()``, as ``astra demo`` runs it) on a survey of ``--stars`` stars with ``--visits`` visits each
 (made once and cached under ``--workdir``), with a new astra database each time; prints spectra/s per step
-and overall.
+and overall. Then the **plain loop** in the same process and run: each step's task class through
+``execute()`` on bundles of ``--bundle-size`` of the same files, one after another, without Airflow (new
+database; ``--plain-bundles`` bundles per step, their cost per spectrum scaled to all the step's files; 0:
+every bundle). The issue's target is printed as the ratio ``DAG wall time / (plain-loop sum / cores used)``
+with cores used = 1: ``dag.test()`` runs one task instance at a time, in this process (the CPU time over
+the wall time of each phase is printed too, to show how many cores the numpy/BLAS threads kept busy).
 """
 
 from __future__ import annotations
@@ -362,62 +367,6 @@ def tasks_mode(args: argparse.Namespace) -> None:
     print(f"\n{load()}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pipeline
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pipeline_mode(args: argparse.Namespace) -> None:
-    """The ``astra_pipeline`` DAG end to end (the demo's machinery, without its plots and tables)."""
-    home = (args.workdir / "pipeline").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ["ASTRA_HOME"] = str(home)
-    database_file = home / f"astra-{int(time.time())}.db"  # a new database: every task runs
-    options = argparse.Namespace(
-        stars=args.stars,
-        visits=args.visits,
-        training_stars=args.training_stars,
-        bundle_size=args.bundle_size,
-        database_url=f"sqlite:///{database_file}",
-        force=False,
-        no_plots=True,
-        progress_interval=30.0,
-    )
-    from astra_provider.demo.airflow_setup import migrate_metadata, output_to
-    from astra_provider.demo.runner import PIPELINE_STEPS, Demo
-    from astra_provider.demo.surveys import prepare_surveys
-
-    demo = Demo(options)
-    try:
-        demo.configure()
-        say = demo.console.say
-        print(f"{load()}", flush=True)
-        surveys = prepare_surveys(
-            home / "data", stars=args.stars, visits=args.visits, training_stars=args.training_stars, say=say
-        )
-        with output_to(demo.log_path):
-            migrate_metadata(say)
-            model_path = home / "models" / f"thecannon-{surveys.training_root.name}.npz"
-            output_dir = home / "outputs" / database_file.stem / "continuum"
-            runs = demo.run_dags(surveys, model_path, output_dir)
-    finally:
-        demo.close()
-    pipeline = runs[-1]
-    counts = {step: len(surveys.survey.of_filetype(filetype)) for step, _, filetype in PIPELINE_STEPS}
-    print(
-        f"\npipeline on {counts['continuum']:,} apStar + {counts['doppler']:,} apVisit, "
-        f"bundles of {args.bundle_size}"
-    )
-    print("| step | tasks done | seconds | spectra/s |\n| --- | --- | --- | --- |")
-    for step, _, _ in PIPELINE_STEPS:
-        result = pipeline.steps[step]
-        rate = result.completed / result.seconds if result.seconds else float("nan")
-        print(f"| {step} | {result.completed:,} | {result.seconds:.1f} | {rate:.1f} |")
-    total = sum(counts.values())
-    print(f"| **overall** (DAG run) | {total:,} | {pipeline.seconds:.1f} | {total / pipeline.seconds:.1f} |")
-    print(f"\n{load()}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500, help="files per task (one bundle)")
@@ -428,8 +377,16 @@ def main() -> None:
     parser.add_argument("--visits", type=int, default=2, help="--pipeline: apVisit files per star")
     parser.add_argument("--training-stars", type=int, default=500, help="--pipeline: Cannon training set")
     parser.add_argument("--bundle-size", type=int, default=500, help="--pipeline: tasks per bundle")
+    parser.add_argument(
+        "--plain-bundles", type=int, default=2, help="--pipeline: plain-loop bundles per step (0: all)"
+    )
     args = parser.parse_args()
-    pipeline_mode(args) if args.pipeline else tasks_mode(args)
+    if args.pipeline:
+        from bench_pipeline import pipeline_mode  # bench/ is on sys.path when this script runs
+
+        pipeline_mode(args)
+    else:
+        tasks_mode(args)
 
 
 if __name__ == "__main__":

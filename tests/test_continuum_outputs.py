@@ -48,6 +48,30 @@ class ReadNormalized(TaskInstance):
         return [out.get(task.pk) for task, _ in self.iterable()]
 
 
+class ReadFirstRows(TaskInstance):
+    """Reads the first row of each task's normalised spectra, as TestTheCannon and TestThePayne do."""
+
+    def execute(self):
+        inputs = read_normalized_inputs(self, first_row=True)
+        out = {task.pk: (spectrum.flux, spectrum.ivar, spectrum.meta) for task, _, spectrum in inputs}
+        return [out.get(task.pk) for task, _ in self.iterable()]
+
+
+def test_first_rows_read_once_per_file_equal_each_task_read_alone(astra_db, stars, tmp_path):
+    run = SinusoidalContinuum(input_data_products=stars, output_dir=str(tmp_path / "out"))
+    run.execute()
+    products = [task.output_data_products[0] for task in run.tasks]
+    assert len({product.path for product in products}) == 1  # one file: read once for all the tasks
+    results = ReadFirstRows(input_data_products=[product.pk for product in products]).execute()
+    for product, path, (flux, ivar, meta) in zip(products, stars, results, strict=True):
+        alone = read_normalized(product)  # every row of this task, read on its own
+        assert flux.shape == ivar.shape == (1, 8575) and flux.dtype == ivar.dtype == np.float64
+        np.testing.assert_array_equal(flux, alone.flux[:1])  # the same stored float32 values
+        np.testing.assert_array_equal(ivar, alone.ivar[:1])
+        assert meta["source"] == path and list(meta["row_index"]) == [0]
+        assert meta["snr"][0] == alone.snr[0]
+
+
 def _files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 

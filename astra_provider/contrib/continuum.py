@@ -30,6 +30,7 @@ synthetic-quadratic list; their set id is recorded as ``CONTPIX``, which ``TestT
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from astra_provider.base import Parameter, TaskInstance
 from astra_provider.database import astra_home
 from astra_provider.database.astradb import Continuum
+from astra_provider.utils import Closing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -283,18 +285,21 @@ def read_normalized(product: str | os.PathLike | DataProduct, rows: slice | None
 
 
 def read_normalized_inputs(
-    instance: TaskInstance, check: Callable[[str, Spectrum], None] | None = None
+    instance: TaskInstance, check: Callable[[str, Spectrum], None] | None = None, *, first_row: bool = False
 ) -> list[tuple[Task, DataProduct, Spectrum]]:
     """``(task, data_product, spectrum)`` for the first input of each task of ``instance`` still to run.
 
-    The inputs are normalised spectra, as :func:`read_normalized` reads them but without the continuum.
-    Each file is opened once for all the tasks whose rows it holds. A file that cannot be read fails the
+    The inputs are normalised spectra, as :func:`read_normalized` reads them but without the continuum;
+    with ``first_row``, only the first row of each task's spectra (an apStar's pixel-weighted stack).
+    Each file is read once for all the tasks whose rows it holds. A file that cannot be read fails the
     tasks that read it; ``check(path, spectrum)`` raising ``ValueError`` fails only its own task. Failures
     are recorded with :meth:`TaskInstance.fail`, and their messages name the file.
     """
     by_file: dict[str, list[tuple[Task, DataProduct, slice | None]]] = {}
     for task, data_products in instance.iterable():
         path, rows = _rows_of(data_products[0])
+        if first_row and rows is not None and rows.stop > rows.start:
+            rows = slice(rows.start, rows.start + 1)
         by_file.setdefault(path, []).append((task, data_products[0], rows))
     loaded = {}
     for path, wanted in by_file.items():
@@ -305,15 +310,27 @@ def read_normalized_inputs(
                 instance.fail(task, error)
             continue
         with normalized:
+            _preload_rows(normalized, [rows for *_, rows in wanted if rows is not None])
             for task, product, rows in wanted:
                 try:
                     spectrum = normalized.spectrum(rows, continuum=False)
+                    if first_row and spectrum.n_spectra > 1:  # a one-task file read whole
+                        spectrum = spectrum.select([0])
                     if check is not None:
                         check(path, spectrum)
                     loaded[task.pk] = (task, product, spectrum)
                 except (ValueError, OSError) as error:
                     instance.fail(task, error)
     return [loaded[task.pk] for task, _ in instance.iterable() if task.pk in loaded]
+
+
+def _preload_rows(normalized: NormalizedFile, spans: list[slice]) -> None:
+    """Read the rows of all ``spans`` of a file at once; if that fails, each task reads (and fails) alone."""
+    start = max(0, min((span.start for span in spans), default=0))
+    stop = min(normalized.n_rows, max((span.stop for span in spans), default=0))
+    if start < stop:
+        with contextlib.suppress(ValueError, OSError):
+            normalized.preload(slice(start, stop))
 
 
 def find_normalized(output_dir: str | os.PathLike, source: str | os.PathLike) -> Spectrum | None:
@@ -342,7 +359,7 @@ def _rows_of(product: Any) -> tuple[str, slice | None]:
     return os.fspath(getattr(product, "path", product)), None
 
 
-class NormalizedFile:
+class NormalizedFile(Closing):
     """An open normalised-spectrum file; its header, wavelengths and ``ROWS`` table are read once.
 
     :raises SpectrumReadError: the file is missing, not FITS, or lacks an HDU of the layout.
@@ -353,6 +370,7 @@ class NormalizedFile:
         from astra_provider.sdss.spectrum import SpectrumReadError
 
         self.path = os.fspath(path)
+        self._preloaded: tuple[slice, np.ndarray, np.ndarray] | None = None
         if not os.path.isfile(self.path):
             raise SpectrumReadError(self.path, "file does not exist")
         try:
@@ -386,17 +404,39 @@ class NormalizedFile:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> NormalizedFile:
-        return self
+    def preload(self, rows: slice) -> None:
+        """Read ``FLUX`` and ``IVAR`` of ``rows`` once, as stored: :meth:`spectrum` then takes each task's
+        rows from them instead of reading the file again."""
+        self._preloaded = (rows, self._read_image("FLUX", rows), self._read_image("IVAR", rows))
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _images(self, rows: slice, continuum: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """``flux``, ``ivar`` (0 where the flux is not finite) in float64; ``{"continuum": ...}`` if asked."""
+        import numpy as np
+
+        span, flux, ivar = self._preloaded or (slice(0, 0), None, None)
+        if flux is not None and ivar is not None and span.start <= rows.start and rows.stop <= span.stop:
+            inside = slice(rows.start - span.start, rows.stop - span.start)
+            flux, ivar = flux[inside], ivar[inside]
+        else:
+            flux, ivar = self._read_image("FLUX", rows), self._read_image("IVAR", rows)
+        flux, ivar = flux.astype(float), ivar.astype(float)
+        np.copyto(ivar, 0.0, where=~np.isfinite(flux))
+        extras = {"continuum": self._read_image("CONTINUUM", rows).astype(float)} if continuum else {}
+        return flux, ivar, extras
+
+    def _read_image(self, name: str, rows: slice) -> np.ndarray:
+        from astra_provider.fits import FitsError
+        from astra_provider.sdss.spectrum import SpectrumReadError
+
+        try:
+            return self._handle.read_image(name, rows)
+        except FitsError as error:
+            raise SpectrumReadError(self.path, f"cannot read normalised spectra ({error})") from None
 
     def spectrum(self, rows: slice | None, continuum: bool = True) -> Spectrum:
         """The spectra of ``rows`` (all rows when ``None``: the file must then hold one task's)."""
         import numpy as np
 
-        from astra_provider.fits import FitsError
         from astra_provider.sdss.spectrum import Spectrum, SpectrumReadError
 
         path, table = self.path, self.table
@@ -413,14 +453,7 @@ class NormalizedFile:
             raise SpectrumReadError(
                 path, f"rows {rows.start}:{rows.stop} are not within the file's {self.n_rows} rows"
             )
-        try:
-            flux = self._handle.read_image("FLUX", rows).astype(float)
-            ivar = self._handle.read_image("IVAR", rows).astype(float)
-            extras = (
-                {"continuum": self._handle.read_image("CONTINUUM", rows).astype(float)} if continuum else {}
-            )
-        except FitsError as error:
-            raise SpectrumReadError(path, f"cannot read normalised spectra ({error})") from None
+        flux, ivar, extras = self._images(rows, continuum)
         sources = (
             sorted(set(table["SOURCE"][rows].tolist())) if "SOURCE" in table else [self.header.get("SOURCE")]
         )
@@ -435,7 +468,6 @@ class NormalizedFile:
         for column, key in (("ROW_INDEX", "row_index"), ("TASK_PK", "task_pk")):
             if column in table:
                 meta[key] = np.asarray(table[column][rows])
-        np.copyto(ivar, 0.0, where=~np.isfinite(flux))
         try:
             return Spectrum(wavelength=self.wavelength.copy(), flux=flux, ivar=ivar, meta=meta, extras=extras)
         except ValueError as error:

@@ -211,6 +211,17 @@ def normalized_input_check(model, model_path: str) -> Callable[[str, Spectrum], 
     settings = (model.metadata.get("continuum_deg"), model.metadata.get("continuum_length_scale"))
     model_pixels = model.continuum_pixels_id
     legacy_pixels = continuum_pixel_set_id(demo_continuum_pixels())  # files without CONTPIX used these
+    matching_grids: list[np.ndarray] = []  # grids found on the model's: equal ones need no tolerance test
+
+    def on_model_grid(wavelength: np.ndarray) -> bool:
+        if any(np.array_equal(wavelength, grid) for grid in matching_grids):
+            return True
+        if wavelength.size != model.n_pixels or not np.allclose(
+            wavelength, model.wavelength, rtol=1e-9, atol=0.0
+        ):
+            return False
+        matching_grids.append(wavelength.copy())
+        return True
 
     def check(path: str, spectrum: Spectrum) -> None:
         used = spectrum.meta.get("continuum")
@@ -226,9 +237,7 @@ def normalized_input_check(model, model_path: str) -> Callable[[str, Spectrum], 
                 f"was trained on spectra normalised with pixel set {model_pixels}; normalise with "
                 f"SinusoidalContinuum(model_path=...)"
             )
-        if spectrum.n_pixels != model.n_pixels or not np.allclose(
-            spectrum.wavelength, model.wavelength, rtol=1e-9, atol=0.0
-        ):
+        if not on_model_grid(spectrum.wavelength):
             raise ValueError(
                 f"{path}: {spectrum.n_pixels} pixels at {describe_grid(spectrum.wavelength)}, but the model "
                 f"{model_path} has {model.n_pixels} at {describe_grid(model.wavelength)}"
@@ -246,15 +255,15 @@ def fit_normalized_inputs(instance: TaskInstance, model, model_path: str, fit: C
 
     from astra_provider.contrib.continuum import read_normalized_inputs
 
-    inputs = read_normalized_inputs(instance, normalized_input_check(model, model_path))
+    inputs = read_normalized_inputs(instance, normalized_input_check(model, model_path), first_row=True)
     if not inputs:
         return []
     result = fit(
         model,
-        np.concatenate([spectrum.flux[:1] for _, _, spectrum in inputs]),
-        np.concatenate([spectrum.ivar[:1] for _, _, spectrum in inputs]),
+        np.concatenate([spectrum.flux for _, _, spectrum in inputs]),
+        np.concatenate([spectrum.ivar for _, _, spectrum in inputs]),
     )
-    columns = result.columns()
+    columns = {name: np.asarray(column).tolist() for name, column in result.columns().items()}
     named_columns = {c.name for c in table.__table__.columns} - {"labels", "row_index"}
     outputs = {}
     for index, (task, data_product, _) in enumerate(inputs):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from astra_provider.fits.header import BLOCK, CARD, Header, parse_header
+from astra_provider.utils import Closing
 
 __all__ = ["FitsError", "FitsFile", "HDUInfo", "read_header"]
 
@@ -91,7 +92,7 @@ def _data_size(header: Header) -> int:
     return bits // 8 * int(header.get("GCOUNT", 1)) * (int(header.get("PCOUNT", 0)) + count)
 
 
-class FitsFile:
+class FitsFile(Closing):
     """An open FITS file whose HDUs are found on demand (by index or ``EXTNAME``).
 
     :param path: the file (gzip-compressed files are recognised by their first bytes).
@@ -128,12 +129,6 @@ class FitsFile:
 
     def close(self) -> None:
         self._handle.close()
-
-    def __enter__(self) -> FitsFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # Finding HDUs -------------------------------------------------------------------------------------
 

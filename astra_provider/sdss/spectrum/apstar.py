@@ -8,18 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from astra_provider.sdss.bitmasks import APOGEE_BAD_PIXEL_MASK
 from astra_provider.sdss.spectrum.container import Spectrum, SpectrumReadError
 from astra_provider.sdss.spectrum.reading import (
+    apogee_ivar,
     as_float,
     clean_flux_ivar,
     common_meta,
     doppler_labels,
     header_value,
+    log_linear_wavelength,
     open_fits,
     read_image,
     require_hdus,
-    sigma_to_ivar,
 )
 
 __all__ = ["read_apstar"]
@@ -61,7 +61,7 @@ def read_apstar(path: str | os.PathLike[str]) -> Spectrum:
     naxis1 = header_value(wcs_header, "NAXIS1", default=n_pix)
     if int(naxis1) != n_pix:
         raise SpectrumReadError(path, f"NAXIS1 = {naxis1} does not match {n_pix} flux pixels")
-    wavelength = 10.0 ** (float(crval) + float(cdelt) * (np.arange(n_pix) + 1.0 - float(crpix)))
+    wavelength = log_linear_wavelength(crval, cdelt, crpix, n_pix)
 
     nvisits = _nvisits(path, header, flux.shape[0])
     if (
@@ -69,9 +69,7 @@ def read_apstar(path: str | os.PathLike[str]) -> Spectrum:
     ):  # DR17: the 2nd (global-weighting) row of a one-visit star is empty
         flux, sigma, mask = flux[:1], sigma[:1], mask[:1]
 
-    ivar = sigma_to_ivar(sigma)
-    ivar[(mask & APOGEE_BAD_PIXEL_MASK) != 0] = 0.0
-    flux, ivar = clean_flux_ivar(path, flux, ivar)
+    flux, ivar = clean_flux_ivar(path, flux, apogee_ivar(sigma, mask))
     meta.update(_row_meta(header, meta["kwargs"], nvisits))
     return Spectrum(wavelength, flux, ivar, mask, meta)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from astra_provider.sdss.bitmasks import APOGEE_BAD_PIXEL_MASK
 from astra_provider.sdss.spectrum.container import Spectrum, SpectrumReadError
 from astra_provider.sdss.spectrum.reading import (
+    apogee_ivar,
     as_float,
     clean_flux_ivar,
     common_meta,
@@ -18,7 +18,6 @@ from astra_provider.sdss.spectrum.reading import (
     header_value,
     open_fits,
     read_image,
-    sigma_to_ivar,
 )
 
 __all__ = ["read_apvisit"]
@@ -74,9 +73,7 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
                 path, "wavelengths in HDU4 are not distinct (overlapping or repeated pixels)"
             )
 
-    ivar = sigma_to_ivar(sigma_1d)
-    ivar[(mask_1d & APOGEE_BAD_PIXEL_MASK) != 0] = 0.0
-    flux_1d, ivar = clean_flux_ivar(path, flux_1d, ivar)
+    flux_1d, ivar = clean_flux_ivar(path, flux_1d, apogee_ivar(sigma_1d, mask_1d))
 
     kwargs = meta["kwargs"]
     mjd = header_value(header, "MJD5", default=kwargs.get("mjd"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,17 +12,19 @@ from typing import Any
 import numpy as np
 
 from astra_provider.fits import FitsError, FitsFile
-from astra_provider.sdss.bitmasks import APOGEE_BAD_ERROR
+from astra_provider.sdss.bitmasks import APOGEE_BAD_ERROR, APOGEE_BAD_PIXEL_MASK
 from astra_provider.sdss.paths import parse_path
 from astra_provider.sdss.spectrum.container import SpectrumReadError
 
 __all__ = [
+    "apogee_ivar",
     "as_float",
     "clean_flux_ivar",
     "common_meta",
     "count_hdus",
     "doppler_labels",
     "header_value",
+    "log_linear_wavelength",
     "open_fits",
     "read_image",
     "require_hdus",
@@ -29,13 +32,37 @@ __all__ = [
 ]
 
 
-def sigma_to_ivar(sigma: np.ndarray, bad_error: float = APOGEE_BAD_ERROR) -> np.ndarray:
-    """``1/σ²`` with 0 where σ is non-finite, ≤ 0 or ≥ ``bad_error``."""
-    sigma = np.asarray(sigma, dtype=float)
-    good = np.isfinite(sigma) & (sigma > 0) & (sigma < bad_error)
-    ivar = np.zeros(sigma.shape)
-    np.divide(1.0, np.square(sigma, where=good, out=np.ones(sigma.shape)), out=ivar, where=good)
+def sigma_to_ivar(
+    sigma: np.ndarray, bad_error: float = APOGEE_BAD_ERROR, unusable: np.ndarray | None = None
+) -> np.ndarray:
+    """``1/σ²`` (float64) with 0 where σ is non-finite, ≤ 0 or ≥ ``bad_error``, and where ``unusable``."""
+    sigma = np.asarray(sigma)
+    bad = ~((sigma > 0) & (sigma < bad_error))  # NaN and ±inf fail one of the two comparisons
+    if unusable is not None:
+        bad |= unusable
+    ivar = np.square(sigma, dtype=float)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # the bad pixels are zeroed below
+        np.divide(1.0, ivar, out=ivar)
+    np.copyto(ivar, 0.0, where=bad)
     return ivar
+
+
+def apogee_ivar(sigma: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``1/σ²`` as :func:`sigma_to_ivar`, and 0 where ``mask`` has a bit of ``APOGEE_BAD_PIXEL_MASK``."""
+    return sigma_to_ivar(sigma, unusable=(np.asarray(mask) & APOGEE_BAD_PIXEL_MASK) != 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _log_linear_grid(crval: float, cdelt: float, crpix: float, n_pixels: int) -> np.ndarray:
+    grid = 10.0 ** (crval + cdelt * (np.arange(n_pixels) + 1.0 - crpix))
+    grid.flags.writeable = False
+    return grid
+
+
+def log_linear_wavelength(crval: Any, cdelt: Any, crpix: Any, n_pixels: int) -> np.ndarray:
+    """``10**(CRVAL1 + CDELT1·(i + 1 − CRPIX1))`` for pixels ``i`` (a new array; the grids of a survey's
+    files are few, so each is computed once)."""
+    return _log_linear_grid(float(crval), float(cdelt), float(crpix), int(n_pixels)).copy()
 
 
 @contextlib.contextmanager
@@ -135,9 +162,8 @@ def clean_flux_ivar(path: Path, flux: np.ndarray, ivar: np.ndarray) -> tuple[np.
     finite_flux = np.isfinite(flux)
     if not finite_flux.any():
         raise SpectrumReadError(path, "all flux values are NaN or infinite (no usable data)")
-    bad = ~finite_flux | ~np.isfinite(ivar) | (ivar < 0)
-    ivar[bad] = 0.0
-    flux[~finite_flux] = 0.0
+    np.copyto(ivar, 0.0, where=~(finite_flux & np.isfinite(ivar) & (ivar >= 0)))
+    np.copyto(flux, 0.0, where=~finite_flux)
     if not np.any(ivar > 0):
         raise SpectrumReadError(path, "all pixels have zero inverse variance (no usable data)")
     return flux, ivar
