@@ -31,17 +31,25 @@ class _Block:
 
 
 class _ContinuumBasis:
-    """A continuum basis (n, B, P) split into independent blocks of pixels."""
+    """A continuum basis of B functions, split into independent blocks of pixels (:func:`_blocks_of`)."""
 
-    def __init__(self, basis: np.ndarray, blocks: list[_Block] | None = None) -> None:
-        self.n_terms = basis.shape[1]
-        self.full = basis
-        self.blocks = _blocks_of(basis) if blocks is None else blocks
+    def __init__(self, n_terms: int, blocks: list[_Block]) -> None:
+        self.n_terms = n_terms
+        self.blocks = blocks
+
+    @classmethod
+    def of(cls, basis: np.ndarray) -> _ContinuumBasis:
+        """The blocks of a basis (n, B, P)."""
+        return cls(basis.shape[1], _blocks_of(basis))
 
     def rows(self, rows: np.ndarray) -> _ContinuumBasis:
         """The basis of the spectra ``rows`` (indices), with the same blocks."""
+        if not self.blocks or (
+            rows.size == self.blocks[0].basis.shape[0] and np.array_equal(rows, np.arange(rows.size))
+        ):
+            return self
         blocks = [_Block(block.columns, block.pixels, block.basis[rows]) for block in self.blocks]
-        return _ContinuumBasis(self.full[rows], blocks)
+        return _ContinuumBasis(self.n_terms, blocks)
 
 
 def _blocks_of(basis: np.ndarray) -> list[_Block]:

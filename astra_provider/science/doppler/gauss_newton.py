@@ -143,7 +143,7 @@ class _GaussNewton:
             np.empty((n, n_labels + 1, flux.shape[1]), dtype=np.float32) if value_at else None
         )
         self.reuse = np.zeros(n, dtype=bool)
-        self.continuum_basis = None if continuum_basis is None else _ContinuumBasis(continuum_basis)
+        self.continuum_basis = None if continuum_basis is None else _ContinuumBasis.of(continuum_basis)
         self.continuum = np.zeros((n, 0 if continuum_basis is None else continuum_basis.shape[1]))
         self.residual = np.zeros(flux.shape)
         self.shift_derivative = np.zeros(flux.shape, dtype=np.float32)
