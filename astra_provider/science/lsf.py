@@ -112,46 +112,16 @@ def convolve_model(
     :raises ValueError: for inconsistent arguments or a source grid too coarse for the LSF.
     """
     target = np.asarray(wavelength, dtype=np.float64).reshape(-1)
-    if target.size == 0 or np.any(~np.isfinite(target)) or np.any(np.diff(target) <= 0):
-        raise ValueError("target wavelengths must be finite and strictly increasing")
-    if (resolution is None) == (sigma is None):
-        raise ValueError("give exactly one of resolution and sigma")
-    if resolution is not None:
-        sigma_ln = np.full(target.size, lsf_sigma_from_resolution(resolution))
-    else:
-        sigma_ln = np.broadcast_to(np.asarray(sigma, dtype=np.float64), target.shape).copy()
-    if np.any(~(sigma_ln > 0)):
-        raise ValueError("LSF sigma must be positive")
+    sigma_ln = _target_sigma(target, resolution, sigma)
     log_source = np.log(model.wavelength)
     if np.any(np.diff(log_source) <= 0):
         raise ValueError("the model's wavelengths must be strictly increasing")
     source_step = np.gradient(log_source)  # trapezoid weights: half the sum of neighbouring spacings
     log_target = np.log(target)
-    inside = (log_target > log_source[0]) & (log_target < log_source[-1])
-    if inside.any():
-        local_step = np.interp(log_target[inside], log_source, source_step)
-        worst = float(np.min(sigma_ln[inside] / local_step))
-        if worst < _MIN_SOURCE_PIXELS_PER_SIGMA:
-            raise ValueError(
-                f"the model's grid is too coarse for this LSF: {worst:.2f} source pixels per sigma "
-                f"(need >= {_MIN_SOURCE_PIXELS_PER_SIGMA:g})"
-            )
-
-    n_terms = model.n_terms
-    theta = np.empty((target.size, n_terms))
-    scatter = np.empty(target.size)
-    masked = np.empty(target.size, dtype=bool)
-    source_scatter = np.sqrt(np.maximum(model.s2, 0.0))
-    for first in range(0, target.size, chunk_size):
-        part = slice(first, first + chunk_size)
-        index, weight, covered = _weights(log_source, source_step, log_target[part], sigma_ln[part], n_sigma)
-        theta[part] = np.einsum("qw,qwd->qd", weight, model.theta[index], optimize=True)
-        scatter[part] = np.einsum("qw,qw->q", weight, source_scatter[index])
-        touches_mask = np.any((weight > 0) & model.pixel_mask[index], axis=1)
-        masked[part] = ~covered | touches_mask
-    constant = np.eye(1, n_terms)[0]
-    theta[masked] = constant
-    scatter[masked] = 0.0
+    _check_source_sampling(log_source, source_step, log_target, sigma_ln)
+    theta, scatter, masked = _convolved_coefficients(
+        model, log_source, source_step, log_target, sigma_ln, n_sigma, chunk_size
+    )
     lsf = {
         "kind": "gaussian",
         "n_sigma": float(n_sigma),
@@ -169,6 +139,72 @@ def convolve_model(
         regularization=model.regularization if np.ndim(model.regularization) == 0 else 0.0,
         metadata=new_metadata,
     )
+
+
+def _target_sigma(
+    target: np.ndarray, resolution: float | None, sigma: float | np.ndarray | None
+) -> np.ndarray:
+    """The LSF σ (ln λ) at every target wavelength (Q,), from ``resolution`` or ``sigma``.
+
+    :raises ValueError: for target wavelengths not finite and increasing, both or neither of ``resolution``
+        and ``sigma``, or a σ that is not positive.
+    """
+    if target.size == 0 or np.any(~np.isfinite(target)) or np.any(np.diff(target) <= 0):
+        raise ValueError("target wavelengths must be finite and strictly increasing")
+    if (resolution is None) == (sigma is None):
+        raise ValueError("give exactly one of resolution and sigma")
+    if resolution is not None:
+        sigma_ln = np.full(target.size, lsf_sigma_from_resolution(resolution))
+    else:
+        sigma_ln = np.broadcast_to(np.asarray(sigma, dtype=np.float64), target.shape).copy()
+    if np.any(~(sigma_ln > 0)):
+        raise ValueError("LSF sigma must be positive")
+    return sigma_ln
+
+
+def _check_source_sampling(
+    log_source: np.ndarray, source_step: np.ndarray, log_target: np.ndarray, sigma_ln: np.ndarray
+) -> None:
+    """:raises ValueError: if the source grid has fewer than ``_MIN_SOURCE_PIXELS_PER_SIGMA`` pixels per σ
+    anywhere within the target range."""
+    inside = (log_target > log_source[0]) & (log_target < log_source[-1])
+    if inside.any():
+        local_step = np.interp(log_target[inside], log_source, source_step)
+        worst = float(np.min(sigma_ln[inside] / local_step))
+        if worst < _MIN_SOURCE_PIXELS_PER_SIGMA:
+            raise ValueError(
+                f"the model's grid is too coarse for this LSF: {worst:.2f} source pixels per sigma "
+                f"(need >= {_MIN_SOURCE_PIXELS_PER_SIGMA:g})"
+            )
+
+
+def _convolved_coefficients(
+    model: CannonModel,
+    log_source: np.ndarray,
+    source_step: np.ndarray,
+    log_target: np.ndarray,
+    sigma_ln: np.ndarray,
+    n_sigma: float,
+    chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's coefficients (Q, D) and scatter (Q,) convolved at the target pixels, ``chunk_size`` at a
+    time, and the target pixels that are masked (Q,): not covered, or touching a masked source pixel (their
+    coefficients are the constant model, their scatter 0)."""
+    n_terms = model.n_terms
+    theta = np.empty((log_target.size, n_terms))
+    scatter = np.empty(log_target.size)
+    masked = np.empty(log_target.size, dtype=bool)
+    source_scatter = np.sqrt(np.maximum(model.s2, 0.0))
+    for first in range(0, log_target.size, chunk_size):
+        part = slice(first, first + chunk_size)
+        index, weight, covered = _weights(log_source, source_step, log_target[part], sigma_ln[part], n_sigma)
+        theta[part] = np.einsum("qw,qwd->qd", weight, model.theta[index], optimize=True)
+        scatter[part] = np.einsum("qw,qw->q", weight, source_scatter[index])
+        touches_mask = np.any((weight > 0) & model.pixel_mask[index], axis=1)
+        masked[part] = ~covered | touches_mask
+    theta[masked] = np.eye(1, n_terms)[0]
+    scatter[masked] = 0.0
+    return theta, scatter, masked
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from astra_provider.science.doppler.continuum_projection import _ContinuumBasis, _project_continuum
 from astra_provider.science.doppler.result import _Batches
 
 _SignalFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -142,7 +143,7 @@ class _GaussNewton:
             np.empty((n, n_labels + 1, flux.shape[1]), dtype=np.float32) if value_at else None
         )
         self.reuse = np.zeros(n, dtype=bool)
-        self.continuum_basis = continuum_basis
+        self.continuum_basis = None if continuum_basis is None else _ContinuumBasis.of(continuum_basis)
         self.continuum = np.zeros((n, 0 if continuum_basis is None else continuum_basis.shape[1]))
         self.residual = np.zeros(flux.shape)
         self.shift_derivative = np.zeros(flux.shape, dtype=np.float32)
@@ -206,7 +207,7 @@ class _GaussNewton:
             self._evaluated_continuum = np.zeros((active.size, 0))
             return self.flux[active] - 1.0 - deviation, signal
         residual, self._evaluated_continuum = _project_continuum(
-            self.flux[active], self.weight[active], deviation, self.continuum_basis[active], signal
+            self.flux[active], self.weight[active], deviation, self.continuum_basis.rows(active), signal
         )
         return residual, signal
 
@@ -274,55 +275,6 @@ class _GaussNewton:
         done = np.zeros(self.x.shape[0], dtype=bool)
         done[idx[small | ~ok | out_of_range]] = True
         return done
-
-
-def _project_continuum(
-    flux: np.ndarray,
-    weight: np.ndarray,
-    deviation: np.ndarray,
-    basis: np.ndarray,
-    signal: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The residual (n, P) of the best multiplicative continuum for the model ``1 + deviation`` and its
-    coefficients (n, B); the Jacobian rows of ``signal`` (the first n_full spectra) are scaled by that
-    continuum and projected onto the complement of the continuum directions (in place)."""
-    model = 1.0 + deviation  # float32 (n, P)
-    directions = basis * model[:, None, :]  # φ_b·m, (n, B, P)
-    weighted = directions * weight[:, None, :].astype(np.float32)
-    gram = _pixel_sum(weighted, directions)  # (n, B, B)
-    diagonal = np.diagonal(gram, axis1=1, axis2=2)
-    # A basis function without weighted pixels gets a = 0; a tiny ridge keeps the solve well posed.
-    ridge = np.where(diagonal > 0, 1e-10 * diagonal.max(axis=1, keepdims=True), 1.0)
-    gram[:, np.arange(gram.shape[1]), np.arange(gram.shape[1])] += ridge
-    rhs = _pixel_sum(weighted, flux.astype(np.float32)[:, None, :])[..., 0]  # (n, B)
-    coefficients = np.linalg.solve(gram, rhs[..., None])[..., 0]  # (n, B)
-    multiplier = (coefficients.astype(np.float32)[:, None, :] @ basis)[:, 0]  # (n, P)
-    residual = flux - multiplier * model
-    if signal is not None and signal.shape[0]:
-        n_full = signal.shape[0]
-        jacobian = signal[:, 1:]
-        jacobian *= multiplier[:n_full, None, :]
-        overlap = _pixel_sum(weighted[:n_full], jacobian)  # (n, B, K+1)
-        projection = np.linalg.solve(gram[:n_full], overlap).astype(np.float32).swapaxes(1, 2)
-        for first in range(0, jacobian.shape[-1], _PIXELS_PER_SUM):
-            part = slice(first, first + _PIXELS_PER_SUM)
-            jacobian[..., part] -= projection @ directions[:n_full, :, part]
-    return residual, coefficients
-
-
-# Pixels per partial sum of :func:`_pixel_sum`: (B × 1536) @ (1536 × B') GEMMs stay below OpenBLAS's threading
-# threshold (m·n·k < 262,144 for B, B' ≤ 12), single-threaded and in cache; the partial sums add in float64.
-_PIXELS_PER_SUM = 1536
-
-
-def _pixel_sum(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """``Σ_p left[n, a, p]·right[n, b, p]`` (n, A, B) in float64, from float32 arrays (n, A, P), (n, B, P)."""
-    n_pixels = left.shape[-1]
-    total = np.zeros((left.shape[0], left.shape[1], right.shape[1]))
-    for first in range(0, n_pixels, _PIXELS_PER_SUM):
-        part = slice(first, first + _PIXELS_PER_SUM)
-        total += left[..., part] @ right[..., part].swapaxes(1, 2)
-    return total
 
 
 def _inverse_curvature(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

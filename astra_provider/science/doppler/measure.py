@@ -9,7 +9,7 @@ from astra_provider.science.doppler.ccf import _cross_correlate_masked
 from astra_provider.science.doppler.grid import LogLinearGrid
 from astra_provider.science.doppler.model import SpectralModel, _ccf_start_labels, _ccf_templates
 from astra_provider.science.doppler.options import DopplerOptions
-from astra_provider.science.doppler.refine import _refine_velocity_and_labels_masked, _refine_velocity_masked
+from astra_provider.science.doppler.refine import refine_velocity, refine_velocity_and_labels
 from astra_provider.science.doppler.result import (
     CrossCorrelationResult,
     RadialVelocityResult,
@@ -126,11 +126,11 @@ def _measure_batch(
     )
     if model is not None:
         start = _ccf_start_labels(template_labels, ccf.template_index)
-        refined = _refine_velocity_and_labels_masked(
+        refined = refine_velocity_and_labels(
             flux, weight, model, start, ccf.vrel, log10_step, max_velocity=max_velocity, options=options
         )
     else:
-        refined = _refine_velocity_masked(
+        refined = refine_velocity(
             flux,
             weight,
             templates,

@@ -162,10 +162,12 @@ def _continuum_correction_basis(
         last = np.where(used, wavelength, -np.inf).max(axis=1, keepdims=True)
         span = np.where(last > first, last - first, 1.0)
         x = np.clip(2.0 * (wavelength - np.where(np.isfinite(first), first, 0.0)) / span - 1.0, -1.0, 1.0)
-        terms = np.polynomial.legendre.legvander(x, degree)  # (n, Q, degree + 1)
-        basis[:, index * n_terms : (index + 1) * n_terms] = np.where(region[..., None], terms, 0.0).transpose(
-            0, 2, 1
-        )
+        # Bonnet's recurrence (as numpy's legvander), each term written straight into its plane of the basis.
+        previous, term = np.ones_like(x), x
+        for k in range(n_terms):
+            if k >= 2:
+                previous, term = term, (term * x * (2 * k - 1) - previous * (k - 1)) / k
+            basis[:, index * n_terms + k] = np.where(region, previous if k == 0 else term, 0.0)
     return basis
 
 

@@ -67,16 +67,26 @@ def refine_velocity(
     """
     flux, weight = _masked_flux_and_weight(flux, ivar)
     options = DopplerOptions() if options is None else options
-    return _refine_velocity_masked(
-        flux,
-        weight,
-        templates,
-        template_index,
-        v_init,
-        log10_step,
-        max_velocity=max_velocity,
-        options=options,
+    n_spectra, n_pixels = flux.shape
+    v_init = np.broadcast_to(np.asarray(v_init, dtype=float), (n_spectra,))
+    template_index = np.broadcast_to(np.asarray(template_index), (n_spectra,))
+    templates = np.atleast_2d(np.asarray(templates, dtype=float))
+    support = _RestFrameSupport(np.all(np.isfinite(templates), axis=0), options.guard_pixels)
+    shifter = _shifter(n_pixels, log10_step, max_velocity, options)
+    template_ft = shifter.transform(support.fill(_template_deviation(templates)))
+    shift_init = velocity_to_pixel_shift(v_init, log10_step)
+    usable = _has_enough_pixels(weight, shift_init[:, None], 1) & (template_index >= 0)
+    no_labels = _LabelScaling.without_labels()
+
+    def signal_for(part: np.ndarray) -> _SignalFunction:
+        chosen = template_index[part]
+        return _shifted(shifter, lambda active, _x: template_ft[chosen[active]][:, None, :])
+
+    fitter = _ChunkedFit(flux, weight, shift_init, support, None, shifter, options)
+    fit = fitter.run(
+        np.zeros((n_spectra, 0)), usable, no_labels.bounds, options.velocity_chunk_size, signal_for
     )
+    return _refinement_result(fit, usable, log10_step, no_labels)
 
 
 def refine_velocity_and_labels(
@@ -112,57 +122,6 @@ def refine_velocity_and_labels(
     """
     flux, weight = _masked_flux_and_weight(flux, ivar)
     options = DopplerOptions() if options is None else options
-    return _refine_velocity_and_labels_masked(
-        flux, weight, model, labels_init, v_init, log10_step, max_velocity=max_velocity, options=options
-    )
-
-
-def _refine_velocity_masked(
-    flux: np.ndarray,
-    weight: np.ndarray,
-    templates: np.ndarray,
-    template_index: np.ndarray | int,
-    v_init: np.ndarray | float,
-    log10_step: float,
-    *,
-    max_velocity: float,
-    options: DopplerOptions,
-) -> RefinementResult:
-    """:func:`.refine_velocity` of spectra already through :func:`_masked_flux_and_weight`."""
-    n_spectra, n_pixels = flux.shape
-    v_init = np.broadcast_to(np.asarray(v_init, dtype=float), (n_spectra,))
-    template_index = np.broadcast_to(np.asarray(template_index), (n_spectra,))
-    templates = np.atleast_2d(np.asarray(templates, dtype=float))
-    support = _RestFrameSupport(np.all(np.isfinite(templates), axis=0), options.guard_pixels)
-    shifter = _shifter(n_pixels, log10_step, max_velocity, options)
-    template_ft = shifter.transform(support.fill(_template_deviation(templates)))
-    shift_init = velocity_to_pixel_shift(v_init, log10_step)
-    usable = _has_enough_pixels(weight, shift_init[:, None], 1) & (template_index >= 0)
-    no_labels = _LabelScaling.without_labels()
-
-    def signal_for(part: np.ndarray) -> _SignalFunction:
-        chosen = template_index[part]
-        return _shifted(shifter, lambda active, _x: template_ft[chosen[active]][:, None, :])
-
-    fitter = _ChunkedFit(flux, weight, shift_init, support, None, shifter, options)
-    fit = fitter.run(
-        np.zeros((n_spectra, 0)), usable, no_labels.bounds, options.velocity_chunk_size, signal_for
-    )
-    return _refinement_result(fit, usable, log10_step, no_labels)
-
-
-def _refine_velocity_and_labels_masked(
-    flux: np.ndarray,
-    weight: np.ndarray,
-    model: SpectralModel,
-    labels_init: np.ndarray,
-    v_init: np.ndarray | float,
-    log10_step: float,
-    *,
-    max_velocity: float,
-    options: DopplerOptions,
-) -> RefinementResult:
-    """:func:`.refine_velocity_and_labels` of spectra already through :func:`_masked_flux_and_weight`."""
     n_spectra, n_pixels = flux.shape
     scaling = _LabelScaling.of_model(model, options.label_margin)
     n_labels = scaling.n_labels

@@ -64,6 +64,23 @@ class _Batches:
             }
         )
 
+    def assign_rows(self, rows: np.ndarray, other: Self) -> None:
+        """Set the spectra ``rows`` (indices) of this result, in place, to those of ``other`` in order."""
+        for f in fields(self):
+            if f.name not in self._shared_fields:
+                getattr(self, f.name)[rows] = getattr(other, f.name)
+
+    def select(self, rows: np.ndarray) -> Self:
+        """The spectra ``rows`` (indices) of this result."""
+        return type(self)(
+            **{
+                f.name: getattr(self, f.name)
+                if f.name in self._shared_fields
+                else getattr(self, f.name)[rows]
+                for f in fields(self)
+            }
+        )
+
 
 @dataclass
 class CrossCorrelationResult(_Batches):

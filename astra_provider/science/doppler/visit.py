@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import cast
 
 import numpy as np
@@ -104,7 +103,6 @@ def measure_visit_radial_velocities(
         models on different grids or with different labels, an LSF stack without ``lsf_sigma``, a
         ``continuum_mask`` not on the model grid, or malformed spectra.
     """
-    # Over 80 lines only by its docstring (49 lines): the steps of the method are documented here, once.
     options = DopplerOptions() if options is None else options
     models: list[SpectralModel | LsfStack] = (
         list(model) if isinstance(model, (list, tuple)) else [cast(SpectralModel | LsfStack, model)]
@@ -118,6 +116,18 @@ def measure_visit_radial_velocities(
     )
     if lsf_sigma is not None:
         observed.lsf_sigma = _lsf_rows(lsf_sigma, observed.flux.shape)
+    return _measure_in_batches(observed, visit_models, ccf_templates, max_velocity, options)
+
+
+def _measure_in_batches(
+    observed: _ObservedPixels,
+    visit_models: list[_VisitModel],
+    ccf_templates: _CcfTemplates,
+    max_velocity: float,
+    options: DopplerOptions,
+) -> RadialVelocityResult:
+    """:func:`.measure_visit_radial_velocities` of the observed spectra, ``options.visit_batch_size`` at a
+    time, joined into one result."""
     batch = options.visit_batch_size
     batches = [
         _measure_visit_batch(
@@ -289,8 +299,7 @@ class _GridFits:
 
     def keep(self, rows: np.ndarray, grid: int, refined: RefinementResult, mismatch: np.ndarray) -> None:
         """Store the fits of spectra ``rows`` against ``grid``."""
-        for name in ("vrel", "u_vrel", "labels", "u_labels", "chisq", "n_iterations", "flag"):
-            getattr(self.refined, name)[rows] = getattr(refined, name)
+        self.refined.assign_rows(rows, refined)
         self.grid_index[rows] = grid
         self.mismatch[rows] = mismatch
 
@@ -319,38 +328,15 @@ def _fit_grid(
     )
     rows = np.flatnonzero(usable)
     if rows.size:
-        level = blend = None
-        if visit_model.stack is not None:
-            assert observed.lsf_sigma is not None  # _check_compatible: a stack needs lsf_sigma
-            level, blend = visit_model.stack.bracket(observed.lsf_sigma[rows])
-        signal_at, value_at = visit_model.signal_functions(observed.position[rows], level, blend)
-        basis = None if basis is None else basis[rows]
-
-        def gauss_newton(weight_rows: np.ndarray, shift: np.ndarray, x: np.ndarray) -> _Fit:
-            return _gauss_newton(
-                flux[rows],
-                weight_rows,
-                shift,
-                x,
-                signal_at=signal_at,
-                value_at=value_at,
-                x_bounds=scaling.bounds,
-                max_shift=visit_model.max_shift,
-                max_iterations=options.max_iterations,
-                tolerance=options.tolerance,
-                continuum_basis=basis,
-            )
-
-        fit = gauss_newton(weight[rows], shift_init[rows], x_init[rows])
-        if options.outlier_clip is not None:
-            clipped = _clip_outliers(fit, options.outlier_clip)
-            if np.any(clipped != fit.weight):
-                fit = gauss_newton(clipped, fit.s, fit.x)
+        fit = _fit_rows(
+            visit_model, spectra, rows, flux[rows], weight[rows], shift_init[rows], x_init[rows], options
+        )
     else:
         fit = _Fit.empty(observed.flux.shape[1], scaling.n_labels, n_continuum)
     refined = _refinement_result(fit, usable, visit_model.grid.log10_step, scaling, options.edge_fraction)
     mismatch = np.full(usable.size, np.nan)
     if rows.size:
+        basis = None if basis is None else basis[rows]
         mismatch[rows], quality_flags = _fit_quality(fit, refined.chisq[rows], basis, options)
         birge = _segment_birge_ratio(fit, observed.wavelength[rows], options)
         inconsistent = np.isfinite(birge)
@@ -358,6 +344,51 @@ def _fit_grid(
         quality_flags[inconsistent] |= RVFlag.INCONSISTENT_SEGMENTS
         refined.flag[rows] |= quality_flags
     return refined, mismatch
+
+
+def _fit_rows(
+    visit_model: _VisitModel,
+    spectra: _NormalisedBatch,
+    rows: np.ndarray,
+    flux: np.ndarray,
+    weight: np.ndarray,
+    shift_init: np.ndarray,
+    x_init: np.ndarray,
+    options: DopplerOptions,
+) -> _Fit:
+    """The Gauss–Newton fit of the spectra ``rows`` of the batch (flux, weights and starting values of those
+    rows), repeated for the spectra that lose pixels to ``options.outlier_clip``."""
+    level = blend = None
+    if visit_model.stack is not None:
+        lsf_sigma = spectra.observed.lsf_sigma
+        assert lsf_sigma is not None  # _check_compatible: a stack needs lsf_sigma
+        level, blend = visit_model.stack.bracket(lsf_sigma[rows])
+    signal_at, value_at = visit_model.signal_functions(spectra.observed.position[rows], level, blend)
+    basis = spectra.continuum_basis
+
+    def gauss_newton(subset: np.ndarray, subset_weight: np.ndarray, shift: np.ndarray, x: np.ndarray) -> _Fit:
+        """The fit of the spectra ``subset`` (indices into ``rows``)."""
+        return _gauss_newton(
+            flux[subset],
+            subset_weight,
+            shift,
+            x,
+            signal_at=lambda active, labels, shift: signal_at(subset[active], labels, shift),
+            value_at=lambda active, labels, shift: value_at(subset[active], labels, shift),
+            x_bounds=visit_model.scaling.bounds,
+            max_shift=visit_model.max_shift,
+            max_iterations=options.max_iterations,
+            tolerance=options.tolerance,
+            continuum_basis=None if basis is None else basis[rows[subset]],
+        )
+
+    fit = gauss_newton(np.arange(rows.size), weight, shift_init, x_init)
+    if options.outlier_clip is not None:
+        clipped = _clip_outliers(fit, options.outlier_clip)
+        changed = np.flatnonzero(np.any(clipped != fit.weight, axis=1))
+        if changed.size:  # only the spectra that lost pixels are fitted again, from their solution
+            fit.assign_rows(changed, gauss_newton(changed, clipped[changed], fit.s[changed], fit.x[changed]))
+    return fit
 
 
 def _clip_outliers(fit: _Fit, clip: float) -> np.ndarray:
@@ -440,8 +471,4 @@ def _refit_at_grid_edges(
         better = np.isfinite(refined.chisq) & (~np.isfinite(previous) | (refined.chisq < previous))
         if np.any(better):
             chosen = np.flatnonzero(better)
-            fits.keep(rows[chosen], g, _select(refined, chosen), mismatch[chosen])
-
-
-def _select(refined: RefinementResult, rows: np.ndarray) -> RefinementResult:
-    return RefinementResult(**{f.name: getattr(refined, f.name)[rows] for f in fields(RefinementResult)})
+            fits.keep(rows[chosen], g, refined.select(chosen), mismatch[chosen])
