@@ -20,14 +20,19 @@ its labels).
 from __future__ import annotations
 
 import enum
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from astra_provider.science.cannon import CannonResult
+from astra_provider.science.cannon.batching import (
+    chunk_slices,
+    resolve_thread_count,
+    run_chunks,
+    unpack_symmetric,
+)
+from astra_provider.science.labels import outside_training_range, reduced_chi_sq
 from astra_provider.science.payne.continuum_correction import (
     CorrectionBasis,
     correction_basis,
@@ -267,22 +272,12 @@ def fit(
             f"({describe_grid(model.wavelength)}); got {flux.shape} and {ivar.shape}"
         )
     n_spectra, n_labels = flux.shape[0], model.n_labels
-    if n_threads is None:
-        n_threads = min(
-            4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        )
     initial = None
     if initial_labels is not None:
         initial = np.broadcast_to(model.scale_labels(initial_labels), (n_spectra, n_labels))
     iu, iv = _pairs(model.n_features)
     theta_pairs = model.theta[:, iu] * model.theta[:, iv]
-    correction = None
-    if continuum_correction:
-        deg = int(model.metadata.get("continuum_deg", 3)) if correction_deg is None else int(correction_deg)
-        length_scale = float(model.metadata.get("continuum_length_scale", 1400.0))
-        correction = correction_basis(model.wavelength, correction_regions, deg, length_scale)
-        if correction.n_coefficients == 0:  # no region on the model's grid
-            correction = None
+    correction = _correction(model, correction_deg, correction_regions) if continuum_correction else None
     options = _Options(
         correction=correction,
         initial=initial,
@@ -292,16 +287,7 @@ def fit(
         max_iterations=max_iterations,
         tol=tol,
     )
-    out = {
-        "labels": np.full((n_spectra, n_labels), np.nan),
-        "covariance": np.full((n_spectra, n_labels, n_labels), np.nan),
-        "chi_sq": np.full(n_spectra, np.nan),
-        "n_used": np.zeros(n_spectra, dtype=int),
-        "snr": np.full(n_spectra, np.nan),
-        "flags": np.zeros(n_spectra, dtype=np.int64),
-        "n_iter": np.zeros(n_spectra, dtype=int),
-        "start_index": np.full(n_spectra, -1, dtype=int),
-    }
+    out = _allocate_outputs(n_spectra, n_labels)
 
     def fit_rows(rows: slice) -> None:
         statistics = _statistics(model, flux[rows], ivar[rows], theta_pairs)
@@ -312,18 +298,36 @@ def fit(
         if ok.any():
             _fit_chunk(model, index[ok], statistics.select(ok), options, out)
 
-    chunks = [slice(i, min(i + star_chunk_size, n_spectra)) for i in range(0, n_spectra, star_chunk_size)]
-    # Chunks write disjoint rows of ``out``; numpy releases the GIL in the array work, so chunks run
-    # concurrently on n_threads cores, each with one BLAS thread (small products; see training.train).
+    # Chunks write disjoint rows of ``out`` and run concurrently on n_threads cores, each with one BLAS
+    # thread (small products; see training.train).
     with threadpool_limits(limits=1, user_api="blas"):
-        if n_threads > 1 and len(chunks) > 1:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                list(pool.map(fit_rows, chunks))
-        else:
-            for chunk in chunks:
-                fit_rows(chunk)
+        run_chunks(fit_rows, chunk_slices(n_spectra, star_chunk_size), resolve_thread_count(n_threads))
     n_coefficients = 0 if correction is None else correction.n_coefficients
     return _result(model, out, max_reduced_chi_sq, scale_uncertainties, n_coefficients)
+
+
+def _correction(
+    model: PayneModel, deg: int | None, regions: tuple[tuple[float, float], ...]
+) -> CorrectionBasis | None:
+    """The continuum-correction basis of :func:`fit` (``None`` if no region lies on the model's grid)."""
+    deg = int(model.metadata.get("continuum_deg", 3)) if deg is None else int(deg)
+    length_scale = float(model.metadata.get("continuum_length_scale", 1400.0))
+    correction = correction_basis(model.wavelength, regions, deg, length_scale)
+    return correction if correction.n_coefficients else None
+
+
+def _allocate_outputs(n_spectra: int, n_labels: int) -> dict[str, np.ndarray]:
+    """The per-spectrum outputs of :func:`fit`, as for spectra without usable pixels."""
+    return {
+        "labels": np.full((n_spectra, n_labels), np.nan),
+        "covariance": np.full((n_spectra, n_labels, n_labels), np.nan),
+        "chi_sq": np.full(n_spectra, np.nan),
+        "n_used": np.zeros(n_spectra, dtype=int),
+        "snr": np.full(n_spectra, np.nan),
+        "flags": np.zeros(n_spectra, dtype=np.int64),
+        "n_iter": np.zeros(n_spectra, dtype=int),
+        "start_index": np.full(n_spectra, -1, dtype=int),
+    }
 
 
 @dataclass(frozen=True)
@@ -359,11 +363,8 @@ def _statistics(
     scaled += 1.0
     weight /= scaled  # ivar / (1 + ivar s2)
     del scaled
-    m_upper = weight @ theta_pairs
     iu, iv = _pairs(model.n_features)
-    m = np.empty((len(flux), model.n_features, model.n_features))
-    m[:, iu, iv] = m_upper
-    m[:, iv, iu] = m_upper
+    m = unpack_symmetric(weight @ theta_pairs, model.n_features, iu, iv)
     weight_y = weight * y
     c, k = weight_y @ model.theta, np.einsum("sp,sp->s", weight_y, y)
     return _Statistics(m, c, k, n_used, snr, weight, y)
@@ -456,20 +457,18 @@ def _result(
     n_coefficients: int,
 ) -> PayneResult:
     labels, flags = out["labels"], out["flags"]
-    dof = out["n_used"] - model.n_labels - n_coefficients
-    with np.errstate(divide="ignore", invalid="ignore"):
-        reduced = np.where(dof > 0, out["chi_sq"] / np.where(dof > 0, dof, 1), np.nan)
+    reduced = reduced_chi_sq(out["chi_sq"], out["n_used"], model.n_labels + n_coefficients)
     covariance = out["covariance"] * reduced[:, None, None] if scale_uncertainties else out["covariance"]
     levels = list(model.percentile_levels)
     low = model.training_label_percentiles[levels.index(0.5)] if 0.5 in levels else model.training_label_min
     high = (
         model.training_label_percentiles[levels.index(99.5)] if 99.5 in levels else model.training_label_max
     )
+    flags[outside_training_range(labels, model.training_label_min, model.training_label_max)] |= (
+        PayneFlag.OUTSIDE_TRAINING_RANGE
+    )
+    flags[outside_training_range(labels, low, high)] |= PayneFlag.NEAR_TRAINING_EDGE
     with np.errstate(invalid="ignore"):
-        outside = np.any((labels < model.training_label_min) | (labels > model.training_label_max), axis=1)
-        near_edge = np.any((labels < low) | (labels > high), axis=1)
-        flags[outside] |= PayneFlag.OUTSIDE_TRAINING_RANGE
-        flags[near_edge] |= PayneFlag.NEAR_TRAINING_EDGE
         flags[reduced > max_reduced_chi_sq] |= PayneFlag.HIGH_REDUCED_CHI_SQ
     return PayneResult(
         label_names=model.label_names,
