@@ -86,14 +86,15 @@ def profile_statistics(
         w_f = weight[:, pixels]
         if reference_flux is not None:
             w_f = w_f * reference_flux[:, pixels]
-        theta_block = theta[pixels]
-        for q in range(values.shape[1]):
-            g[:, start + q] = (w_f * values[:, q]) @ theta_block
+        n_block = values.shape[1]
+        # G for the whole block in one GEMM against the products B[p, q] theta[p, d] (P_r, Q_r D).
+        basis_theta = (values[:, :, None] * theta[pixels][:, None, :]).reshape(len(pixels), -1)
+        g[:, block] = (w_f @ basis_theta).reshape(n_spectra, n_block, n_features)
         h[:, block] = (w_f * y[:, pixels]) @ values
         w_ff = w_f if reference_flux is None else w_f * reference_flux[:, pixels]
         products = values[:, :, None] * values[:, None, :]
         normal[:, block, block] = (w_ff @ products.reshape(len(pixels), -1)).reshape(
-            n_spectra, values.shape[1], values.shape[1]
+            n_spectra, n_block, n_block
         )
         start = block.stop
     # Coefficients without usable pixels (a region fully masked) have zero rows in N, G and h: a unit

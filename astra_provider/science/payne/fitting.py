@@ -12,9 +12,8 @@ chi-squared wins. The optimisation runs in scaled labels inside the training ran
 ``bound_margin`` scales.
 
 Continuum correction (default on): a multiplicative Sinusoidal correction per continuum region is fitted
-jointly with the labels, its coefficients eliminated in closed form (:mod:`.continuum_correction`). A first
-pass linearises it about a flat model flux (all starts), a second about the first pass's model flux (from
-its labels).
+jointly with the labels, its coefficients eliminated in closed form (:mod:`.continuum_correction`),
+linearised about the model flux of the best start label.
 """
 
 from __future__ import annotations
@@ -392,23 +391,19 @@ def _fit_chunk(
 ) -> None:
     """Fit the spectra ``rows`` (all with usable pixels) from their statistics; write into ``out``."""
     m, c, k = statistics.m, statistics.c, statistics.k
-    correction = options.correction
-    if correction is not None:  # first pass: the correction linearised about a flat model flux
-        m, c, k = profile_statistics(correction, model.theta, statistics.weight, statistics.y, m, c, k)
+    if options.correction is not None:
+        # The correction linearised about the model flux at the best start label of the uncorrected
+        # chi-squared (its error, correction times model difference, is second order), then profiled out.
+        starts, _ = _choose_starts(model, m, c, 1)
+        reference_flux = model.network.features(starts[0]) @ model.theta.T
+        m, c, k = profile_statistics(
+            options.correction, model.theta, statistics.weight, statistics.y, m, c, k, reference_flux
+        )
     starts, _ = _choose_starts(model, m, c, options.n_starts)
     if options.initial is not None:
         extra = options.initial[rows]
         starts = np.concatenate([starts, np.where(np.isfinite(extra), extra, 0.0)[None]], axis=0)
     x_best, chi_best, converged, iterations, best = _refine(model, m, c, k, starts, options)
-    if correction is not None:  # second pass: linearised about the first pass's model flux, from its labels
-        x_start = np.where(np.isfinite(x_best), x_best, 0.0)
-        reference_flux = model.network.features(x_start) @ model.theta.T
-        m, c, k = profile_statistics(
-            correction, model.theta, statistics.weight, statistics.y, statistics.m, statistics.c,
-            statistics.k, reference_flux,
-        )  # fmt: skip
-        x_best, chi_best, converged, more_iterations, _ = _refine(model, m, c, k, x_start[None], options)
-        iterations = iterations + more_iterations
     covariance, singular = _covariance(model.network, x_best, m)
     failed = ~converged | singular | ~np.all(np.isfinite(x_best), axis=1) | ~np.isfinite(chi_best)
     out["labels"][rows] = model.unscale_labels(x_best)
