@@ -24,7 +24,9 @@ What it does (one run prints everything, with the load average):
      settings; continuum pixels derived from the training set as for The Cannon), ``SinusoidalContinuum``
      with the Payne model's pixels, ``TestThePayne``;
    - ``payne-truth``: the same Payne (``science.payne.train`` / ``fit``, default settings) on
-     truth-normalised spectra.
+     truth-normalised spectra;
+   - ``payne-truth-uncorrected``: the same without the test step's joint continuum correction
+     (``fit(..., continuum_correction=False)``): the known-continuum reference.
 
    Another label method is one more entry in :data:`METHODS`.
 3. Prints per label and S/N: bias, scatter (std), the rms Cramér–Rao bound and scatter/bound for every
@@ -156,12 +158,26 @@ def run_payne_truth_continuum(survey, scratch: Path) -> MethodResult:
     return run_truth_continuum(survey, train, fit)
 
 
+def run_payne_truth_uncorrected(survey, scratch: Path) -> MethodResult:
+    """The same on truth-normalised spectra, without the test step's joint continuum correction."""
+    from functools import partial
+
+    from astra_provider.science.payne import fit, train
+
+    return run_truth_continuum(survey, train, partial(fit, continuum_correction=False))
+
+
 #: (name, description, function) of every method in the table. The first two define the continuum ratio.
 METHODS: list[tuple[str, str, Callable]] = [
     ("cannon", "The Cannon, tasks, data-driven continuum pixels", run_cannon_tasks),
     ("cannon-truth", "same quadratic Cannon, truth-normalised spectra", run_cannon_truth_continuum),
     ("payne", "The Payne, tasks, data-driven continuum pixels", run_payne_tasks),
     ("payne-truth", "same Payne, truth-normalised spectra", run_payne_truth_continuum),
+    (
+        "payne-truth-uncorrected",
+        "same Payne, truth-normalised spectra, no joint continuum correction",
+        run_payne_truth_uncorrected,
+    ),
 ]
 
 

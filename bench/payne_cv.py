@@ -4,16 +4,17 @@
 Usage::
 
     .venv/bin/python bench/payne_cv.py TRAINING_TABLE [--hidden 64,9 64,19 128,19] [--holdout 5]
-        [--tolerance 0.002 0.005]
+        [--tolerance 0.002 0.005] [--correction default off 0 1 2 3]
 
 Reads the training table and its spectra the way ``TrainThePayne`` does
 (:func:`astra_provider.contrib.label_tasks.read_training_set`: continuum pixels derived from the training
 set with each ``--tolerance`` of the pixel criterion, Sinusoidal normalisation), holds out every
 ``--holdout``-th star, trains one emulator per ``--hidden`` setting on the others and fits the held-out
 stars. Prints per setting the training time and the bias and scatter of the held-out labels against their
-*training-table* labels, with the load average. At the training S/N that scatter is the emulator's error
-plus the effect of each held-out spectrum's continuum noise. (The continuum pixels are derived from all the
-training stars, held-out ones included.)
+*training-table* labels, with the load average; per ``--correction`` setting of the test step's joint
+continuum correction (``default``, ``off``, or its degree). At the training S/N that scatter is the
+emulator's error plus the effect of each held-out spectrum's continuum noise. (The continuum pixels are
+derived from all the training stars, held-out ones included.)
 """
 
 from __future__ import annotations
@@ -44,15 +45,26 @@ def _cross_validate(training, hidden: tuple[int, ...], args) -> None:
         max_iterations=args.max_iterations,
     )
     seconds = time.perf_counter() - started
-    residual = fit(model, training.flux[held], training.ivar[held]).labels - training.labels[held]
-    cells = ", ".join(
-        f"{name} {np.nanmean(residual[:, k]):+.4g} ± {np.nanstd(residual[:, k]):.4g}"
-        for k, name in enumerate(NAMED_LABELS)
-    )
-    print(
-        f"  hidden {hidden}: {int((~held).sum())} trained, {int(held.sum())} held out; "
-        f"train {seconds:.0f} s; held-out bias ± scatter: {cells}"
-    )
+    n_held = int(held.sum())
+    print(f"  hidden {hidden}: {held.size - n_held} trained, {n_held} held out; train {seconds:.0f} s")
+    for correction in args.correction:
+        settings = _correction_settings(correction)
+        result = fit(model, training.flux[held], training.ivar[held], **settings)
+        residual = result.labels - training.labels[held]
+        cells = ", ".join(
+            f"{name} {np.nanmean(residual[:, k]):+.4g} ± {np.nanstd(residual[:, k]):.4g}"
+            for k, name in enumerate(NAMED_LABELS)
+        )
+        print(f"    correction {correction}: held-out bias ± scatter: {cells}")
+
+
+def _correction_settings(correction: str) -> dict:
+    """``fit`` keywords of a ``--correction`` value: ``default``, ``off`` or a degree."""
+    if correction == "default":
+        return {}
+    if correction == "off":
+        return {"continuum_correction": False}
+    return {"correction_deg": int(correction)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout", type=int, default=5, help="hold out every N-th star")
     parser.add_argument("--max-iterations", type=int, default=2000)
     parser.add_argument("--tolerance", type=float, nargs="+", default=[0.005], help="pixel criterion")
+    parser.add_argument("--correction", nargs="+", default=["default"], help="default, off, or a degree")
     args = parser.parse_args(argv)
     from astra_provider.contrib.label_tasks import NAMED_LABELS, read_training_set
 

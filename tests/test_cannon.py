@@ -20,6 +20,7 @@ from astra_provider.science.cannon import (
     polynomial_terms,
     train,
 )
+from astra_provider.science.labels import COMMON_MODEL_ARRAYS
 
 NAMES = ("teff", "logg", "fe_h")
 
@@ -379,17 +380,7 @@ def test_save_load_round_trip(world_model: CannonModel, tmp_path: Path, suffix: 
     model.metadata["note"] = {"purpose": "round trip", "value": np.float64(1.5)}
     path = model.save(tmp_path / f"model{suffix}")
     loaded = CannonModel.load(path)
-    for name in (
-        "offsets",
-        "scales",
-        "theta",
-        "s2",
-        "wavelength",
-        "pixel_mask",
-        "training_label_min",
-        "training_label_max",
-        "training_label_percentiles",
-    ):
+    for name in set(COMMON_MODEL_ARRAYS) & set(vars(model)) - {"label_names", "metadata_json"}:
         np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name), err_msg=name)
     assert loaded.label_names == model.label_names and loaded.terms == model.terms
     assert loaded.percentile_levels == model.percentile_levels

@@ -246,11 +246,13 @@ def normalized_input_check(model, model_path: str) -> Callable[[str, Spectrum], 
     return check
 
 
-def fit_normalized_inputs(instance: TaskInstance, model, model_path: str, fit: Callable, table) -> list:
+def fit_normalized_inputs(
+    instance: TaskInstance, model, model_path: str, fit: Callable, table, **fit_settings: Any
+) -> list:
     """The test step of a label model: read the first row of every task's normalised spectra (checked with
-    :func:`normalized_input_check`), fit them in one batch with ``fit(model, flux, ivar)`` (a result with
-    ``columns()``), record one ``table`` row per task, and return per task its labels (``None`` for a task
-    that failed)."""
+    :func:`normalized_input_check`), fit them in one batch with ``fit(model, flux, ivar, **fit_settings)``
+    (a result with ``columns()``), record one ``table`` row per task, and return per task its labels
+    (``None`` for a task that failed)."""
     import numpy as np
 
     from astra_provider.contrib.continuum import read_normalized_inputs
@@ -262,6 +264,7 @@ def fit_normalized_inputs(instance: TaskInstance, model, model_path: str, fit: C
         model,
         np.concatenate([spectrum.flux for _, _, spectrum in inputs]),
         np.concatenate([spectrum.ivar for _, _, spectrum in inputs]),
+        **fit_settings,
     )
     columns = {name: np.asarray(column).tolist() for name, column in result.columns().items()}
     named_columns = {c.name for c in table.__table__.columns} - {"labels", "row_index"}

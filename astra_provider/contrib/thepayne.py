@@ -89,6 +89,18 @@ class TestThePayne(TaskInstance):
     __test__ = False  # not a pytest test class
 
     model_path = Parameter(bundled=True, description="A model written by TrainThePayne.")
+    continuum_correction = Parameter(
+        default=True,
+        type=bool,
+        bundled=True,
+        description="Fit a multiplicative Sinusoidal continuum correction per region with the labels.",
+    )
+    correction_deg = Parameter(
+        default=None,
+        type=int,
+        bundled=True,
+        description="Degree of the continuum correction (default: that of the training spectra's continuum).",
+    )
 
     def pre_execute(self):
         from astra_provider.science.payne import PayneModel
@@ -98,4 +110,8 @@ class TestThePayne(TaskInstance):
     def execute(self):
         from astra_provider.science.payne import fit
 
-        return fit_normalized_inputs(self, self.model, self.model_path, fit, ThePayne)
+        settings = {
+            "continuum_correction": bool(self.continuum_correction),
+            "correction_deg": self.correction_deg,
+        }
+        return fit_normalized_inputs(self, self.model, self.model_path, fit, ThePayne, **settings)

@@ -20,6 +20,7 @@ from astra_provider.science.cannon.batching import (
 )
 from astra_provider.science.cannon.model import CannonFlag, CannonModel
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer
+from astra_provider.science.labels import outside_training_range, reduced_chi_sq
 
 __all__ = ["CannonResult", "CannonFitState", "fit"]
 
@@ -395,16 +396,12 @@ class CannonFitState:
     def result(self, *, max_reduced_chi_sq: float, scale_uncertainties: bool) -> CannonResult:
         """The result of all chunks, with reduced chi-squared, range and chi-squared flags."""
         model = self.model
-        with np.errstate(divide="ignore", invalid="ignore"):
-            dof = self.n_used - model.n_labels
-            reduced = np.where(dof > 0, self.chi_sq / np.where(dof > 0, dof, 1), np.nan)
+        reduced = reduced_chi_sq(self.chi_sq, self.n_used, model.n_labels)
         covariance = self.covariance * reduced[:, None, None] if scale_uncertainties else self.covariance
         flags, labels = self.flags, self.labels
+        outside = outside_training_range(labels, model.training_label_min, model.training_label_max)
+        flags[outside] |= CannonFlag.OUTSIDE_TRAINING_RANGE
         with np.errstate(invalid="ignore"):
-            outside = np.any(
-                (labels < model.training_label_min) | (labels > model.training_label_max), axis=1
-            )
-            flags[outside] |= CannonFlag.OUTSIDE_TRAINING_RANGE
             flags[reduced > max_reduced_chi_sq] |= CannonFlag.HIGH_REDUCED_CHI_SQ
         return CannonResult(
             label_names=model.label_names,

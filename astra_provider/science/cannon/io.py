@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from astra_provider.science.labels import COMMON_MODEL_ARRAYS, common_model_arrays
+
 if TYPE_CHECKING:
     from astra_provider.science.cannon.model import CannonModel
 
@@ -36,35 +38,9 @@ FORMAT_VERSION = 2
 #: Arrays a file may lack (older format versions): the model field is then ``None``.
 OPTIONAL_ARRAYS = ("continuum_pixels",)
 #: The arrays of a model file (npz members; FITS HDUs and columns map onto the same names).
-REQUIRED_ARRAYS = (
-    "kind",
-    "format_version",
-    "label_names",
-    "terms",
-    "offsets",
-    "scales",
-    "theta",
-    "s2",
-    "wavelength",
-    "pixel_mask",
-    "training_label_min",
-    "training_label_max",
-    "training_label_percentile_levels",
-    "training_label_percentiles",
-    "n_training",
-    "regularization",
-    "metadata_json",
-)
+REQUIRED_ARRAYS = (*COMMON_MODEL_ARRAYS, "terms", "regularization")
 _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
 _FITS_HDUS = ("THETA", "PIXELS", "LABELS", "PERCENTILE_LEVELS", "TERMS", "METADATA")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic | np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON-serialisable")
 
 
 def cannon_model_arrays(model: CannonModel) -> dict[str, np.ndarray]:
@@ -72,31 +48,9 @@ def cannon_model_arrays(model: CannonModel) -> dict[str, np.ndarray]:
 
     :raises ValueError: if the metadata is not JSON-serialisable.
     """
-    try:
-        metadata_json = json.dumps(model.metadata, default=_json_default, sort_keys=True)
-    except TypeError as exc:
-        raise ValueError(f"cannot save CannonModel metadata: {exc}") from None
-    arrays = {
-        "kind": np.array(MODEL_KIND),
-        "format_version": np.array(FORMAT_VERSION),
-        "label_names": np.array(model.label_names, dtype=str),
-        "terms": np.array(model.terms, dtype=str),
-        "offsets": model.offsets,
-        "scales": model.scales,
-        "theta": model.theta,
-        "s2": model.s2,
-        "wavelength": model.wavelength,
-        "pixel_mask": model.pixel_mask,
-        "training_label_min": model.training_label_min,
-        "training_label_max": model.training_label_max,
-        "training_label_percentile_levels": np.array(model.percentile_levels, dtype=np.float64),
-        "training_label_percentiles": model.training_label_percentiles,
-        "n_training": np.array(model.n_training),
-        "regularization": np.atleast_1d(np.asarray(model.regularization, dtype=np.float64)),
-        "metadata_json": np.array(metadata_json),
-    }
-    if model.continuum_pixels is not None:
-        arrays["continuum_pixels"] = model.continuum_pixels
+    arrays = common_model_arrays(model, MODEL_KIND, FORMAT_VERSION)
+    arrays["terms"] = np.array(model.terms, dtype=str)
+    arrays["regularization"] = np.atleast_1d(np.asarray(model.regularization, dtype=np.float64))
     return arrays
 
 

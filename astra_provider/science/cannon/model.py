@@ -12,6 +12,7 @@ import numpy as np
 
 from astra_provider.science.cannon.io import cannon_model_fields, read_cannon_model_arrays, write_cannon_model
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer, validate_label_names
+from astra_provider.science.labels import LabelScaling
 
 __all__ = [
     "PERCENTILE_LEVELS",
@@ -57,7 +58,7 @@ def label_offsets_and_scales(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 @dataclass(eq=False)
-class CannonModel:
+class CannonModel(LabelScaling):
     """A trained Cannon model.
 
     ``theta`` (P, D) are the coefficients of ``terms`` in *scaled* labels ``(label - offsets) / scales``.
@@ -161,22 +162,6 @@ class CannonModel:
     def n_pixels(self) -> int:
         """Number of pixels P."""
         return self.theta.shape[0]
-
-    def scale_labels(self, labels: np.ndarray) -> np.ndarray:
-        """Physical labels (..., K) -> scaled labels."""
-        return (np.asarray(labels, dtype=np.float64) - self.offsets) / self.scales
-
-    def unscale_labels(self, x: np.ndarray) -> np.ndarray:
-        """Scaled labels (..., K) -> physical labels."""
-        return np.asarray(x, dtype=np.float64) * self.scales + self.offsets
-
-    def _labels_2d(self, labels: np.ndarray) -> tuple[np.ndarray, bool]:
-        labels = np.asarray(labels, dtype=np.float64)
-        single = labels.ndim == 1
-        labels = np.atleast_2d(labels)
-        if labels.ndim != 2 or labels.shape[1] != self.n_labels:
-            raise ValueError(f"expected labels of shape (N, {self.n_labels}) or ({self.n_labels},)")
-        return labels, single
 
     @property
     def continuum_pixels_id(self) -> str:

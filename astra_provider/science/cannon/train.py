@@ -30,6 +30,7 @@ from astra_provider.science.cannon.solvers import (
     update_scatter,
 )
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer, validate_label_names
+from astra_provider.science.labels import training_label_summary
 
 __all__ = ["TrainingSettings", "CannonTrainingState", "train"]
 
@@ -319,10 +320,7 @@ def train(
         s2=state.s2,
         wavelength=wavelength,
         pixel_mask=state.pixel_mask,
-        training_label_min=labels.min(axis=0),
-        training_label_max=labels.max(axis=0),
-        training_label_percentiles=np.percentile(labels, PERCENTILE_LEVELS, axis=0),
-        n_training=n_stars,
+        **training_label_summary(labels, PERCENTILE_LEVELS),
         regularization=float(penalty[0]) if np.ndim(regularization) == 0 else penalty.copy(),
         metadata=_training_metadata(settings, metadata),
         continuum_pixels=continuum_pixels,

@@ -10,21 +10,36 @@ Starts: chi-squared is evaluated at the model's ``start_labels`` (a spread-out s
 labels) and the ``n_starts`` best distinct ones (plus ``initial_labels`` if given) are refined; the lowest
 chi-squared wins. The optimisation runs in scaled labels inside the training range widened by
 ``bound_margin`` scales.
+
+Continuum correction (default on): a multiplicative Sinusoidal correction per continuum region is fitted
+jointly with the labels, its coefficients eliminated in closed form (:mod:`.continuum_correction`),
+linearised about the model flux of the best start label.
 """
 
 from __future__ import annotations
 
 import enum
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from astra_provider.science.cannon import CannonResult
+from astra_provider.science.cannon.batching import (
+    chunk_slices,
+    resolve_thread_count,
+    run_chunks,
+    unpack_symmetric,
+)
+from astra_provider.science.labels import outside_training_range, reduced_chi_sq
+from astra_provider.science.payne.continuum_correction import (
+    CorrectionBasis,
+    correction_basis,
+    profile_statistics,
+)
 from astra_provider.science.payne.model import PayneModel, describe_grid
 from astra_provider.science.payne.network import Network
+from astra_provider.sdss.apogee import APOGEE_REGIONS_AA
 
 __all__ = ["PayneFlag", "PayneResult", "check_wavelength", "fit"]
 
@@ -182,12 +197,13 @@ def _covariance(network: Network, x: np.ndarray, m: np.ndarray) -> tuple[np.ndar
 
 
 def _choose_starts(
-    model: PayneModel, m_upper: np.ndarray, c: np.ndarray, n_starts: int
+    model: PayneModel, m: np.ndarray, c: np.ndarray, n_starts: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``n_starts`` start labels (scaled) of lowest chi-squared per spectrum: (n_starts, S, K), ranks."""
     start_x = model.scale_labels(model.start_labels)
     start_a = model.network.features(start_x)
     iu, iv = _pairs(model.n_features)
+    m_upper = m[:, iu, iv]
     # a^T M a over the stored upper triangle: off-diagonal products count twice.
     start_pairs = start_a[:, iu] * start_a[:, iv] * np.where(iu == iv, 1.0, 2.0)
     chi_minus_k = m_upper @ start_pairs.T - 2.0 * (c @ start_a.T)  # (S, C)
@@ -213,6 +229,9 @@ def fit(
     scale_uncertainties: bool = False,
     star_chunk_size: int = 256,
     n_threads: int | None = None,
+    continuum_correction: bool = True,
+    correction_deg: int | None = None,
+    correction_regions: tuple[tuple[float, float], ...] = APOGEE_REGIONS_AA,
 ) -> PayneResult:
     """Fit labels to continuum-normalised spectra (S, P) with a trained Payne model, batched across stars.
 
@@ -231,7 +250,14 @@ def fit(
     :param star_chunk_size: spectra processed at once (bounds the memory of the per-spectrum statistics).
     :param n_threads: chunks fitted concurrently (default: the CPUs available to this process, at most 4);
         the results do not depend on it.
-    :returns: a :class:`PayneResult`; ``reduced_chi_sq`` is chi2 / (n_pixels_used - K) and ``snr`` the median
+    :param continuum_correction: fit a multiplicative Sinusoidal continuum correction per region jointly
+        with the labels (:mod:`.continuum_correction`); its coefficients are marginalised in the covariance.
+    :param correction_deg: its degree (2·deg+1 coefficients per region); default: the degree of the
+        pseudo-continuum the model's training spectra were normalised with (``continuum_deg`` in its
+        metadata, else 3), whose noise the correction absorbs. Its period is ``continuum_length_scale``.
+    :param correction_regions: closed wavelength intervals (Å), one correction each (the continuum regions).
+    :returns: a :class:`PayneResult`; ``reduced_chi_sq`` is chi2 / (n_pixels_used - K - Q) (Q correction
+        coefficients, 0 without correction) and ``snr`` the median
         of flux * sqrt(ivar) over the used pixels. A spectrum without usable pixels gets NaN labels and
         :attr:`PayneFlag.NO_USABLE_PIXELS` instead of failing the batch.
     :raises ValueError: if the spectra do not match the model's wavelength grid or shapes.
@@ -245,16 +271,14 @@ def fit(
             f"({describe_grid(model.wavelength)}); got {flux.shape} and {ivar.shape}"
         )
     n_spectra, n_labels = flux.shape[0], model.n_labels
-    if n_threads is None:
-        n_threads = min(
-            4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        )
     initial = None
     if initial_labels is not None:
         initial = np.broadcast_to(model.scale_labels(initial_labels), (n_spectra, n_labels))
     iu, iv = _pairs(model.n_features)
     theta_pairs = model.theta[:, iu] * model.theta[:, iv]
+    correction = _correction(model, correction_deg, correction_regions) if continuum_correction else None
     options = _Options(
+        correction=correction,
         initial=initial,
         n_starts=n_starts,
         lower=model.scale_labels(model.training_label_min) - bound_margin,
@@ -262,7 +286,38 @@ def fit(
         max_iterations=max_iterations,
         tol=tol,
     )
-    out = {
+    out = _allocate_outputs(n_spectra, n_labels)
+
+    def fit_rows(rows: slice) -> None:
+        statistics = _statistics(model, flux[rows], ivar[rows], theta_pairs)
+        index = np.arange(rows.start, rows.stop)
+        out["n_used"][rows], out["snr"][rows] = statistics.n_used, statistics.snr
+        ok = statistics.n_used > n_labels
+        out["flags"][index[~ok]] |= PayneFlag.NO_USABLE_PIXELS
+        if ok.any():
+            _fit_chunk(model, index[ok], statistics.select(ok), options, out)
+
+    # Chunks write disjoint rows of ``out`` and run concurrently on n_threads cores, each with one BLAS
+    # thread (small products; see training.train).
+    with threadpool_limits(limits=1, user_api="blas"):
+        run_chunks(fit_rows, chunk_slices(n_spectra, star_chunk_size), resolve_thread_count(n_threads))
+    n_coefficients = 0 if correction is None else correction.n_coefficients
+    return _result(model, out, max_reduced_chi_sq, scale_uncertainties, n_coefficients)
+
+
+def _correction(
+    model: PayneModel, deg: int | None, regions: tuple[tuple[float, float], ...]
+) -> CorrectionBasis | None:
+    """The continuum-correction basis of :func:`fit` (``None`` if no region lies on the model's grid)."""
+    deg = int(model.metadata.get("continuum_deg", 3)) if deg is None else int(deg)
+    length_scale = float(model.metadata.get("continuum_length_scale", 1400.0))
+    correction = correction_basis(model.wavelength, regions, deg, length_scale)
+    return correction if correction.n_coefficients else None
+
+
+def _allocate_outputs(n_spectra: int, n_labels: int) -> dict[str, np.ndarray]:
+    """The per-spectrum outputs of :func:`fit`, as for spectra without usable pixels."""
+    return {
         "labels": np.full((n_spectra, n_labels), np.nan),
         "covariance": np.full((n_spectra, n_labels, n_labels), np.nan),
         "chi_sq": np.full(n_spectra, np.nan),
@@ -273,32 +328,28 @@ def fit(
         "start_index": np.full(n_spectra, -1, dtype=int),
     }
 
-    def fit_rows(rows: slice) -> None:
-        m_upper, c, k, n_used, snr = _statistics(model, flux[rows], ivar[rows], theta_pairs)
-        index = np.arange(rows.start, rows.stop)
-        out["n_used"][rows], out["snr"][rows] = n_used, snr
-        ok = n_used > n_labels
-        out["flags"][index[~ok]] |= PayneFlag.NO_USABLE_PIXELS
-        if ok.any():
-            _fit_chunk(model, index[ok], m_upper[ok], c[ok], k[ok], options, out)
 
-    chunks = [slice(i, min(i + star_chunk_size, n_spectra)) for i in range(0, n_spectra, star_chunk_size)]
-    # Chunks write disjoint rows of ``out``; numpy releases the GIL in the array work, so chunks run
-    # concurrently on n_threads cores, each with one BLAS thread (small products; see training.train).
-    with threadpool_limits(limits=1, user_api="blas"):
-        if n_threads > 1 and len(chunks) > 1:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                list(pool.map(fit_rows, chunks))
-        else:
-            for chunk in chunks:
-                fit_rows(chunk)
-    return _result(model, out, max_reduced_chi_sq, scale_uncertainties)
+@dataclass(frozen=True)
+class _Statistics:
+    """Per-spectrum ``M`` (S, D, D), ``c`` (S, D), ``k`` (S,), pixels used, S/N, and the weights ``W`` and
+    flux ``y`` (S, P; 0 at unusable pixels) that the continuum correction needs."""
+
+    m: np.ndarray
+    c: np.ndarray
+    k: np.ndarray
+    n_used: np.ndarray
+    snr: np.ndarray
+    weight: np.ndarray
+    y: np.ndarray
+
+    def select(self, rows: np.ndarray) -> _Statistics:
+        return _Statistics(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
 
 
 def _statistics(
     model: PayneModel, flux: np.ndarray, ivar: np.ndarray, theta_pairs: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-spectrum ``M`` (upper triangles, (S, D(D+1)/2)), ``c`` (S, D), ``k`` (S,), pixels used, S/N."""
+) -> _Statistics:
+    """The :class:`_Statistics` of spectra ``flux``, ``ivar`` (S, P)."""
     usable = np.isfinite(flux)
     usable &= ivar > 0
     usable &= ivar < np.inf
@@ -311,15 +362,18 @@ def _statistics(
     scaled += 1.0
     weight /= scaled  # ivar / (1 + ivar s2)
     del scaled
-    m_upper = weight @ theta_pairs
-    weight *= y  # now W y
-    return m_upper, weight @ model.theta, np.einsum("sp,sp->s", weight, y), n_used, snr
+    iu, iv = _pairs(model.n_features)
+    m = unpack_symmetric(weight @ theta_pairs, model.n_features, iu, iv)
+    weight_y = weight * y
+    c, k = weight_y @ model.theta, np.einsum("sp,sp->s", weight_y, y)
+    return _Statistics(m, c, k, n_used, snr, weight, y)
 
 
 @dataclass(frozen=True)
 class _Options:
     """Test-step settings shared by all chunks (see :func:`fit`); labels in scaled units."""
 
+    correction: CorrectionBasis | None
     initial: np.ndarray | None
     n_starts: int
     lower: np.ndarray
@@ -331,23 +385,41 @@ class _Options:
 def _fit_chunk(
     model: PayneModel,
     rows: np.ndarray,
-    m_upper: np.ndarray,
-    c: np.ndarray,
-    k: np.ndarray,
+    statistics: _Statistics,
     options: _Options,
     out: dict[str, np.ndarray],
 ) -> None:
     """Fit the spectra ``rows`` (all with usable pixels) from their statistics; write into ``out``."""
-    n_features = model.n_features
-    iu, iv = _pairs(n_features)
-    m = np.empty((len(rows), n_features, n_features))
-    m[:, iu, iv] = m_upper
-    m[:, iv, iu] = m_upper
-    starts, _ = _choose_starts(model, m_upper, c, options.n_starts)
+    m, c, k = statistics.m, statistics.c, statistics.k
+    if options.correction is not None:
+        # The correction linearised about the model flux at the best start label of the uncorrected
+        # chi-squared (its error, correction times model difference, is second order), then profiled out.
+        starts, _ = _choose_starts(model, m, c, 1)
+        reference_flux = model.network.features(starts[0]) @ model.theta.T
+        m, c, k = profile_statistics(
+            options.correction, model.theta, statistics.weight, statistics.y, m, c, k, reference_flux
+        )
+    starts, _ = _choose_starts(model, m, c, options.n_starts)
     if options.initial is not None:
         extra = options.initial[rows]
         starts = np.concatenate([starts, np.where(np.isfinite(extra), extra, 0.0)[None]], axis=0)
-    n_tries = starts.shape[0]
+    x_best, chi_best, converged, iterations, best = _refine(model, m, c, k, starts, options)
+    covariance, singular = _covariance(model.network, x_best, m)
+    failed = ~converged | singular | ~np.all(np.isfinite(x_best), axis=1) | ~np.isfinite(chi_best)
+    out["labels"][rows] = model.unscale_labels(x_best)
+    out["covariance"][rows] = covariance * np.outer(model.scales, model.scales)
+    out["chi_sq"][rows] = np.where(np.isfinite(chi_best), np.maximum(chi_best, 0.0), np.nan)
+    out["n_iter"][rows] = iterations
+    out["start_index"][rows] = best
+    out["flags"][rows[failed]] |= PayneFlag.FIT_FAILED
+
+
+def _refine(
+    model: PayneModel, m: np.ndarray, c: np.ndarray, k: np.ndarray, starts: np.ndarray, options: _Options
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt from every start (n_starts, S, K); per spectrum the lowest chi-squared:
+    labels (S, K), chi2, converged, iterations summed over the starts, and the winning start's index."""
+    n_tries, n_spectra = starts.shape[:2]
     x, chi, converged, iterations = _levenberg_marquardt(
         model.network,
         np.tile(m, (n_tries, 1, 1)),
@@ -359,44 +431,39 @@ def _fit_chunk(
         max_iterations=options.max_iterations,
         tol=options.tol,
     )
-    shape = (n_tries, len(rows))
+    shape = (n_tries, n_spectra)
     x, chi = x.reshape(shape + (model.n_labels,)), np.where(np.isfinite(chi), chi, np.inf).reshape(shape)
     best = np.argmin(chi, axis=0)
-    pick = np.arange(len(rows))
-    x_best, chi_best = x[best, pick], chi[best, pick]
-    covariance, singular = _covariance(model.network, x_best, m)
-    failed = (
-        ~converged.reshape(shape)[best, pick]
-        | singular
-        | ~np.all(np.isfinite(x_best), axis=1)
-        | ~np.isfinite(chi_best)
+    pick = np.arange(n_spectra)
+    return (
+        x[best, pick],
+        chi[best, pick],
+        converged.reshape(shape)[best, pick],
+        iterations.reshape(shape).sum(axis=0),
+        best,
     )
-    out["labels"][rows] = model.unscale_labels(x_best)
-    out["covariance"][rows] = covariance * np.outer(model.scales, model.scales)
-    out["chi_sq"][rows] = np.where(np.isfinite(chi_best), np.maximum(chi_best, 0.0), np.nan)
-    out["n_iter"][rows] = iterations.reshape(shape).sum(axis=0)
-    out["start_index"][rows] = best
-    out["flags"][rows[failed]] |= PayneFlag.FIT_FAILED
 
 
 def _result(
-    model: PayneModel, out: dict[str, np.ndarray], max_reduced_chi_sq: float, scale_uncertainties: bool
+    model: PayneModel,
+    out: dict[str, np.ndarray],
+    max_reduced_chi_sq: float,
+    scale_uncertainties: bool,
+    n_coefficients: int,
 ) -> PayneResult:
     labels, flags = out["labels"], out["flags"]
-    dof = out["n_used"] - model.n_labels
-    with np.errstate(divide="ignore", invalid="ignore"):
-        reduced = np.where(dof > 0, out["chi_sq"] / np.where(dof > 0, dof, 1), np.nan)
+    reduced = reduced_chi_sq(out["chi_sq"], out["n_used"], model.n_labels + n_coefficients)
     covariance = out["covariance"] * reduced[:, None, None] if scale_uncertainties else out["covariance"]
     levels = list(model.percentile_levels)
     low = model.training_label_percentiles[levels.index(0.5)] if 0.5 in levels else model.training_label_min
     high = (
         model.training_label_percentiles[levels.index(99.5)] if 99.5 in levels else model.training_label_max
     )
+    flags[outside_training_range(labels, model.training_label_min, model.training_label_max)] |= (
+        PayneFlag.OUTSIDE_TRAINING_RANGE
+    )
+    flags[outside_training_range(labels, low, high)] |= PayneFlag.NEAR_TRAINING_EDGE
     with np.errstate(invalid="ignore"):
-        outside = np.any((labels < model.training_label_min) | (labels > model.training_label_max), axis=1)
-        near_edge = np.any((labels < low) | (labels > high), axis=1)
-        flags[outside] |= PayneFlag.OUTSIDE_TRAINING_RANGE
-        flags[near_edge] |= PayneFlag.NEAR_TRAINING_EDGE
         flags[reduced > max_reduced_chi_sq] |= PayneFlag.HIGH_REDUCED_CHI_SQ
     return PayneResult(
         label_names=model.label_names,

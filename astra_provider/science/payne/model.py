@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from astra_provider.science.cannon import PERCENTILE_LEVELS
+from astra_provider.science.labels import COMMON_MODEL_ARRAYS, LabelScaling, common_model_arrays
 from astra_provider.science.payne.network import ACTIVATION, Network
 
 __all__ = ["FORMAT_VERSION", "MODEL_KIND", "PayneModel", "describe_grid"]
@@ -27,26 +28,7 @@ __all__ = ["FORMAT_VERSION", "MODEL_KIND", "PayneModel", "describe_grid"]
 MODEL_KIND = "astra_provider.science.payne.PayneModel"
 FORMAT_VERSION = 1
 
-_REQUIRED_ARRAYS = (
-    "kind",
-    "format_version",
-    "activation",
-    "label_names",
-    "offsets",
-    "scales",
-    "n_hidden_layers",
-    "theta",
-    "s2",
-    "wavelength",
-    "pixel_mask",
-    "training_label_min",
-    "training_label_max",
-    "training_label_percentile_levels",
-    "training_label_percentiles",
-    "start_labels",
-    "n_training",
-    "metadata_json",
-)
+_REQUIRED_ARRAYS = (*COMMON_MODEL_ARRAYS, "activation", "n_hidden_layers", "start_labels")
 
 
 def describe_grid(wavelength: np.ndarray) -> str:
@@ -57,16 +39,8 @@ def describe_grid(wavelength: np.ndarray) -> str:
     return f"{wavelength.size} px, {wavelength[0]:.3f}-{wavelength[-1]:.3f} Å"
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic | np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON-serialisable")
-
-
 @dataclass(eq=False)
-class PayneModel:
+class PayneModel(LabelScaling):
     """A trained Payne emulator.
 
     ``network`` maps scaled labels ``(label - offsets) / scales`` to the features ``a = [1, h_L]`` (D,);
@@ -165,22 +139,6 @@ class PayneModel:
 
         return continuum_pixel_set_id(model_continuum_pixels(self))
 
-    def scale_labels(self, labels: np.ndarray) -> np.ndarray:
-        """Physical labels (..., K) -> scaled labels."""
-        return (np.asarray(labels, dtype=np.float64) - self.offsets) / self.scales
-
-    def unscale_labels(self, x: np.ndarray) -> np.ndarray:
-        """Scaled labels (..., K) -> physical labels."""
-        return np.asarray(x, dtype=np.float64) * self.scales + self.offsets
-
-    def _labels_2d(self, labels: np.ndarray) -> tuple[np.ndarray, bool]:
-        labels = np.asarray(labels, dtype=np.float64)
-        single = labels.ndim == 1
-        labels = np.atleast_2d(labels)
-        if labels.ndim != 2 or labels.shape[1] != self.n_labels:
-            raise ValueError(f"expected labels of shape (N, {self.n_labels}) or ({self.n_labels},)")
-        return labels, single
-
     # -- evaluation ------------------------------------------------------------------------------------------
     def predict(self, labels: np.ndarray) -> np.ndarray:
         """Model flux (N, P) at physical labels (N, K); a single label vector (K,) gives (P,)."""
@@ -198,32 +156,10 @@ class PayneModel:
 
     # -- persistence -----------------------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
-        try:
-            metadata_json = json.dumps(self.metadata, default=_json_default, sort_keys=True)
-        except TypeError as exc:
-            raise ValueError(f"cannot save PayneModel metadata: {exc}") from None
-        arrays = {
-            "kind": np.array(MODEL_KIND),
-            "format_version": np.array(FORMAT_VERSION),
-            "activation": np.array(ACTIVATION),
-            "label_names": np.array(self.label_names, dtype=str),
-            "offsets": self.offsets,
-            "scales": self.scales,
-            "n_hidden_layers": np.array(len(self.network.weights)),
-            "theta": self.theta,
-            "s2": self.s2,
-            "wavelength": self.wavelength,
-            "pixel_mask": self.pixel_mask,
-            "training_label_min": self.training_label_min,
-            "training_label_max": self.training_label_max,
-            "training_label_percentile_levels": np.array(self.percentile_levels, dtype=np.float64),
-            "training_label_percentiles": self.training_label_percentiles,
-            "start_labels": self.start_labels,
-            "n_training": np.array(self.n_training),
-            "metadata_json": np.array(metadata_json),
-        }
-        if self.continuum_pixels is not None:
-            arrays["continuum_pixels"] = self.continuum_pixels
+        arrays = common_model_arrays(self, MODEL_KIND, FORMAT_VERSION)
+        arrays["activation"] = np.array(ACTIVATION)
+        arrays["n_hidden_layers"] = np.array(len(self.network.weights))
+        arrays["start_labels"] = self.start_labels
         for index, (w, b) in enumerate(zip(self.network.weights, self.network.biases, strict=True)):
             arrays[f"hidden_weight_{index}"] = w
             arrays[f"hidden_bias_{index}"] = b

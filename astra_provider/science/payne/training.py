@@ -33,6 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from astra_provider import __version__
 from astra_provider.science.cannon import PERCENTILE_LEVELS, label_offsets_and_scales
+from astra_provider.science.labels import training_label_summary
 from astra_provider.science.payne.linear import fit_scatter as fit_pixel_scatter
 from astra_provider.science.payne.linear import solve_output_layer
 from astra_provider.science.payne.model import PayneModel
@@ -272,29 +273,13 @@ def train(
     started = time.perf_counter()
     offsets, scales = label_offsets_and_scales(labels)
     x = (labels - offsets) / scales
-    y = np.array(flux, dtype=np.float64)
-    w = np.array(ivar, dtype=np.float64)
-    unusable = ~(np.isfinite(y) & np.isfinite(w) & (w > 0))
-    y[unusable], w[unusable] = 0.0, 0.0
-    del unusable
+    y, w = _usable_data(flux, ivar)
     # One BLAS thread: the optimiser's products are small (N x D x R), and the QR, SVD and batched solves
     # call BLAS many times on small blocks; with two threads on a loaded 2-core machine every call waits
     # for a descheduled thread (measured: 93 ms instead of 11 ms per loss evaluation, a 1250 x 80 QR 1.4 s).
     with threadpool_limits(limits=1, user_api="blas"):
         network, theta, s2, bad, history = _fit_emulator(x, y, w, settings)
-    info: dict[str, Any] = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "method": "The Payne (Ting+2019) emulator; hidden layers by variable projection, output layer by "
-        "per-pixel weighted least squares",
-        "label_scaling": "offset = median, scale = (p97.5 - p2.5) / 4",
-        **asdict(settings),
-        "scatter": "maximum likelihood (Fisher scoring, dof-corrected)" if fit_scatter else "fixed at 0",
-        "masked_pixels": "theta = [1, 0, ...], s2 = 0, ignored by fit()",
-        "history": history,
-        "train_seconds": time.perf_counter() - started,
-        "numpy_version": np.__version__,
-        "astra_provider_version": __version__,
-    }
+    info = _training_info(settings, history, time.perf_counter() - started)
     info.update(dict(metadata or {}))
     return PayneModel(
         label_names=names,
@@ -305,11 +290,36 @@ def train(
         s2=s2,
         wavelength=wavelength,
         pixel_mask=bad,
-        training_label_min=labels.min(axis=0),
-        training_label_max=labels.max(axis=0),
-        training_label_percentiles=np.percentile(labels, PERCENTILE_LEVELS, axis=0),
         start_labels=offsets + scales * _start_labels(x, _MAX_START_LABELS),
-        n_training=labels.shape[0],
+        **training_label_summary(labels, PERCENTILE_LEVELS),
         metadata=info,
         continuum_pixels=continuum_pixels,
     )
+
+
+def _usable_data(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of ``flux`` and ``ivar`` in float64 with 0 for both where there is no data."""
+    y = np.array(flux, dtype=np.float64)
+    w = np.array(ivar, dtype=np.float64)
+    unusable = ~(np.isfinite(y) & np.isfinite(w) & (w > 0))
+    y[unusable], w[unusable] = 0.0, 0.0
+    return y, w
+
+
+def _training_info(settings: TrainingSettings, history: list, seconds: float) -> dict[str, Any]:
+    """The metadata of a trained model: method, settings, per-round history, time and versions."""
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "method": "The Payne (Ting+2019) emulator; hidden layers by variable projection, output layer by "
+        "per-pixel weighted least squares",
+        "label_scaling": "offset = median, scale = (p97.5 - p2.5) / 4",
+        **asdict(settings),
+        "scatter": (
+            "maximum likelihood (Fisher scoring, dof-corrected)" if settings.fit_scatter else "fixed at 0"
+        ),
+        "masked_pixels": "theta = [1, 0, ...], s2 = 0, ignored by fit()",
+        "history": history,
+        "train_seconds": seconds,
+        "numpy_version": np.__version__,
+        "astra_provider_version": __version__,
+    }

@@ -1,0 +1,128 @@
+"""Pieces shared by the label models (The Cannon, The Payne): label scaling, the arrays common to their model
+files, and the reduced chi-squared and training-range tests of their results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "COMMON_MODEL_ARRAYS",
+    "LabelScaling",
+    "common_model_arrays",
+    "outside_training_range",
+    "reduced_chi_sq",
+    "training_label_summary",
+]
+
+COMMON_MODEL_ARRAYS = (
+    "kind",
+    "format_version",
+    "label_names",
+    "offsets",
+    "scales",
+    "theta",
+    "s2",
+    "wavelength",
+    "pixel_mask",
+    "training_label_min",
+    "training_label_max",
+    "training_label_percentile_levels",
+    "training_label_percentiles",
+    "n_training",
+    "metadata_json",
+)
+"""Arrays that every label-model file holds (each model adds its own)."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+
+def common_model_arrays(model: Any, kind: str, format_version: int) -> dict[str, np.ndarray]:
+    """The :data:`COMMON_MODEL_ARRAYS` of a label model (with the fields of those names, ``percentile_levels``
+    and ``metadata``) and, if it has them, its ``continuum_pixels``; the metadata is stored as JSON text.
+
+    :raises ValueError: if the metadata is not JSON-serialisable.
+    """
+    try:
+        metadata_json = json.dumps(model.metadata, default=_json_default, sort_keys=True)
+    except TypeError as exc:
+        raise ValueError(f"cannot save {type(model).__name__} metadata: {exc}") from None
+    arrays = {
+        "kind": np.array(kind),
+        "format_version": np.array(format_version),
+        "label_names": np.array(model.label_names, dtype=str),
+        "training_label_percentile_levels": np.array(model.percentile_levels, dtype=np.float64),
+        "n_training": np.array(model.n_training),
+        "metadata_json": np.array(metadata_json),
+    }
+    for name in COMMON_MODEL_ARRAYS:
+        if name not in arrays:
+            arrays[name] = getattr(model, name)
+    if model.continuum_pixels is not None:
+        arrays["continuum_pixels"] = model.continuum_pixels
+    return arrays
+
+
+class LabelScaling:
+    """Label scaling of a model with ``offsets`` and ``scales`` (K,) and ``n_labels``: scaled labels are
+    ``(labels - offsets) / scales``."""
+
+    offsets: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def n_labels(self) -> int:
+        """Number of labels K."""
+        return len(self.offsets)
+
+    def scale_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Physical labels (..., K) -> scaled labels."""
+        return (np.asarray(labels, dtype=np.float64) - self.offsets) / self.scales
+
+    def unscale_labels(self, x: np.ndarray) -> np.ndarray:
+        """Scaled labels (..., K) -> physical labels."""
+        return np.asarray(x, dtype=np.float64) * self.scales + self.offsets
+
+    def _labels_2d(self, labels: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Labels as (N, K) and whether one (K,) vector was given.
+
+        :raises ValueError: if the labels are not (N, K) or (K,).
+        """
+        labels = np.asarray(labels, dtype=np.float64)
+        single = labels.ndim == 1
+        labels = np.atleast_2d(labels)
+        if labels.ndim != 2 or labels.shape[1] != self.n_labels:
+            raise ValueError(f"expected labels of shape (N, {self.n_labels}) or ({self.n_labels},)")
+        return labels, single
+
+
+def training_label_summary(labels: np.ndarray, percentile_levels: tuple[float, ...]) -> dict[str, Any]:
+    """The model fields that describe the training labels (N, K): range, percentiles and count."""
+    return {
+        "training_label_min": labels.min(axis=0),
+        "training_label_max": labels.max(axis=0),
+        "training_label_percentiles": np.percentile(labels, percentile_levels, axis=0),
+        "n_training": labels.shape[0],
+    }
+
+
+def reduced_chi_sq(chi_sq: np.ndarray, n_used: np.ndarray, n_parameters: int) -> np.ndarray:
+    """``chi_sq / (n_used - n_parameters)``, NaN where there are no degrees of freedom."""
+    dof = np.asarray(n_used) - n_parameters
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(dof > 0, chi_sq / np.where(dof > 0, dof, 1), np.nan)
+
+
+def outside_training_range(labels: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Rows of ``labels`` (S, K) with a label below ``low`` or above ``high`` (K,); NaN labels are inside."""
+    with np.errstate(invalid="ignore"):
+        return np.any((labels < low) | (labels > high), axis=1)
