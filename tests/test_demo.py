@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,26 @@ def test_demo_on_the_independent_truth(tmp_path):
     expected = {"train": 1, "continuum": STARS, "doppler": STARS * VISITS, "thecannon": STARS}
     assert steps(output) == {step: (n, n, 0, 0) for step, n in expected.items()}, output
     check_accuracy(output)
+
+
+def test_progress_counts_finished_tasks_while_a_writer_holds_the_database(astra_db, tmp_path):
+    """The demo's progress poll counts COMPLETED and FAILED tasks of a step under its folder, and reads
+    without a write lock: with another connection in a write transaction (SQLite: BEGIN IMMEDIATE) it
+    still answers, instead of waiting for the lock and failing with "database is locked"."""
+    from astra_test_tasks import ReadScale
+
+    from astra_provider.database import get_engine
+    from astra_provider.demo.progress import StepProgress, tasks_done
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, value in enumerate([1, 2, -3]):  # the negative one fails its own task
+        (inputs / f"n{i}.txt").write_text(str(value))
+    instance = ReadScale(input_data_products=sorted(map(str, inputs.glob("*.txt"))), output_dir=str(tmp_path))
+    instance.execute()
+    assert instance.summary()["failed"] == 1
+    steps = [StepProgress("scale", "ReadScale", 3, str(inputs)), StepProgress("x", "ReadScale", 3, "/other")]
+    with get_engine(astra_db).begin() as writer:  # holds the write lock until the block ends
+        writer.execute(select(func.count()).select_from(Task))
+        with ThreadPoolExecutor(1) as poller:  # the progress thread's own connection, as in the demo
+            assert list(poller.map(lambda step: tasks_done(astra_db, step), steps)) == [3, 0]

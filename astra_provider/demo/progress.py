@@ -67,11 +67,13 @@ def tasks_done(astra_url: str, step: StepProgress) -> int:
     """Tasks of ``step`` completed or failed, on input files under its folder (astra database)."""
     from sqlalchemy import func, select
 
-    from astra_provider.database import session_scope
+    from astra_provider.database import get_engine
     from astra_provider.database.astradb import DataProduct, Status, Task, TaskInputDataProduct
 
-    with session_scope(astra_url) as session:
-        count = session.scalar(
+    # A read-only transaction: on SQLite it takes no write lock, so a poll never holds up the tasks it
+    # watches (a write-locking poll stuck in a crashed thread once left every later bundle "locked").
+    with get_engine(astra_url).connect().execution_options(read_only=True) as connection:
+        count = connection.scalar(
             select(func.count(func.distinct(Task.pk)))
             .join(TaskInputDataProduct, TaskInputDataProduct.task_pk == Task.pk)
             .join(DataProduct, DataProduct.pk == TaskInputDataProduct.data_product_pk)
