@@ -9,7 +9,8 @@ database) in a temporary ``AIRFLOW_HOME``, with the astra database under a tempo
 4. trigger again with a data root that does not exist: the run fails, and ``discover``'s log, as the UI shows
    it, names the path.
 
-The screenshots go to docs/_static/ui/ (docs/airflow.md shows them). Several minutes on two cores.
+The screenshots go to the test's temporary directory; with ``ASTRA_UPDATE_SCREENSHOTS=1`` they replace the
+tracked ones in docs/_static/ui/ (docs/airflow.md shows them). Several minutes on two cores.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from test_standalone import TRAIN, WAIT_SECONDS, Api, _free_port, _stop, _wait
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-SCREENSHOTS = REPO / "docs" / "_static" / "ui"
+DOCS_SCREENSHOTS = REPO / "docs" / "_static" / "ui"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DAG = "astra_pipeline"
 #: how long a page may take to show something (the UI loads its data after the page; a loaded machine)
@@ -89,7 +90,13 @@ def _log_in(page, base: str, password: str) -> None:
     page.wait_for_url(lambda url: "/auth/login" not in url, timeout=60_000)
 
 
-def _trigger_from_form(page, base: str, api: Api, params: dict[str, str], screenshot: str | None) -> str:
+def _screenshot_dir(tmp_path: Path) -> Path:
+    """docs/_static/ui/ when ``ASTRA_UPDATE_SCREENSHOTS=1``, else a temporary directory (a test run must not
+    rewrite tracked files)."""
+    return DOCS_SCREENSHOTS if os.environ.get("ASTRA_UPDATE_SCREENSHOTS") == "1" else tmp_path / "screenshots"
+
+
+def _trigger_from_form(page, base: str, api: Api, params: dict[str, str], screenshot: Path | None) -> str:
     """Fill the trigger form of ``astra_pipeline`` and submit it; returns the new run's id."""
     before = {run["dag_run_id"] for run in api.request("GET", f"/api/v2/dags/{DAG}/dagRuns")["dag_runs"]}
     page.goto(f"{base}/dags/{DAG}")
@@ -99,7 +106,7 @@ def _trigger_from_form(page, base: str, api: Api, params: dict[str, str], screen
         (field if field.count() else _number_input(page, name)).fill(value)
     if screenshot:
         page.locator("#element_data_root").scroll_into_view_if_needed()
-        page.screenshot(path=SCREENSHOTS / screenshot)
+        page.screenshot(path=screenshot)
     page.get_by_test_id("trigger-dag-submit").click()
 
     def new_run() -> str | None:
@@ -126,7 +133,8 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
         pytest.skip("no Chromium to drive: scripts/test.sh installs Debian's chromium package via apt")
     from playwright.sync_api import expect, sync_playwright
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    screenshots = _screenshot_dir(tmp_path)
+    screenshots.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = _standalone_environment(tmp_path, port)
     model, data_root, log = tmp_path / "thecannon.npz", tmp_path / "survey", tmp_path / "standalone.log"
@@ -177,7 +185,7 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
                 "bundle_size": "2",
                 "min_file_age_seconds": "0",
             }
-            run_id = _trigger_from_form(page, base, api, params, "trigger-form.png")
+            run_id = _trigger_from_form(page, base, api, params, screenshots / "trigger-form.png")
             assert _wait_for_end(api, run_id, log, 900) == "success"
             conf = api.request("GET", f"/api/v2/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}")[
                 "conf"
@@ -185,7 +193,7 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
             assert conf["data_root"] == str(data_root) and conf["min_file_age_seconds"] == 0, conf
             page.goto(f"{base}{_run_path(run_id)}")
             expect(page.get_by_text("doppler").first).to_be_visible(timeout=UI_TIMEOUT_MS)
-            page.screenshot(path=SCREENSHOTS / "run.png")
+            page.screenshot(path=screenshots / "run.png")
 
             # a mapped Doppler task instance: its label is its bundle's, its log shows the bundle running
             mapped = api.request(
@@ -197,7 +205,7 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
             page.goto(f"{base}{_run_path(run_id)}/tasks/doppler/mapped/0")
             expect(page.get_by_text(label).first).to_be_visible(timeout=UI_TIMEOUT_MS)
             expect(page.get_by_text(f"Running {label}").first).to_be_visible(timeout=UI_TIMEOUT_MS)
-            page.screenshot(path=SCREENSHOTS / "mapped-doppler.png")
+            page.screenshot(path=screenshots / "mapped-doppler.png")
 
             # a data root that does not exist: the run fails, and discover's log in the UI names the path
             wrong = tmp_path / "sdss-typo"
@@ -207,7 +215,7 @@ def test_the_pipeline_through_the_ui_in_a_browser(tmp_path):
             expect(page.get_by_text(f"data root {wrong} does not exist").first).to_be_visible(
                 timeout=UI_TIMEOUT_MS
             )
-            page.screenshot(path=SCREENSHOTS / "failed-discover.png")
+            page.screenshot(path=screenshots / "failed-discover.png")
             browser.close()
 
         print(
