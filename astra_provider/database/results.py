@@ -120,7 +120,7 @@ class Doppler(OutputMixin, Base):
     """
 
     __tablename__ = "doppler"
-    flag_enum = "astra_provider.science.doppler.result.RVFlag"
+    flag_enum = "astra_provider.science.flags.RVFlag"
 
     row_index: Mapped[int] = result_column(Integer, _ROW, default=0)
     vhelio: Mapped[float | None] = result_column(Float, "Heliocentric (barycentric) radial velocity", _KMS)
@@ -178,7 +178,7 @@ class TheCannon(LabelColumns, OutputMixin, Base):
     """
 
     __tablename__ = "thecannon"
-    flag_enum = "astra_provider.science.cannon.model.CannonFlag"
+    flag_enum = "astra_provider.science.flags.CannonFlag"
 
     bitmask_flag: Mapped[int] = result_column(Integer, "Flags (CannonFlag bits; 0 = good)", default=0)
     labels: Mapped[dict[str, Any] | None] = result_column(
@@ -195,7 +195,7 @@ class ThePayne(LabelColumns, OutputMixin, Base):
     """
 
     __tablename__ = "thepayne"
-    flag_enum = "astra_provider.science.payne.fitting.PayneFlag"
+    flag_enum = "astra_provider.science.flags.PayneFlag"
 
     bitmask_flag: Mapped[int] = result_column(Integer, "Flags (PayneFlag bits; 0 = good)", default=0)
     labels: Mapped[dict[str, Any] | None] = result_column(

@@ -15,7 +15,7 @@ Model (Ness et al. 2015; Casey et al. 2016), for star ``n`` and pixel ``j``::
   adjusted inverse variance ``ivar / (1 + ivar * s2)``.
 
 Modules: :mod:`~astra_provider.science.cannon.vectorizer` (terms, design matrix and derivative),
-:mod:`~astra_provider.science.cannon.model` (the model, its flags and label scaling),
+:mod:`~astra_provider.science.cannon.model` (the model and its label scaling),
 :mod:`~astra_provider.science.cannon.io` (``.npz`` and FITS model files; never pickle),
 :mod:`~astra_provider.science.cannon.train` (training, batched across pixels),
 :mod:`~astra_provider.science.cannon.solvers` (its per-pixel kernels),
@@ -26,14 +26,10 @@ The names below are re-exported here; import them from ``astra_provider.science.
 
 from astra_provider.science.cannon.fit import CannonResult, fit
 from astra_provider.science.cannon.io import FORMAT_VERSION, MODEL_KIND
-from astra_provider.science.cannon.model import (
-    PERCENTILE_LEVELS,
-    CannonFlag,
-    CannonModel,
-    label_offsets_and_scales,
-)
+from astra_provider.science.cannon.model import PERCENTILE_LEVELS, CannonModel, label_offsets_and_scales
 from astra_provider.science.cannon.train import train
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer, polynomial_terms
+from astra_provider.science.flags import CannonFlag
 
 __all__ = [
     "MODEL_KIND",

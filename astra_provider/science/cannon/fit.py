@@ -18,8 +18,9 @@ from astra_provider.science.cannon.batching import (
     resolve_thread_count,
     run_chunks,
 )
-from astra_provider.science.cannon.model import CannonFlag, CannonModel
+from astra_provider.science.cannon.model import CannonModel
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer
+from astra_provider.science.flags import CannonFlag
 from astra_provider.science.labels import outside_training_range, reduced_chi_sq
 
 __all__ = ["CannonResult", "CannonFitState", "fit"]
@@ -32,7 +33,7 @@ class CannonResult:
     ``covariance`` is the formal (inverse Fisher) covariance with weights ``ivar / (1 + ivar s2)``, converted
     from scaled units with ``cov_ij * scale_i * scale_j``.  It is multiplied by ``reduced_chi_sq`` only if
     ``fit(..., scale_uncertainties=True)``. ``flags`` holds
-    :class:`~astra_provider.science.cannon.model.CannonFlag` bits. ``n_iterations`` counts the
+    :class:`~astra_provider.science.flags.CannonFlag` bits. ``n_iterations`` counts the
     Levenberg-Marquardt iterations over all starts, and ``start_index`` says which start won (0 linear
     estimate, 1 zero, 2 all +1, 3 all -1, 4 ``initial_labels``; -1 if not fitted).
     """
@@ -439,7 +440,7 @@ def fit(
     chi2 / (n_pixels_used - K) and ``snr`` the median of flux * sqrt(ivar) over the used pixels.
     Uncertainties are formal (inverse Fisher matrix, which is calibrated because s2 is in the weights) unless
     ``scale_uncertainties`` multiplies the covariance by the reduced chi2. A spectrum without usable pixels
-    gets NaN labels and :attr:`~astra_provider.science.cannon.model.CannonFlag.NO_USABLE_PIXELS` instead of
+    gets NaN labels and :attr:`~astra_provider.science.flags.CannonFlag.NO_USABLE_PIXELS` instead of
     failing the batch.
 
     :param model: the trained model.
@@ -449,7 +450,7 @@ def fit(
     :param max_iterations: Levenberg-Marquardt iteration limit per start.
     :param tol: convergence threshold on the Gauss-Newton decrement (chi-squared units).
     :param max_reduced_chi_sq: above this
-        :attr:`~astra_provider.science.cannon.model.CannonFlag.HIGH_REDUCED_CHI_SQ` is set.
+        :attr:`~astra_provider.science.flags.CannonFlag.HIGH_REDUCED_CHI_SQ` is set.
     :param scale_uncertainties: multiply the covariance by the reduced chi-squared.
     :param star_chunk_size: spectra processed at once.
     :param max_pair_bytes: bound of the theta pair-product array (it is built per pixel block above it).

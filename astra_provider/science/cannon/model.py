@@ -1,8 +1,7 @@
-"""The trained Cannon model (:class:`CannonModel`), its label scaling and the result flags."""
+"""The trained Cannon model (:class:`CannonModel`) and its label scaling."""
 
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,27 +15,12 @@ from astra_provider.science.labels import LabelScaling
 
 __all__ = [
     "PERCENTILE_LEVELS",
-    "CannonFlag",
     "CannonModel",
     "label_offsets_and_scales",
 ]
 
 #: Training-label percentiles stored with every model (rows of ``training_label_percentiles``).
 PERCENTILE_LEVELS = (0.5, 2.5, 16.0, 50.0, 84.0, 97.5, 99.5)
-
-
-class CannonFlag(enum.IntFlag):
-    """Bits of :attr:`~astra_provider.science.cannon.fit.CannonResult.flags` (``bitmask_flag`` in the result
-    columns)."""
-
-    #: At least one fitted label lies outside the [min, max] range of the training labels.
-    OUTSIDE_TRAINING_RANGE = 1
-    #: Reduced chi-squared above ``max_reduced_chi_sq`` (default 3).
-    HIGH_REDUCED_CHI_SQ = 2
-    #: The optimiser did not converge, or the covariance could not be computed.  Labels are kept if finite.
-    FIT_FAILED = 4
-    #: Fewer usable pixels than labels + 1 (e.g. all-NaN flux or ivar = 0).  Labels are NaN.
-    NO_USABLE_PIXELS = 8
 
 
 def label_offsets_and_scales(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,8 @@ spectra as a function of labels, trained on labelled spectra (:func:`train`) and
 (:func:`fit`). Pure numpy/scipy, batch-first; see :mod:`.network`, :mod:`.train`, :mod:`.fit`, :mod:`.model`.
 """
 
-from astra_provider.science.payne.fitting import PayneFlag, PayneResult, check_wavelength, fit
+from astra_provider.science.flags import PayneFlag
+from astra_provider.science.payne.fitting import PayneResult, check_wavelength, fit
 from astra_provider.science.payne.model import FORMAT_VERSION, MODEL_KIND, PayneModel, describe_grid
 from astra_provider.science.payne.network import ACTIVATION, Network
 from astra_provider.science.payne.training import default_hidden_sizes, minimum_training_size, train

@@ -18,7 +18,6 @@ linearised about the model flux of the best start label.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ from astra_provider.science.cannon.batching import (
     run_chunks,
     unpack_symmetric,
 )
+from astra_provider.science.flags import PayneFlag
 from astra_provider.science.labels import outside_training_range, reduced_chi_sq
 from astra_provider.science.payne.continuum_correction import (
     CorrectionBasis,
@@ -41,24 +41,7 @@ from astra_provider.science.payne.model import PayneModel, describe_grid
 from astra_provider.science.payne.network import Network
 from astra_provider.sdss.apogee import APOGEE_REGIONS_AA
 
-__all__ = ["PayneFlag", "PayneResult", "check_wavelength", "fit"]
-
-
-class PayneFlag(enum.IntFlag):
-    """Bits of :attr:`PayneResult.flags` (``bitmask_flag`` in the result columns); the first four have the
-    meaning and value of the :class:`~astra_provider.science.cannon.CannonFlag` bits."""
-
-    #: At least one fitted label lies outside the [min, max] range of the training labels.
-    OUTSIDE_TRAINING_RANGE = 1
-    #: Reduced chi-squared above ``max_reduced_chi_sq`` (default 3).
-    HIGH_REDUCED_CHI_SQ = 2
-    #: The optimiser did not converge, or the covariance could not be computed.  Labels are kept if finite.
-    FIT_FAILED = 4
-    #: Fewer usable pixels than labels + 1 (e.g. all-NaN flux or ivar = 0).  Labels are NaN.
-    NO_USABLE_PIXELS = 8
-    #: At least one label lies outside the central 99% of the training labels (the 0.5-99.5 percentiles),
-    #: where the emulator is constrained by few training spectra.
-    NEAR_TRAINING_EDGE = 16
+__all__ = ["PayneResult", "check_wavelength", "fit"]
 
 
 class PayneResult(CannonResult):
