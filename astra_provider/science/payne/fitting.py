@@ -31,14 +31,22 @@ from astra_provider.science.cannon.batching import (
     unpack_symmetric,
 )
 from astra_provider.science.flags import PayneFlag
-from astra_provider.science.labels import outside_training_range, reduced_chi_sq
+from astra_provider.science.label_fit import (
+    LabelFitOutputs,
+    WeightedSpectra,
+    best_of_starts,
+    check_spectra,
+    inverse_fisher,
+    scaled_initial_labels,
+    weighted_spectra,
+)
+from astra_provider.science.labels import outside_training_range
 from astra_provider.science.payne.continuum_correction import (
     CorrectionBasis,
     correction_basis,
     profile_statistics,
 )
 from astra_provider.science.payne.model import PayneModel, describe_grid
-from astra_provider.science.payne.network import Network
 from astra_provider.sdss.apogee import APOGEE_REGIONS_AA
 
 __all__ = ["PayneResult", "check_wavelength", "fit"]
@@ -66,126 +74,13 @@ def check_wavelength(model: PayneModel, wavelength: np.ndarray, source: str = "t
         )
 
 
-def _chi_sq(a: np.ndarray, m: np.ndarray, c: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    m_a = np.matmul(m, a[..., None])[..., 0]
-    return np.einsum("sd,sd->s", a, m_a - 2.0 * c) + k, m_a
-
-
-def _levenberg_marquardt(
-    network: Network,
-    m: np.ndarray,
-    c: np.ndarray,
-    k: np.ndarray,
-    x: np.ndarray,
-    *,
-    lower: np.ndarray,
-    upper: np.ndarray,
-    max_iterations: int,
-    tol: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Batched, box-constrained LM in scaled labels for ``chi2(x) = a^T M a - 2 a.c + k``.
-
-    ``m`` (S, D, D), ``c`` (S, D), ``k`` (S,) and starts ``x`` (S, K), one row per (spectrum, start) pair.
-    Returns x, chi2, converged and iterations (all (S, ...)). Converged: the Gauss-Newton decrement
-    ``g^T H^-1 g`` fell below ``tol`` (chi-squared units) or a bound holds the step.
-    """
-    n, n_labels = x.shape
-    eye = np.eye(n_labels)
-    x = np.clip(x, lower, upper)
-    a, da = network.features_and_jacobian(x)
-    chi, m_a = _chi_sq(a, m, c, k)
-    damping = np.full(n, 1e-3)
-    converged = np.zeros(n, dtype=bool)
-    iterations = np.zeros(n, dtype=int)
-    active = np.flatnonzero(np.isfinite(chi))
-    for iteration in range(max_iterations + 1):
-        if active.size == 0:
-            break
-        a_da = da[active]
-        gradient = np.einsum("sdk,sd->sk", a_da, c[active] - m_a[active])  # = -1/2 d chi2 / dx
-        hessian = np.einsum("sdk,sdl->skl", a_da, np.matmul(m[active], a_da))
-        # Projected steps: a label held at a bound by a gradient pointing outwards is frozen this iteration.
-        held = ((x[active] <= lower) & (gradient < 0)) | ((x[active] >= upper) & (gradient > 0))
-        free = ~held
-        gradient = np.where(held, 0.0, gradient)
-        hessian = hessian * (free[:, :, None] & free[:, None, :]) + held[:, :, None] * eye
-        diag = np.einsum("skk->sk", hessian)
-        ridge = 1e-12 * (1.0 + diag.max(axis=1))
-        newton = np.linalg.solve(hessian + ridge[:, None, None] * eye, gradient[..., None])[..., 0]
-        decrement = np.einsum("sk,sk->s", gradient, newton)
-        done = ~(decrement > tol)  # also catches NaN
-        converged[active[done]] = True
-        keep = ~done
-        active, gradient, hessian, diag, ridge = (
-            active[keep],
-            gradient[keep],
-            hessian[keep],
-            diag[keep],
-            ridge[keep],
-        )
-        if active.size == 0 or iteration == max_iterations:
-            break
-        iterations[active] += 1
-        damped = hessian + (damping[active, None] * diag + ridge[:, None])[:, :, None] * eye
-        step = np.linalg.solve(damped, gradient[..., None])[..., 0]
-        trial = np.clip(x[active] + step, lower, upper)
-        trial_a, trial_da = network.features_and_jacobian(trial)
-        # chi2(a + d) - chi2(a) = d^T M d - 2 d.(c - M a): no cancellation against the large k = y^T W y.
-        difference = trial_a - a[active]
-        m_difference = np.matmul(m[active], difference[..., None])[..., 0]
-        change = np.einsum("sd,sd->s", difference, m_difference - 2.0 * (c[active] - m_a[active]))
-        better = change < 0
-        accepted = active[better]
-        x[accepted], a[accepted], da[accepted] = trial[better], trial_a[better], trial_da[better]
-        chi[accepted] += change[better]
-        m_a[accepted] += m_difference[better]
-        damping[accepted] = np.maximum(damping[accepted] * 0.1, 1e-12)
-        damping[active[~better]] *= 10.0
-        active = active[damping[active] <= 1e12]  # steps vanished: stuck, stays unconverged
-    return x, chi, converged, iterations
-
-
-def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
-    iu, iv = np.triu_indices(n)
-    return iu, iv
-
-
-def _masked_median(values: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """Row medians of ``values`` (S, P) over the ``usable`` entries (NaN for rows without any).
-
-    Rows with the same number of usable entries are compacted into one 2-D array and partitioned together
-    (spectra of one survey mostly share their masked pixels), instead of one partition call per row.
-    """
-    counts = np.count_nonzero(usable, axis=1)
-    out = np.full(values.shape[0], np.nan)
-    for count in np.unique(counts[counts > 0]):
-        rows = np.flatnonzero(counts == count)
-        data = values[rows][usable[rows]].reshape(len(rows), count).astype(np.float32)
-        half = int(count) // 2
-        data.partition([half - 1, half] if count % 2 == 0 else [half], axis=1)
-        out[rows] = data[:, half] if count % 2 else 0.5 * (data[:, half - 1] + data[:, half])
-    return out
-
-
-def _covariance(network: Network, x: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse Fisher matrix ``(J_a^T M J_a)^-1`` (S, K, K) in scaled labels and a 'singular' mask (S,)."""
-    _, da = network.features_and_jacobian(x)
-    fisher = np.einsum("sdk,sdl->skl", da, np.matmul(m, da))
-    eigval, eigvec = np.linalg.eigh(fisher)
-    singular = ~(eigval[:, 0] > 1e-12 * np.abs(eigval[:, -1])) | ~np.all(np.isfinite(eigval), axis=1)
-    eigval[singular] = 1.0
-    covariance = np.einsum("skl,sl,sml->skm", eigvec, 1.0 / eigval, eigvec)
-    covariance[singular] = np.nan
-    return covariance, singular
-
-
 def _choose_starts(
     model: PayneModel, m: np.ndarray, c: np.ndarray, n_starts: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``n_starts`` start labels (scaled) of lowest chi-squared per spectrum: (n_starts, S, K), ranks."""
     start_x = model.scale_labels(model.start_labels)
     start_a = model.network.features(start_x)
-    iu, iv = _pairs(model.n_features)
+    iu, iv = np.triu_indices(model.n_features)
     m_upper = m[:, iu, iv]
     # a^T M a over the stored upper triangle: off-diagonal products count twice.
     start_pairs = start_a[:, iu] * start_a[:, iv] * np.where(iu == iv, 1.0, 2.0)
@@ -245,47 +140,37 @@ def fit(
         :attr:`PayneFlag.NO_USABLE_PIXELS` instead of failing the batch.
     :raises ValueError: if the spectra do not match the model's wavelength grid or shapes.
     """
-    flux, ivar = np.atleast_2d(np.asarray(flux)), np.atleast_2d(np.asarray(ivar))
     if wavelength is not None:
         check_wavelength(model, wavelength)
-    if flux.ndim != 2 or flux.shape != ivar.shape or flux.shape[1] != model.n_pixels:
-        raise ValueError(
-            f"flux and ivar must both have shape (S, {model.n_pixels}) like the model's wavelength grid "
-            f"({describe_grid(model.wavelength)}); got {flux.shape} and {ivar.shape}"
-        )
-    n_spectra, n_labels = flux.shape[0], model.n_labels
-    initial = None
-    if initial_labels is not None:
-        initial = np.broadcast_to(model.scale_labels(initial_labels), (n_spectra, n_labels))
-    iu, iv = _pairs(model.n_features)
+    flux, ivar = check_spectra(flux, ivar, model.n_pixels, describe_grid(model.wavelength))
+    n_spectra = flux.shape[0]
+    iu, iv = np.triu_indices(model.n_features)
     theta_pairs = model.theta[:, iu] * model.theta[:, iv]
     correction = _correction(model, correction_deg, correction_regions) if continuum_correction else None
     options = _Options(
         correction=correction,
-        initial=initial,
+        initial=scaled_initial_labels(model, initial_labels, n_spectra),
         n_starts=n_starts,
         lower=model.scale_labels(model.training_label_min) - bound_margin,
         upper=model.scale_labels(model.training_label_max) + bound_margin,
         max_iterations=max_iterations,
         tol=tol,
     )
-    out = _allocate_outputs(n_spectra, n_labels)
+    outputs = LabelFitOutputs.allocate(n_spectra, model.n_labels)
 
     def fit_rows(rows: slice) -> None:
-        statistics = _statistics(model, flux[rows], ivar[rows], theta_pairs)
-        index = np.arange(rows.start, rows.stop)
-        out["n_used"][rows], out["snr"][rows] = statistics.n_used, statistics.snr
-        ok = statistics.n_used > n_labels
-        out["flags"][index[~ok]] |= PayneFlag.NO_USABLE_PIXELS
+        spectra = weighted_spectra(flux[rows], ivar[rows], model.pixel_mask, model.s2)
+        ok = outputs.record_data(rows, spectra, model.n_labels)
         if ok.any():
-            _fit_chunk(model, index[ok], statistics.select(ok), options, out)
+            index = np.arange(rows.start, rows.stop)[ok]
+            _fit_chunk(model, index, _statistics(model, spectra, theta_pairs).select(ok), options, outputs)
 
-    # Chunks write disjoint rows of ``out`` and run concurrently on n_threads cores, each with one BLAS
+    # Chunks write disjoint rows of ``outputs`` and run concurrently on n_threads cores, each with one BLAS
     # thread (small products; see training.train).
     with threadpool_limits(limits=1, user_api="blas"):
         run_chunks(fit_rows, chunk_slices(n_spectra, star_chunk_size), resolve_thread_count(n_threads))
     n_coefficients = 0 if correction is None else correction.n_coefficients
-    return _result(model, out, max_reduced_chi_sq, scale_uncertainties, n_coefficients)
+    return _result(model, outputs, max_reduced_chi_sq, scale_uncertainties, n_coefficients)
 
 
 def _correction(
@@ -298,30 +183,14 @@ def _correction(
     return correction if correction.n_coefficients else None
 
 
-def _allocate_outputs(n_spectra: int, n_labels: int) -> dict[str, np.ndarray]:
-    """The per-spectrum outputs of :func:`fit`, as for spectra without usable pixels."""
-    return {
-        "labels": np.full((n_spectra, n_labels), np.nan),
-        "covariance": np.full((n_spectra, n_labels, n_labels), np.nan),
-        "chi_sq": np.full(n_spectra, np.nan),
-        "n_used": np.zeros(n_spectra, dtype=int),
-        "snr": np.full(n_spectra, np.nan),
-        "flags": np.zeros(n_spectra, dtype=np.int64),
-        "n_iter": np.zeros(n_spectra, dtype=int),
-        "start_index": np.full(n_spectra, -1, dtype=int),
-    }
-
-
 @dataclass(frozen=True)
 class _Statistics:
-    """Per-spectrum ``M`` (S, D, D), ``c`` (S, D), ``k`` (S,), pixels used, S/N, and the weights ``W`` and
-    flux ``y`` (S, P; 0 at unusable pixels) that the continuum correction needs."""
+    """Per-spectrum ``M`` (S, D, D), ``c`` (S, D), ``k`` (S,), and the weights ``W`` and flux ``y`` (S, P;
+    0 at unusable pixels) that the continuum correction needs."""
 
     m: np.ndarray
     c: np.ndarray
     k: np.ndarray
-    n_used: np.ndarray
-    snr: np.ndarray
     weight: np.ndarray
     y: np.ndarray
 
@@ -329,27 +198,14 @@ class _Statistics:
         return _Statistics(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
 
 
-def _statistics(
-    model: PayneModel, flux: np.ndarray, ivar: np.ndarray, theta_pairs: np.ndarray
-) -> _Statistics:
-    """The :class:`_Statistics` of spectra ``flux``, ``ivar`` (S, P)."""
-    usable = np.isfinite(flux)
-    usable &= ivar > 0
-    usable &= ivar < np.inf
-    usable &= ~model.pixel_mask
-    y = np.where(usable, flux, 0.0)
-    weight = np.where(usable, ivar, 0.0)
-    n_used = np.count_nonzero(usable, axis=1)
-    snr = _masked_median(y * np.sqrt(weight), usable)
-    scaled = weight * model.s2
-    scaled += 1.0
-    weight /= scaled  # ivar / (1 + ivar s2)
-    del scaled
-    iu, iv = _pairs(model.n_features)
+def _statistics(model: PayneModel, spectra: WeightedSpectra, theta_pairs: np.ndarray) -> _Statistics:
+    """The :class:`_Statistics` of weighted spectra."""
+    weight, y = spectra.weight, spectra.y
+    iu, iv = np.triu_indices(model.n_features)
     m = unpack_symmetric(weight @ theta_pairs, model.n_features, iu, iv)
     weight_y = weight * y
     c, k = weight_y @ model.theta, np.einsum("sp,sp->s", weight_y, y)
-    return _Statistics(m, c, k, n_used, snr, weight, y)
+    return _Statistics(m, c, k, weight, y)
 
 
 @dataclass(frozen=True)
@@ -370,7 +226,7 @@ def _fit_chunk(
     rows: np.ndarray,
     statistics: _Statistics,
     options: _Options,
-    out: dict[str, np.ndarray],
+    out: LabelFitOutputs,
 ) -> None:
     """Fit the spectra ``rows`` (all with usable pixels) from their statistics; write into ``out``."""
     m, c, k = statistics.m, statistics.c, statistics.k
@@ -386,77 +242,39 @@ def _fit_chunk(
     if options.initial is not None:
         extra = options.initial[rows]
         starts = np.concatenate([starts, np.where(np.isfinite(extra), extra, 0.0)[None]], axis=0)
-    x_best, chi_best, converged, iterations, best = _refine(model, m, c, k, starts, options)
-    covariance, singular = _covariance(model.network, x_best, m)
-    failed = ~converged | singular | ~np.all(np.isfinite(x_best), axis=1) | ~np.isfinite(chi_best)
-    out["labels"][rows] = model.unscale_labels(x_best)
-    out["covariance"][rows] = covariance * np.outer(model.scales, model.scales)
-    out["chi_sq"][rows] = np.where(np.isfinite(chi_best), np.maximum(chi_best, 0.0), np.nan)
-    out["n_iter"][rows] = iterations
-    out["start_index"][rows] = best
-    out["flags"][rows[failed]] |= PayneFlag.FIT_FAILED
-
-
-def _refine(
-    model: PayneModel, m: np.ndarray, c: np.ndarray, k: np.ndarray, starts: np.ndarray, options: _Options
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Levenberg-Marquardt from every start (n_starts, S, K); per spectrum the lowest chi-squared:
-    labels (S, K), chi2, converged, iterations summed over the starts, and the winning start's index."""
-    n_tries, n_spectra = starts.shape[:2]
-    x, chi, converged, iterations = _levenberg_marquardt(
-        model.network,
-        np.tile(m, (n_tries, 1, 1)),
-        np.tile(c, (n_tries, 1)),
-        np.tile(k, n_tries),
-        starts.reshape(-1, model.n_labels),
+    fitted = best_of_starts(
+        model.network.features_and_jacobian,
+        m,
+        c,
+        k,
+        starts,
         lower=options.lower,
         upper=options.upper,
+        hold_at_bounds=True,
         max_iterations=options.max_iterations,
         tol=options.tol,
     )
-    shape = (n_tries, n_spectra)
-    x, chi = x.reshape(shape + (model.n_labels,)), np.where(np.isfinite(chi), chi, np.inf).reshape(shape)
-    best = np.argmin(chi, axis=0)
-    pick = np.arange(n_spectra)
-    return (
-        x[best, pick],
-        chi[best, pick],
-        converged.reshape(shape)[best, pick],
-        iterations.reshape(shape).sum(axis=0),
-        best,
-    )
+    _, da = model.network.features_and_jacobian(fitted.x)
+    out.record(rows, model, fitted, *inverse_fisher(da, m))
 
 
 def _result(
     model: PayneModel,
-    out: dict[str, np.ndarray],
+    outputs: LabelFitOutputs,
     max_reduced_chi_sq: float,
     scale_uncertainties: bool,
     n_coefficients: int,
 ) -> PayneResult:
-    labels, flags = out["labels"], out["flags"]
-    reduced = reduced_chi_sq(out["chi_sq"], out["n_used"], model.n_labels + n_coefficients)
-    covariance = out["covariance"] * reduced[:, None, None] if scale_uncertainties else out["covariance"]
+    fields = outputs.result_fields(
+        model,
+        n_parameters=model.n_labels + n_coefficients,
+        max_reduced_chi_sq=max_reduced_chi_sq,
+        scale_uncertainties=scale_uncertainties,
+    )
     levels = list(model.percentile_levels)
     low = model.training_label_percentiles[levels.index(0.5)] if 0.5 in levels else model.training_label_min
     high = (
         model.training_label_percentiles[levels.index(99.5)] if 99.5 in levels else model.training_label_max
     )
-    flags[outside_training_range(labels, model.training_label_min, model.training_label_max)] |= (
-        PayneFlag.OUTSIDE_TRAINING_RANGE
-    )
-    flags[outside_training_range(labels, low, high)] |= PayneFlag.NEAR_TRAINING_EDGE
-    with np.errstate(invalid="ignore"):
-        flags[reduced > max_reduced_chi_sq] |= PayneFlag.HIGH_REDUCED_CHI_SQ
-    return PayneResult(
-        label_names=model.label_names,
-        labels=labels,
-        covariance=covariance,
-        chi_sq=out["chi_sq"],
-        reduced_chi_sq=reduced,
-        n_pixels_used=out["n_used"],
-        snr=out["snr"],
-        flags=flags,
-        n_iterations=out["n_iter"],
-        start_index=out["start_index"],
-    )
+    fields["flags"][outside_training_range(fields["labels"], low, high)] |= PayneFlag.NEAR_TRAINING_EDGE
+    return PayneResult(**fields)
