@@ -1,5 +1,6 @@
 """Pieces shared by the label models (The Cannon, The Payne): label scaling, the arrays common to their model
-files, and the reduced chi-squared and training-range tests of their results."""
+files, the coefficients of masked pixels, and the reduced chi-squared and training-range tests of their
+results."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ __all__ = [
     "COMMON_MODEL_ARRAYS",
     "LabelScaling",
     "common_model_arrays",
+    "mask_untrainable",
     "outside_training_range",
     "reduced_chi_sq",
     "training_label_summary",
@@ -113,6 +115,15 @@ def training_label_summary(labels: np.ndarray, percentile_levels: tuple[float, .
         "training_label_percentiles": np.percentile(labels, percentile_levels, axis=0),
         "n_training": labels.shape[0],
     }
+
+
+def mask_untrainable(theta: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Give the pixels in ``bad`` (P,) or with a non-finite solution the masked-pixel coefficients ``theta =
+    [1, 0, ...]`` (in place; ``theta`` is (P, D)); returns the updated ``bad``."""
+    bad = bad | ~np.all(np.isfinite(theta), axis=1)
+    theta[bad] = 0.0
+    theta[bad, 0] = 1.0
+    return bad
 
 
 def reduced_chi_sq(chi_sq: np.ndarray, n_used: np.ndarray, n_parameters: int) -> np.ndarray:

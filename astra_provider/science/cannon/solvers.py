@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from astra_provider.science.cannon.batching import PairProducts, unpack_symmetric
+from astra_provider.science.labels import mask_untrainable
 
 __all__ = [
     "lasso_coordinate_descent",
@@ -110,10 +111,7 @@ def solve_normal_equations(
         theta, _ = lasso_coordinate_descent(
             gram, rhs, penalty, start, tol=lasso_tol, max_sweeps=lasso_max_sweeps
         )
-    bad = bad | ~np.all(np.isfinite(theta), axis=1)
-    theta[bad] = 0.0
-    theta[bad, 0] = 1.0
-    return theta, bad
+    return theta, mask_untrainable(theta, bad)
 
 
 def update_scatter(

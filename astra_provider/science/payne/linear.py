@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from astra_provider.science.labels import mask_untrainable
+
 __all__ = ["fit_scatter", "pixel_chunks", "solve_output_layer"]
 
 
@@ -58,10 +60,7 @@ def solve_output_layer(
                     theta[pixel] = np.linalg.solve(gram[index], rhs[index])
                 except np.linalg.LinAlgError:
                     bad[pixel] = True
-    bad |= ~np.all(np.isfinite(theta), axis=1)
-    theta[bad] = 0.0
-    theta[bad, 0] = 1.0
-    return theta, bad
+    return theta, mask_untrainable(theta, bad)
 
 
 def fit_scatter(
