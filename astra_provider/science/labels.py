@@ -5,6 +5,7 @@ results."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ __all__ = [
     "COMMON_MODEL_ARRAYS",
     "LabelScaling",
     "common_model_arrays",
+    "model_file_metadata",
     "mask_untrainable",
     "outside_training_range",
     "reduced_chi_sq",
@@ -72,6 +74,26 @@ def common_model_arrays(model: Any, kind: str, format_version: int) -> dict[str,
     if model.continuum_pixels is not None:
         arrays["continuum_pixels"] = model.continuum_pixels
     return arrays
+
+
+def model_file_metadata(
+    arrays: Mapping[str, np.ndarray], path: Path | str, model: str, format_version: int
+) -> dict[str, Any]:
+    """The metadata of the arrays of a label-model file (``model``: its name in messages).
+
+    :raises ValueError: naming ``path`` if the format version or the metadata cannot be parsed, or if the
+        format version is newer than ``format_version``, the one this code reads.
+    """
+    try:
+        version = int(arrays["format_version"])
+        metadata = json.loads(str(arrays["metadata_json"]))
+    except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a valid {model} model file: {exc}") from None
+    if version > format_version:
+        raise ValueError(
+            f"{path} has {model} model format version {version}; this code reads <= {format_version}"
+        )
+    return metadata
 
 
 class LabelScaling:

@@ -7,7 +7,6 @@ its own polynomial (and with it the model's order).
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from astra_provider.science.labels import COMMON_MODEL_ARRAYS, common_model_arrays
+from astra_provider.science.labels import COMMON_MODEL_ARRAYS, common_model_arrays, model_file_metadata
 
 if TYPE_CHECKING:
     from astra_provider.science.cannon.model import CannonModel
@@ -67,17 +66,9 @@ def cannon_model_fields(arrays: Mapping[str, np.ndarray], path: Path) -> dict[st
         raise ValueError(f"{path} is not a Cannon model: kind is {kind!r}, expected {MODEL_KIND!r}")
     if missing:
         raise ValueError(f"{path} is not a Cannon model file: missing {', '.join(missing)}")
+    metadata = model_file_metadata(arrays, path, "Cannon", FORMAT_VERSION)
     try:
-        version = int(arrays["format_version"])
         regularization = np.asarray(arrays["regularization"], dtype=np.float64)
-        metadata = json.loads(str(arrays["metadata_json"]))
-    except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is not a valid Cannon model file: {exc}") from None
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has Cannon model format version {version}; this code reads <= {FORMAT_VERSION}"
-        )
-    try:
         return {
             "label_names": tuple(str(s) for s in np.atleast_1d(arrays["label_names"])),
             "terms": tuple(str(s) for s in np.atleast_1d(arrays["terms"])),

@@ -10,7 +10,6 @@ settings, history) as JSON.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,12 @@ from typing import Any
 import numpy as np
 
 from astra_provider.science.cannon import PERCENTILE_LEVELS
-from astra_provider.science.labels import COMMON_MODEL_ARRAYS, LabelScaling, common_model_arrays
+from astra_provider.science.labels import (
+    COMMON_MODEL_ARRAYS,
+    LabelScaling,
+    common_model_arrays,
+    model_file_metadata,
+)
 from astra_provider.science.payne.network import ACTIVATION, Network
 
 __all__ = ["FORMAT_VERSION", "MODEL_KIND", "PayneModel", "describe_grid"]
@@ -210,17 +214,12 @@ class PayneModel(LabelScaling):
         missing = [key for key in _REQUIRED_ARRAYS if key not in arrays]
         if missing:
             raise ValueError(f"{path} is not a complete Payne model file: missing {', '.join(missing)}")
+        metadata = model_file_metadata(arrays, path, "Payne", FORMAT_VERSION)
         try:
-            version = int(arrays["format_version"])
             activation = str(arrays["activation"])
             n_layers = int(arrays["n_hidden_layers"])
-            metadata = json.loads(str(arrays["metadata_json"]))
-        except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path} is not a valid Payne model file: {exc}") from None
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has Payne model format version {version}; this code reads <= {FORMAT_VERSION}"
-            )
         if activation != ACTIVATION:
             raise ValueError(f"{path}: activation {activation!r} is not supported (only {ACTIVATION!r})")
         layers = [(f"hidden_weight_{i}", f"hidden_bias_{i}") for i in range(n_layers)]
