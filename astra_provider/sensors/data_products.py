@@ -41,7 +41,6 @@ from astra_provider.triggers.scan import (
     FoundFile,
     ScanReporter,
     Watermark,
-    describe_watch,
 )
 from astra_provider.utils import as_bool
 
@@ -207,11 +206,8 @@ class DataProductSensor(BaseSensorOperator):
     @property
     def reporter(self) -> ScanReporter:
         if self._reporter is None:
-            self._reporter = ScanReporter(
-                self.log,
-                self.root,
-                describe_watch(self.filetypes, self.pattern),
-                min_age_seconds=float(self.min_age_seconds),
+            self._reporter = ScanReporter.for_watch(
+                self.log, self.root, self.filetypes, self.pattern, min_age_seconds=float(self.min_age_seconds)
             )
         return self._reporter
 

@@ -41,7 +41,6 @@ from astra_provider.triggers.scan import (
     ScanResult,
     Watermark,
     describe_scan,
-    describe_watch,
     find_misplaced,
     scan_data_products,
     scan_patterns,
@@ -158,10 +157,11 @@ class _ScanningTrigger:
     @property
     def reporter(self) -> ScanReporter:
         if self._reporter is None:
-            self._reporter = ScanReporter(
+            self._reporter = ScanReporter.for_watch(
                 self.log,
                 self.root,
-                describe_watch(self.filetypes, self.pattern),
+                self.filetypes,
+                self.pattern,
                 min_age_seconds=self.min_age_seconds,
                 status_interval=self.status_interval,
             )

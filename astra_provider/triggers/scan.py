@@ -340,6 +340,21 @@ class ScanReporter:
         self._last: tuple[int, ...] | None = None
         self._last_time = float("-inf")
 
+    @classmethod
+    def for_watch(
+        cls,
+        logger: Any,
+        root: str,
+        filetypes: Sequence[str],
+        pattern: str | None,
+        *,
+        min_age_seconds: float,
+        status_interval: float = DEFAULT_STATUS_INTERVAL,
+    ) -> ScanReporter:
+        """The reporter of a watch of ``root`` for ``filetypes`` or ``pattern`` (:func:`describe_watch`)."""
+        watching = describe_watch(filetypes, pattern)
+        return cls(logger, root, watching, min_age_seconds=min_age_seconds, status_interval=status_interval)
+
     def not_taken(self, skipped: Sequence[tuple[str, str]]) -> None:
         """Log the files (or directories) not taken that were not logged before."""
         new = [(path, reason) for path, reason in skipped if path not in self._told]
