@@ -19,6 +19,7 @@ __all__ = [
     "mask_untrainable",
     "outside_training_range",
     "reduced_chi_sq",
+    "training_arrays",
     "training_label_summary",
 ]
 
@@ -127,6 +128,31 @@ class LabelScaling:
         if labels.ndim != 2 or labels.shape[1] != self.n_labels:
             raise ValueError(f"expected labels of shape (N, {self.n_labels}) or ({self.n_labels},)")
         return labels, single
+
+
+def training_arrays(
+    labels: np.ndarray, flux: np.ndarray, ivar: np.ndarray, wavelength: np.ndarray, n_labels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training labels (N, K) in float64, flux and ivar (N, P) (not copied) and wavelength (P,), checked.
+
+    :raises ValueError: naming the argument, for labels that are not (N, ``n_labels``) or not finite, or
+        inconsistent shapes.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.ndim != 2 or labels.shape[1] != n_labels:
+        raise ValueError(f"labels must have shape (N, {n_labels}), got {labels.shape}")
+    if not np.all(np.isfinite(labels)):
+        raise ValueError("training labels must be finite")
+    flux, ivar = np.asarray(flux), np.asarray(ivar)
+    n_stars = labels.shape[0]
+    if flux.ndim != 2 or flux.shape[0] != n_stars or ivar.shape != flux.shape:
+        raise ValueError(
+            f"flux and ivar must both have shape ({n_stars}, P); got {flux.shape} and {ivar.shape}"
+        )
+    wavelength = np.asarray(wavelength, dtype=np.float64).reshape(-1)
+    if wavelength.shape != (flux.shape[1],):
+        raise ValueError(f"wavelength must have shape ({flux.shape[1]},), got {wavelength.shape}")
+    return labels, flux, ivar, wavelength
 
 
 def training_label_summary(labels: np.ndarray, percentile_levels: tuple[float, ...]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from astra_provider.science.cannon.solvers import (
     update_scatter,
 )
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer, validate_label_names
-from astra_provider.science.labels import training_label_summary
+from astra_provider.science.labels import training_arrays, training_label_summary
 
 __all__ = ["TrainingSettings", "CannonTrainingState", "train"]
 
@@ -176,23 +176,8 @@ def _validated_training_inputs(
     """Names, labels (N, K), flux and ivar (N, P, not copied), wavelength (P,) and penalty (P,) of
     :func:`train`, checked; raises ``ValueError`` naming the bad argument."""
     names = validate_label_names(label_names)
-    labels = np.asarray(labels, dtype=np.float64)
-    if labels.ndim != 2 or labels.shape[1] != len(names):
-        raise ValueError(f"labels must have shape (N, {len(names)}), got {labels.shape}")
-    if not np.all(np.isfinite(labels)):
-        raise ValueError("training labels must be finite")
-    flux = np.asarray(flux)
-    ivar = np.asarray(ivar)
-    n_stars = labels.shape[0]
-    if flux.ndim != 2 or flux.shape[0] != n_stars or ivar.shape != flux.shape:
-        raise ValueError(
-            f"flux and ivar must both have shape ({n_stars}, P); got {flux.shape} and {ivar.shape}"
-        )
-    n_pixels = flux.shape[1]
-    wavelength = np.asarray(wavelength, dtype=np.float64).reshape(-1)
-    if wavelength.shape != (n_pixels,):
-        raise ValueError(f"wavelength must have shape ({n_pixels},), got {wavelength.shape}")
-    penalty = np.broadcast_to(np.asarray(regularization, dtype=np.float64), (n_pixels,))
+    labels, flux, ivar, wavelength = training_arrays(labels, flux, ivar, wavelength, len(names))
+    penalty = np.broadcast_to(np.asarray(regularization, dtype=np.float64), wavelength.shape)
     if np.any(~np.isfinite(penalty)) or np.any(penalty < 0):
         raise ValueError("regularization must be finite and >= 0")
     return names, labels, flux, ivar, wavelength, penalty

@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from astra_provider import __version__
 from astra_provider.science.cannon import PERCENTILE_LEVELS, label_offsets_and_scales
-from astra_provider.science.labels import training_label_summary
+from astra_provider.science.labels import training_arrays, training_label_summary
 from astra_provider.science.payne.linear import fit_scatter as fit_pixel_scatter
 from astra_provider.science.payne.linear import solve_output_layer
 from astra_provider.science.payne.model import PayneModel
@@ -83,11 +83,7 @@ def _check_inputs(
     names = tuple(str(name) for name in label_names)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"label names must be unique and non-empty, got {names}")
-    labels = np.asarray(labels, dtype=np.float64)
-    if labels.ndim != 2 or labels.shape[1] != len(names):
-        raise ValueError(f"labels must have shape (N, {len(names)}), got {labels.shape}")
-    if not np.all(np.isfinite(labels)):
-        raise ValueError("training labels must be finite")
+    labels, flux, ivar, wavelength = training_arrays(labels, flux, ivar, wavelength, len(names))
     if not 0.0 < validation_fraction < 0.5:
         raise ValueError(f"validation_fraction must be in (0, 0.5), got {validation_fraction}")
     if len(hidden_sizes) == 0 or any(int(h) < 1 for h in hidden_sizes):
@@ -102,14 +98,6 @@ def _check_inputs(
             f"(2 per output coefficient, plus a {validation_fraction:.0%} validation set), or a smaller "
             "last hidden layer"
         )
-    flux, ivar = np.asarray(flux), np.asarray(ivar)
-    if flux.ndim != 2 or flux.shape[0] != labels.shape[0] or ivar.shape != flux.shape:
-        raise ValueError(
-            f"flux and ivar must both have shape ({labels.shape[0]}, P); got {flux.shape} and {ivar.shape}"
-        )
-    wavelength = np.asarray(wavelength, dtype=np.float64).reshape(-1)
-    if wavelength.shape != (flux.shape[1],):
-        raise ValueError(f"wavelength must have shape ({flux.shape[1]},), got {wavelength.shape}")
     return labels, flux, ivar, names, wavelength
 
 
