@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from astra_provider._version import __version__
 
 __all__ = [
     "COMMON_MODEL_ARRAYS",
@@ -21,6 +24,7 @@ __all__ = [
     "reduced_chi_sq",
     "training_arrays",
     "training_label_summary",
+    "training_metadata",
 ]
 
 COMMON_MODEL_ARRAYS = (
@@ -153,6 +157,19 @@ def training_arrays(
     if wavelength.shape != (flux.shape[1],):
         raise ValueError(f"wavelength must have shape ({flux.shape[1]},), got {wavelength.shape}")
     return labels, flux, ivar, wavelength
+
+
+def training_metadata(**how: Any) -> dict[str, Any]:
+    """The metadata stored with a trained label model: when, the label scaling and the coefficients of masked
+    pixels (which every label model shares), ``how`` it was trained, and the versions."""
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "label_scaling": "offset = median, scale = (p97.5 - p2.5) / 4",
+        "masked_pixels": "theta = [1, 0, ...], s2 = 0, ignored by fit()",
+        **how,
+        "numpy_version": np.__version__,
+        "astra_provider_version": __version__,
+    }
 
 
 def training_label_summary(labels: np.ndarray, percentile_levels: tuple[float, ...]) -> dict[str, Any]:

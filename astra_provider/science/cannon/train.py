@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from astra_provider.science.cannon.solvers import (
     update_scatter,
 )
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer, validate_label_names
-from astra_provider.science.labels import training_arrays, training_label_summary
+from astra_provider.science.labels import training_arrays, training_label_summary, training_metadata
 
 __all__ = ["TrainingSettings", "CannonTrainingState", "train"]
 
@@ -185,23 +184,13 @@ def _validated_training_inputs(
 
 def _training_metadata(settings: TrainingSettings, extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """The metadata stored with a trained model: how it was trained, versions, then ``extra``."""
-    info: dict[str, Any] = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "label_scaling": "offset = median, scale = (p97.5 - p2.5) / 4",
-        "scatter": "maximum likelihood (Fisher scoring)" if settings.fit_scatter else "fixed at 0",
-        "masked_pixels": "theta = [1, 0, ...], s2 = 0, ignored by fit()",
-        "n_iterations": settings.n_iterations,
-        "n_scatter_steps": settings.n_scatter_steps,
-        "weight_tol": settings.weight_tol,
-        "min_stars_per_pixel": int(settings.min_stars_per_pixel),
-        "numpy_version": np.__version__,
-    }
-    try:
-        from astra_provider import __version__
-
-        info["astra_provider_version"] = __version__
-    except ImportError:  # pragma: no cover
-        pass
+    info = training_metadata(
+        scatter="maximum likelihood (Fisher scoring)" if settings.fit_scatter else "fixed at 0",
+        n_iterations=settings.n_iterations,
+        n_scatter_steps=settings.n_scatter_steps,
+        weight_tol=settings.weight_tol,
+        min_stars_per_pixel=int(settings.min_stars_per_pixel),
+    )
     info.update(dict(extra or {}))
     return info
 

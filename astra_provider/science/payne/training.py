@@ -25,15 +25,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from astra_provider import __version__
 from astra_provider.science.cannon import PERCENTILE_LEVELS, label_offsets_and_scales
-from astra_provider.science.labels import training_arrays, training_label_summary
+from astra_provider.science.labels import training_arrays, training_label_summary, training_metadata
 from astra_provider.science.payne.linear import fit_scatter as fit_pixel_scatter
 from astra_provider.science.payne.linear import solve_output_layer
 from astra_provider.science.payne.model import PayneModel
@@ -297,18 +295,13 @@ def _usable_data(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def _training_info(settings: TrainingSettings, history: list, seconds: float) -> dict[str, Any]:
     """The metadata of a trained model: method, settings, per-round history, time and versions."""
-    return {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "method": "The Payne (Ting+2019) emulator; hidden layers by variable projection, output layer by "
+    return training_metadata(
+        method="The Payne (Ting+2019) emulator; hidden layers by variable projection, output layer by "
         "per-pixel weighted least squares",
-        "label_scaling": "offset = median, scale = (p97.5 - p2.5) / 4",
         **asdict(settings),
-        "scatter": (
+        scatter=(
             "maximum likelihood (Fisher scoring, dof-corrected)" if settings.fit_scatter else "fixed at 0"
         ),
-        "masked_pixels": "theta = [1, 0, ...], s2 = 0, ignored by fit()",
-        "history": history,
-        "train_seconds": seconds,
-        "numpy_version": np.__version__,
-        "astra_provider_version": __version__,
-    }
+        history=history,
+        train_seconds=seconds,
+    )
