@@ -101,6 +101,7 @@ def _trigger_from_form(page, base: str, api: Api, params: dict[str, str], screen
     before = {run["dag_run_id"] for run in api.request("GET", f"/api/v2/dags/{DAG}/dagRuns")["dag_runs"]}
     page.goto(f"{base}/dags/{DAG}")
     page.get_by_test_id("trigger-dag-button").click()
+    page.locator("#element_data_root").wait_for()  # the form is rendered: count() below does not wait
     for name, value in params.items():
         field = page.locator(f"#element_{name}")
         (field if field.count() else _number_input(page, name)).fill(value)
