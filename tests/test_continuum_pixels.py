@@ -92,9 +92,12 @@ def test_derived_pixels_are_continuum_of_a_truth_that_chose_nothing(independent_
     assert truth_absorption.mean() < 3e-3 and shipped_absorption.mean() > 0.05
     _, _, fitted = continuum_normalize(WAVELENGTH, test.flux, test.ivar, mask)
     error = (test.continuum / fitted)[:, DETECTOR] - 1
-    # Measured: bias +0.002, rms 0.014 (0.7/SNR) at S/N 50 with pixels from 300 training stars; the shipped
-    # list gives a bias of +0.13.
-    assert abs(error.mean()) < 5e-3 and np.sqrt(np.mean(error**2)) < 0.025
+    # Normalised flux / truth-normalised flux - 1 at S/N 50, pixels from 300 training stars. Measured: 1,055
+    # pixels, bias +0.0013, rms 0.0052 (0.26/SNR; issue #9's target is 0.3/SNR). The criterion of tolerance
+    # 0.002 kept only the 210 pixels of the coverage rules here and gave 0.52/SNR; the shipped list gives a
+    # bias of +0.13. The bound (0.35/SNR) leaves ~35% for other noise draws and platforms.
+    assert abs(error.mean()) < 5e-3 and np.sqrt(np.mean(error**2)) * 50 < 0.35
+    assert mask.sum() > 700
 
 
 def test_model_stores_its_pixels_and_old_files_load(independent_training, selection, tmp_path: Path):

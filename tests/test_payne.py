@@ -10,6 +10,7 @@ import pytest
 from astropy.io import fits
 from sqlalchemy import select
 
+from astra_provider.science.cannon.continuum_pixels import ContinuumPixelCriteria
 from astra_provider.science.continuum_pixels import continuum_pixel_set_id, demo_continuum_pixels
 from astra_provider.science.payne import (
     MODEL_KIND,
@@ -370,7 +371,8 @@ def test_payne_train_and_test_tasks(astra_db, payne_surveys, tmp_path):
     # The continuum pixels were derived from the training set and travel in the model file.
     info = model.metadata["continuum_pixels"]
     assert info["source"] == "derived from the training set" and info["id"] == model.continuum_pixels_id
-    assert info["criteria"]["tolerance"] == 0.005  # TrainThePayne's default (The Cannon's: 0.002)
+    # TrainThePayne's default, which is the criteria's own (so both models derive the same set)
+    assert info["criteria"]["tolerance"] == 0.005 == ContinuumPixelCriteria().tolerance
     assert model.continuum_pixels.shape == (8575,) and info["n_pixels"] == int(model.continuum_pixels.sum())
     assert model.continuum_pixels_id != continuum_pixel_set_id(demo_continuum_pixels())
 

@@ -48,11 +48,11 @@ class TrainThePayne(TaskInstance):
     length_scale = Parameter(default=1400.0, description="Continuum: sinusoid period (Å).")
     continuum_pixels_path = training_pixels_parameter()
     continuum_pixel_tolerance = Parameter(
-        default=0.005,
+        default=0.005,  # ContinuumPixelCriteria's default (science is not imported here)
         type=float,
         description="Derived continuum pixels: the largest depression (95th percentile over the training "
-        "labels) of a continuum pixel. 0.005 (The Cannon: 0.002) was chosen by cross-validation on training "
-        "stars (bench/payne_cv.py): more pixels, less continuum noise.",
+        "labels) of a continuum pixel. The default (0.005, as for The Cannon) was chosen by cross-validation "
+        "on training stars (bench/payne_cv.py, bench/continuum_cv.py): more pixels, less continuum noise.",
     )
 
     def execute(self):

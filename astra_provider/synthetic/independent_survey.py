@@ -28,7 +28,13 @@ import numpy as np
 from astra_provider.synthetic.independent import IndependentTruthModel
 from astra_provider.synthetic.truth import TRUTH_FILENAME, SurveyTruth
 
-__all__ = ["IndependentSurvey", "independent_survey", "truth_labels", "truth_normalized"]
+__all__ = [
+    "IndependentSurvey",
+    "independent_survey",
+    "truth_labels",
+    "truth_normalized",
+    "with_true_continuum",
+]
 
 _SPEC_FILENAME = "independent-survey.json"
 
@@ -93,20 +99,27 @@ def truth_labels(truth: SurveyTruth) -> np.ndarray:
 def truth_normalized(truth: SurveyTruth) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first row of every apStar file of ``truth`` divided by its true continuum (the star's continuum
     times the visit throughput): ``(wavelength, flux, ivar)`` with flux ``(n, 8575)``; bad pixels ivar 0."""
+    wavelength, flux, ivar, continuum = with_true_continuum(truth)
+    return wavelength, flux / continuum, ivar * continuum**2
+
+
+def with_true_continuum(truth: SurveyTruth) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The first row of every apStar file of ``truth`` as observed, and its true continuum:
+    ``(wavelength, flux, ivar, continuum)``, each spectrum array ``(n, 8575)``."""
     from astra_provider.sdss.spectrum import read_spectrum
     from astra_provider.synthetic.apogee_flux import star_continuum
 
     rows = truth.of_filetype("apStar")
-    flux, ivar, wavelength = [], [], None
+    flux, ivar, continua, wavelength = [], [], [], None
     for row in rows:
         spectrum = read_spectrum(truth.root / row["path"])
         wavelength = spectrum.wavelength
-        continuum = star_continuum(row["continuum_seed"], wavelength) * row["throughput"]
-        flux.append(spectrum.flux[0] / continuum)
-        ivar.append(spectrum.ivar[0] * continuum**2)
+        continua.append(star_continuum(row["continuum_seed"], wavelength) * row["throughput"])
+        flux.append(spectrum.flux[0])
+        ivar.append(spectrum.ivar[0])
     if wavelength is None:
         raise ValueError(f"{truth.root}: the survey has no apStar file")
-    return wavelength, np.array(flux), np.array(ivar)
+    return wavelength, np.array(flux), np.array(ivar), np.array(continua)
 
 
 def _write_training_table(truth: SurveyTruth, path: Path) -> None:
