@@ -143,13 +143,15 @@ def speed(instrument: str, paths: list[str], model_path: Path) -> dict[str, floa
     from astra_provider.science.doppler import DopplerOptions, measure_visit_radial_velocities
     from astra_provider.templates.prepare import prepared_model, template_grids
 
-    models = [prepared_model(grid, instrument) for grid in template_grids(model_path)]
     started = time.perf_counter()
     DopplerRadialVelocity(input_data_products=paths, model_path=str(model_path)).execute(force=True)
     task = time.perf_counter() - started
     started = time.perf_counter()
     visits = [visit for path in paths for visit in _read_input(path).visits]
     read = time.perf_counter() - started
+    per_pixel_lsf = all(v.lsf_sigma is not None for v in visits)  # BOSS WDISP, apVisit HDU 10
+    grids = template_grids(model_path)
+    models = [prepared_model(grid, instrument, per_pixel_lsf=per_pixel_lsf) for grid in grids]
     options = (DopplerOptions.boss if instrument == "boss" else DopplerOptions)(label_margin=0.0)
     started = time.perf_counter()
     measure_visit_radial_velocities(
@@ -157,7 +159,7 @@ def speed(instrument: str, paths: list[str], model_path: Path) -> dict[str, floa
         [v.flux for v in visits],
         [v.ivar for v in visits],
         models,
-        lsf_sigma=[v.lsf_sigma for v in visits] if instrument == "boss" else None,
+        lsf_sigma=[v.lsf_sigma for v in visits] if per_pixel_lsf else None,
         options=options,
     )
     science = time.perf_counter() - started
@@ -202,6 +204,7 @@ def main() -> None:
     for grid in template_grids(model_path):
         for instrument in ("apogee", "boss"):
             prepared_model(grid, instrument)
+        prepared_model(grid, "apogee", per_pixel_lsf=True)  # apVisit files with their LSF (HDU 10)
     print(
         f"templates prepared for APOGEE and BOSS (both grids): {time.perf_counter() - started:.1f} s (once)"
     )
