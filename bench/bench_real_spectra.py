@@ -15,7 +15,7 @@
    fits the apVisit and BOSS files (barycentric correction from the header) and the table shows its
    velocity and seconds per spectrum next to ours.
 
-With ``--chips``, each apVisit chip is also fitted alone, with one Gaussian LSF and with the file's own.
+With ``--chips``, each apVisit chip is also fitted alone, without and with the file's LSF centres (HDU 10).
 Prints the load average before and after, ms per spectrum against the targets (≤ 50 ms per apVisit, ≤ 80
 ms per BOSS spectrum) and the speed ratio to Doppler.
 
@@ -127,26 +127,21 @@ def print_agreement(table: list[dict], doppler: dict[str, dict]) -> None:
 
 
 def print_chip_velocities(files: dict[str, Path], model_path: Path) -> None:
-    """Each apVisit chip fitted alone (the other chips' ivar set to 0), with one Gaussian LSF (R = 22,500)
-    and with the file's own LSF (HDU 10: centre offsets and widths), as Δ = vhelio − VHELIO."""
+    """Each apVisit chip fitted alone (the other chips' ivar set to 0), on the file's wavelengths and on
+    those moved by its LSF's centres (HDU 10, what the task uses), as Δ = vhelio − VHELIO."""
     from astra_provider.contrib.doppler import _read_input
     from astra_provider.science.doppler import DopplerOptions, measure_visit_radial_velocities
     from astra_provider.sdss.spectrum import read_spectrum
     from astra_provider.templates.prepare import prepared_model, template_grids
 
-    grids = template_grids(model_path)
-    single = [prepared_model(grid, "apogee") for grid in grids]
-    stacks = [prepared_model(grid, "apogee", per_pixel_lsf=True) for grid in grids]
+    models = [prepared_model(grid, "apogee") for grid in template_grids(model_path)]
     print("\napVisit chips fitted alone (blue, green, red), Δ = vhelio − VHELIO ± σ (km/s):")
     for name, path in files.items():
         if not name.startswith("apVisit"):
             continue
         visit, truth = _read_input(str(path)).visits[0], _truth(path)[0]["vhelio"]
         raw = read_spectrum(path).wavelength
-        for label, wavelength, models, sigma in (
-            ("one Gaussian", raw, single, None),
-            ("file's LSF", visit.wavelength, stacks, [visit.lsf_sigma]),
-        ):
+        for label, wavelength in (("file's λ", raw), ("LSF centres", visit.wavelength)):
             cells = []
             for chip in np.array_split(np.arange(visit.ivar.size), 3):
                 ivar = np.zeros_like(visit.ivar)
@@ -156,7 +151,6 @@ def print_chip_velocities(files: dict[str, Path], model_path: Path) -> None:
                     [visit.flux],
                     [ivar],
                     models,
-                    lsf_sigma=sigma,
                     options=DopplerOptions(label_margin=0.0),
                 )
                 cells.append(f"{result.vrel[0] + visit.bc - truth:+6.2f} ± {result.u_vrel[0]:.2f}")
@@ -176,40 +170,31 @@ def _bundle(files: list[Path], n: int, directory: Path) -> list[str]:
 
 
 def speed(instrument: str, paths: list[str], model_path: Path) -> dict[str, float]:
-    """ms per spectrum: the whole task, read alone and science alone (templates already prepared). For
-    apVisit files with their LSF, the science also with one Gaussian LSF (``science_gaussian``, the path
-    of files without HDU 10); the two science timings are the best of 3, alternated."""
+    """ms per spectrum: the whole task, read alone and science alone (templates already prepared)."""
     from astra_provider.contrib.doppler import DopplerRadialVelocity, _read_input
     from astra_provider.science.doppler import DopplerOptions, measure_visit_radial_velocities
     from astra_provider.templates.prepare import prepared_model, template_grids
 
+    models = [prepared_model(grid, instrument) for grid in template_grids(model_path)]
     started = time.perf_counter()
     DopplerRadialVelocity(input_data_products=paths, model_path=str(model_path)).execute(force=True)
     task = time.perf_counter() - started
     started = time.perf_counter()
     visits = [visit for path in paths for visit in _read_input(path).visits]
     read = time.perf_counter() - started
-    per_pixel_lsf = all(v.lsf_sigma is not None for v in visits)  # BOSS WDISP, apVisit HDU 10
-    grids = template_grids(model_path)
-    variants = {"science": [prepared_model(grid, instrument, per_pixel_lsf=per_pixel_lsf) for grid in grids]}
-    if instrument == "apogee" and per_pixel_lsf:
-        variants["science_gaussian"] = [prepared_model(grid, instrument) for grid in grids]
     options = (DopplerOptions.boss if instrument == "boss" else DopplerOptions)(label_margin=0.0)
-    best = dict.fromkeys(variants, np.inf)
-    for _ in range(3 if len(variants) > 1 else 1):
-        for name, models in variants.items():
-            started = time.perf_counter()
-            measure_visit_radial_velocities(
-                [v.wavelength for v in visits],
-                [v.flux for v in visits],
-                [v.ivar for v in visits],
-                models,
-                lsf_sigma=[v.lsf_sigma for v in visits] if name == "science" and per_pixel_lsf else None,
-                options=options,
-            )
-            best[name] = min(best[name], time.perf_counter() - started)
+    started = time.perf_counter()
+    measure_visit_radial_velocities(
+        [v.wavelength for v in visits],
+        [v.flux for v in visits],
+        [v.ivar for v in visits],
+        models,
+        lsf_sigma=[v.lsf_sigma for v in visits] if instrument == "boss" else None,
+        options=options,
+    )
+    science = time.perf_counter() - started
     n = len(paths)
-    return {"task": 1e3 * task / n, "read": 1e3 * read / n, **{k: 1e3 * v / n for k, v in best.items()}}
+    return {"task": 1e3 * task / n, "read": 1e3 * read / n, "science": 1e3 * science / n}
 
 
 def run_doppler(python: str, files: list[Path]) -> dict[str, dict]:
@@ -250,7 +235,6 @@ def main() -> None:
     for grid in template_grids(model_path):
         for instrument in ("apogee", "boss"):
             prepared_model(grid, instrument)
-        prepared_model(grid, "apogee", per_pixel_lsf=True)  # apVisit files with their LSF (HDU 10)
     print(
         f"templates prepared for APOGEE and BOSS (both grids): {time.perf_counter() - started:.1f} s (once)"
     )
@@ -289,12 +273,6 @@ def main() -> None:
                 f"{times['task'] / target:.2f}); read {times['read']:.1f}, science {times['science']:.1f} "
                 f"ms/spectrum{ratio}"
             )
-            if "science_gaussian" in times:
-                print(
-                    f"          science with the file's LSF {times['science']:.1f} against one Gaussian "
-                    f"{times['science_gaussian']:.1f} ms/spectrum (best of 3, alternated): ratio "
-                    f"{times['science'] / times['science_gaussian']:.2f}"
-                )
         database.configure(None)
     print(f"load average after: {os.getloadavg()}")
 

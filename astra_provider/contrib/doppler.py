@@ -13,12 +13,10 @@ multiplicative continuum with the model evaluated at the observed pixels).
 
 Frames (one ``astra.doppler`` row per visit, ``vhelio = vrel + bc`` in every row):
 
-* apVisit: the measured velocity is ``vrel`` (observed frame); ``bc`` is the header's ``BC``. A file with
-  its fibre's Gauss–Hermite LSF (HDU 10) is measured with it: each pixel's wavelength is moved by the
-  offset of its LSF's centre (the asymmetric part), and, when the grid has a model fine enough for an
-  APOGEE LSF stack, the model takes each pixel's LSF width (``per_pixel_lsf`` of
-  :func:`~astra_provider.templates.prepare.prepared_model`). Files without it keep one Gaussian LSF
-  (R = 22,500); the two kinds are measured in separate groups of the bundle.
+* apVisit: the measured velocity is ``vrel`` (observed frame); ``bc`` is the header's ``BC``. In a file
+  with its fibre's Gauss–Hermite LSF (HDU 10), each pixel's wavelength is moved by the offset of its LSF's
+  centre (``extras["lsf_offset"]``: the asymmetric part of the LSF); the templates keep one Gaussian LSF of
+  R = 22,500, as for files without HDU 10.
 * apStar: each visit row was shifted to rest by the APOGEE pipeline with its ``VRAD``; the measured
   residual is added back: ``vrel = VRAD + v``, ``bc = BC``.
 * BOSS: the wavelengths are already heliocentric, so the measured velocity is ``vhelio``. The header's
@@ -84,23 +82,18 @@ class DopplerRadialVelocity(TaskInstance):
     def execute(self):
         inputs = self.read_inputs(_read_input)
         outputs: dict[int, dict] = {}
-        for instrument, per_pixel_lsf in (("apogee", False), ("apogee", True), ("boss", True)):
-            group = [
-                item
-                for item in inputs
-                if item[2].instrument == instrument and _has_lsf(item[2]) == per_pixel_lsf
-            ]
+        for instrument in ("apogee", "boss"):
+            group = [item for item in inputs if item[2].instrument == instrument]
             if group:
-                outputs.update(self._measure(instrument, group, per_pixel_lsf))
+                outputs.update(self._measure(instrument, group))
         return [outputs.get(task.pk) for task, _ in self.iterable()]
 
-    def _measure(self, instrument: str, group: list, per_pixel_lsf: bool) -> dict[int, dict]:
-        """Measure the inputs of one instrument (and kind of LSF) together; write their rows; return task pk
-        → output."""
+    def _measure(self, instrument: str, group: list) -> dict[int, dict]:
+        """Measure the inputs of one instrument together; write their rows; return task pk → output."""
         from astra_provider.science.doppler import DopplerOptions, measure_visit_radial_velocities
         from astra_provider.templates.prepare import prepared_model
 
-        models = [prepared_model(grid, instrument, per_pixel_lsf=per_pixel_lsf) for grid in self.grids]
+        models = [prepared_model(grid, instrument) for grid in self.grids]
         grid_wavelength = models[0].wavelength
         measured = []
         for task, data_product, item in group:
@@ -120,7 +113,7 @@ class DopplerRadialVelocity(TaskInstance):
             [visit.ivar for visit in visits],
             models,
             max_velocity=float(self.max_velocity),
-            lsf_sigma=[visit.lsf_sigma for visit in visits] if per_pixel_lsf else None,
+            lsf_sigma=[visit.lsf_sigma for visit in visits] if instrument == "boss" else None,
             options=options,
         )
         return self._write(measured, result)
@@ -146,10 +139,6 @@ class DopplerRadialVelocity(TaskInstance):
             output["flag"] = output.pop("bitmask_flag")
             outputs[task.pk] = output
         return outputs
-
-
-def _has_lsf(item: _Input) -> bool:
-    return all(visit.lsf_sigma is not None for visit in item.visits)
 
 
 def _row(visit: _Visit, result, index: int, grid_names: list[str]) -> dict:
@@ -205,12 +194,11 @@ def _apvisit_visits(spectrum) -> list[_Visit]:
     if not np.isfinite(bc):
         raise ValueError(f"{spectrum.path}: no barycentric correction (BC) in the header")
     ivar = apogee_rv_ivar(spectrum.ivar, spectrum.pixel_flags)[0]
-    wavelength, lsf_sigma = spectrum.wavelength, None
-    if "lsf_sigma" in spectrum.extras:
+    wavelength = spectrum.wavelength
+    if "lsf_offset" in spectrum.extras:
         # The model of a pixel is the symmetric-LSF model at the wavelength of its LSF's centre.
         wavelength = wavelength * np.exp(-spectrum.extras["lsf_offset"][0])
-        lsf_sigma = spectrum.extras["lsf_sigma"][0]
-    return [_Visit(0, wavelength, spectrum.flux[0], ivar, lsf_sigma, bc, 0.0, float(spectrum.snr[0]))]
+    return [_Visit(0, wavelength, spectrum.flux[0], ivar, None, bc, 0.0, float(spectrum.snr[0]))]
 
 
 def _apstar_visits(spectrum) -> list[_Visit]:

@@ -10,10 +10,6 @@ For each instrument a grid is prepared from the most suitable of its files:
 * **APOGEE**: a model on the apStar grid as it is; else a model fine enough to convolve (the 150,001-pixel
   vacuum grid) convolved with R = 22,500 onto the apStar grid (:func:`.apstar_model`); else any log-linear
   model as it is.
-* **APOGEE with a per-pixel LSF** (``per_pixel_lsf=True``: apVisit files with their Gauss–Hermite LSF, HDU
-  10): a fine model becomes an :class:`~astra_provider.science.lsf.LsfStack` on the apStar grid, convolved
-  with Gaussian LSFs of resolving power 28,000 down to 16,000 (σ in steps of ×1.1, 7 members); without a fine
-  model, the APOGEE choice above (one Gaussian LSF).
 * **BOSS**: a fine model becomes an :class:`~astra_provider.science.lsf.LsfStack` on a log grid of step
   5e-5 dex over 3500–10600 Å (half a BOSS pixel), convolved with Gaussian σ from 0.6 to 2.5 BOSS pixels in
   steps of ×1.15 (11 members), so that each spectrum's own ``WDISP`` sets its LSF pixel by pixel; else a
@@ -46,7 +42,6 @@ from astra_provider.templates.install import apstar_model
 from astra_provider.templates.sources import cache_dir, sha256_file
 
 __all__ = [
-    "APOGEE_STACK_RESOLUTION",
     "BOSS_MODEL_LOG10_STEP",
     "BOSS_MODEL_RANGE_AA",
     "BOSS_STACK_WDISP",
@@ -63,9 +58,6 @@ BOSS_MODEL_RANGE_AA = (3500.0, 10600.0)
 """Wavelength range of the BOSS LSF stacks (vacuum Å): the BOSS range and ±1000 km/s beyond it."""
 BOSS_STACK_WDISP = (0.6, 2.5, 1.15)
 """First and last LSF σ (BOSS pixels, the unit of ``WDISP``) of the stack, and the ratio between members."""
-APOGEE_STACK_RESOLUTION = (28000.0, 16000.0, 1.1)
-"""Resolving powers of the narrowest and widest members of the APOGEE LSF stack, and the σ ratio between
-members (the apVisit LSFs of the cached files have Gaussian equivalents of R ≈ 22,000–25,500)."""
 PREPARE_VERSION = 1  # bump when a preparation changes, so that disk-cached stacks are rebuilt
 
 _APSTAR = LogLinearGrid.apstar()
@@ -132,20 +124,16 @@ def template_grids(model_path: str | os.PathLike[str]) -> list[TemplateGrid]:
     return sorted(grids, key=lambda grid: grid.name)
 
 
-def prepared_model(
-    grid: TemplateGrid, instrument: str, *, per_pixel_lsf: bool = False
-) -> CannonModel | LsfStack:
+def prepared_model(grid: TemplateGrid, instrument: str) -> CannonModel | LsfStack:
     """The grid made ready for ``instrument`` (``"apogee"`` or ``"boss"``), built once per process.
 
-    :param per_pixel_lsf: for APOGEE, an LSF stack (spectra that give every pixel's LSF width) when the grid
-        has a model fine enough to build one; BOSS always gets a stack when it can.
     :raises ValueError: for an unknown instrument, or a grid none of whose files is log-linear or fine
         enough to prepare.
     """
     if instrument not in INSTRUMENTS:
         raise ValueError(f"unknown instrument {instrument!r}; known: {INSTRUMENTS}")
     infos = [_file_info(path) for path in grid.files]
-    source, action = _choose(infos, instrument, per_pixel_lsf)
+    source, action = _choose(infos, instrument)
     stat = source.path.stat()
     key = (str(source.path.resolve()), stat.st_size, stat.st_mtime_ns, instrument, action, PREPARE_VERSION)
     with _CACHE_LOCK:
@@ -154,17 +142,13 @@ def prepared_model(
         return _CACHE[key]
 
 
-def _choose(infos: list[_FileInfo], instrument: str, per_pixel_lsf: bool) -> tuple[_FileInfo, str]:
-    """The file to prepare from and how: ``"as-is"``, ``"apstar"`` (convolve), ``"apogee-stack"`` or
-    ``"boss-stack"``."""
+def _choose(infos: list[_FileInfo], instrument: str) -> tuple[_FileInfo, str]:
+    """The file to prepare from and how: ``"as-is"``, ``"apstar"`` (convolve) or ``"boss-stack"``."""
     if instrument == "apogee":
         ready = [info for info in infos if info.grid is not None and info.grid.matches(_APSTAR)]
         sigma, (low, high) = lsf_sigma_from_resolution(APOGEE_LSF_RESOLUTION), _apstar_range()
         fine = [info for info in infos if info.fine_for(sigma, low, high)]
         order = [(ready, "as-is"), (fine, "apstar")]
-        if per_pixel_lsf:
-            narrowest = _apogee_sigmas()[0]
-            order.insert(0, ([info for info in infos if info.fine_for(narrowest, low, high)], "apogee-stack"))
     else:
         sigma = _boss_sigmas()[0]
         fine = [info for info in infos if info.fine_for(sigma, *BOSS_MODEL_RANGE_AA)]
@@ -193,14 +177,10 @@ def _prepare(path: Path, action: str, instrument: str) -> CannonModel | LsfStack
             return LsfStack.load(cached)
         except (OSError, ValueError, KeyError):
             pass  # rebuilt below
-    if action == "apogee-stack":
-        wavelength, sigmas, name = _APSTAR.wavelength, _apogee_sigmas(), "APOGEE LSF stack (apStar grid)"
-    else:
-        low, high = BOSS_MODEL_RANGE_AA
-        n_pixels = int(math.floor(math.log10(high / low) / BOSS_MODEL_LOG10_STEP)) + 1
-        wavelength = 10.0 ** (math.log10(low) + BOSS_MODEL_LOG10_STEP * np.arange(n_pixels))
-        sigmas, name = _boss_sigmas(), "BOSS LSF stack"
-    stack = convolve_model_stack(model, wavelength, sigmas, metadata={"grid": name})
+    low, high = BOSS_MODEL_RANGE_AA
+    n_pixels = int(math.floor(math.log10(high / low) / BOSS_MODEL_LOG10_STEP)) + 1
+    wavelength = 10.0 ** (math.log10(low) + BOSS_MODEL_LOG10_STEP * np.arange(n_pixels))
+    stack = convolve_model_stack(model, wavelength, _boss_sigmas(), metadata={"grid": "BOSS LSF stack"})
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f"{cached.stem}.{os.getpid()}.partial.npz")
     stack.save(partial)
@@ -212,13 +192,6 @@ def _boss_sigmas() -> np.ndarray:
     first, last, ratio = BOSS_STACK_WDISP
     n = int(math.ceil(math.log(last / first) / math.log(ratio))) + 1
     return first * ratio ** np.arange(n) * BOSS_CDELT * math.log(10.0)
-
-
-def _apogee_sigmas() -> np.ndarray:
-    narrowest, widest, ratio = APOGEE_STACK_RESOLUTION
-    first, last = lsf_sigma_from_resolution(narrowest), lsf_sigma_from_resolution(widest)
-    n = int(math.ceil(math.log(last / first) / math.log(ratio))) + 1
-    return first * ratio ** np.arange(n)
 
 
 def _apstar_range() -> tuple[float, float]:
