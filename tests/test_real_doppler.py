@@ -106,7 +106,7 @@ def test_doppler_task_on_every_real_file(astra_db, files, templates_dir):
                 assert abs(delta) <= 3 * max(expected["error"], row.u_vrel) + 2.0, (name, delta, row.u_vrel)
                 continue
             # APOGEE: the brief's 0.6 km/s for every visit. The warm metal-poor dwarf of plate 5095 needs its
-            # file's LSF (HDU 10) for it: −0.52 km/s with it, −0.66 with one Gaussian (docs/templates.md).
+            # file's LSF centres (HDU 10) for it: −0.51 km/s with them, −0.66 without (docs/templates.md).
             assert abs(delta) <= 0.6, (name, row.row_index, delta)
             assert abs(row.teff - expected["teff"]) <= 500.0, (name, row.teff, expected["teff"])
             assert np.isfinite([row.u_teff, row.u_logg, row.u_fe_h]).all()
