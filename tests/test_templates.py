@@ -25,6 +25,7 @@ from astra_provider.sdss.apogee import apogee_wavelength
 from astra_provider.templates.annieslasso import cannon_model_from_state
 from astra_provider.templates.importer import convert_template_grid, import_template_grid
 from astra_provider.templates.install import build_templates, install_templates
+from astra_provider.templates.prepare import TemplateGrid, prepared_model
 from astra_provider.templates.restricted_pickle import UnsafePickleError, load_restricted_pickle
 from astra_provider.templates.sources import TEMPLATE_GRIDS, THEDOPPLER, fetch_member, sha256_file
 
@@ -262,6 +263,17 @@ def test_instrument_models(templates: dict[str, Path]):
     # Convolution keeps a flat continuum at 1 and only makes lines shallower.
     flux = apstar.predict(np.array([4750.0, 2.5, -0.2]))
     assert flux.min() > 0.3 and np.percentile(flux, 99) == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_grid_with_only_the_vacuum_model_is_prepared_for_apogee(templates: dict[str, Path]):
+    """The 0.1 Å vacuum grid has 2.9 pixels per APOGEE σ at 15,100 Å (its coarsest step in ln λ there),
+    although its median step over 3000–18000 Å gives fewer than 2: it is convolved onto the apStar grid."""
+    vacuum_only = TemplateGrid("vacuum-only", (templates["coolstars-vacuum"],))
+    model = prepared_model(vacuum_only, "apogee")
+    assert isinstance(model, CannonModel) and model.metadata["lsf"]["resolution"] == 22_500.0
+    np.testing.assert_allclose(model.wavelength, apogee_wavelength(), rtol=1e-9)
+    installed = CannonModel.load(templates["coolstars-apstar"])
+    np.testing.assert_allclose(model.theta, installed.theta, rtol=1e-9, atol=1e-12)  # the same convolution
 
 
 # ----------------------------------------------------------------------------------------------------------

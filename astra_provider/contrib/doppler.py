@@ -13,7 +13,10 @@ multiplicative continuum with the model evaluated at the observed pixels).
 
 Frames (one ``astra.doppler`` row per visit, ``vhelio = vrel + bc`` in every row):
 
-* apVisit: the measured velocity is ``vrel`` (observed frame); ``bc`` is the header's ``BC``.
+* apVisit: the measured velocity is ``vrel`` (observed frame); ``bc`` is the header's ``BC``. In a file
+  with its fibre's Gauss–Hermite LSF (HDU 10), each pixel's wavelength is moved by the offset of its LSF's
+  centre (``extras["lsf_offset"]``: the asymmetric part of the LSF); the templates keep one Gaussian LSF of
+  R = 22,500, as for files without HDU 10.
 * apStar: each visit row was shifted to rest by the APOGEE pipeline with its ``VRAD``; the measured
   residual is added back: ``vrel = VRAD + v``, ``bc = BC``.
 * BOSS: the wavelengths are already heliocentric, so the measured velocity is ``vhelio``. The header's
@@ -191,7 +194,11 @@ def _apvisit_visits(spectrum) -> list[_Visit]:
     if not np.isfinite(bc):
         raise ValueError(f"{spectrum.path}: no barycentric correction (BC) in the header")
     ivar = apogee_rv_ivar(spectrum.ivar, spectrum.pixel_flags)[0]
-    return [_Visit(0, spectrum.wavelength, spectrum.flux[0], ivar, None, bc, 0.0, float(spectrum.snr[0]))]
+    wavelength = spectrum.wavelength
+    if "lsf_offset" in spectrum.extras:
+        # The model of a pixel is the symmetric-LSF model at the wavelength of its LSF's centre.
+        wavelength = wavelength * np.exp(-spectrum.extras["lsf_offset"][0])
+    return [_Visit(0, wavelength, spectrum.flux[0], ivar, None, bc, 0.0, float(spectrum.snr[0]))]
 
 
 def _apstar_visits(spectrum) -> list[_Visit]:

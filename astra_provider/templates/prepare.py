@@ -83,10 +83,6 @@ class _FileInfo:
     metadata: dict
 
     @property
-    def log_step(self) -> float:
-        return float(np.median(np.diff(np.log(self.wavelength))))
-
-    @property
     def grid(self) -> LogLinearGrid | None:
         try:
             return LogLinearGrid.from_wavelength(self.wavelength)
@@ -94,9 +90,13 @@ class _FileInfo:
             return None
 
     def fine_for(self, sigma: float, low: float, high: float) -> bool:
-        """Whether it can be convolved with an LSF of σ (ln λ) and covers ``low``–``high`` Å."""
-        covers = self.wavelength[0] <= low and self.wavelength[-1] >= high
-        return covers and sigma / self.log_step >= _MIN_PIXELS_PER_SIGMA
+        """Whether it can be convolved with an LSF of σ (ln λ) and covers ``low``–``high`` Å (judged by its
+        coarsest step in ln λ within that range: a grid linear in λ is coarsest at its blue end)."""
+        if not (self.wavelength[0] <= low and self.wavelength[-1] >= high):
+            return False
+        inside = self.wavelength[(self.wavelength >= low) & (self.wavelength <= high)]
+        step = float(np.max(np.diff(np.log(inside)), initial=0.0)) if inside.size > 1 else np.inf
+        return sigma / step >= _MIN_PIXELS_PER_SIGMA
 
 
 def template_grids(model_path: str | os.PathLike[str]) -> list[TemplateGrid]:

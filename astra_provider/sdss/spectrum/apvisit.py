@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from astra_provider.science.apogee_lsf import apvisit_pixel_lsf
 from astra_provider.sdss.spectrum.container import Spectrum, SpectrumReadError
 from astra_provider.sdss.spectrum.reading import (
     apogee_ivar,
@@ -32,10 +33,15 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
     ``BC``), ``mjd`` (``MJD5``), ``fiber`` (``FIBERID``), ``plate``, ``telescope``, ``objid``, ``jd_mid``,
     ``vhelio``/``vrad`` when present, ``dithered`` (4096 pixels per chip), ``snr`` = ``[SNR]`` and the
     pipeline's RV-template labels ``rv_teff``/``rv_logg``/``rv_fe_h`` (``RVTEFF``... cards) when present.
+
+    With HDU 10 (the fibre's Gauss–Hermite LSF coefficients; all zeros counts as none), ``extras`` holds
+    each pixel's equivalent Gaussian LSF in ln λ
+    (:func:`~astra_provider.science.apogee_lsf.apvisit_pixel_lsf`): ``lsf_sigma`` and ``lsf_offset`` (the
+    LSF centre's offset from the pixel's wavelength).
     """
     path = Path(path)
     with open_fits(path) as handle:
-        found = count_hdus(handle, 5)
+        found = count_hdus(handle, 11)
         if found < 5:
             raise SpectrumReadError(path, f"corrupt apVisit: {found} HDUs, at least 5 expected (missing HDU)")
         header = handle.header(0)
@@ -43,6 +49,7 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
         sigma = read_image(path, handle, 2, "error")
         mask = read_image(path, handle, 3, "mask")
         wave = read_image(path, handle, 4, "wavelength")
+        lsf = read_image(path, handle, 10, "LSF coefficients") if found >= 11 else None
         meta = common_meta(path, "apVisit", header)
 
     if flux.ndim != 2:
@@ -60,6 +67,7 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
     flux_1d, sigma_1d, mask_1d = unfold(flux), unfold(sigma), unfold(mask).astype(np.int64)
     if not np.all(np.isfinite(wavelength)):
         raise SpectrumReadError(path, "non-finite wavelengths in HDU4")
+    extras = {name: unfold(array) for name, array in _pixel_lsf(path, wave, lsf).items()}
     if np.any(np.diff(wavelength) <= 0):
         order = np.argsort(wavelength, kind="stable")
         wavelength, flux_1d, sigma_1d, mask_1d = (
@@ -68,6 +76,7 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
             sigma_1d[order],
             mask_1d[order],
         )
+        extras = {name: array[order] for name, array in extras.items()}
         if np.any(np.diff(wavelength) <= 0):
             raise SpectrumReadError(
                 path, "wavelengths in HDU4 are not distinct (overlapping or repeated pixels)"
@@ -97,4 +106,19 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
             "row_kind": np.array(["visit"]),
         }
     )
-    return Spectrum(wavelength, flux_1d, ivar, mask_1d, meta)
+    return Spectrum(wavelength, flux_1d, ivar, mask_1d, meta, extras)
+
+
+def _pixel_lsf(path: Path, wave: np.ndarray, lsf: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``lsf_offset`` and ``lsf_sigma`` (chips, pixels) from HDU 10, or nothing without it or when it is all
+    zeros (a placeholder, e.g. our synthetic apVisit files).
+
+    :raises SpectrumReadError: if HDU 10 does not hold one valid set of coefficients per chip.
+    """
+    if lsf is None or not np.any(lsf):
+        return {}
+    try:
+        offset, sigma = apvisit_pixel_lsf(wave, lsf)
+    except ValueError as error:
+        raise SpectrumReadError(path, f"HDU10 (LSF coefficients, shape {np.shape(lsf)}): {error}") from None
+    return {"lsf_offset": offset, "lsf_sigma": sigma}
