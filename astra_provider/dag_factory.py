@@ -181,39 +181,40 @@ def _build_step(step: Any, tails: dict[str, Any], conn_id: str) -> tuple[Any, An
     data_products = None
     if inputs is not None:
         data_products = tails[inputs.step].output if inputs.step else inputs.data_products
-    common: dict[str, Any] = {"task_class": step.task, "force": step.force, "astra_conn_id": conn_id}
+    # when the step's first operator (the task operator, or the bundle planner) runs, and on what
+    first: dict[str, Any] = {
+        "trigger_rule": step.trigger_rule,
+        "parameters": step.parameters,
+        "input_filetypes": inputs.filetypes if inputs else None,
+        "enabled": step.enabled,
+    }
+    # what the operators that run the tasks take
+    running: dict[str, Any] = {"task_class": step.task, "force": step.force, "astra_conn_id": conn_id}
     if step.max_failure_fraction is not None:
-        common["max_failure_fraction"] = step.max_failure_fraction
-    filetypes = inputs.filetypes if inputs else None
+        running["max_failure_fraction"] = step.max_failure_fraction
     if not step.bundle:
         operator = AstraTaskOperator(
             task_id=step.id,
-            trigger_rule=step.trigger_rule,
-            parameters=step.parameters,
             input_data_products=data_products,
-            input_filetypes=filetypes,
-            enabled=step.enabled,
-            **common,
+            **first,
+            **running,
             **_operator_args(step.operator_args),
         )
         return operator, operator
     bundles = BundleTasksOperator(
         task_id=f"{step.id}_bundles",
-        trigger_rule=step.trigger_rule,
         task_class=step.task,
         items=inputs.items,
         data_products=data_products,
-        input_filetypes=filetypes,
-        parameters=step.parameters,
         bundle_size=500 if step.bundle_size is None else step.bundle_size,
         max_bundles=100 if step.max_bundles is None else step.max_bundles,
         astra_conn_id=conn_id,
-        enabled=step.enabled,
+        **first,
     )
     run = ExecuteBundleOperator.partial(
         task_id=step.id,
         map_index_template=DEFAULT_MAP_INDEX_TEMPLATE,
-        **common,
+        **running,
         **_operator_args(step.operator_args),
     ).expand_kwargs(bundles.output)
     return bundles, run

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from astra_provider.cli import airflow as airflow_cli
 from astra_provider.cli import database as database_commands
 from astra_provider.cli import tasks as task_commands
 from astra_provider.cli.airflow import airflow_setup
@@ -41,15 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     database_commands.add_arguments(commands)
     task_commands.add_arguments(commands)
-    setup = commands.add_parser(
-        "airflow-setup",
-        help="create or update the Airflow connection astra_default from ASTRA_DATABASE_URL",
-        description="Create or update the Airflow connection of the astra database (in Airflow's metadata "
-        "database, for the AIRFLOW_HOME of this environment) from --database-url, else ASTRA_DATABASE_URL, "
-        "else the embedded SQLite default; print it with the password hidden, and test it.",
-    )
-    setup.add_argument("--conn-id", default="astra_default", help="connection id (default: astra_default)")
-    setup.add_argument("--no-test", action="store_true", help="do not connect to test it")
+    _add_command(commands, "airflow-setup", airflow_cli)
     from astra_provider.synthetic.cli import DESCRIPTION as SURVEY_DESCRIPTION
     from astra_provider.synthetic.cli import add_arguments as add_survey_arguments
 
@@ -102,8 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.database_url:
         database.configure(args.database_url)
-    if args.command == "airflow-setup":
-        return airflow_setup(args.database_url, args.conn_id, test=not args.no_test)
     if args.command in database_commands.COMMANDS:
         return database_commands.run(args)
     if args.command in task_commands.COMMANDS:
@@ -112,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from astra_provider.synthetic.cli import run as run_survey
 
         return run_survey(args)
-    if args.command in ("source", "export"):
+    if args.command in ("source", "export", "airflow-setup"):
         return args.run(args)
     if args.command == "run-step":
         from astra_provider import run_step

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+HELP = "create or update the Airflow connection astra_default from ASTRA_DATABASE_URL"
+DESCRIPTION = (
+    "Create or update the Airflow connection of the astra database (in Airflow's metadata database, for "
+    "the AIRFLOW_HOME of this environment) from --database-url, else ASTRA_DATABASE_URL, else the embedded "
+    "SQLite default; print it with the password hidden, and test it."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--conn-id", default="astra_default", help="connection id (default: astra_default)")
+    parser.add_argument("--no-test", action="store_true", help="do not connect to test it")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``astra airflow-setup`` (after ``--database-url``, if given, has configured the astra database)."""
+    return airflow_setup(args.database_url, args.conn_id, test=not args.no_test)
 
 
 def airflow_setup(database_url: str | None, conn_id: str = "astra_default", test: bool = True) -> int:

@@ -32,33 +32,38 @@ def schema_sql() -> str:
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
 
+_PARSERS: dict[str, tuple[str, str | None]] = {  # command: (help, description)
+    "initdb": (
+        "create the astra schema and tables, or upgrade them (idempotent)",
+        "Create the astra schema and its missing tables, and upgrade the tables of an earlier version, in "
+        "one transaction (concurrent runs wait for each other). Needs a role that may create tables; every "
+        "other command works with read-only access.",
+    ),
+    "schema": ("print the PostgreSQL schema (the content of schema/astradb.sql)", None),
+    "status": (
+        "count tasks by class and status; show running tasks whose run stopped (stale)",
+        "Count the tasks of each class by status. RUNNING counts the tasks of live runs; STALE the running "
+        "tasks whose run stopped (its lease expired, or its process on this host is gone): a new run of the "
+        "same tasks takes them over, and `astra recover` marks them failed.",
+    ),
+    "recover": (
+        "mark stale running tasks failed, so that they run again (idempotent)",
+        "Mark every stale RUNNING task FAILED, with error stage 'lease' and a message naming the lease of "
+        "the run that stopped, and release its claim: the next run of those tasks runs them again. Tasks of "
+        "live runs are left alone; running it again finds nothing to do.",
+    ),
+}
+
+
 def add_arguments(commands: Any) -> None:
     """The database subcommands, on the ``astra`` parser's subparsers."""
-    commands.add_parser(
-        "initdb",
-        help="create the astra schema and tables, or upgrade them (idempotent)",
-        description="Create the astra schema and its missing tables, and upgrade the tables of an earlier "
-        "version, in one transaction (concurrent runs wait for each other). Needs a role that may create "
-        "tables; every other command works with read-only access.",
-    )
-    commands.add_parser("schema", help="print the PostgreSQL schema (the content of schema/astradb.sql)")
-    status = commands.add_parser(
-        "status",
-        help="count tasks by class and status; show running tasks whose run stopped (stale)",
-        description="Count the tasks of each class by status. RUNNING counts the tasks of live runs; STALE "
-        "the running tasks whose run stopped (its lease expired, or its process on this host is gone): a new "
-        "run of the same tasks takes them over, and `astra recover` marks them failed.",
-    )
-    status.add_argument("--json", action="store_true", help="print JSON")
-    recover = commands.add_parser(
-        "recover",
-        help="mark stale running tasks failed, so that they run again (idempotent)",
-        description="Mark every stale RUNNING task FAILED, with error stage 'lease' and a message naming "
-        "the lease of the run that stopped, and release its claim: the next run of those tasks runs them "
-        "again. Tasks of live runs are left alone; running it again finds nothing to do.",
-    )
-    recover.add_argument("--dry-run", action="store_true", help="only say what would be recovered")
-    recover.add_argument("--json", action="store_true", help="print JSON")
+    parsers = {
+        name: commands.add_parser(name, help=summary, description=description)
+        for name, (summary, description) in _PARSERS.items()
+    }
+    parsers["recover"].add_argument("--dry-run", action="store_true", help="only say what would be recovered")
+    for name in ("status", "recover"):
+        parsers[name].add_argument("--json", action="store_true", help="print JSON")
 
 
 def initdb() -> int:
@@ -148,4 +153,4 @@ def run(args: argparse.Namespace) -> int:
     return recover(args)
 
 
-COMMANDS = ("initdb", "schema", "status", "recover")
+COMMANDS = tuple(_PARSERS)
