@@ -25,7 +25,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
@@ -111,6 +111,20 @@ def payload_paths(
     return confined.accepted
 
 
+class ScanSettings(TypedDict, total=False):
+    """The scan settings both triggers take as keywords, besides ``root`` (their meaning: see
+    :class:`NewDataProductsEventTrigger`). Defaults: ``filetypes`` apStar and apVisit, no ``pattern``,
+    ``min_age_seconds`` and ``poll_interval`` 5 s, ``use_ctime`` false, ``status_interval`` 60 s (the
+    ``DEFAULT_*`` constants of :mod:`astra_provider.triggers.scan`)."""
+
+    filetypes: Iterable[str] | str
+    pattern: str | None
+    min_age_seconds: float
+    poll_interval: float
+    use_ctime: bool
+    status_interval: float
+
+
 class _ScanningTrigger:
     """The scan settings both triggers share (kept as attributes so ``serialize`` can return them)."""
 
@@ -123,23 +137,18 @@ class _ScanningTrigger:
     status_interval: float
     log: Any
 
-    def _init_scan(
-        self,
-        root: str | os.PathLike[str],
-        filetypes: Iterable[str] | str,
-        pattern: str | None,
-        min_age_seconds: float,
-        poll_interval: float,
-        use_ctime: bool,
-        status_interval: float,
-    ) -> None:
+    def _init_scan(self, root: str | os.PathLike[str], scan: ScanSettings) -> None:
+        unknown = sorted(set(scan) - set(ScanSettings.__annotations__))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments: {', '.join(unknown)}")
         self.root = os.path.abspath(os.fspath(root))
+        filetypes = scan.get("filetypes", DEFAULT_FILETYPES)
         self.filetypes = [filetypes] if isinstance(filetypes, str) else list(filetypes)
-        self.pattern = pattern or None
-        self.min_age_seconds = float(min_age_seconds)
-        self.poll_interval = float(poll_interval)
-        self.use_ctime = bool(use_ctime)
-        self.status_interval = float(status_interval)
+        self.pattern = scan.get("pattern") or None
+        self.min_age_seconds = float(scan.get("min_age_seconds", DEFAULT_MIN_AGE_SECONDS))
+        self.poll_interval = float(scan.get("poll_interval", DEFAULT_POLL_INTERVAL))
+        self.use_ctime = bool(scan.get("use_ctime", False))
+        self.status_interval = float(scan.get("status_interval", DEFAULT_STATUS_INTERVAL))
         scan_patterns(self.root, self.filetypes, self.pattern)  # validate file types and pattern early
         self._reporter: ScanReporter | None = None
 
@@ -232,18 +241,13 @@ class NewDataProductsEventTrigger(_ScanningTrigger, BaseEventTrigger):
         self,
         *,
         root: str | os.PathLike[str],
-        filetypes: Iterable[str] | str = DEFAULT_FILETYPES,
-        pattern: str | None = None,
-        min_age_seconds: float = DEFAULT_MIN_AGE_SECONDS,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_files_per_event: int = 1000,
         emit_existing: bool = True,
-        use_ctime: bool = False,
         asset_name: str | None = None,
-        status_interval: float = DEFAULT_STATUS_INTERVAL,
+        **scan: Unpack[ScanSettings],
     ) -> None:
         super().__init__()
-        self._init_scan(root, filetypes, pattern, min_age_seconds, poll_interval, use_ctime, status_interval)
+        self._init_scan(root, scan)
         if int(max_files_per_event) < 1:
             raise ValueError("max_files_per_event must be at least 1")
         self.max_files_per_event = int(max_files_per_event)
@@ -377,18 +381,13 @@ class NewDataProductsTrigger(_ScanningTrigger, BaseTrigger):
         self,
         *,
         root: str | os.PathLike[str],
-        filetypes: Iterable[str] | str = DEFAULT_FILETYPES,
-        pattern: str | None = None,
-        min_age_seconds: float = DEFAULT_MIN_AGE_SECONDS,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
         watermark: Any = None,
         max_files: int | None = None,
-        use_ctime: bool = False,
         deadline: float | None = None,
-        status_interval: float = DEFAULT_STATUS_INTERVAL,
+        **scan: Unpack[ScanSettings],
     ) -> None:
         super().__init__()
-        self._init_scan(root, filetypes, pattern, min_age_seconds, poll_interval, use_ctime, status_interval)
+        self._init_scan(root, scan)
         self.watermark = watermark_from_json(watermark)
         self.max_files = int(max_files) if max_files else None
         self.deadline = float(deadline) if deadline is not None else None
@@ -454,6 +453,7 @@ __all__ = [
     "NewDataProductsEventTrigger",
     "NewDataProductsTrigger",
     "ScanResult",
+    "ScanSettings",
     "event_payload",
     "payload_paths",
     "scan_data_products",
