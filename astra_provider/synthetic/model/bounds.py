@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from astra_provider.sdss.apogee import APOGEE_NPIX, apogee_detector_mask
+from astra_provider.synthetic.model.spectrum_model import SpectrumModel
 
-__all__ = ["DifferentiableTruthModel", "crb_labels", "crb_rv", "differentiable_truth_model"]
-
-
-@runtime_checkable
-class DifferentiableTruthModel(Protocol):
-    """A truth model with the derivatives the bounds need: :class:`~.lines.TruthModel` and
-    :class:`~astra_provider.synthetic.independent.IndependentTruthModel`."""
-
-    def label_jacobian(
-        self,
-        labels: np.ndarray,
-        rv_kms: float | np.ndarray | None = None,
-        wavelength: np.ndarray | None = None,
-    ) -> np.ndarray: ...
-
-    def velocity_derivative(
-        self,
-        labels: np.ndarray,
-        rv_kms: float | np.ndarray | None = None,
-        wavelength: np.ndarray | None = None,
-    ) -> np.ndarray: ...
-
-    def intrinsic_scatter(self) -> np.ndarray | None: ...
+__all__ = ["crb_labels", "crb_rv", "differentiable_truth_model"]
 
 
-def differentiable_truth_model(parameters: dict[str, Any]) -> DifferentiableTruthModel:
+def differentiable_truth_model(parameters: dict[str, Any]) -> SpectrumModel:
     """The truth model of a survey (``survey.json`` parameters), for its Cramér–Rao bounds.
 
     :raises TypeError: if that model has no derivatives.
@@ -41,13 +20,13 @@ def differentiable_truth_model(parameters: dict[str, Any]) -> DifferentiableTrut
     from astra_provider.synthetic.truth_model import truth_model_from_survey
 
     model = truth_model_from_survey(parameters)
-    if not isinstance(model, DifferentiableTruthModel):
+    if not isinstance(model, SpectrumModel):
         raise TypeError(f"the survey's truth model {type(model).__name__} has no derivatives for the bounds")
     return model
 
 
 def _pixel_weights(
-    model: DifferentiableTruthModel, snr: float | np.ndarray, n: int, include_scatter: bool
+    model: SpectrumModel, snr: float | np.ndarray, n: int, include_scatter: bool
 ) -> np.ndarray:
     """Inverse variances (n, P) on the normalised flux for white noise σ = 1/SNR; zero off-detector."""
     snr_arr = np.broadcast_to(np.asarray(snr, dtype=float), (n,))
@@ -57,7 +36,7 @@ def _pixel_weights(
 
 
 def crb_labels(
-    model: DifferentiableTruthModel,
+    model: SpectrumModel,
     labels: np.ndarray,
     snr: float | np.ndarray,
     include_scatter: bool = False,
@@ -65,9 +44,8 @@ def crb_labels(
     """Cramér–Rao bounds (n, 3) on (teff, logg, fe_h) for spectra at rest with σ = 1/SNR per detector pixel.
 
     ``sqrt(diag((Jᵀ W J)⁻¹))`` with J = ∂F/∂ℓ; ``include_scatter`` adds s_p² to the per-pixel variance.
-    ``model`` is a :class:`~.lines.TruthModel` or any model with its ``label_jacobian`` and
-    ``intrinsic_scatter`` methods, such as
-    :class:`~astra_provider.synthetic.independent.IndependentTruthModel`.
+    ``model`` is a truth model with derivatives (a :class:`~.spectrum_model.SpectrumModel`):
+    :class:`~.lines.TruthModel` or :class:`~astra_provider.synthetic.independent.IndependentTruthModel`.
     """
     labels = np.atleast_2d(np.asarray(labels, dtype=float))
     jacobian = model.label_jacobian(labels)
@@ -77,7 +55,7 @@ def crb_labels(
 
 
 def crb_rv(
-    model: DifferentiableTruthModel,
+    model: SpectrumModel,
     labels: np.ndarray,
     snr: float | np.ndarray,
     rv_kms: float | np.ndarray = 0.0,

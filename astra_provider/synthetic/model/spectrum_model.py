@@ -51,6 +51,10 @@ class SpectrumModel:
         """∂F/∂v per km/s, ``(n, P)``."""
         return self._velocity_derivative(*_model_arguments(labels, rv_kms, wavelength))
 
+    def intrinsic_scatter(self) -> np.ndarray | None:
+        """Per-pixel intrinsic scatter ``(8575,)`` on the apStar grid, or ``None`` for none."""
+        raise NotImplementedError
+
     def _flux(self, labels: np.ndarray, rv: np.ndarray, u: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
