@@ -173,6 +173,12 @@ def test_serialize_round_trip(trigger) -> None:
         assert BaseEventTrigger.hash(classpath, kwargs) == BaseEventTrigger.hash(*recreated.serialize())
 
 
+@pytest.mark.parametrize("trigger_class", [NewDataProductsEventTrigger, NewDataProductsTrigger])
+def test_unknown_keyword_is_refused(trigger_class) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword arguments: min_age"):
+        trigger_class(root="/data", min_age=5)
+
+
 # The sensor's trigger -----------------------------------------------------------------------------------
 
 
