@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 from sqlalchemy import text
@@ -12,7 +14,7 @@ from astra_provider.database import session_scope
 from astra_provider.database.astradb import Continuum
 from astra_provider.database.recorder import encode_parameter_value, task_id
 from astra_provider.database.recording import canonical_json_fast, pg_array
-from astra_provider.utils import canonical_json, stable_hash
+from astra_provider.utils import canonical_json, gc_paused, stable_hash
 
 VALUES = [
     "",
@@ -153,3 +155,38 @@ def test_recording_a_bundle_takes_the_same_statements_whatever_its_size(astra_db
     assert tuple(counts) == (507, 507, 507, 507 * 4)  # the view: x, model and the two version parameters
     updates = [s for s in large if s[0].upper() == "UPDATE" and "task" in " ".join(s[1:]).lower()]
     assert len(updates) == 1  # one UPDATE of astra.task: status, timings, result and output_pk together
+
+
+def test_gc_paused_hands_survivors_to_the_collector():
+    """After a paused block the collector is as before, nothing stays frozen, and cyclic garbage made inside
+    is still collected; objects frozen by someone else (Airflow before a fork) stay frozen."""
+
+    class Node:
+        pass
+
+    def cycle() -> weakref.ref:
+        node = Node()
+        node.self = node
+        return weakref.ref(node)
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with gc_paused():
+        assert not gc.isenabled()
+        garbage = cycle()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.collect()
+    assert garbage() is None
+
+    kept = cycle()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with gc_paused():
+            cycle()
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+        gc.collect()
+        assert kept() is not None  # still frozen: not collected
+    finally:
+        gc.unfreeze()
+    gc.collect()
+    assert kept() is None

@@ -4,6 +4,7 @@ real SDSS files, linking on registration (sensor path and task inputs), conflict
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,11 @@ def test_header_reader_names_bad_files(tmp_path):
         path.write_bytes(content)
         with pytest.raises(HeaderError, match=str(path)):
             read_primary_header(path)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for unreadable in (tmp_path / "missing.fits", tmp_path):  # no such file; a directory
+        with pytest.raises(OSError):
+            read_primary_header(unreadable)
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # every file it opened is closed
 
 
 def test_identifiers_of_the_real_files(real_files):

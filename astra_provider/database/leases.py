@@ -299,15 +299,11 @@ def process_lease(url: str) -> ProcessLease:
 
 def _running_by_lease(session: Session) -> Sequence[tuple[str, str, int | None, int, datetime]]:
     """``(task_module, task_name, lease_pk, number of running tasks, oldest modified)``."""
-    return (
-        session.execute(
-            select(Task.task_module, Task.task_name, Task.lease_pk, func.count(), func.min(Task.modified))
-            .where(Task.status_code == Status.RUNNING)
-            .group_by(Task.task_module, Task.task_name, Task.lease_pk)
-        )
-        .tuples()
-        .all()
-    )
+    return session.execute(
+        select(Task.task_module, Task.task_name, Task.lease_pk, func.count(), func.min(Task.modified))
+        .where(Task.status_code == Status.RUNNING)
+        .group_by(Task.task_module, Task.task_name, Task.lease_pk)
+    ).all()
 
 
 def task_status(session: Session) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 __all__ = [
     "HEADER_CARDS",
@@ -265,11 +265,11 @@ def _card_value(text: str) -> Any:
         return token
 
 
-def _read_block(stream: BinaryIO) -> bytes:
-    """The next header block of an unbuffered file: fewer bytes only at the end of the file."""
-    block = stream.read(_BLOCK) or b""
+def _read_block(descriptor: int) -> bytes:
+    """The next header block of a file descriptor: fewer bytes only at the end of the file."""
+    block = os.read(descriptor, _BLOCK)
     while 0 < len(block) < _BLOCK:  # a short read before the end of the file: read the rest
-        more = stream.read(_BLOCK - len(block))
+        more = os.read(descriptor, _BLOCK - len(block))
         if not more:
             break
         block += more
@@ -289,9 +289,10 @@ def read_primary_header(
     """
     wanted = None if cards is None else frozenset(cards)
     blocks = []
-    with open(path, "rb", buffering=0) as stream:  # whole blocks: no buffer needed
+    descriptor = os.open(path, os.O_RDONLY)  # whole blocks: no buffer, nor file object, needed
+    try:
         for number in range(_MAX_BLOCKS):
-            block = _read_block(stream)
+            block = _read_block(descriptor)
             if len(block) < _BLOCK:
                 what = "empty" if number == 0 and not block else "truncated in its primary header"
                 raise HeaderError(path, f"not a FITS file ({what})")
@@ -303,6 +304,8 @@ def read_primary_header(
                 break
         else:
             raise HeaderError(path, f"no END card in the first {_MAX_BLOCKS} header blocks")
+    finally:
+        os.close(descriptor)
     text = b"".join(blocks).decode("ascii", errors="replace")
     size = (len(blocks) - 1) * _BLOCK + end
     found = {}
