@@ -10,6 +10,7 @@ from typing import cast
 
 import numpy as np
 import scipy.stats
+from threadpoolctl import threadpool_limits
 
 from astra_provider.science.continuum import RowSinusoidBasis
 from astra_provider.science.doppler.arrays import _has_enough_pixels, _masked_flux_and_weight
@@ -116,7 +117,10 @@ def measure_visit_radial_velocities(
     )
     if lsf_sigma is not None:
         observed.lsf_sigma = _lsf_rows(lsf_sigma, observed.flux.shape)
-    return _measure_in_batches(observed, visit_models, ccf_templates, max_velocity, options)
+    # One BLAS thread: the products are small and many; on threads they gain nothing on a quiet machine
+    # and, on a loaded one, every call waits for a descheduled thread (as for The Payne).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _measure_in_batches(observed, visit_models, ccf_templates, max_velocity, options)
 
 
 def _measure_in_batches(
