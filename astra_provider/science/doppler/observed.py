@@ -113,6 +113,67 @@ class _ObservedPixels:
         return np.clip(nearest, 0, n_pixels - 1), inside
 
 
+class _SpectrumRows:
+    """The input spectra as rows, each array an (n, Q) array or a sequence of 1-D arrays, taken a batch at a
+    time: the arrays of a batch are built (padded, masked, positioned) only when it is measured, so that
+    they stay in cache. Every batch is padded to the longest spectrum of all, so that its sums are those of
+    any other batching.
+
+    :raises ValueError: if the arrays hold different numbers of spectra.
+    """
+
+    def __init__(
+        self,
+        wavelength: np.ndarray | Sequence[np.ndarray],
+        flux: np.ndarray | Sequence[np.ndarray],
+        ivar: np.ndarray | Sequence[np.ndarray],
+        lsf_sigma: np.ndarray | Sequence[np.ndarray] | None,
+    ) -> None:
+        self.wavelength, self.flux, self.ivar = _rows_of(wavelength), _rows_of(flux), _rows_of(ivar)
+        self.lsf_sigma = None if lsf_sigma is None else _rows_of(lsf_sigma)
+        counts = {
+            len(rows) for rows in (self.wavelength, self.flux, self.ivar, self.lsf_sigma) if rows is not None
+        }
+        if len(counts) > 1:
+            raise ValueError(
+                f"wavelength, flux, ivar (and lsf_sigma) hold different numbers of spectra: {counts}"
+            )
+        self.n_spectra = len(self.flux)
+        self.length = max((np.size(row) for row in self.wavelength), default=0)
+
+    def observed(self, part: slice, grid: LogLinearGrid, options: DopplerOptions) -> _ObservedPixels:
+        """The spectra ``part`` on their own pixels, positioned on ``grid``."""
+        observed = _ObservedPixels.build(
+            self.wavelength[part],
+            self.flux[part],
+            self.ivar[part],
+            grid,
+            options.observed_mask_windows,
+            self.length,
+        )
+        if self.lsf_sigma is not None:
+            observed.lsf_sigma = _lsf_rows(self.lsf_sigma[part], observed.flux.shape)
+        return observed
+
+
+def _rows_of(values: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """An (n, Q) array as it is, one spectrum (a 1-D array) as a list of it, a sequence as a list."""
+    if isinstance(values, np.ndarray):
+        return values if values.ndim >= 2 else [values]
+    return list(values)
+
+
+def _lsf_rows(lsf_sigma: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    rows = (
+        np.atleast_2d(np.asarray(lsf_sigma, dtype=float))
+        if isinstance(lsf_sigma, np.ndarray)
+        else _pad_rows(list(lsf_sigma), np.nan, shape[1])
+    )
+    if rows.shape != shape:
+        raise ValueError(f"lsf_sigma has shape {rows.shape}, the spectra {shape}")
+    return rows
+
+
 def _observed_continuum(
     observed: _ObservedPixels,
     rest_mask: np.ndarray,

@@ -17,15 +17,15 @@ from astra_provider.science.doppler.arrays import _has_enough_pixels, _masked_fl
 from astra_provider.science.doppler.ccf import _CcfTemplates, _cross_correlate_masked
 from astra_provider.science.doppler.continuum_projection import _ContinuumBasis
 from astra_provider.science.doppler.gauss_newton import _Fit, _gauss_newton
-from astra_provider.science.doppler.grid import LogLinearGrid, velocity_to_pixel_shift
+from astra_provider.science.doppler.grid import velocity_to_pixel_shift
 from astra_provider.science.doppler.model import SpectralModel
 from astra_provider.science.doppler.observed import (
     _ROBUST_SIGMA_PER_MAD,
     _continuum_correction_basis,
     _observed_continuum,
     _ObservedPixels,
-    _pad_rows,
     _resample_to_grid,
+    _SpectrumRows,
 )
 from astra_provider.science.doppler.options import DopplerOptions
 from astra_provider.science.doppler.refine import _refinement_result
@@ -109,65 +109,15 @@ def measure_visit_radial_velocities(
     models: list[SpectralModel | LsfStack] = (
         list(model) if isinstance(model, (list, tuple)) else [cast(SpectralModel | LsfStack, model)]
     )
-    visit_models, ccf_templates = _prepared_models(
-        models, continuum_mask, template_labels, max_velocity, options
-    )
-    _check_compatible(visit_models, lsf_sigma is not None)
     spectra = _SpectrumRows(wavelength, flux, ivar, lsf_sigma)
     # One BLAS thread: the products are small and many; on threads they gain nothing on a quiet machine
     # and, on a loaded one, every call waits for a descheduled thread (as for The Payne).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _measure_in_batches(spectra, visit_models, ccf_templates, max_velocity, options)
-
-
-class _SpectrumRows:
-    """The input spectra as rows, each array an (n, Q) array or a sequence of 1-D arrays, taken a batch at a
-    time: the arrays of a batch are built (padded, masked, positioned) only when it is measured, so that
-    they stay in cache. Every batch is padded to the longest spectrum of all, so that its sums are those of
-    any other batching.
-
-    :raises ValueError: if the arrays hold different numbers of spectra.
-    """
-
-    def __init__(
-        self,
-        wavelength: np.ndarray | Sequence[np.ndarray],
-        flux: np.ndarray | Sequence[np.ndarray],
-        ivar: np.ndarray | Sequence[np.ndarray],
-        lsf_sigma: np.ndarray | Sequence[np.ndarray] | None,
-    ) -> None:
-        self.wavelength, self.flux, self.ivar = _rows_of(wavelength), _rows_of(flux), _rows_of(ivar)
-        self.lsf_sigma = None if lsf_sigma is None else _rows_of(lsf_sigma)
-        counts = {
-            len(rows) for rows in (self.wavelength, self.flux, self.ivar, self.lsf_sigma) if rows is not None
-        }
-        if len(counts) > 1:
-            raise ValueError(
-                f"wavelength, flux, ivar (and lsf_sigma) hold different numbers of spectra: {counts}"
-            )
-        self.n_spectra = len(self.flux)
-        self.length = max((np.size(row) for row in self.wavelength), default=0)
-
-    def observed(self, part: slice, grid: LogLinearGrid, options: DopplerOptions) -> _ObservedPixels:
-        """The spectra ``part`` on their own pixels, positioned on ``grid``."""
-        observed = _ObservedPixels.build(
-            self.wavelength[part],
-            self.flux[part],
-            self.ivar[part],
-            grid,
-            options.observed_mask_windows,
-            self.length,
+        visit_models, ccf_templates = _prepared_models(
+            models, continuum_mask, template_labels, max_velocity, options
         )
-        if self.lsf_sigma is not None:
-            observed.lsf_sigma = _lsf_rows(self.lsf_sigma[part], observed.flux.shape)
-        return observed
-
-
-def _rows_of(values: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
-    """An (n, Q) array as it is, one spectrum (a 1-D array) as a list of it, a sequence as a list."""
-    if isinstance(values, np.ndarray):
-        return values if values.ndim >= 2 else [values]
-    return list(values)
+        _check_compatible(visit_models, lsf_sigma is not None)
+        return _measure_in_batches(spectra, visit_models, ccf_templates, max_velocity, options)
 
 
 def _measure_in_batches(
@@ -253,17 +203,6 @@ def _check_compatible(visit_models: list[_VisitModel], has_lsf_sigma: bool) -> N
             )
     if not has_lsf_sigma and any(vm.stack is not None for vm in visit_models):
         raise ValueError("an LSF stack needs each pixel's LSF width (lsf_sigma)")
-
-
-def _lsf_rows(lsf_sigma: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    rows = (
-        np.atleast_2d(np.asarray(lsf_sigma, dtype=float))
-        if isinstance(lsf_sigma, np.ndarray)
-        else _pad_rows(list(lsf_sigma), np.nan, shape[1])
-    )
-    if rows.shape != shape:
-        raise ValueError(f"lsf_sigma has shape {rows.shape}, the spectra {shape}")
-    return rows
 
 
 def _measure_visit_batch(
