@@ -46,15 +46,6 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def export_revision(revision: str, directory: Path) -> Path:
-    """The package of ``revision`` (read-only: ``git archive``)."""
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", revision, "astra_provider"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
-    return directory
-
-
 def _inputs(workdir: Path, n: int) -> tuple[list[str], Path]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_tasks import prepare
@@ -143,6 +134,8 @@ def main() -> None:
     if args.profile:
         profile(visits, model)
         return
+    from bench_recording import export_revision  # bench/ is on sys.path when this script runs
+
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
         (root / "baseline").mkdir()
