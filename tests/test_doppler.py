@@ -525,7 +525,8 @@ def test_continuum_projection_by_blocks_matches_a_dense_least_squares_solution()
     wavelength = np.sort(rng.uniform(15100.0, 16960.0, (n, n_pixels)), axis=1)
     usable = rng.random((n, n_pixels)) > 0.05
     usable[2, wavelength[2] > 16452.0] = False  # the third spectrum has no pixel in the last region
-    basis = _continuum_correction_basis(wavelength, usable, APOGEE_REGIONS_AA, 2)  # (n, 9, P)
+    blocks = _continuum_correction_basis(wavelength, usable, APOGEE_REGIONS_AA, 2)
+    basis = blocks.dense()  # (n, 9, P)
     deviation = (-0.3 * rng.random((n, n_pixels))).astype(np.float32)
     weight = np.where(usable, rng.uniform(50.0, 100.0, (n, n_pixels)), 0.0)
     multiplier_truth = (rng.normal(1.0, 0.1, (n, 1, basis.shape[1])) @ basis.astype(float))[:, 0]
@@ -533,7 +534,15 @@ def test_continuum_projection_by_blocks_matches_a_dense_least_squares_solution()
     signal = rng.normal(size=(n, n_rows + 1, n_pixels)).astype(np.float32)
     jacobian_before = signal[:, 1:].astype(float)
 
-    residual, coefficients = _project_continuum(flux, weight, deviation, _ContinuumBasis.of(basis), signal)
+    from_dense = _ContinuumBasis.of(basis)
+    for block, dense_block in zip(
+        blocks.blocks, from_dense.blocks, strict=True
+    ):  # the same blocks either way
+        assert block.pixels == dense_block.pixels and np.array_equal(block.basis, dense_block.basis)
+    residual, coefficients = _project_continuum(flux, weight, deviation, blocks, signal.copy())
+    residual_dense, coefficients_dense = _project_continuum(flux, weight, deviation, from_dense, signal)
+    np.testing.assert_array_equal(coefficients, coefficients_dense)
+    np.testing.assert_array_equal(residual, residual_dense)
 
     for i in range(n):
         directions = (basis[i] * (1.0 + deviation[i])).astype(float).T  # (P, B)

@@ -1,7 +1,7 @@
 """The multiplicative continuum of the Gauss–Newton fit, solved by variable projection.
 
 The continuum ``Σ_b a_b φ_b`` (basis ``(n, B, P)``, e.g. Legendre polynomials per wavelength region) is split
-once per fit into independent *blocks*: sets of basis functions whose nonzero pixels no other block's
+into independent *blocks*: sets of basis functions whose nonzero pixels no other block's
 functions share (one block per region for a basis that is zero outside its region). Every pixel sum, solve
 and projection then runs per block on a span of pixels around that block's only, which is exact (the Gram
 matrix is block-diagonal, the projection onto the complement of the continuum directions is the sum of the
@@ -31,35 +31,56 @@ class _Block:
 
 
 class _ContinuumBasis:
-    """A continuum basis of B functions, split into independent blocks of pixels (:func:`_blocks_of`)."""
+    """A continuum basis of B functions on n spectra of P pixels, split into independent blocks of pixels
+    (:func:`_block_spans`)."""
 
-    def __init__(self, n_terms: int, blocks: list[_Block]) -> None:
+    def __init__(self, n_terms: int, blocks: list[_Block], shape: tuple[int, int]) -> None:
         self.n_terms = n_terms
         self.blocks = blocks
+        self.shape = shape  # (n, P)
 
     @classmethod
     def of(cls, basis: np.ndarray) -> _ContinuumBasis:
-        """The blocks of a basis (n, B, P)."""
-        return cls(basis.shape[1], _blocks_of(basis))
+        """The blocks of a dense basis (n, B, P)."""
+        used = np.any(basis != 0, axis=0)  # (B, P)
+        anywhere = used.any(axis=1)
+        first = np.where(anywhere, used.argmax(axis=1), 0)
+        last = np.where(anywhere, used.shape[1] - used[:, ::-1].argmax(axis=1), 0)  # exclusive
+        blocks = [
+            _Block(columns, pixels, np.ascontiguousarray(basis[:, columns, pixels]))
+            for columns, pixels in _block_spans(first, last, basis.shape[2])
+        ]
+        return cls(basis.shape[1], blocks, (basis.shape[0], basis.shape[2]))
 
     def rows(self, rows: np.ndarray) -> _ContinuumBasis:
-        """The basis of the spectra ``rows`` (indices), with the same blocks."""
-        if not self.blocks or (
-            rows.size == self.blocks[0].basis.shape[0] and np.array_equal(rows, np.arange(rows.size))
-        ):
+        """The basis of the spectra ``rows`` (indices), with the same blocks (itself for every row)."""
+        if rows.size == self.shape[0] and np.array_equal(rows, np.arange(rows.size)):
             return self
         blocks = [_Block(block.columns, block.pixels, block.basis[rows]) for block in self.blocks]
-        return _ContinuumBasis(self.n_terms, blocks)
+        return _ContinuumBasis(self.n_terms, blocks, (rows.size, self.shape[1]))
+
+    def multiplier(self, coefficients: np.ndarray) -> np.ndarray:
+        """The continuum ``Σ_b a_b φ_b`` (n, P) float32 of coefficients (n, B)."""
+        multiplier = np.zeros(self.shape, dtype=np.float32)
+        for block in self.blocks:
+            # Aligned spans may overlap, where each block's basis is zero: add, do not overwrite.
+            block_coefficients = coefficients[:, None, block.columns].astype(np.float32)
+            multiplier[:, block.pixels] += (block_coefficients @ block.basis)[:, 0]
+        return multiplier
+
+    def dense(self) -> np.ndarray:
+        """The basis (n, B, P) float32."""
+        basis = np.zeros((self.shape[0], self.n_terms, self.shape[1]), dtype=np.float32)
+        for block in self.blocks:
+            basis[:, block.columns, block.pixels] = block.basis
+        return basis
 
 
-def _blocks_of(basis: np.ndarray) -> list[_Block]:
-    """Groups of basis functions whose pixel spans (over every spectrum) overlap, each with the union of
-    their spans; a function that is zero everywhere is a block of no pixels."""
-    n_terms = basis.shape[1]
-    used = np.any(basis != 0, axis=0)  # (B, P)
-    anywhere = used.any(axis=1)
-    first = np.where(anywhere, used.argmax(axis=1), 0)
-    last = np.where(anywhere, used.shape[1] - used[:, ::-1].argmax(axis=1), 0)  # exclusive
+def _block_spans(first: np.ndarray, last: np.ndarray, n_pixels: int) -> list[tuple[np.ndarray, slice]]:
+    """Groups of basis functions whose pixel spans ``[first, last)`` (B,) (over every spectrum; empty for a
+    function that is zero everywhere) overlap, each with the union of their spans, widened to whole
+    partial sums; a function that is zero everywhere is a block of no pixels."""
+    anywhere = last > first
     groups: list[list[int]] = []
     spans: list[list[int]] = []
     for column in np.flatnonzero(anywhere)[np.argsort(first[anywhere], kind="stable")]:
@@ -77,10 +98,9 @@ def _blocks_of(basis: np.ndarray) -> list[_Block]:
         # Spans aligned to the partial sums of the whole row, so that a spectrum's sums do not depend on the
         # other spectra of its batch (the spans do): the chunks a spectrum has no pixel in add exact zeros.
         start = start // _PIXELS_PER_SUM * _PIXELS_PER_SUM
-        stop = min(-(-stop // _PIXELS_PER_SUM) * _PIXELS_PER_SUM, basis.shape[2]) if stop > start else start
-        index = np.array(sorted(columns), dtype=np.intp)
-        blocks.append(_Block(index, slice(start, stop), np.ascontiguousarray(basis[:, index, start:stop])))
-    assert sum(block.columns.size for block in blocks) == n_terms
+        stop = min(-(-stop // _PIXELS_PER_SUM) * _PIXELS_PER_SUM, n_pixels) if stop > start else start
+        blocks.append((np.array(sorted(columns), dtype=np.intp), slice(start, stop)))
+    assert sum(columns.size for columns, _ in blocks) == first.size
     return blocks
 
 
@@ -97,7 +117,6 @@ def _project_continuum(
     model = 1.0 + deviation  # float32 (n, P)
     weight32 = weight.astype(np.float32)
     flux32 = flux.astype(np.float32)
-    multiplier = np.zeros(model.shape, dtype=np.float32)
     coefficients = np.zeros((model.shape[0], basis.n_terms))
     solved = []
     for block in basis.blocks:
@@ -112,9 +131,8 @@ def _project_continuum(
         rhs = _pixel_sum(weighted, flux32[:, None, pixels])[..., 0]  # (n, b)
         block_coefficients = np.linalg.solve(gram, rhs[..., None])[..., 0]
         coefficients[:, block.columns] = block_coefficients
-        # Aligned spans may overlap, where each block's basis is zero: add, do not overwrite.
-        multiplier[:, pixels] += (block_coefficients.astype(np.float32)[:, None, :] @ block.basis)[:, 0]
         solved.append((gram, weighted, directions))
+    multiplier = basis.multiplier(coefficients)
     residual = flux - multiplier * model
     if signal is not None and signal.shape[0]:
         n_full = signal.shape[0]

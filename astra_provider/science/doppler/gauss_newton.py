@@ -81,7 +81,7 @@ def _gauss_newton(
     max_shift: float,
     max_iterations: int,
     tolerance: float,
-    continuum_basis: np.ndarray | None = None,
+    continuum_basis: _ContinuumBasis | None = None,
 ) -> _Fit:
     """Batched Gauss–Newton on χ²(x, s) with step halving when χ² rises.
 
@@ -95,8 +95,8 @@ def _gauss_newton(
     exact χ² is still minimised; the Jacobian changes by a fraction ~σ_v/line width ≪ 1 over such a step, so
     the convergence stays fast and the covariance is that of a point within ~1σ/100 of the result).
 
-    With ``continuum_basis`` (n, B, P) the model is multiplied by a continuum solved at every evaluation
-    (module docstring); χ² is then minimised over the continuum too.
+    With ``continuum_basis`` (B functions of the (n, P) pixels) the model is multiplied by a continuum solved
+    at every evaluation (module docstring); χ² is then minimised over the continuum too.
     """
     state = _GaussNewton(
         flux, weight, shift_init, x_init, signal_at, value_at, x_bounds, max_shift, tolerance, continuum_basis
@@ -123,7 +123,7 @@ class _GaussNewton:
         x_bounds: tuple[np.ndarray, np.ndarray],
         max_shift: float,
         tolerance: float,
-        continuum_basis: np.ndarray | None = None,
+        continuum_basis: _ContinuumBasis | None = None,
     ) -> None:
         n, n_labels = x_init.shape
         self.flux, self.weight = flux, weight
@@ -143,8 +143,8 @@ class _GaussNewton:
             np.empty((n, n_labels + 1, flux.shape[1]), dtype=np.float32) if value_at else None
         )
         self.reuse = np.zeros(n, dtype=bool)
-        self.continuum_basis = None if continuum_basis is None else _ContinuumBasis.of(continuum_basis)
-        self.continuum = np.zeros((n, 0 if continuum_basis is None else continuum_basis.shape[1]))
+        self.continuum_basis = continuum_basis
+        self.continuum = np.zeros((n, 0 if continuum_basis is None else continuum_basis.n_terms))
         self.residual = np.zeros(flux.shape)
         self.shift_derivative = np.zeros(flux.shape, dtype=np.float32)
         self._evaluated_continuum = self.continuum[:0]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from astra_provider.science.continuum import RIDGE_FACTOR, RowSinusoidBasis, normalize
+from astra_provider.science.doppler.continuum_projection import _Block, _block_spans, _ContinuumBasis
 from astra_provider.science.doppler.grid import LogLinearGrid
 from astra_provider.science.doppler.options import DopplerOptions
 
@@ -24,21 +25,21 @@ def _window_mask(wavelength: np.ndarray, windows: Sequence[tuple[float, float]])
     return inside
 
 
-def _pad_rows(rows: Sequence[np.ndarray], fill: float) -> np.ndarray:
-    """Stack 1-D arrays of different lengths into (n, max length), padding with ``fill``."""
-    length = max((np.size(r) for r in rows), default=0)
+def _pad_rows(rows: Sequence[np.ndarray], fill: float, length: int = 0) -> np.ndarray:
+    """Stack 1-D arrays of different lengths into (n, max(max length, ``length``)), padding with ``fill``."""
+    length = max(length, max((np.size(r) for r in rows), default=0))
     out = np.full((len(rows), length), fill, dtype=float)
     for i, row in enumerate(rows):
         out[i, : np.size(row)] = np.asarray(row, dtype=float).ravel()
     return out
 
 
-def _as_rows(values: np.ndarray | Sequence[np.ndarray], fill: float) -> np.ndarray:
+def _as_rows(values: np.ndarray | Sequence[np.ndarray], fill: float, length: int = 0) -> np.ndarray:
     if isinstance(values, np.ndarray) and values.ndim == 2:
         return values.astype(float, copy=False)
     if isinstance(values, np.ndarray) and values.ndim == 1:
         return values[None].astype(float)
-    return _pad_rows(list(values), fill)
+    return _pad_rows(list(values), fill, length)
 
 
 @dataclass
@@ -59,16 +60,17 @@ class _ObservedPixels:
         ivar: np.ndarray | Sequence[np.ndarray],
         grid: LogLinearGrid,
         masked_windows: Sequence[tuple[float, float]] = (),
+        length: int = 0,
     ) -> _ObservedPixels:
-        """Observed spectra as (n, Q) rows (sequences of 1-D arrays are padded), with their positions; pixels
-        in ``masked_windows`` (Å) are unusable.
+        """Observed spectra as (n, Q) rows (sequences of 1-D arrays are padded, to at least ``length``), with
+        their positions; pixels in ``masked_windows`` (Å) are unusable.
 
         :raises ValueError: if the shapes differ or the wavelengths are not positive and increasing.
         """
         lengths = [np.size(w) for w in wavelength] if not isinstance(wavelength, np.ndarray) else None
-        wave = _as_rows(wavelength, np.nan)
-        flux = _as_rows(flux, 0.0)
-        ivar = _as_rows(ivar, 0.0)
+        wave = _as_rows(wavelength, np.nan, length)
+        flux = _as_rows(flux, 0.0, length)
+        ivar = _as_rows(ivar, 0.0, length)
         if not (wave.shape == flux.shape == ivar.shape):
             raise ValueError(f"wavelength {wave.shape}, flux {flux.shape} and ivar {ivar.shape} differ")
         padded = ~np.isfinite(wave)
@@ -111,6 +113,67 @@ class _ObservedPixels:
         return np.clip(nearest, 0, n_pixels - 1), inside
 
 
+class _SpectrumRows:
+    """The input spectra as rows, each array an (n, Q) array or a sequence of 1-D arrays, taken a batch at a
+    time: the arrays of a batch are built (padded, masked, positioned) only when it is measured, so that
+    they stay in cache. Every batch is padded to the longest spectrum of all, so that its sums are those of
+    any other batching.
+
+    :raises ValueError: if the arrays hold different numbers of spectra.
+    """
+
+    def __init__(
+        self,
+        wavelength: np.ndarray | Sequence[np.ndarray],
+        flux: np.ndarray | Sequence[np.ndarray],
+        ivar: np.ndarray | Sequence[np.ndarray],
+        lsf_sigma: np.ndarray | Sequence[np.ndarray] | None,
+    ) -> None:
+        self.wavelength, self.flux, self.ivar = _rows_of(wavelength), _rows_of(flux), _rows_of(ivar)
+        self.lsf_sigma = None if lsf_sigma is None else _rows_of(lsf_sigma)
+        counts = {
+            len(rows) for rows in (self.wavelength, self.flux, self.ivar, self.lsf_sigma) if rows is not None
+        }
+        if len(counts) > 1:
+            raise ValueError(
+                f"wavelength, flux, ivar (and lsf_sigma) hold different numbers of spectra: {counts}"
+            )
+        self.n_spectra = len(self.flux)
+        self.length = max((np.size(row) for row in self.wavelength), default=0)
+
+    def observed(self, part: slice, grid: LogLinearGrid, options: DopplerOptions) -> _ObservedPixels:
+        """The spectra ``part`` on their own pixels, positioned on ``grid``."""
+        observed = _ObservedPixels.build(
+            self.wavelength[part],
+            self.flux[part],
+            self.ivar[part],
+            grid,
+            options.observed_mask_windows,
+            self.length,
+        )
+        if self.lsf_sigma is not None:
+            observed.lsf_sigma = _lsf_rows(self.lsf_sigma[part], observed.flux.shape)
+        return observed
+
+
+def _rows_of(values: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """An (n, Q) array as it is, one spectrum (a 1-D array) as a list of it, a sequence as a list."""
+    if isinstance(values, np.ndarray):
+        return values if values.ndim >= 2 else [values]
+    return list(values)
+
+
+def _lsf_rows(lsf_sigma: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    rows = (
+        np.atleast_2d(np.asarray(lsf_sigma, dtype=float))
+        if isinstance(lsf_sigma, np.ndarray)
+        else _pad_rows(list(lsf_sigma), np.nan, shape[1])
+    )
+    if rows.shape != shape:
+        raise ValueError(f"lsf_sigma has shape {rows.shape}, the spectra {shape}")
+    return rows
+
+
 def _observed_continuum(
     observed: _ObservedPixels,
     rest_mask: np.ndarray,
@@ -149,26 +212,43 @@ def _observed_continuum(
 
 def _continuum_correction_basis(
     wavelength: np.ndarray, usable: np.ndarray, regions: Sequence[tuple[float, float]], degree: int
-) -> np.ndarray:
+) -> _ContinuumBasis:
     """Legendre polynomials of degree 0…``degree`` in wavelength, one series per region, over the span of each
-    spectrum's usable pixels in that region (zero elsewhere): float32 (n, regions·(degree + 1), Q)."""
+    spectrum's usable pixels in that region (zero elsewhere): regions·(degree + 1) functions of the pixels
+    (n, Q), built straight into the blocks of their regions (float32)."""
     n, n_pixels = wavelength.shape
     n_terms = degree + 1
-    basis = np.zeros((n, len(regions) * n_terms, n_pixels), dtype=np.float32)
-    for index, (low, high) in enumerate(regions):
-        region = (wavelength >= low) & (wavelength <= high)
-        used = region & usable
-        first = np.where(used, wavelength, np.inf).min(axis=1, keepdims=True)
-        last = np.where(used, wavelength, -np.inf).max(axis=1, keepdims=True)
-        span = np.where(last > first, last - first, 1.0)
-        x = np.clip(2.0 * (wavelength - np.where(np.isfinite(first), first, 0.0)) / span - 1.0, -1.0, 1.0)
-        # Bonnet's recurrence (as numpy's legvander), each term written straight into its plane of the basis.
-        previous, term = np.ones_like(x), x
-        for k in range(n_terms):
-            if k >= 2:
-                previous, term = term, (term * x * (2 * k - 1) - previous * (k - 1)) / k
-            basis[:, index * n_terms + k] = np.where(region, previous if k == 0 else term, 0.0)
-    return basis
+    inside = [(wavelength >= low) & (wavelength <= high) for low, high in regions]
+    # Each region's pixel span over every spectrum, for all of its terms.
+    anywhere = [np.flatnonzero(region.any(axis=0)) for region in inside]
+    first = np.repeat([pixels[0] if pixels.size else 0 for pixels in anywhere], n_terms)
+    last = np.repeat([pixels[-1] + 1 if pixels.size else 0 for pixels in anywhere], n_terms)
+    blocks = []
+    for columns, pixels in _block_spans(first, last, n_pixels):
+        values = np.zeros((n, columns.size, pixels.stop - pixels.start), dtype=np.float32)
+        for position in range(0, columns.size, n_terms):
+            index = columns[position] // n_terms  # the region of these columns
+            region = inside[index][:, pixels]
+            if region.any():
+                used = region & usable[:, pixels]
+                _fill_legendre(wavelength[:, pixels], region, used, values[:, position : position + n_terms])
+        blocks.append(_Block(columns, pixels, values))
+    return _ContinuumBasis(len(regions) * n_terms, blocks, (n, n_pixels))
+
+
+def _fill_legendre(wavelength: np.ndarray, region: np.ndarray, used: np.ndarray, out: np.ndarray) -> None:
+    """Legendre polynomials of degree 0…D−1 in ``wavelength`` (n, p) mapped to [−1, 1] over each spectrum's
+    ``used`` pixels, written into ``out`` (n, D, p) where ``region`` (zero elsewhere)."""
+    first = np.where(used, wavelength, np.inf).min(axis=1, keepdims=True)
+    last = np.where(used, wavelength, -np.inf).max(axis=1, keepdims=True)
+    span = np.where(last > first, last - first, 1.0)
+    x = np.clip(2.0 * (wavelength - np.where(np.isfinite(first), first, 0.0)) / span - 1.0, -1.0, 1.0)
+    # Bonnet's recurrence (as numpy's legvander), each term written straight into its plane of the basis.
+    previous, term = np.ones_like(x), x
+    for k in range(out.shape[1]):
+        if k >= 2:
+            previous, term = term, (term * x * (2 * k - 1) - previous * (k - 1)) / k
+        out[:, k] = np.where(region, previous if k == 0 else term, 0.0)
 
 
 def _resample_to_grid(
@@ -188,7 +268,9 @@ def _resample_to_grid(
     position = observed.position.ravel()
     spacing = position[right] - position[left]
     t = (grid - position[left]) / np.where(spacing > 0, spacing, 1.0)
-    median_spacing = np.median(np.diff(observed.position, axis=1), axis=1)
+    # The spacing of each spectrum's own pixels (positions increase; the padding of shorter rows does not).
+    steps = np.diff(observed.position, axis=1)
+    median_spacing = np.array([np.median(row[row > 0]) if np.any(row > 0) else 0.0 for row in steps])
     inside = (t >= 0) & (t <= 1) & (spacing > 0) & (spacing <= 2.0 * median_spacing[:, None])
     usable = (ivar > 0) & np.isfinite(flux)
     with np.errstate(divide="ignore"):

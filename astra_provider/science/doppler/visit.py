@@ -10,10 +10,12 @@ from typing import cast
 
 import numpy as np
 import scipy.stats
+from threadpoolctl import threadpool_limits
 
 from astra_provider.science.continuum import RowSinusoidBasis
 from astra_provider.science.doppler.arrays import _has_enough_pixels, _masked_flux_and_weight
 from astra_provider.science.doppler.ccf import _CcfTemplates, _cross_correlate_masked
+from astra_provider.science.doppler.continuum_projection import _ContinuumBasis
 from astra_provider.science.doppler.gauss_newton import _Fit, _gauss_newton
 from astra_provider.science.doppler.grid import velocity_to_pixel_shift
 from astra_provider.science.doppler.model import SpectralModel
@@ -22,8 +24,8 @@ from astra_provider.science.doppler.observed import (
     _continuum_correction_basis,
     _observed_continuum,
     _ObservedPixels,
-    _pad_rows,
     _resample_to_grid,
+    _SpectrumRows,
 )
 from astra_provider.science.doppler.options import DopplerOptions
 from astra_provider.science.doppler.refine import _refinement_result
@@ -107,33 +109,36 @@ def measure_visit_radial_velocities(
     models: list[SpectralModel | LsfStack] = (
         list(model) if isinstance(model, (list, tuple)) else [cast(SpectralModel | LsfStack, model)]
     )
-    visit_models, ccf_templates = _prepared_models(
-        models, continuum_mask, template_labels, max_velocity, options
-    )
-    _check_compatible(visit_models, lsf_sigma is not None)
-    observed = _ObservedPixels.build(
-        wavelength, flux, ivar, visit_models[0].grid, options.observed_mask_windows
-    )
-    if lsf_sigma is not None:
-        observed.lsf_sigma = _lsf_rows(lsf_sigma, observed.flux.shape)
-    return _measure_in_batches(observed, visit_models, ccf_templates, max_velocity, options)
+    spectra = _SpectrumRows(wavelength, flux, ivar, lsf_sigma)
+    # One BLAS thread: the products are small and many; on threads they gain nothing on a quiet machine
+    # and, on a loaded one, every call waits for a descheduled thread (as for The Payne).
+    with threadpool_limits(limits=1, user_api="blas"):
+        visit_models, ccf_templates = _prepared_models(
+            models, continuum_mask, template_labels, max_velocity, options
+        )
+        _check_compatible(visit_models, lsf_sigma is not None)
+        return _measure_in_batches(spectra, visit_models, ccf_templates, max_velocity, options)
 
 
 def _measure_in_batches(
-    observed: _ObservedPixels,
+    spectra: _SpectrumRows,
     visit_models: list[_VisitModel],
     ccf_templates: _CcfTemplates,
     max_velocity: float,
     options: DopplerOptions,
 ) -> RadialVelocityResult:
-    """:func:`.measure_visit_radial_velocities` of the observed spectra, ``options.visit_batch_size`` at a
-    time, joined into one result."""
-    batch = options.visit_batch_size
+    """:func:`.measure_visit_radial_velocities` of the spectra, ``options.visit_batch_size`` at a time,
+    joined into one result."""
+    batch, grid = options.visit_batch_size, visit_models[0].grid
     batches = [
         _measure_visit_batch(
-            observed.rows(slice(first, first + batch)), visit_models, ccf_templates, max_velocity, options
+            spectra.observed(slice(first, first + batch), grid, options),
+            visit_models,
+            ccf_templates,
+            max_velocity,
+            options,
         )
-        for first in range(0, max(observed.flux.shape[0], 1), batch)
+        for first in range(0, max(spectra.n_spectra, 1), batch)
     ]
     ccf = CrossCorrelationResult.concatenate([part[0] for part in batches])
     refined = RefinementResult.concatenate([part[1] for part in batches])
@@ -200,17 +205,6 @@ def _check_compatible(visit_models: list[_VisitModel], has_lsf_sigma: bool) -> N
         raise ValueError("an LSF stack needs each pixel's LSF width (lsf_sigma)")
 
 
-def _lsf_rows(lsf_sigma: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    rows = (
-        np.atleast_2d(np.asarray(lsf_sigma, dtype=float))
-        if isinstance(lsf_sigma, np.ndarray)
-        else _pad_rows(list(lsf_sigma), np.nan)
-    )
-    if rows.shape != shape:
-        raise ValueError(f"lsf_sigma has shape {rows.shape}, the spectra {shape}")
-    return rows
-
-
 def _measure_visit_batch(
     observed: _ObservedPixels,
     visit_models: list[_VisitModel],
@@ -274,9 +268,12 @@ class _NormalisedBatch:
         )
 
     def rows(self, rows: np.ndarray) -> _NormalisedBatch:
+        """The spectra ``rows`` (indices) of the batch (itself for every row, without a copy)."""
+        if rows.size == self.flux.shape[0] and np.array_equal(rows, np.arange(rows.size)):
+            return self
         part = object.__new__(_NormalisedBatch)
         part.observed, part.flux, part.ivar = self.observed.rows(rows), self.flux[rows], self.ivar[rows]
-        part.continuum_basis = None if self.continuum_basis is None else self.continuum_basis[rows]
+        part.continuum_basis = None if self.continuum_basis is None else self.continuum_basis.rows(rows)
         return part
 
 
@@ -321,7 +318,7 @@ def _fit_grid(
     weight = np.where(ok, spectra.ivar / (1.0 + spectra.ivar * visit_model.variance[nearest]), 0.0)
     flux = np.where(ok, spectra.flux, 1.0)
     basis = spectra.continuum_basis
-    n_continuum = 0 if basis is None else basis.shape[1]
+    n_continuum = 0 if basis is None else basis.n_terms
     x_init = scaling.scaled(labels_init)
     usable = _has_enough_pixels(
         weight, np.column_stack([x_init, shift_init]), scaling.n_labels + 1 + n_continuum
@@ -336,7 +333,7 @@ def _fit_grid(
     refined = _refinement_result(fit, usable, visit_model.grid.log10_step, scaling, options.edge_fraction)
     mismatch = np.full(usable.size, np.nan)
     if rows.size:
-        basis = None if basis is None else basis[rows]
+        basis = None if basis is None else basis.rows(rows)
         mismatch[rows], quality_flags = _fit_quality(fit, refined.chisq[rows], basis, options)
         birge = _segment_birge_ratio(fit, observed.wavelength[rows], options)
         inconsistent = np.isfinite(birge)
@@ -379,7 +376,7 @@ def _fit_rows(
             max_shift=visit_model.max_shift,
             max_iterations=options.max_iterations,
             tolerance=options.tolerance,
-            continuum_basis=None if basis is None else basis[rows[subset]],
+            continuum_basis=None if basis is None else basis.rows(rows[subset]),
         )
 
     fit = gauss_newton(np.arange(rows.size), weight, shift_init, x_init)
@@ -432,7 +429,7 @@ def _segment_birge_ratio(fit: _Fit, wavelength: np.ndarray, options: DopplerOpti
 
 
 def _fit_quality(
-    fit: _Fit, chisq: np.ndarray, basis: np.ndarray | None, options: DopplerOptions
+    fit: _Fit, chisq: np.ndarray, basis: _ContinuumBasis | None, options: DopplerOptions
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model mismatch ``sqrt(max(χ²_red − 1, 0))/(S/N)`` (n,) and the POOR_FIT and CONTINUUM_FAILED bits."""
     weighted = fit.weight > 0
@@ -441,7 +438,7 @@ def _fit_quality(
     mismatch = np.sqrt(np.maximum(chisq - 1.0, 0.0)) / snr
     flag = np.where(mismatch > options.max_model_mismatch, int(RVFlag.POOR_FIT), 0).astype(np.int64)
     if basis is not None:
-        multiplier = np.einsum("nb,nbp->np", fit.continuum, basis)
+        multiplier = basis.multiplier(fit.continuum)
         low, high = options.continuum_range
         inside = np.where(weighted, (multiplier >= low) & (multiplier <= high), True)
         flag[~np.all(inside, axis=1)] |= RVFlag.CONTINUUM_FAILED
