@@ -33,7 +33,9 @@ What it does (one run prints everything, with the load average):
    method; the ratio of the first two methods' scatters (the cost of the continuum; target <= 1.15); each
    method's scatter/bound and |bias|/scatter against The Payne's targets (scatter <= 1.5 bounds at S/N 25
    and 50, <= 2 at S/N 100; |bias| <= 0.3 scatter); and the continuum accuracy: rms over detector pixels
-   and stars of (task-normalised flux / truth-normalised flux - 1), times S/N (target <= 0.3).
+   and stars of (task-normalised flux / truth-normalised flux - 1), times S/N (target <= 0.3), for the
+   pseudo-continuum and, for The Payne, for the continuum its test step ends with (the normalised flux
+   divided by the fitted correction, :func:`astra_provider.contrib.thepayne.continuum_correction_factors`).
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def run_cannon_tasks(survey, scratch: Path) -> MethodResult:
     return run_label_tasks(survey, scratch, TrainTheCannon, TestTheCannon, "cannon")
 
 
-#: TrainThePayne settings of the ``payne`` method (``--payne-hidden``; default: the task's defaults).
+#: TrainThePayne settings of the ``payne`` method (``--payne-hidden``, ``--payne-seed``; default: the
+#: task's defaults).
 PAYNE_SETTINGS: dict = {}
 
 
@@ -276,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snr", type=float, nargs="+", default=[25.0, 50.0, 100.0])
     parser.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS], help="names in METHODS")
     parser.add_argument("--payne-hidden", type=int, nargs="+", help="TrainThePayne hidden_sizes")
+    parser.add_argument("--payne-seed", type=int, help="TrainThePayne seed")
     args = parser.parse_args(argv)
     if args.payne_hidden:
         PAYNE_SETTINGS["hidden_sizes"] = tuple(args.payne_hidden)
+    if args.payne_seed is not None:
+        PAYNE_SETTINGS["seed"] = args.payne_seed
     from astra_provider.synthetic.independent_survey import independent_survey
 
     print(f"load average at start: {os.getloadavg()}")

@@ -152,10 +152,10 @@ def test_save_and_load_round_trip(noisy_model, tmp_path):
     labels = np.array([[4700.0, 2.5, -0.2], [4300.0, 1.8, 0.1]])
     # Arrays are stored losslessly (float64 in .npz), so the predictions are the same numbers.
     assert np.array_equal(loaded.predict(labels), noisy_model.predict(labels))
-    assert loaded.label_names == NAMES and loaded.network.hidden_sizes == default_hidden_sizes(3) == (64, 9)
+    assert loaded.label_names == NAMES and loaded.network.hidden_sizes == default_hidden_sizes(3) == (64, 14)
     for name in ("offsets", "scales", "s2", "wavelength", "pixel_mask", "start_labels", "training_label_min"):
         assert np.array_equal(getattr(loaded, name), getattr(noisy_model, name)), name
-    assert loaded.metadata["purpose"] == "test" and loaded.metadata["hidden_sizes"] == [64, 9]
+    assert loaded.metadata["purpose"] == "test" and loaded.metadata["hidden_sizes"] == [64, 14]
     assert loaded.n_training == 500
     with pytest.raises(FileExistsError):
         noisy_model.save(path)

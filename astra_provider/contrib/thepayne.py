@@ -49,9 +49,9 @@ class TrainThePayne(TaskInstance):
     label_names = TupleParameter(default=NAMED_LABELS, description="Label columns of the training table.")
     hidden_sizes = TupleParameter(
         default=None,
-        description="Hidden-layer widths; empty for the default (64, (K+1)(K+2)/2 - 1) for K labels.",
+        description="Hidden-layer widths; empty for the default (64, (K+1)(K+2)/2 + K + 1) for K labels.",
     )
-    max_iterations = Parameter(default=2000, description="Optimiser iterations per round (hidden layers).")
+    max_iterations = Parameter(default=4000, description="Optimiser iterations per round (hidden layers).")
     seed = Parameter(default=0, description="Seed of the initial weights and the validation split.")
     output_path = Parameter(default=None, description="Model file to write (.npz).")
     deg = Parameter(default=3, description="Continuum: sine/cosine pairs per region.")
