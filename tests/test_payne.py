@@ -314,11 +314,11 @@ def test_bad_spectra_are_flagged_not_fatal(noisy_model, test_set):
 
 
 def test_training_set_too_small_is_refused_before_any_work():
-    needed = minimum_training_size((64, 9))
-    assert needed == 23  # 2 x 10 coefficients per pixel, plus the 10% validation set
+    needed = minimum_training_size(default_hidden_sizes(3))
+    assert needed == 34  # 2 x 15 coefficients per pixel, plus the 10% validation set
     labels = np.tile([4700.0, 2.5, -0.2], (needed - 1, 1))
     flux = np.ones((needed - 1, 5))
-    with pytest.raises(ValueError, match=r"training set too small: 22 spectra .* need at least 23 spectra"):
+    with pytest.raises(ValueError, match=r"training set too small: 33 spectra .* need at least 34 spectra"):
         train(labels, flux, flux, NAMES, np.arange(5.0))
 
 
@@ -465,7 +465,7 @@ def test_payne_tasks_refuse_bad_input(astra_db, payne_surveys, tmp_path):
         "path,teff,logg,fe_h\n" + "".join(f"/nowhere/{i}.fits,4700,2.5,-0.2\n" for i in range(10))
     )
     with pytest.raises(
-        TaskFailedError, match=r"small.csv: training set too small: 10 spectra .* at least 23"
+        TaskFailedError, match=r"small.csv: training set too small: 10 spectra .* at least 34"
     ):
         TrainThePayne(input_data_products=str(small)).execute()
 
