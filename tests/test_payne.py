@@ -449,6 +449,8 @@ def _check_refined_continuum(model_path, inputs, testing) -> None:
         np.sqrt(np.mean((f[good] / truth_flux[good] - 1.0) ** 2)) for f in (flux, flux / factors)
     )
     assert refined * 60.0 < 0.3 and refined < pseudo, (pseudo * 60.0, refined * 60.0)
+    with pytest.raises(ValueError, match=r"data product 987654: no astra.thepayne row"):
+        continuum_correction_factors(str(model_path), [*inputs, 987654])
 
 
 def test_payne_tasks_refuse_bad_input(astra_db, payne_surveys, tmp_path):

@@ -127,14 +127,17 @@ class TestThePayne(TaskInstance):
         return fit_normalized_inputs(self, self.model, self.model_path, fit, ThePayne, **settings)
 
 
-def continuum_correction_factors(model_path: str, data_product_pks: Sequence[int]) -> np.ndarray:
-    """The continuum correction ``1 + B b`` (S, P) that :class:`TestThePayne` (default ``correction_deg``)
+def continuum_correction_factors(
+    model_path: str, data_product_pks: Sequence[int], correction_deg: int | None = None
+) -> np.ndarray:
+    """The continuum correction ``1 + B b`` (S, P) that :class:`TestThePayne` (with this ``correction_deg``)
     fitted to the normalised spectra ``data_product_pks`` (its inputs), read from their ``astra.thepayne``
     rows in one query. Divide the pseudo-normalised flux by it for the normalised flux the fit ends with
     (multiply the pseudo-continuum by it for the refined continuum); NaN rows for spectra without a
-    fitted correction.
+    fitted correction, ones if the test step fitted none.
 
-    :raises ValueError: naming the first data product without a result row.
+    :raises ValueError: naming the first data product without a result row, or if the recorded
+        coefficients do not match the correction of ``correction_deg``.
     """
     import numpy as np
     from sqlalchemy import select
@@ -158,4 +161,4 @@ def continuum_correction_factors(model_path: str, data_product_pks: Sequence[int
         values = recorded[pk].get("continuum_coefficients") or []
         if len(values) == n_coefficients:
             coefficients[row] = [np.nan if v is None else v for v in values]
-    return continuum_correction_factor(model, coefficients)
+    return continuum_correction_factor(model, coefficients, correction_deg=correction_deg)
