@@ -33,7 +33,9 @@ What it does (one run prints everything, with the load average):
    method; the ratio of the first two methods' scatters (the cost of the continuum; target <= 1.15); each
    method's scatter/bound and |bias|/scatter against The Payne's targets (scatter <= 1.5 bounds at S/N 25
    and 50, <= 2 at S/N 100; |bias| <= 0.3 scatter); and the continuum accuracy: rms over detector pixels
-   and stars of (task-normalised flux / truth-normalised flux - 1), times S/N (target <= 0.3).
+   and stars of (task-normalised flux / truth-normalised flux - 1), times S/N (target <= 0.3), for the
+   pseudo-continuum and, for The Payne, for the continuum its test step ends with (the normalised flux
+   divided by the fitted correction, :func:`astra_provider.contrib.thepayne.continuum_correction_factors`).
 """
 
 from __future__ import annotations
@@ -63,14 +65,23 @@ class MethodResult:
     notes: list[str] = field(default_factory=list)
     #: per S/N, per test star: the normalised file and the star's rows in it (``(path, slice)``)
     normalised_rows: dict[float, list[tuple[str, slice]]] = field(default_factory=dict)
+    #: per S/N: the continuum correction (n_test, P) the test step fitted (The Payne), else empty
+    corrections: dict[float, np.ndarray] = field(default_factory=dict)
 
 
 def run_label_tasks(
-    survey, scratch: Path, train_task, test_task, name: str, **train_settings
+    survey,
+    scratch: Path,
+    train_task,
+    test_task,
+    name: str,
+    corrections: Callable | None = None,
+    **train_settings,
 ) -> MethodResult:
     """A label method through its three tasks: ``train_task`` on the training table, then per S/N
     ``SinusoidalContinuum`` with the model's continuum pixels (``model_path``) and ``test_task``; on an
-    SQLite astra database in ``scratch``."""
+    SQLite astra database in ``scratch``. ``corrections(model_path, data_product_pks)``, if given, reads
+    the continuum correction the test step fitted."""
     from astra_provider import database
     from astra_provider.contrib.continuum import SinusoidalContinuum
     from astra_provider.science.continuum_pixels import load_label_model
@@ -89,7 +100,7 @@ def run_label_tasks(
         f"derived continuum pixels: {info['n_pixels']} ({'/'.join(map(str, info['n_per_region']))} per "
         f"region; {info['n_passing_thresholds']} passed the threshold), set {info['id']}"
     ]
-    labels, normalised = {}, {}
+    labels, normalised, fitted_corrections = {}, {}, {}
     for snr in survey.snrs:
         paths = [str(p) for p in survey.test_paths(snr)]
         started = time.perf_counter()
@@ -107,8 +118,10 @@ def run_label_tasks(
         seconds[f"{test_task.__name__} S/N {snr:g}"] = time.perf_counter() - started
         labels[snr] = np.array([[row[name] for name, _, _ in LABELS] for row in fitted], dtype=float)
         normalised[snr] = [(p.path, slice(p.kwargs["row_start"], p.kwargs["row_stop"])) for p in products]
+        if corrections is not None:
+            fitted_corrections[snr] = corrections(str(model_path), outputs)
     database.configure(None)
-    return MethodResult(labels, seconds, notes, normalised)
+    return MethodResult(labels, seconds, notes, normalised, fitted_corrections)
 
 
 def run_cannon_tasks(survey, scratch: Path) -> MethodResult:
@@ -118,15 +131,18 @@ def run_cannon_tasks(survey, scratch: Path) -> MethodResult:
     return run_label_tasks(survey, scratch, TrainTheCannon, TestTheCannon, "cannon")
 
 
-#: TrainThePayne settings of the ``payne`` method (``--payne-hidden``; default: the task's defaults).
+#: TrainThePayne settings of the ``payne`` method (``--payne-hidden``, ``--payne-seed``; default: the
+#: task's defaults).
 PAYNE_SETTINGS: dict = {}
 
 
 def run_payne_tasks(survey, scratch: Path) -> MethodResult:
     """The Payne through its three tasks (see the module docstring)."""
-    from astra_provider.contrib.thepayne import TestThePayne, TrainThePayne
+    from astra_provider.contrib.thepayne import TestThePayne, TrainThePayne, continuum_correction_factors
 
-    return run_label_tasks(survey, scratch, TrainThePayne, TestThePayne, "payne", **PAYNE_SETTINGS)
+    return run_label_tasks(
+        survey, scratch, TrainThePayne, TestThePayne, "payne", continuum_correction_factors, **PAYNE_SETTINGS
+    )
 
 
 def run_truth_continuum(survey, train: Callable, fit: Callable) -> MethodResult:
@@ -181,8 +197,11 @@ METHODS: list[tuple[str, str, Callable]] = [
 ]
 
 
-def continuum_accuracy(survey, result: MethodResult) -> dict[float, tuple[float, float]]:
-    """Per S/N: (bias, rms) over usable pixels and stars of normalised flux / truth-normalised flux − 1."""
+def continuum_accuracy(
+    survey, result: MethodResult, corrected: bool = False
+) -> dict[float, tuple[float, float]]:
+    """Per S/N: (bias, rms) over usable pixels and stars of normalised flux / truth-normalised flux − 1;
+    ``corrected``: of the normalised flux divided by the test step's continuum correction."""
     from astra_provider.contrib.continuum import read_normalized
     from astra_provider.synthetic.independent_survey import truth_normalized
 
@@ -192,7 +211,9 @@ def continuum_accuracy(survey, result: MethodResult) -> dict[float, tuple[float,
         spectra = [read_normalized(path, star_rows) for path, star_rows in rows]
         flux = np.array([spectrum.flux[0] for spectrum in spectra])
         ivar = np.array([spectrum.ivar[0] for spectrum in spectra])
-        good = (ivar > 0) & (truth_ivar > 0) & (np.abs(truth_flux) > 0.05)
+        if corrected:
+            flux = flux / result.corrections[snr]
+        good = (ivar > 0) & (truth_ivar > 0) & (np.abs(truth_flux) > 0.05) & np.isfinite(flux)
         ratio = flux[good] / truth_flux[good] - 1.0
         out[snr] = (float(ratio.mean()), float(np.sqrt(np.mean(ratio**2))))
     return out
@@ -234,6 +255,22 @@ def print_table(survey, results: dict[str, MethodResult], names: list[str]) -> N
         print(f"  {name}: {sum(cells)} of {len(cells)} (label, S/N) cells meet both")
 
 
+def print_continuum(survey, results: dict[str, MethodResult]) -> None:
+    """The continuum rows: the pseudo-continuum of the first task method, and per method with a fitted
+    continuum correction the continuum its test step ends with (pseudo-continuum x correction)."""
+    rows = [(name, False) for name in ("cannon", "payne") if name in results][:1]
+    rows += [(name, True) for name, result in results.items() if result.corrections]
+    if not rows:
+        return
+    print("\ncontinuum: normalised flux / truth-normalised flux - 1 over usable pixels and stars")
+    for name, corrected in rows:
+        print(f"  {name}: pseudo-continuum" + (" x the fitted correction" if corrected else ""))
+        for snr, (bias, rms) in continuum_accuracy(survey, results[name], corrected).items():
+            print(
+                f"    S/N {snr:>4g}: bias {bias:+.5f}, rms {rms:.5f} = {rms * snr:.3f}/SNR (target 0.3/SNR)"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench-cache" / "labels")
@@ -242,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snr", type=float, nargs="+", default=[25.0, 50.0, 100.0])
     parser.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS], help="names in METHODS")
     parser.add_argument("--payne-hidden", type=int, nargs="+", help="TrainThePayne hidden_sizes")
+    parser.add_argument("--payne-seed", type=int, help="TrainThePayne seed")
     args = parser.parse_args(argv)
     if args.payne_hidden:
         PAYNE_SETTINGS["hidden_sizes"] = tuple(args.payne_hidden)
+    if args.payne_seed is not None:
+        PAYNE_SETTINGS["seed"] = args.payne_seed
     from astra_provider.synthetic.independent_survey import independent_survey
 
     print(f"load average at start: {os.getloadavg()}")
@@ -269,12 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [name for name, _, _ in METHODS if name in results]
         if names:
             print_table(survey, results, names)
-        if "cannon" in results:
-            print("\ncontinuum: normalised flux / truth-normalised flux - 1 over usable pixels and stars")
-            for snr, (bias, rms) in continuum_accuracy(survey, results["cannon"]).items():
-                print(
-                    f"  S/N {snr:>4g}: bias {bias:+.5f}, rms {rms:.5f} = {rms * snr:.3f}/SNR (target 0.3/SNR)"
-                )
+        print_continuum(survey, results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"load average at end: {os.getloadavg()}")

@@ -10,9 +10,16 @@ step, on continuum pixels derived from the training set as for The Cannon
 ``SinusoidalContinuum(model_path=<a Payne model>)`` normalises test spectra with them, and
 :class:`TestThePayne` refuses inputs normalised with other settings, another pixel set or on another
 wavelength grid. The shared parts live in :mod:`astra_provider.contrib.label_tasks`.
+
+The test step fits a continuum correction with the labels; its coefficients are recorded with each result
+(``labels["continuum_coefficients"]`` of ``astra.thepayne``), and :func:`continuum_correction_factors`
+turns the recorded rows of many spectra into the factors that refine their pseudo-continuum.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from astra_provider.base import Parameter, TaskInstance, TupleParameter
 from astra_provider.contrib.label_tasks import (
@@ -24,7 +31,10 @@ from astra_provider.contrib.label_tasks import (
 )
 from astra_provider.database.astradb import ThePayne
 
-__all__ = ["TestThePayne", "TrainThePayne"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["TestThePayne", "TrainThePayne", "continuum_correction_factors"]
 
 
 class TrainThePayne(TaskInstance):
@@ -39,9 +49,9 @@ class TrainThePayne(TaskInstance):
     label_names = TupleParameter(default=NAMED_LABELS, description="Label columns of the training table.")
     hidden_sizes = TupleParameter(
         default=None,
-        description="Hidden-layer widths; empty for the default (64, (K+1)(K+2)/2 - 1) for K labels.",
+        description="Hidden-layer widths; empty for the default (64, (K+1)(K+2)/2 + K + 1) for K labels.",
     )
-    max_iterations = Parameter(default=2000, description="Optimiser iterations per round (hidden layers).")
+    max_iterations = Parameter(default=4000, description="Optimiser iterations per round (hidden layers).")
     seed = Parameter(default=0, description="Seed of the initial weights and the validation split.")
     output_path = Parameter(default=None, description="Model file to write (.npz).")
     deg = Parameter(default=3, description="Continuum: sine/cosine pairs per region.")
@@ -115,3 +125,40 @@ class TestThePayne(TaskInstance):
             "correction_deg": self.correction_deg,
         }
         return fit_normalized_inputs(self, self.model, self.model_path, fit, ThePayne, **settings)
+
+
+def continuum_correction_factors(
+    model_path: str, data_product_pks: Sequence[int], correction_deg: int | None = None
+) -> np.ndarray:
+    """The continuum correction ``1 + B b`` (S, P) that :class:`TestThePayne` (with this ``correction_deg``)
+    fitted to the normalised spectra ``data_product_pks`` (its inputs), read from their ``astra.thepayne``
+    rows in one query. Divide the pseudo-normalised flux by it for the normalised flux the fit ends with
+    (multiply the pseudo-continuum by it for the refined continuum); NaN rows for spectra without a
+    fitted correction, ones if the test step fitted none.
+
+    :raises ValueError: naming the first data product without a result row, or if the recorded
+        coefficients do not match the correction of ``correction_deg``.
+    """
+    import numpy as np
+    from sqlalchemy import select
+
+    from astra_provider.database import session_scope
+    from astra_provider.science.payne import PayneModel, continuum_correction_factor
+
+    model = PayneModel.load(model_path)
+    pks = [int(pk) for pk in data_product_pks]
+    with session_scope() as session:
+        query = select(ThePayne.data_product_pk, ThePayne.labels).where(ThePayne.data_product_pk.in_(pks))
+        recorded = {pk: labels or {} for pk, labels in session.execute(query)}
+    missing = [pk for pk in pks if pk not in recorded]
+    if missing:
+        raise ValueError(f"data product {missing[0]}: no astra.thepayne row ({len(missing)} missing)")
+    n_coefficients = max((len(r.get("continuum_coefficients") or []) for r in recorded.values()), default=0)
+    if n_coefficients == 0:  # fitted without the correction
+        return np.ones((len(pks), model.n_pixels))
+    coefficients = np.full((len(pks), n_coefficients), np.nan)
+    for row, pk in enumerate(pks):
+        values = recorded[pk].get("continuum_coefficients") or []
+        if len(values) == n_coefficients:
+            coefficients[row] = [np.nan if v is None else v for v in values]
+    return continuum_correction_factor(model, coefficients, correction_deg=correction_deg)

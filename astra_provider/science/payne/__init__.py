@@ -4,7 +4,12 @@ spectra as a function of labels, trained on labelled spectra (:func:`train`) and
 """
 
 from astra_provider.science.flags import PayneFlag
-from astra_provider.science.payne.fitting import PayneResult, check_wavelength, fit
+from astra_provider.science.payne.fitting import (
+    PayneResult,
+    check_wavelength,
+    continuum_correction_factor,
+    fit,
+)
 from astra_provider.science.payne.model import FORMAT_VERSION, MODEL_KIND, PayneModel, describe_grid
 from astra_provider.science.payne.network import ACTIVATION, Network
 from astra_provider.science.payne.training import default_hidden_sizes, minimum_training_size, train
@@ -18,6 +23,7 @@ __all__ = [
     "PayneModel",
     "PayneResult",
     "check_wavelength",
+    "continuum_correction_factor",
     "default_hidden_sizes",
     "describe_grid",
     "fit",

@@ -9,6 +9,9 @@ therefore fits ``y ≈ f(x) (1 + B b)`` with ``B`` the same Sinusoidal basis per
 ``a^T M' a - 2 a.c' + k'`` of :mod:`.fitting`, with ``M' = M - G^T N^-1 G``, ``c' = c - G^T N^-1 h`` and
 ``k' = k - h^T N^-1 h``. The Levenberg-Marquardt iterations and the covariance (now marginalised over the
 correction) are unchanged; building ``G`` costs one pass over the pixels, about as much as ``M``.
+
+At the fitted features ``a`` the coefficients are ``b = N^-1 (h - G a)`` (:func:`correction_coefficients`),
+so the continuum the fit ends with is the pseudo-continuum times ``1 + B b`` (:func:`correction_factor`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ import numpy as np
 
 from astra_provider.science.continuum.basis import sinusoid_basis
 
-__all__ = ["CorrectionBasis", "correction_basis", "profile_statistics"]
+__all__ = [
+    "CorrectionBasis",
+    "correction_basis",
+    "correction_coefficients",
+    "correction_factor",
+    "profile_statistics",
+]
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ def profile_statistics(
     c: np.ndarray,
     k: np.ndarray,
     reference_flux: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The statistics ``M', c', k'`` of chi-squared minimised over the correction coefficients.
 
     :param basis: the correction basis.
@@ -73,7 +82,8 @@ def profile_statistics(
     :param m: (S, D, D), ``c`` (S, D), ``k`` (S,): the statistics without correction.
     :param reference_flux: (S, P) the model flux ``f0`` the multiplicative correction is linearised about;
         ``None`` for ``f0 = 1``.
-    :returns: ``(M', c', k')``, the same shapes as ``m``, ``c``, ``k``.
+    :returns: ``(M', c', k', solved)``: the first three the shapes of ``m``, ``c``, ``k``; ``solved``
+        (S, Q, D + 1) is ``N^-1 [G, h]``, for :func:`correction_coefficients`.
     """
     n_spectra, n_features = c.shape
     n_coefficients = basis.n_coefficients
@@ -107,4 +117,30 @@ def profile_statistics(
     m_profiled = m - np.einsum("sqd,sqe->sde", g, solved[:, :, :n_features])
     c_profiled = c - np.einsum("sqd,sq->sd", g, solved[:, :, n_features])
     k_profiled = k - np.einsum("sq,sq->s", h, solved[:, :, n_features])
-    return 0.5 * (m_profiled + np.swapaxes(m_profiled, 1, 2)), c_profiled, k_profiled
+    return 0.5 * (m_profiled + np.swapaxes(m_profiled, 1, 2)), c_profiled, k_profiled, solved
+
+
+def correction_coefficients(solved: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """The correction coefficients ``b = N^-1 (h - G a)`` (S, Q) at the fitted features ``a`` (S, D), from
+    the ``solved`` (S, Q, D + 1) of :func:`profile_statistics`."""
+    return solved[:, :, -1] - np.einsum("sqd,sd->sq", solved[:, :, :-1], features)
+
+
+def correction_factor(basis: CorrectionBasis, coefficients: np.ndarray, n_pixels: int) -> np.ndarray:
+    """The multiplicative correction ``1 + B b`` (S, P) of coefficients (S, Q) (or (Q,): (P,)); 1 outside
+    the regions, NaN for spectra with NaN coefficients (not fitted)."""
+    coefficients = np.asarray(coefficients, dtype=np.float64)
+    single = coefficients.ndim == 1
+    coefficients = np.atleast_2d(coefficients)
+    if coefficients.shape[1] != basis.n_coefficients:
+        raise ValueError(
+            f"{coefficients.shape[1]} continuum-correction coefficients given, the basis has "
+            f"{basis.n_coefficients}"
+        )
+    factor = np.ones((coefficients.shape[0], n_pixels))
+    start = 0
+    for pixels, values in zip(basis.pixels, basis.values, strict=True):
+        factor[:, pixels] += coefficients[:, start : start + values.shape[1]] @ values.T
+        start += values.shape[1]
+    factor[~np.all(np.isfinite(coefficients), axis=1)] = np.nan
+    return factor[0] if single else factor

@@ -13,12 +13,14 @@ chi-squared wins. The optimisation runs in scaled labels inside the training ran
 
 Continuum correction (default on): a multiplicative Sinusoidal correction per continuum region is fitted
 jointly with the labels, its coefficients eliminated in closed form (:mod:`.continuum_correction`),
-linearised about the model flux of the best start label.
+linearised about the model flux of the best start label. Its fitted coefficients are returned
+(:attr:`PayneResult.continuum_coefficients`); :func:`continuum_correction_factor` turns them into the factor
+``1 + B b`` by which the pseudo-continuum is refined.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -44,21 +46,32 @@ from astra_provider.science.labels import outside_training_range
 from astra_provider.science.payne.continuum_correction import (
     CorrectionBasis,
     correction_basis,
+    correction_coefficients,
+    correction_factor,
     profile_statistics,
 )
 from astra_provider.science.payne.model import PayneModel, describe_grid
 from astra_provider.sdss.apogee import APOGEE_REGIONS_AA
 
-__all__ = ["PayneResult", "check_wavelength", "fit"]
+__all__ = ["PayneResult", "check_wavelength", "continuum_correction_factor", "fit"]
 
 
+@dataclass(eq=False)
 class PayneResult(CannonResult):
     """Per-star results of :func:`fit` (S stars, K labels), in physical units; the fields, :attr:`e_labels`,
     :attr:`correlation` and :meth:`columns` are those of
     :class:`~astra_provider.science.cannon.CannonResult`. ``flags`` holds :class:`PayneFlag` bits;
     ``start_index`` is the rank (by chi-squared) of the winning start among the model's start labels, or
-    ``n_starts`` for ``initial_labels`` (-1 if not fitted).
+    ``n_starts`` for ``initial_labels`` (-1 if not fitted). ``continuum_coefficients`` (S, Q) are the
+    fitted continuum-correction coefficients (NaN if not fitted; Q = 0 without correction): the continuum
+    the fit ends with is the pseudo-continuum times :func:`continuum_correction_factor` of them.
     """
+
+    continuum_coefficients: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """:meth:`CannonResult.columns` and ``continuum_coefficients`` (S, Q: one row per spectrum)."""
+        return {**super().columns(), "continuum_coefficients": self.continuum_coefficients}
 
 
 def check_wavelength(model: PayneModel, wavelength: np.ndarray, source: str = "the spectra") -> None:
@@ -157,20 +170,21 @@ def fit(
         tol=tol,
     )
     outputs = LabelFitOutputs.allocate(n_spectra, model.n_labels)
+    coefficients = np.full((n_spectra, 0 if correction is None else correction.n_coefficients), np.nan)
 
     def fit_rows(rows: slice) -> None:
         spectra = weighted_spectra(flux[rows], ivar[rows], model.pixel_mask, model.s2)
         ok = outputs.record_data(rows, spectra, model.n_labels)
         if ok.any():
             index = np.arange(rows.start, rows.stop)[ok]
-            _fit_chunk(model, index, _statistics(model, spectra, theta_pairs).select(ok), options, outputs)
+            statistics = _statistics(model, spectra, theta_pairs).select(ok)
+            _fit_chunk(model, index, statistics, options, outputs, coefficients)
 
     # Chunks write disjoint rows of ``outputs`` and run concurrently on n_threads cores, each with one BLAS
     # thread (small products; see training.train).
     with threadpool_limits(limits=1, user_api="blas"):
         run_chunks(fit_rows, chunk_slices(n_spectra, star_chunk_size), resolve_thread_count(n_threads))
-    n_coefficients = 0 if correction is None else correction.n_coefficients
-    return _result(model, outputs, max_reduced_chi_sq, scale_uncertainties, n_coefficients)
+    return _result(model, outputs, max_reduced_chi_sq, scale_uncertainties, coefficients)
 
 
 def _correction(
@@ -181,6 +195,27 @@ def _correction(
     length_scale = float(model.metadata.get("continuum_length_scale", 1400.0))
     correction = correction_basis(model.wavelength, regions, deg, length_scale)
     return correction if correction.n_coefficients else None
+
+
+def continuum_correction_factor(
+    model: PayneModel,
+    coefficients: np.ndarray,
+    *,
+    correction_deg: int | None = None,
+    correction_regions: tuple[tuple[float, float], ...] = APOGEE_REGIONS_AA,
+) -> np.ndarray:
+    """The continuum correction ``1 + B b`` (S, P) on the model's grid of the
+    :attr:`PayneResult.continuum_coefficients` (S, Q) of :func:`fit` (called with the same
+    ``correction_deg`` and ``correction_regions``). The refined normalised flux is the pseudo-normalised
+    flux divided by it, and the refined continuum the pseudo-continuum times it (1 outside the regions,
+    NaN for spectra not fitted).
+
+    :raises ValueError: if the number of coefficients is not that of the correction basis.
+    """
+    correction = _correction(model, correction_deg, correction_regions)
+    if correction is None:
+        correction = CorrectionBasis((), ())
+    return correction_factor(correction, coefficients, model.n_pixels)
 
 
 @dataclass(frozen=True)
@@ -227,15 +262,18 @@ def _fit_chunk(
     statistics: _Statistics,
     options: _Options,
     out: LabelFitOutputs,
+    coefficients: np.ndarray,
 ) -> None:
-    """Fit the spectra ``rows`` (all with usable pixels) from their statistics; write into ``out``."""
+    """Fit the spectra ``rows`` (all with usable pixels) from their statistics; write into ``out`` and the
+    continuum-correction ``coefficients``."""
     m, c, k = statistics.m, statistics.c, statistics.k
+    solved = None
     if options.correction is not None:
         # The correction linearised about the model flux at the best start label of the uncorrected
         # chi-squared (its error, correction times model difference, is second order), then profiled out.
         starts, _ = _choose_starts(model, m, c, 1)
         reference_flux = model.network.features(starts[0]) @ model.theta.T
-        m, c, k = profile_statistics(
+        m, c, k, solved = profile_statistics(
             options.correction, model.theta, statistics.weight, statistics.y, m, c, k, reference_flux
         )
     starts, _ = _choose_starts(model, m, c, options.n_starts)
@@ -254,8 +292,10 @@ def _fit_chunk(
         max_iterations=options.max_iterations,
         tol=options.tol,
     )
-    _, da = model.network.features_and_jacobian(fitted.x)
+    a, da = model.network.features_and_jacobian(fitted.x)
     out.record(rows, model, fitted, *inverse_fisher(da, m))
+    if solved is not None:
+        coefficients[rows] = correction_coefficients(solved, a)
 
 
 def _result(
@@ -263,11 +303,11 @@ def _result(
     outputs: LabelFitOutputs,
     max_reduced_chi_sq: float,
     scale_uncertainties: bool,
-    n_coefficients: int,
+    coefficients: np.ndarray,
 ) -> PayneResult:
     fields = outputs.result_fields(
         model,
-        n_parameters=model.n_labels + n_coefficients,
+        n_parameters=model.n_labels + coefficients.shape[1],
         max_reduced_chi_sq=max_reduced_chi_sq,
         scale_uncertainties=scale_uncertainties,
     )
@@ -277,4 +317,4 @@ def _result(
         model.training_label_percentiles[levels.index(99.5)] if 99.5 in levels else model.training_label_max
     )
     fields["flags"][outside_training_range(fields["labels"], low, high)] |= PayneFlag.NEAR_TRAINING_EDGE
-    return PayneResult(**fields)
+    return PayneResult(**fields, continuum_coefficients=coefficients)
