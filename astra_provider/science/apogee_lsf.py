@@ -25,8 +25,9 @@ H3, H5) make it asymmetric; H1 moves its centroid by ``H1·σ``.
 For a Doppler fit with Gaussian-LSF templates, :func:`gaussian_equivalent` gives each pixel the Gaussian
 (centre and σ) closest in least squares to the core of its profile (the pixel-integrated Gauss–Hermite part,
 without the broad wings, which only dilute lines), and :func:`apvisit_pixel_lsf` converts it to ln λ with
-the file's own wavelengths: the σ selects the template's LSF width pixel by pixel, the centre is a shift of
-the pixel's wavelength.
+the file's own wavelengths. The Doppler task uses the centre, as a shift of the pixel's wavelength; the
+σ is kept in the reader's ``extras`` for users (per-pixel widths moved velocities by ≤ 0.014 km/s on the
+real visits and worsened χ², so the templates keep one Gaussian LSF; docs/templates.md).
 """
 
 from __future__ import annotations
