@@ -48,6 +48,11 @@ so SQL on the parameter tables lists them for every task, without a row per task
 """
 
 
+def _timestamp() -> Mapped[datetime]:
+    """A time stamp column set to the time of the insert (by the client, or else by the database)."""
+    return mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+
+
 def version_parameters(version: str) -> dict[str, int]:
     """``{"astra_version_major": 0, "astra_version_minor": 1}`` for version ``"0.1.0"``."""
     major, minor = (version.split(".") + ["0", "0"])[:2]
@@ -79,9 +84,7 @@ class OutputInterface(Base):
 
     pk: Mapped[int] = mapped_column(PrimaryKey, primary_key=True)
     table_name: Mapped[str] = mapped_column(Text)
-    created: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
-    )
+    created: Mapped[datetime] = _timestamp()
 
 
 class Lease(Base):
@@ -99,12 +102,8 @@ class Lease(Base):
     owner: Mapped[str] = mapped_column(Text)
     host: Mapped[str] = mapped_column(Text)
     pid: Mapped[int] = mapped_column(Integer)
-    created: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
-    )
-    renewed: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
-    )
+    created: Mapped[datetime] = _timestamp()
+    renewed: Mapped[datetime] = _timestamp()
     expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     def __repr__(self) -> str:
@@ -135,12 +134,8 @@ class Task(Base):
     task_id: Mapped[str] = mapped_column(Text)
     version: Mapped[str] = mapped_column(Text)
     status_code: Mapped[int] = mapped_column(SmallInteger, default=Status.CREATED, server_default="0")
-    created: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
-    )
-    modified: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
-    )
+    created: Mapped[datetime] = _timestamp()
+    modified: Mapped[datetime] = _timestamp()
     duration: Mapped[float | None] = mapped_column(Float)
     time_pre_execute: Mapped[float | None] = mapped_column(Float)
     time_execute: Mapped[float | None] = mapped_column(Float)
@@ -311,9 +306,7 @@ class Source(Base):
     thing_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     ra: Mapped[float | None] = mapped_column(Float)
     dec: Mapped[float | None] = mapped_column(Float)
-    created: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
-    )
+    created: Mapped[datetime] = _timestamp()
 
     def __repr__(self) -> str:
         names = ("sdss_id", "catalogid", "obj", "thing_id")
@@ -335,9 +328,7 @@ class DataProduct(Base):
     kwargs_hash: Mapped[str] = mapped_column(Text)
     path: Mapped[str] = mapped_column(Text)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
-    created: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
-    )
+    created: Mapped[datetime] = _timestamp()
 
     @property
     def identity(self) -> str:
@@ -388,9 +379,7 @@ class Bundle(Base):
     task_name: Mapped[str] = mapped_column(Text)
     bundled_parameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
     n_tasks: Mapped[int] = mapped_column(Integer)
-    created: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
-    )
+    created: Mapped[datetime] = _timestamp()
     time_pre_execute: Mapped[float | None] = mapped_column(Float)
     time_execute: Mapped[float | None] = mapped_column(Float)
     time_post_execute: Mapped[float | None] = mapped_column(Float)

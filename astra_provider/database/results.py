@@ -7,6 +7,7 @@ Every column carries its description and unit (:func:`result_column`), which the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import JSON, Float, Integer, Text
@@ -85,6 +86,24 @@ _ROW = "Row of the spectrum in its file (apStar: 0, 1 stacks, then the visits)"
 _KMS = "km / s"
 
 
+_FloatColumn = Mapped[float | None]
+
+
+def _labels_and_uncertainties(
+    of: str = "", column: Callable[..., Any] = result_column
+) -> tuple[_FloatColumn, _FloatColumn, _FloatColumn, _FloatColumn, _FloatColumn, _FloatColumn]:
+    """The columns teff, logg and fe_h, each followed by its uncertainty (named ``u_*`` or ``e_*`` by the
+    table), made by ``column``; ``of`` ends the labels' descriptions (``" of the best template"``)."""
+    return (
+        column(Float, f"Effective temperature{of}", "K"),
+        column(Float, "Uncertainty of teff", "K"),
+        column(Float, f"Surface gravity log10(g / cm s-2){of}"),
+        column(Float, "Uncertainty of logg (dex)"),
+        column(Float, f"Metallicity [Fe/H] (dex){of}"),
+        column(Float, "Uncertainty of fe_h (dex)"),
+    )
+
+
 class RandomNumberGenerator(OutputMixin, Base):
     """The user's guide example result table (``astra_provider.contrib.examples``)."""
 
@@ -129,12 +148,7 @@ class Doppler(OutputMixin, Base):
     bc: Mapped[float | None] = result_column(
         Float, "Barycentric correction: vhelio = vrel + bc (BOSS: -HELIO_RV)", _KMS
     )
-    teff: Mapped[float | None] = result_column(Float, "Effective temperature of the best template", "K")
-    u_teff: Mapped[float | None] = result_column(Float, "Uncertainty of teff", "K")
-    logg: Mapped[float | None] = result_column(Float, "Surface gravity log10(g / cm s-2) of the template")
-    u_logg: Mapped[float | None] = result_column(Float, "Uncertainty of logg (dex)")
-    fe_h: Mapped[float | None] = result_column(Float, "Metallicity [Fe/H] (dex) of the best template")
-    u_fe_h: Mapped[float | None] = result_column(Float, "Uncertainty of fe_h (dex)")
+    teff, u_teff, logg, u_logg, fe_h, u_fe_h = _labels_and_uncertainties(" of the best template")
     chisq: Mapped[float | None] = result_column(Float, "Reduced chi-squared of the fit")
     ccf_peak: Mapped[float | None] = result_column(Float, "Height of the normalised cross-correlation peak")
     model_mismatch: Mapped[float | None] = result_column(
@@ -157,12 +171,7 @@ class LabelColumns:
 
     row_index: Mapped[int] = _label_column(Integer, _ROW, default=0)
     snr: Mapped[float | None] = _label_column(Float, _SNR)
-    teff: Mapped[float | None] = _label_column(Float, "Effective temperature", "K")
-    e_teff: Mapped[float | None] = _label_column(Float, "Uncertainty of teff", "K")
-    logg: Mapped[float | None] = _label_column(Float, "Surface gravity log10(g / cm s-2)")
-    e_logg: Mapped[float | None] = _label_column(Float, "Uncertainty of logg (dex)")
-    fe_h: Mapped[float | None] = _label_column(Float, "Metallicity [Fe/H] (dex)")
-    e_fe_h: Mapped[float | None] = _label_column(Float, "Uncertainty of fe_h (dex)")
+    teff, e_teff, logg, e_logg, fe_h, e_fe_h = _labels_and_uncertainties("", _label_column)
     rho_teff_logg: Mapped[float | None] = _label_column(Float, "Correlation of teff and logg")
     rho_teff_fe_h: Mapped[float | None] = _label_column(Float, "Correlation of teff and fe_h")
     rho_logg_fe_h: Mapped[float | None] = _label_column(Float, "Correlation of logg and fe_h")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Select
     from sqlalchemy.orm import Session
 
-    from astra_provider.database.astradb import DataProduct
+    from astra_provider.database.astradb import DataProduct, TaskInputDataProduct, TaskOutputDataProduct
 
 POSTGRES_TYPES = ("astra", "postgres", "postgresql")
 
@@ -265,16 +265,20 @@ class AstraHook(BaseHook):
     # Provenance look-ups used by the operators -------------------------------------------------------
 
     def _grouped_by_task(
-        self, task_pks: Iterable[int], pairs: Callable[[Sequence[int]], Select]
+        self,
+        task_pks: Iterable[int],
+        junction: type[TaskInputDataProduct] | type[TaskOutputDataProduct],
+        pairs: Select,
     ) -> dict[int, list[Any]]:
-        """Run ``pairs(chunk)`` (a query of ``(task_pk, value)`` rows) over chunks of ``task_pks``; group the
-        values by task, in the query's order (tasks without rows are absent)."""
+        """Run ``pairs`` (a query of ``(junction.task_pk, value)`` rows) over chunks of ``task_pks``; group
+        the values by task, in the order of the junction's rows (tasks without rows are absent)."""
         from astra_provider.database.recording import chunked
 
         grouped: dict[int, list[Any]] = {}
         with self.session_scope() as session:
             for chunk in chunked(sorted(set(task_pks))):
-                for task_pk, value in session.execute(pairs(chunk)):
+                query = pairs.where(junction.task_pk.in_(chunk)).order_by(junction.task_pk, junction.pk)
+                for task_pk, value in session.execute(query):
                     grouped.setdefault(task_pk, []).append(value)
         return grouped
 
@@ -282,17 +286,9 @@ class AstraHook(BaseHook):
         """The output data product pks of each task (tasks without outputs are absent)."""
         from sqlalchemy import select
 
-        from astra_provider.database.astradb import TaskOutputDataProduct
+        from astra_provider.database.astradb import TaskOutputDataProduct as junction
 
-        junction = TaskOutputDataProduct
-        return self._grouped_by_task(
-            task_pks,
-            lambda chunk: (
-                select(junction.task_pk, junction.data_product_pk)
-                .where(junction.task_pk.in_(chunk))
-                .order_by(junction.task_pk, junction.pk)
-            ),
-        )
+        return self._grouped_by_task(task_pks, junction, select(junction.task_pk, junction.data_product_pk))
 
     def data_product_pks_by_filetype(
         self, data_product_pks: Iterable[int], filetypes: Iterable[str]
@@ -335,15 +331,10 @@ class AstraHook(BaseHook):
         """The paths of the input data products of each task (for logs)."""
         from sqlalchemy import select
 
-        from astra_provider.database.astradb import DataProduct, TaskInputDataProduct
+        from astra_provider.database.astradb import DataProduct
+        from astra_provider.database.astradb import TaskInputDataProduct as junction
 
-        junction = TaskInputDataProduct
-        return self._grouped_by_task(
-            task_pks,
-            lambda chunk: (
-                select(junction.task_pk, DataProduct.path)
-                .join(DataProduct, DataProduct.pk == junction.data_product_pk)
-                .where(junction.task_pk.in_(chunk))
-                .order_by(junction.task_pk, junction.pk)
-            ),
+        paths = select(junction.task_pk, DataProduct.path).join(
+            DataProduct, DataProduct.pk == junction.data_product_pk
         )
+        return self._grouped_by_task(task_pks, junction, paths)

@@ -1,11 +1,12 @@
-"""Pieces shared by the label models (The Cannon, The Payne): label scaling, the arrays common to their model
-files, the coefficients of masked pixels, and the reduced chi-squared and training-range tests of their
-results."""
+"""Pieces shared by the label models (The Cannon, The Payne): their common fields (:class:`LabelModel`),
+label scaling, the arrays common to their model files, the coefficients of masked pixels, and the reduced
+chi-squared and training-range tests of their results."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from astra_provider._version import __version__
 
 __all__ = [
     "COMMON_MODEL_ARRAYS",
+    "PERCENTILE_LEVELS",
+    "LabelModel",
     "LabelScaling",
     "common_model_arrays",
     "model_file_metadata",
@@ -26,6 +29,9 @@ __all__ = [
     "training_label_summary",
     "training_metadata",
 ]
+
+#: Training-label percentiles stored with every model (rows of ``training_label_percentiles``).
+PERCENTILE_LEVELS = (0.5, 2.5, 16.0, 50.0, 84.0, 97.5, 99.5)
 
 COMMON_MODEL_ARRAYS = (
     "kind",
@@ -55,7 +61,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON-serialisable")
 
 
-def common_model_arrays(model: Any, kind: str, format_version: int) -> dict[str, np.ndarray]:
+def common_model_arrays(model: LabelModel, kind: str, format_version: int) -> dict[str, np.ndarray]:
     """The :data:`COMMON_MODEL_ARRAYS` of a label model (with the fields of those names, ``percentile_levels``
     and ``metadata``) and, if it has them, its ``continuum_pixels``; the metadata is stored as JSON text.
 
@@ -132,6 +138,68 @@ class LabelScaling:
         if labels.ndim != 2 or labels.shape[1] != self.n_labels:
             raise ValueError(f"expected labels of shape (N, {self.n_labels}) or ({self.n_labels},)")
         return labels, single
+
+
+@dataclass(eq=False)
+class LabelModel(LabelScaling):
+    """The fields every trained label model has (:class:`~astra_provider.science.cannon.CannonModel`,
+    :class:`~astra_provider.science.payne.PayneModel`); each model adds its own after ``_: KW_ONLY``.
+
+    Physical labels are scaled with ``offsets`` and ``scales`` (K,); ``theta`` (P, D) is the per-pixel
+    output, ``s2`` (P,) the intrinsic variance, ``pixel_mask`` (P,) True where a pixel could not be
+    trained; the training labels' range and percentiles (at ``percentile_levels``) and their number
+    ``n_training`` bound the test step, and ``continuum_pixels`` (P,) bool is the continuum-pixel set of
+    the training spectra (``None``: the shipped list).
+    """
+
+    label_names: tuple[str, ...]
+    offsets: np.ndarray
+    scales: np.ndarray
+    theta: np.ndarray
+    s2: np.ndarray
+    wavelength: np.ndarray
+    pixel_mask: np.ndarray
+    training_label_min: np.ndarray
+    training_label_max: np.ndarray
+    training_label_percentiles: np.ndarray
+    n_training: int
+    percentile_levels: tuple[float, ...] = PERCENTILE_LEVELS
+    metadata: dict[str, Any] = field(default_factory=dict)
+    continuum_pixels: np.ndarray | None = None
+
+    def _convert_fields(self) -> None:
+        """Make the fields (but ``label_names``) arrays of their types, the vectors flat."""
+        for name in ("offsets", "scales", "training_label_min", "training_label_max", "s2", "wavelength"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64).reshape(-1))
+        self.theta = np.asarray(self.theta, dtype=np.float64)
+        self.pixel_mask = np.asarray(self.pixel_mask, dtype=bool).reshape(-1)
+        self.training_label_percentiles = np.asarray(self.training_label_percentiles, dtype=np.float64)
+        self.percentile_levels = tuple(float(q) for q in self.percentile_levels)
+        self.n_training = int(self.n_training)
+        if self.continuum_pixels is not None:
+            self.continuum_pixels = np.asarray(self.continuum_pixels, dtype=bool).reshape(-1)
+
+    def _field_problems(self, k: int, d: int) -> list[str]:
+        """How the fields' shapes disagree with K labels and D features (empty if they do not), and
+        non-positive scales."""
+        p = self.theta.shape[0] if self.theta.ndim == 2 else -1
+        problems = []
+        if self.theta.ndim != 2 or self.theta.shape[1] != d:
+            problems.append(f"theta has shape {self.theta.shape}, expected (P, {d})")
+        for name in ("offsets", "scales", "training_label_min", "training_label_max"):
+            if getattr(self, name).shape != (k,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({k},)")
+        for name in ("s2", "wavelength", "pixel_mask", "continuum_pixels"):
+            if getattr(self, name) is not None and getattr(self, name).shape != (p,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({p},)")
+        if self.training_label_percentiles.shape != (len(self.percentile_levels), k):
+            problems.append(
+                f"training_label_percentiles has shape {self.training_label_percentiles.shape}, "
+                f"expected ({len(self.percentile_levels)}, {k})"
+            )
+        if np.any(~(self.scales > 0)):
+            problems.append("scales must be positive")
+        return problems
 
 
 def training_arrays(

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from astra_provider.science.cannon.io import cannon_model_fields, read_cannon_model_arrays, write_cannon_model
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer, validate_label_names
-from astra_provider.science.labels import LabelScaling
+from astra_provider.science.labels import PERCENTILE_LEVELS, LabelModel
 
 __all__ = [
     "PERCENTILE_LEVELS",
     "CannonModel",
     "label_offsets_and_scales",
 ]
-
-#: Training-label percentiles stored with every model (rows of ``training_label_percentiles``).
-PERCENTILE_LEVELS = (0.5, 2.5, 16.0, 50.0, 84.0, 97.5, 99.5)
 
 
 def label_offsets_and_scales(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +38,7 @@ def label_offsets_and_scales(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 @dataclass(eq=False)
-class CannonModel(LabelScaling):
+class CannonModel(LabelModel):
     """A trained Cannon model.
 
     ``theta`` (P, D) are the coefficients of ``terms`` in *scaled* labels ``(label - offsets) / scales``.
@@ -57,73 +53,30 @@ class CannonModel(LabelScaling):
     before pixel sets were stored (format version 1), which were trained with the shipped list.
     """
 
-    label_names: tuple[str, ...]
+    _: KW_ONLY
     terms: tuple[str, ...]
-    offsets: np.ndarray
-    scales: np.ndarray
-    theta: np.ndarray
-    s2: np.ndarray
-    wavelength: np.ndarray
-    pixel_mask: np.ndarray
-    training_label_min: np.ndarray
-    training_label_max: np.ndarray
-    training_label_percentiles: np.ndarray
-    n_training: int
     regularization: float | np.ndarray = 0.0
-    percentile_levels: tuple[float, ...] = PERCENTILE_LEVELS
-    metadata: dict[str, Any] = field(default_factory=dict)
-    continuum_pixels: np.ndarray | None = None
     vectorizer: PolynomialVectorizer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.label_names = validate_label_names(self.label_names)
         self.terms = tuple(str(t) for t in self.terms)
         self.vectorizer = PolynomialVectorizer(self.label_names, self.terms)
-        self.offsets = np.asarray(self.offsets, dtype=np.float64).reshape(-1)
-        self.scales = np.asarray(self.scales, dtype=np.float64).reshape(-1)
-        self.theta = np.asarray(self.theta, dtype=np.float64)
-        self.s2 = np.asarray(self.s2, dtype=np.float64).reshape(-1)
-        self.wavelength = np.asarray(self.wavelength, dtype=np.float64).reshape(-1)
-        self.pixel_mask = np.asarray(self.pixel_mask, dtype=bool).reshape(-1)
-        self.training_label_min = np.asarray(self.training_label_min, dtype=np.float64).reshape(-1)
-        self.training_label_max = np.asarray(self.training_label_max, dtype=np.float64).reshape(-1)
-        self.percentile_levels = tuple(float(q) for q in self.percentile_levels)
-        self.training_label_percentiles = np.asarray(self.training_label_percentiles, dtype=np.float64)
-        self.n_training = int(self.n_training)
+        self._convert_fields()
         if np.ndim(self.regularization) == 0:
             self.regularization = float(self.regularization)
         else:
             self.regularization = np.asarray(self.regularization, dtype=np.float64).reshape(-1)
-        if self.continuum_pixels is not None:
-            self.continuum_pixels = np.asarray(self.continuum_pixels, dtype=bool).reshape(-1)
         problems = self._shape_problems()
         if problems:
             raise ValueError("invalid CannonModel: " + "; ".join(problems))
 
     def _shape_problems(self) -> list[str]:
         """Inconsistencies between the array shapes, the labels and the terms (empty if none)."""
-        k, d = len(self.label_names), len(self.terms)
+        problems = self._field_problems(len(self.label_names), len(self.terms))
         p = self.theta.shape[0] if self.theta.ndim == 2 else -1
-        problems = []
-        if self.theta.ndim != 2 or self.theta.shape[1] != d:
-            problems.append(f"theta has shape {self.theta.shape}, expected (P, {d})")
-        for name in ("offsets", "scales", "training_label_min", "training_label_max"):
-            if getattr(self, name).shape != (k,):
-                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({k},)")
-        for name in ("s2", "wavelength", "pixel_mask"):
-            if getattr(self, name).shape != (p,):
-                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({p},)")
-        if self.training_label_percentiles.shape != (len(self.percentile_levels), k):
-            problems.append(
-                f"training_label_percentiles has shape {self.training_label_percentiles.shape}, "
-                f"expected ({len(self.percentile_levels)}, {k})"
-            )
         if isinstance(self.regularization, np.ndarray) and self.regularization.shape != (p,):
             problems.append(f"regularization has shape {self.regularization.shape}, expected () or ({p},)")
-        if self.continuum_pixels is not None and self.continuum_pixels.shape != (p,):
-            problems.append(f"continuum_pixels has shape {self.continuum_pixels.shape}, expected ({p},)")
-        if np.any(~(self.scales > 0)):
-            problems.append("scales must be positive")
         return problems
 
     # -- sizes and scaling -----------------------------------------------------------------------------------

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from astra_provider.science.cannon import PERCENTILE_LEVELS
 from astra_provider.science.labels import (
     COMMON_MODEL_ARRAYS,
-    LabelScaling,
+    LabelModel,
     common_model_arrays,
     model_file_metadata,
 )
@@ -44,7 +42,7 @@ def describe_grid(wavelength: np.ndarray) -> str:
 
 
 @dataclass(eq=False)
-class PayneModel(LabelScaling):
+class PayneModel(LabelModel):
     """A trained Payne emulator.
 
     ``network`` maps scaled labels ``(label - offsets) / scales`` to the features ``a = [1, h_L]`` (D,);
@@ -57,37 +55,15 @@ class PayneModel(LabelScaling):
     same set, :attr:`continuum_pixels_id`); ``None`` for models trained on the shipped list without saying so.
     """
 
-    label_names: tuple[str, ...]
-    offsets: np.ndarray
-    scales: np.ndarray
+    _: KW_ONLY
     network: Network
-    theta: np.ndarray
-    s2: np.ndarray
-    wavelength: np.ndarray
-    pixel_mask: np.ndarray
-    training_label_min: np.ndarray
-    training_label_max: np.ndarray
-    training_label_percentiles: np.ndarray
     start_labels: np.ndarray
-    n_training: int
-    percentile_levels: tuple[float, ...] = PERCENTILE_LEVELS
-    metadata: dict[str, Any] = field(default_factory=dict)
-    continuum_pixels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.label_names = tuple(str(name) for name in self.label_names)
         k = len(self.label_names)
-        vectors = ("offsets", "scales", "training_label_min", "training_label_max", "s2", "wavelength")
-        for name in vectors:
-            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64).reshape(-1))
-        self.theta = np.asarray(self.theta, dtype=np.float64)
-        self.pixel_mask = np.asarray(self.pixel_mask, dtype=bool).reshape(-1)
-        self.training_label_percentiles = np.asarray(self.training_label_percentiles, dtype=np.float64)
+        self._convert_fields()
         self.start_labels = np.asarray(self.start_labels, dtype=np.float64)
-        self.percentile_levels = tuple(float(q) for q in self.percentile_levels)
-        self.n_training = int(self.n_training)
-        if self.continuum_pixels is not None:
-            self.continuum_pixels = np.asarray(self.continuum_pixels, dtype=bool).reshape(-1)
         problems = []
         if k == 0 or len(set(self.label_names)) != k:
             problems.append(f"label names must be unique and non-empty, got {self.label_names}")
@@ -95,25 +71,9 @@ class PayneModel(LabelScaling):
             problems.append(
                 f"the network takes {self.network.n_labels} labels, but there are {k} label names"
             )
-        d = self.network.n_features
-        p = self.theta.shape[0] if self.theta.ndim == 2 else -1
-        if self.theta.ndim != 2 or self.theta.shape[1] != d:
-            problems.append(f"theta has shape {self.theta.shape}, expected (P, {d})")
-        for name in ("offsets", "scales", "training_label_min", "training_label_max"):
-            if getattr(self, name).shape != (k,):
-                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({k},)")
-        for name in ("s2", "wavelength", "pixel_mask", "continuum_pixels"):
-            if getattr(self, name) is not None and getattr(self, name).shape != (p,):
-                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({p},)")
-        if self.training_label_percentiles.shape != (len(self.percentile_levels), k):
-            problems.append(
-                f"training_label_percentiles has shape {self.training_label_percentiles.shape}, "
-                f"expected ({len(self.percentile_levels)}, {k})"
-            )
+        problems += self._field_problems(k, self.network.n_features)
         if self.start_labels.ndim != 2 or self.start_labels.shape[1] != k or len(self.start_labels) == 0:
             problems.append(f"start_labels has shape {self.start_labels.shape}, expected (C >= 1, {k})")
-        if np.any(~(self.scales > 0)):
-            problems.append("scales must be positive")
         if problems:
             raise ValueError("invalid PayneModel: " + "; ".join(problems))
 
