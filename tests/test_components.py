@@ -92,6 +92,15 @@ def test_cannon_train_and_test_tasks(astra_db, cannon_surveys, tmp_path):
     assert model.continuum_pixels is not None and 210 <= model.continuum_pixels.sum() < 3000
     assert model.metadata["continuum_pixels"]["id"] == model.continuum_pixels_id
     assert model.continuum_pixels_id != continuum_pixel_set_id(load_continuum_pixels())
+    # The task's tolerance reaches the derivation: a stricter one keeps fewer pixels, and the model says so.
+    strict_path = tmp_path / "strict.npz"
+    TrainTheCannon(
+        input_data_products=str(table), output_path=str(strict_path), continuum_pixel_tolerance=0.003
+    ).execute()
+    strict = CannonModel.load(strict_path)
+    assert model.metadata["continuum_pixels"]["criteria"]["tolerance"] == 0.005
+    assert strict.metadata["continuum_pixels"]["criteria"]["tolerance"] == 0.003
+    assert strict.continuum_pixels.sum() < model.continuum_pixels.sum()
 
     truth = testing.of_filetype("apStar")
     test_paths = [str(root / "test" / r["path"]) for r in truth]

@@ -11,6 +11,7 @@ from astra_provider.base import DictParameter, Parameter, TaskInstance, TuplePar
 from astra_provider.bundling import plan_bundles
 from astra_provider.contrib.continuum import SinusoidalContinuum
 from astra_provider.contrib.thecannon import TrainTheCannon
+from astra_provider.contrib.thepayne import TrainThePayne
 
 
 class Typed(TaskInstance):
@@ -86,6 +87,12 @@ def test_the_shipped_tasks_declare_their_types(tmp_path):
         TrainTheCannon(label_names=("teff", 2))
     with pytest.raises(TypeError, match=r"TrainTheCannon\(\): parameter 'regularization' must be float"):
         TrainTheCannon(regularization="0.1")
+    with pytest.raises(
+        TypeError, match=r"TrainTheCannon\(\): parameter 'continuum_pixel_tolerance' must be float"
+    ):
+        TrainTheCannon(continuum_pixel_tolerance="0.01")
+    with pytest.raises(TypeError, match=r"TrainThePayne\(\): parameter 'max_iterations' must be int"):
+        TrainThePayne(max_iterations=2.5)
 
 
 def test_planning_bundles_refuses_a_badly_typed_parameter():

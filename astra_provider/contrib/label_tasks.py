@@ -41,6 +41,17 @@ def training_pixels_parameter() -> Parameter:
     )
 
 
+def pixel_tolerance_parameter() -> Parameter:
+    """The ``continuum_pixel_tolerance`` parameter of a training task (a new one for each task class)."""
+    return Parameter(
+        default=0.005,  # ContinuumPixelCriteria's default (science is not imported here)
+        type=float,
+        description="Derived continuum pixels: the largest depression (95th percentile over the training "
+        "labels) of a continuum pixel. The default (0.005) was chosen by cross-validation on training stars "
+        "(bench/continuum_cv.py, bench/payne_cv.py): more pixels, less continuum noise.",
+    )
+
+
 @dataclass(eq=False)
 class TrainingSet:
     """Training spectra, pseudo-continuum normalised on ``continuum_pixels`` with the Sinusoidal method

@@ -16,6 +16,7 @@ from astra_provider.base import Parameter, TaskInstance, TupleParameter
 from astra_provider.contrib.label_tasks import (
     NAMED_LABELS,
     fit_normalized_inputs,
+    pixel_tolerance_parameter,
     read_training_set,
     save_model,
     training_pixels_parameter,
@@ -41,6 +42,7 @@ class TrainTheCannon(TaskInstance):
     deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
     length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
     continuum_pixels_path = training_pixels_parameter()
+    continuum_pixel_tolerance = pixel_tolerance_parameter()
 
     def execute(self):
         from astra_provider.science.cannon import train
@@ -56,6 +58,7 @@ class TrainTheCannon(TaskInstance):
                 deg=self.deg,
                 length_scale=float(self.length_scale),
                 continuum_pixels_path=self.continuum_pixels_path,
+                pixel_tolerance=float(self.continuum_pixel_tolerance),
             )
             model = training.train(train, task, regularization=float(self.regularization))
             results.append(save_model(self, task, model, training, self.output_path, "thecannon"))

@@ -25,6 +25,7 @@ from astra_provider.base import Parameter, TaskInstance, TupleParameter
 from astra_provider.contrib.label_tasks import (
     NAMED_LABELS,
     fit_normalized_inputs,
+    pixel_tolerance_parameter,
     read_training_set,
     save_model,
     training_pixels_parameter,
@@ -51,19 +52,15 @@ class TrainThePayne(TaskInstance):
         default=None,
         description="Hidden-layer widths; empty for the default (64, (K+1)(K+2)/2 + K + 1) for K labels.",
     )
-    max_iterations = Parameter(default=4000, description="Optimiser iterations per round (hidden layers).")
-    seed = Parameter(default=0, description="Seed of the initial weights and the validation split.")
-    output_path = Parameter(default=None, description="Model file to write (.npz).")
-    deg = Parameter(default=3, description="Continuum: sine/cosine pairs per region.")
-    length_scale = Parameter(default=1400.0, description="Continuum: sinusoid period (Å).")
-    continuum_pixels_path = training_pixels_parameter()
-    continuum_pixel_tolerance = Parameter(
-        default=0.005,  # ContinuumPixelCriteria's default (science is not imported here)
-        type=float,
-        description="Derived continuum pixels: the largest depression (95th percentile over the training "
-        "labels) of a continuum pixel. The default (0.005, as for The Cannon) was chosen by cross-validation "
-        "on training stars (bench/payne_cv.py, bench/continuum_cv.py): more pixels, less continuum noise.",
+    max_iterations = Parameter(
+        default=4000, type=int, description="Optimiser iterations per round (hidden layers)."
     )
+    seed = Parameter(default=0, type=int, description="Seed of the initial weights and the validation split.")
+    output_path = Parameter(default=None, type=str, description="Model file to write (.npz).")
+    deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
+    length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
+    continuum_pixels_path = training_pixels_parameter()
+    continuum_pixel_tolerance = pixel_tolerance_parameter()
 
     def execute(self):
         from astra_provider.science.payne import default_hidden_sizes, minimum_training_size, train
