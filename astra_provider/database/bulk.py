@@ -104,6 +104,9 @@ class InsertOptions(TypedDict, total=False):
     """Skip rows that collide on this unique key (only the inserted rows are returned)."""
     returning: Sequence[str]
     """Columns to return for the inserted rows (in no particular order: return a key)."""
+    skip_existing: Sequence[str]
+    """PostgreSQL: leave out the rows whose values of these columns a row of the table already has (before
+    the insert: no sequence number is taken for them; see ``recording.get_or_create``)."""
 
 
 def insert_rows(
@@ -151,6 +154,7 @@ def prepare_insert(
     same_for_all: Mapping[str, Any] | None = None,
     on_conflict_do_nothing: Sequence[str] = (),
     returning: Sequence[str] = (),
+    skip_existing: Sequence[str] = (),
 ) -> Callable[[], list[Row]]:
     """:func:`insert_rows` in two steps: build the statements now, return a function that executes them.
 
@@ -159,6 +163,8 @@ def prepare_insert(
     """
     if not rows:
         return _no_rows
+    if skip_existing and not _is_postgresql(session):
+        raise ValueError("prepare_insert: skip_existing is only supported on PostgreSQL")
     if on_conflict_do_nothing:
         # Concurrent writers of overlapping keys (sensors claiming the same files, bundles creating the same
         # parameters) then take the unique-index locks in the same order, so they wait instead of deadlocking.
@@ -198,6 +204,14 @@ def prepare_insert(
         return execute_sqlite
 
     shared_sql, shared_parameters = pg_shared(table, dialect, shared)
+    where = ""
+    if skip_existing:
+        sources = {
+            **{name: f"v.{quote(name)}" for name in columns},
+            **dict(zip(shared, shared_sql, strict=True)),
+        }
+        tests = " AND ".join(f"e.{quote(name)} = {sources[name]}" for name in skip_existing)
+        where = f" WHERE NOT EXISTS (SELECT 1 FROM {target} AS e WHERE {tests})"
     statements = []
     for chunk in chunked(rows, PG_CHUNK):
         if columns:
@@ -207,7 +221,7 @@ def prepare_insert(
         selected = ", ".join([*(f"v.{quote(name)}" for name in columns), *shared_sql])
         statements.append(
             (
-                text(f"{into} SELECT {selected} FROM {source}{suffix}"),
+                text(f"{into} SELECT {selected} FROM {source}{where}{suffix}"),
                 {**unnest_parameters, **shared_parameters},
             )
         )
@@ -317,9 +331,13 @@ def allocate_pks(session: Session, table: Table, n: int) -> list[int]:
     if n <= 0:
         return []
     if _is_postgresql(session):
+        # The sequence is named once (a scalar subquery); as a call per row it cost 7 times the nextval
         return list(
             session.execute(
-                text("SELECT nextval(pg_get_serial_sequence(:table, 'pk')) FROM generate_series(1, :n)"),
+                text(
+                    "SELECT nextval((SELECT CAST(pg_get_serial_sequence(:table, 'pk') AS regclass))) "
+                    "FROM generate_series(1, :n)"
+                ),
                 {"table": table.fullname, "n": n},
             ).scalars()
         )
