@@ -34,6 +34,7 @@ return keys in input order.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 
@@ -129,6 +130,13 @@ def _sort_key(value: Any) -> tuple[bool, str]:
     return (value is not None, "" if value is None else str(value))
 
 
+def _sorted_by(rows: Sequence[Mapping[str, Any]], key: Sequence[str]) -> list[Mapping[str, Any]]:
+    """``rows`` in the order of their ``key`` values (:func:`_sort_key`: any types, None first)."""
+    if all(type(row.get(name)) is str for row in rows for name in key):  # the usual keys: the same order
+        return sorted(rows, key=operator.itemgetter(*key))
+    return sorted(rows, key=lambda row: tuple(_sort_key(row.get(name)) for name in key))
+
+
 def _constant_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, Any]:
     """The columns that every row has and that hold the very same object in every row (e.g. all None).
 
@@ -168,7 +176,7 @@ def prepare_insert(
     if on_conflict_do_nothing:
         # Concurrent writers of overlapping keys (sensors claiming the same files, bundles creating the same
         # parameters) then take the unique-index locks in the same order, so they wait instead of deadlocking.
-        rows = sorted(rows, key=lambda row: tuple(_sort_key(row.get(key)) for key in on_conflict_do_nothing))
+        rows = _sorted_by(rows, on_conflict_do_nothing)
     if returning and not _is_postgresql(session):  # sqlite3's executemany cannot return rows
         insert = sqlite.insert(table)
         if on_conflict_do_nothing:
