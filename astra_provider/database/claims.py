@@ -132,18 +132,28 @@ class Claimer:
         _VERSIONS_RECORDED.add((self.url, id(get_engine(self.url))))
 
     def claim(
-        self, session: Session, items: list[TaskItem], force: bool, inserted_before: set[int]
+        self,
+        session: Session,
+        items: list[TaskItem],
+        force: bool,
+        inserted_before: set[int],
+        while_waiting: Callable[[list[DataProduct]], None] | None = None,
     ) -> Bundle | None:
         """One attempt at claiming ``items``, in ``session``'s transaction; the bundle row of the new tasks.
 
         :param inserted_before: the pks of the rows that earlier attempts inserted (an attempt whose commit
             was not acknowledged may have committed them); the pks of this attempt are added.
+        :param while_waiting: called with the data products this attempt inserted, once every statement is
+            sent, while the database writes the tasks (client work that would otherwise wait for it).
         """
         for item in items:
             item.task, item.already_done, item.elsewhere, item.result = None, False, None, None
         # The client builds each statement while the worker thread executes the previous ones (see Pipeline)
         with Pipeline.for_session(session) as pipeline:
-            resolved = self._resolve_data_products(session, pipeline, items)
+            products = DataProducts(
+                session, [dp for i in items for dp in i.inputs if isinstance(dp, DataProductSpec)]
+            )
+            resolved = self._resolve_data_products(session, pipeline, items, products)
             # Each parameter value is encoded once: for the task's identity and for its parameter rows.
             encoded = [
                 {name: encode_parameter_value(value) for name, value in item.parameters.items()}
@@ -172,6 +182,9 @@ class Claimer:
                 session, pipeline, new_items, parameters, resolved, force, inserted_before
             )
             resolved()
+            if while_waiting is not None:
+                while_waiting(products.inserted())
+            pipeline.submit(lambda: None).result()  # the first error, if any, is raised here
         if bundle is None:  # an earlier attempt that did commit inserted these tasks, and their bundle
             bundle_pks = {
                 item.task.bundle_pk
@@ -182,13 +195,11 @@ class Claimer:
         return bundle
 
     def _resolve_data_products(
-        self, session: Session, pipeline: Pipeline, items: Sequence[TaskItem]
+        self, session: Session, pipeline: Pipeline, items: Sequence[TaskItem], products: DataProducts
     ) -> Callable[[], None]:
-        """Get or create the rows of the items' specs and look up their pks, in the worker; the function
-        returned sets each item's ``data_products`` (in the caller's thread)."""
-        specs = [dp for item in items for dp in item.inputs if isinstance(dp, DataProductSpec)]
+        """Get or create the rows of the items' specs (``products``) and look up their pks, in the worker;
+        the function returned sets each item's ``data_products`` (in the caller's thread)."""
         pks = sorted({dp for item in items for dp in item.inputs if isinstance(dp, int)})
-        products = DataProducts(session, specs)
         executed = pipeline.submit(products.execute)
         by_pk = pipeline.submit(select_in, session, select(DataProduct), DataProduct.pk, pks)
 
@@ -277,7 +288,8 @@ class Claimer:
         force: bool,
         inserted_before: set[int],
     ) -> Bundle | None:
-        """Insert the new tasks with their parameters, input data products and bundle (a few statements).
+        """Send the inserts of the new tasks with their parameters, input data products and bundle (a few
+        statements; the caller waits for them).
 
         :param parameters: the new tasks' parameter values (prepared, not executed).
         :param resolve: sets the items' ``data_products`` (see :meth:`_resolve_data_products`).
@@ -331,7 +343,6 @@ class Claimer:
         template = {**dict.fromkeys(c.name for c in Task.__table__.columns), **shared}
         for pk, (item, tid, _) in zip(pks, new_items, strict=True):
             item.task = build(Task, {**template, "pk": pk, "task_id": tid, "_parameters": item.parameters})
-        pipeline.submit(lambda: None).result()  # the first error, if any, is raised here
         return bundle
 
     def _link_rows(

@@ -308,6 +308,11 @@ class DataProducts(GetOrCreate):
             products = self.products()
             _link_sources(self.session, [(products[key], source) for key, source in pairs])
 
+    def inserted(self) -> list[DataProduct]:
+        """The products whose rows :meth:`execute` inserted (PostgreSQL; none on SQLite)."""
+        products = self.products()
+        return [products[tuple(values)] for _, *values in self._inserted]
+
     def products(self) -> dict[tuple, DataProduct]:
         """The ``DataProduct`` of each :func:`spec_key` (after :meth:`execute`)."""
         if self._products is None:
