@@ -154,6 +154,17 @@ def _constant_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str])
     return constant
 
 
+def _where_new(
+    target: str, quote: Callable[[str], str], key: Sequence[str], values: Mapping[str, str]
+) -> str:
+    """`` WHERE NOT EXISTS (a row of target with these key values)`` (``values``: column -> SQL of the
+    inserted value); empty without a key."""
+    if not key:
+        return ""
+    tests = " AND ".join(f"e.{quote(name)} = {values[name]}" for name in key)
+    return f" WHERE NOT EXISTS (SELECT 1 FROM {target} AS e WHERE {tests})"
+
+
 def prepare_insert(
     session: Session,
     table: Table,
@@ -212,14 +223,8 @@ def prepare_insert(
         return execute_sqlite
 
     shared_sql, shared_parameters = pg_shared(table, dialect, shared)
-    where = ""
-    if skip_existing:
-        sources = {
-            **{name: f"v.{quote(name)}" for name in columns},
-            **dict(zip(shared, shared_sql, strict=True)),
-        }
-        tests = " AND ".join(f"e.{quote(name)} = {sources[name]}" for name in skip_existing)
-        where = f" WHERE NOT EXISTS (SELECT 1 FROM {target} AS e WHERE {tests})"
+    inserted = {name: f"v.{quote(name)}" for name in columns} | dict(zip(shared, shared_sql, strict=True))
+    where = _where_new(target, quote, skip_existing, inserted)
     statements = []
     for chunk in chunked(rows, PG_CHUNK):
         if columns:
