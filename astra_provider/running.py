@@ -201,10 +201,14 @@ class Execution:
         with gc_paused():
             self._link_sources(pending)
 
-    def _read_headers(self, products: list[DataProduct]) -> None:
-        """The header identifiers of the inputs the claim registered (they have no source yet), read
-        while the database writes the claim, for :meth:`_link_sources`."""
-        self._headers.update((product.pk, input_identifiers(product)) for product in products)
+    def _read_headers(self, products: list[DataProduct], written: Callable[[], bool]) -> None:
+        """The header identifiers of the inputs the claim registered (they have no source yet), for
+        :meth:`_link_sources`: read while the database writes the claim, and only until it has (the
+        others are read after the run if no reader read them)."""
+        for product in products:
+            if written():
+                break
+            self._headers[product.pk] = input_identifiers(product)
 
     def _link_sources(self, pending: list[TaskItem]) -> None:
         link_task_sources(

@@ -137,14 +137,15 @@ class Claimer:
         items: list[TaskItem],
         force: bool,
         inserted_before: set[int],
-        while_waiting: Callable[[list[DataProduct]], None] | None = None,
+        while_waiting: Callable[[list[DataProduct], Callable[[], bool]], None] | None = None,
     ) -> Bundle | None:
         """One attempt at claiming ``items``, in ``session``'s transaction; the bundle row of the new tasks.
 
         :param inserted_before: the pks of the rows that earlier attempts inserted (an attempt whose commit
             was not acknowledged may have committed them); the pks of this attempt are added.
-        :param while_waiting: called with the data products this attempt inserted, once every statement is
-            sent, while the database writes the tasks (client work that would otherwise wait for it).
+        :param while_waiting: called with the data products this attempt inserted and a function that
+            tells whether the database has written everything, once every statement is sent: client work
+            for the time the database writes the tasks (it should stop when they are written).
         """
         for item in items:
             item.task, item.already_done, item.elsewhere, item.result = None, False, None, None
@@ -182,9 +183,10 @@ class Claimer:
                 session, pipeline, new_items, parameters, resolved, force, inserted_before
             )
             resolved()
+            written = pipeline.submit(lambda: None)
             if while_waiting is not None:
-                while_waiting(products.inserted())
-            pipeline.submit(lambda: None).result()  # the first error, if any, is raised here
+                while_waiting(products.inserted(), written.done)
+            written.result()  # the first error, if any, is raised here
         if bundle is None:  # an earlier attempt that did commit inserted these tasks, and their bundle
             bundle_pks = {
                 item.task.bundle_pk

@@ -87,7 +87,7 @@ class Recorder:
         items: Sequence[TaskItem],
         *,
         force: bool,
-        while_waiting: Callable[[list[DataProduct]], None] | None = None,
+        while_waiting: Callable[[list[DataProduct], Callable[[], bool]], None] | None = None,
     ) -> None:
         """Claim ``items`` (see the module docstring) and set each one's ``task``.
 

@@ -2,10 +2,11 @@
 
 Everything here issues a handful of statements per call, whatever the number of rows, on the bulk statements
 of :mod:`astra_provider.database.bulk`: :func:`get_or_create` looks rows up by a unique key and inserts the
-missing ones, and :func:`get_or_create_data_products`, :func:`get_or_create_parameters` and
-:func:`register_new_data_products` are built on it. :func:`canonical_json_fast` encodes the flat values
-that make up most parameters and data product keywords. The bulk helpers are re-exported here, where
-callers have always imported them.
+missing ones (:class:`GetOrCreate`: in steps, for a :class:`Pipeline`), and
+:func:`get_or_create_data_products`, :func:`get_or_create_parameters` (:class:`DataProducts`,
+:class:`Parameters`) and :func:`register_new_data_products` are built on it. :func:`canonical_json_fast`
+encodes the flat values that make up most parameters and data product keywords. The bulk helpers are
+re-exported here, where callers have always imported them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@
 * **Task inputs** (files given to a task, registered by the recorder): the spectrum readers already hold the
   header, so :meth:`~astra_provider.base.TaskInstance.read_inputs` keeps the identifiers of what it read
   (:func:`spectrum_identifiers`) and :func:`link_task_sources` links the task's unlinked inputs after the
-  run, reading the primary header only of the inputs that were not read by a reader.
+  run, reading the primary header only of the inputs that were not read by a reader. The headers of the
+  inputs a claim registered are read while the database writes that claim, as long as it does (time the
+  process would otherwise spend waiting; :func:`input_identifiers`).
 * **Task outputs**: a file written by a task whose inputs belong to one source belongs to that source (the
   normalised spectrum of a star is that star's).
 
