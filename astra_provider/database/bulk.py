@@ -157,12 +157,18 @@ def _constant_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str])
 def _where_new(
     target: str, quote: Callable[[str], str], key: Sequence[str], values: Mapping[str, str]
 ) -> str:
-    """`` WHERE NOT EXISTS (a row of target with these key values)`` (``values``: column -> SQL of the
-    inserted value); empty without a key."""
+    """A ``WHERE`` that keeps the rows whose key no row of ``target`` has (``values``: column -> SQL of the
+    inserted value); empty without a key.
+
+    A scalar subquery (``LIMIT 1``) rather than ``NOT EXISTS``: the planner cannot turn it into an anti-join,
+    so each row is one probe of the unique index and the rows keep their (sorted) order; as an anti-join,
+    PostgreSQL 15 hashed the whole table (a sequential scan: 119 ms for 10,000 rows into 200,000, against
+    75 ms with the probes, and growing with the table).
+    """
     if not key:
         return ""
     tests = " AND ".join(f"e.{quote(name)} = {values[name]}" for name in key)
-    return f" WHERE NOT EXISTS (SELECT 1 FROM {target} AS e WHERE {tests})"
+    return f" WHERE (SELECT 1 FROM {target} AS e WHERE {tests} LIMIT 1) IS NULL"
 
 
 def prepare_insert(

@@ -122,7 +122,7 @@ def get_or_create(
     """The row (a dict with its ``pk``) of each of ``rows``, by its ``key`` values; missing rows are inserted.
 
     A re-run inserts nothing and consumes no sequence numbers. On PostgreSQL, one statement inserts the rows
-    whose key no row has yet (``WHERE NOT EXISTS``, ``ON CONFLICT DO NOTHING`` for a concurrent writer's)
+    whose key no row has yet (an index probe per row, ``ON CONFLICT DO NOTHING`` for a concurrent writer's)
     and returns them; the others are then looked up. On SQLite, existing rows are looked up first and the
     missing ones inserted. New rows are returned as given, with their ``pk`` and the ``same_for_all`` values.
     """
