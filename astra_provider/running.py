@@ -208,7 +208,10 @@ class Execution:
         for product in products:
             if written():
                 break
-            self._headers[product.pk] = input_identifiers(product)
+            try:
+                self._headers[product.pk] = input_identifiers(product)
+            except Exception:  # read again after the run, which reports it as before (not in the claim)
+                break
 
     def _link_sources(self, pending: list[TaskItem]) -> None:
         link_task_sources(
