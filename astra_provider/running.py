@@ -35,11 +35,12 @@ from typing import TYPE_CHECKING, Any
 from astra_provider.database.items import STAGES, OutputFile, ResultRow, TaskItem
 from astra_provider.database.recorder import Recorder
 from astra_provider.database.retry import DatabaseUnavailableError
-from astra_provider.sources.registration import link_task_sources
+from astra_provider.sources.registration import input_identifiers, link_task_sources
 from astra_provider.utils import gc_paused
 
 if TYPE_CHECKING:
     from astra_provider.base import TaskInstance
+    from astra_provider.database.astradb import DataProduct
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Execution:
         self.stage_times = dict.fromkeys(STAGES, 0.0)
         self.outputs: list[OutputFile] = []  # the files written, linked to their sources at the end
         instance._identified = {}  # data product pk -> source identifiers read by read_inputs
+        self._headers: dict[int, Any] = {}  # data product pk -> its header's identifiers, read early
 
     def run(self) -> None:
         items = self.instance._items
@@ -111,7 +113,7 @@ class Execution:
         to_claim: Sequence[TaskItem] = items
         while True:
             if to_claim:
-                self.recorder.record(to_claim, force=self.force)
+                self.recorder.record(to_claim, force=self.force, while_waiting=self._read_headers)
                 self._report_claims(to_claim)
                 claimed = [item for item in to_claim if item.runnable]
                 if claimed:
@@ -199,6 +201,18 @@ class Execution:
         with gc_paused():
             self._link_sources(pending)
 
+    def _read_headers(self, products: list[DataProduct], written: Callable[[], bool]) -> None:
+        """The header identifiers of the inputs the claim registered (they have no source yet), for
+        :meth:`_link_sources`: read while the database writes the claim, and only until it has (the
+        others are read after the run if no reader read them)."""
+        for product in products:
+            if written():
+                break
+            try:
+                self._headers[product.pk] = input_identifiers(product)
+            except Exception:  # read again after the run, which reports it as before (not in the claim)
+                break
+
     def _link_sources(self, pending: list[TaskItem]) -> None:
         link_task_sources(
             {item.task.pk: item.data_products for item in pending if item.task is not None},
@@ -208,6 +222,7 @@ class Execution:
                 for item, spec in self.outputs
                 if not item.failed and item.task is not None
             ],
+            self._headers,
         )
 
     @property

@@ -13,7 +13,7 @@ from astra_provider.base import Parameter, TaskInstance
 from astra_provider.database import session_scope
 from astra_provider.database.astradb import Continuum
 from astra_provider.database.recorder import encode_parameter_value, task_id
-from astra_provider.database.recording import canonical_json_fast, pg_array
+from astra_provider.database.recording import canonical_json_fast, get_or_create_parameters, pg_array
 from astra_provider.utils import canonical_json, gc_paused, stable_hash
 
 VALUES = [
@@ -155,6 +155,21 @@ def test_recording_a_bundle_takes_the_same_statements_whatever_its_size(astra_db
     assert tuple(counts) == (507, 507, 507, 507 * 4)  # the view: x, model and the two version parameters
     updates = [s for s in large if s[0].upper() == "UPDATE" and "task" in " ".join(s[1:]).lower()]
     assert len(updates) == 1  # one UPDATE of astra.task: status, timings, result and output_pk together
+
+
+def test_get_or_create_inserts_only_what_is_missing_and_takes_no_key_for_the_rest(astra_db):
+    """Existing rows are found, not inserted again: the new ones get the next keys (PostgreSQL's one
+    statement leaves the existing keys out before the sequence is asked)."""
+    first = [("x", '"a"'), ("x", '"b"'), ("y", "1")]
+    with session_scope() as session:
+        known = get_or_create_parameters(session, first)
+    with session_scope() as session:
+        again = get_or_create_parameters(session, [("z", "null"), *first, ("x", '"c"')])
+        count = session.execute(text("select count(*) from astra.parameter")).scalar_one()
+    assert {pair: again[pair] for pair in first} == known
+    new = sorted(again[pair] for pair in [("z", "null"), ("x", '"c"')])
+    assert new == [max(known.values()) + 1, max(known.values()) + 2]
+    assert count == len(known) + 2
 
 
 def test_gc_paused_hands_survivors_to_the_collector():

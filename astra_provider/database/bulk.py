@@ -34,6 +34,7 @@ return keys in input order.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 
@@ -48,6 +49,7 @@ from astra_provider.database.bind import (
     insert_columns,
     pg_array,
     pg_shared,
+    pg_type,
     pg_unnest,
     processed_values,
 )
@@ -104,6 +106,9 @@ class InsertOptions(TypedDict, total=False):
     """Skip rows that collide on this unique key (only the inserted rows are returned)."""
     returning: Sequence[str]
     """Columns to return for the inserted rows (in no particular order: return a key)."""
+    skip_existing: Sequence[str]
+    """PostgreSQL: leave out the rows whose values of these columns a row of the table already has (before
+    the insert: no sequence number is taken for them; see ``recording.get_or_create``)."""
 
 
 def insert_rows(
@@ -126,6 +131,13 @@ def _sort_key(value: Any) -> tuple[bool, str]:
     return (value is not None, "" if value is None else str(value))
 
 
+def _sorted_by(rows: Sequence[Mapping[str, Any]], key: Sequence[str]) -> list[Mapping[str, Any]]:
+    """``rows`` in the order of their ``key`` values (:func:`_sort_key`: any types, None first)."""
+    if all(type(row.get(name)) is str for row in rows for name in key):  # the usual keys: the same order
+        return sorted(rows, key=operator.itemgetter(*key))
+    return sorted(rows, key=lambda row: tuple(_sort_key(row.get(name)) for name in key))
+
+
 def _constant_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, Any]:
     """The columns that every row has and that hold the very same object in every row (e.g. all None).
 
@@ -143,6 +155,23 @@ def _constant_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str])
     return constant
 
 
+def _where_new(
+    target: str, quote: Callable[[str], str], key: Sequence[str], values: Mapping[str, str]
+) -> str:
+    """A ``WHERE`` that keeps the rows whose key no row of ``target`` has (``values``: column -> SQL of the
+    inserted value); empty without a key.
+
+    A scalar subquery (``LIMIT 1``) rather than ``NOT EXISTS``: the planner cannot turn it into an anti-join,
+    so each row is one probe of the unique index and the rows keep their (sorted) order; as an anti-join,
+    PostgreSQL 15 hashed the whole table (a sequential scan: 119 ms for 10,000 rows into 200,000, against
+    75 ms with the probes, and growing with the table).
+    """
+    if not key:
+        return ""
+    tests = " AND ".join(f"e.{quote(name)} = {values[name]}" for name in key)
+    return f" WHERE (SELECT 1 FROM {target} AS e WHERE {tests} LIMIT 1) IS NULL"
+
+
 def prepare_insert(
     session: Session,
     table: Table,
@@ -151,6 +180,7 @@ def prepare_insert(
     same_for_all: Mapping[str, Any] | None = None,
     on_conflict_do_nothing: Sequence[str] = (),
     returning: Sequence[str] = (),
+    skip_existing: Sequence[str] = (),
 ) -> Callable[[], list[Row]]:
     """:func:`insert_rows` in two steps: build the statements now, return a function that executes them.
 
@@ -159,10 +189,12 @@ def prepare_insert(
     """
     if not rows:
         return _no_rows
+    if skip_existing and not _is_postgresql(session):
+        raise ValueError("prepare_insert: skip_existing is only supported on PostgreSQL")
     if on_conflict_do_nothing:
         # Concurrent writers of overlapping keys (sensors claiming the same files, bundles creating the same
         # parameters) then take the unique-index locks in the same order, so they wait instead of deadlocking.
-        rows = sorted(rows, key=lambda row: tuple(_sort_key(row.get(key)) for key in on_conflict_do_nothing))
+        rows = _sorted_by(rows, on_conflict_do_nothing)
     if returning and not _is_postgresql(session):  # sqlite3's executemany cannot return rows
         insert = sqlite.insert(table)
         if on_conflict_do_nothing:
@@ -198,6 +230,8 @@ def prepare_insert(
         return execute_sqlite
 
     shared_sql, shared_parameters = pg_shared(table, dialect, shared)
+    inserted = {name: f"v.{quote(name)}" for name in columns} | dict(zip(shared, shared_sql, strict=True))
+    where = _where_new(target, quote, skip_existing, inserted)
     statements = []
     for chunk in chunked(rows, PG_CHUNK):
         if columns:
@@ -207,7 +241,7 @@ def prepare_insert(
         selected = ", ".join([*(f"v.{quote(name)}" for name in columns), *shared_sql])
         statements.append(
             (
-                text(f"{into} SELECT {selected} FROM {source}{suffix}"),
+                text(f"{into} SELECT {selected} FROM {source}{where}{suffix}"),
                 {**unnest_parameters, **shared_parameters},
             )
         )
@@ -292,6 +326,10 @@ def prepare_update(
         guard = {f"only_if_{name}": (name, value) for name, value in only_if.items()}
         source, parameters = pg_unnest(table, dialect, [key, *columns], chunk, constant=guard)
         where = f"t.{quote(key)} = v.{quote(key)}"
+        # The keys again, as a filter of the table: it reads only these rows (by index, or by a filtered scan
+        # of a small table) instead of hashing the whole table for the join (3.5 against 6.6 ms for 1,000
+        # rows of a table of 40,000)
+        where += f" AND t.{quote(key)} = ANY(CAST(:a0 AS {pg_type(table.c[key], dialect)}[]))"
         where += "".join(f" AND t.{quote(name)} = v.{quote(alias)}" for alias, (name, _) in guard.items())
         statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
         statements.append((statement, {**parameters, **shared_parameters}))
@@ -317,9 +355,13 @@ def allocate_pks(session: Session, table: Table, n: int) -> list[int]:
     if n <= 0:
         return []
     if _is_postgresql(session):
+        # The sequence is named once (a scalar subquery); as a call per row it cost 7 times the nextval
         return list(
             session.execute(
-                text("SELECT nextval(pg_get_serial_sequence(:table, 'pk')) FROM generate_series(1, :n)"),
+                text(
+                    "SELECT nextval((SELECT CAST(pg_get_serial_sequence(:table, 'pk') AS regclass))) "
+                    "FROM generate_series(1, :n)"
+                ),
                 {"table": table.fullname, "n": n},
             ).scalars()
         )

@@ -11,9 +11,11 @@ input data products and bundle. The version parameters are recorded once per ver
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,17 +37,19 @@ from astra_provider.database.astradb import (
 from astra_provider.database.items import TaskItem
 from astra_provider.database.leases import LeaseState, ProcessLease, lease_states, take_over
 from astra_provider.database.recording import (
+    DataProducts,
     DataProductSpec,
+    Parameters,
     Pipeline,
     allocate_pks,
     build,
     canonical_json_fast,
-    get_or_create_data_products,
     get_or_create_parameters,
     hash_json,
     insert_rows,
     prepare_insert,
     select_in,
+    spec_key,
 )
 from astra_provider.database.text import clean_json
 from astra_provider.utils import to_json_value
@@ -128,24 +132,36 @@ class Claimer:
         _VERSIONS_RECORDED.add((self.url, id(get_engine(self.url))))
 
     def claim(
-        self, session: Session, items: list[TaskItem], force: bool, inserted_before: set[int]
+        self,
+        session: Session,
+        items: list[TaskItem],
+        force: bool,
+        inserted_before: set[int],
+        while_waiting: Callable[[list[DataProduct], Callable[[], bool]], None] | None = None,
     ) -> Bundle | None:
         """One attempt at claiming ``items``, in ``session``'s transaction; the bundle row of the new tasks.
 
         :param inserted_before: the pks of the rows that earlier attempts inserted (an attempt whose commit
             was not acknowledged may have committed them); the pks of this attempt are added.
+        :param while_waiting: called with the data products this attempt inserted and a function that
+            tells whether the database has written everything, once every statement is sent: client work
+            for the time the database writes the tasks (it should stop when they are written).
         """
         for item in items:
             item.task, item.already_done, item.elsewhere, item.result = None, False, None, None
+        # The client builds each statement while the worker thread executes the previous ones (see Pipeline)
         with Pipeline.for_session(session) as pipeline:
-            resolved = pipeline.submit(self._resolve_data_products, session, items)
+            products = DataProducts(
+                session, [dp for i in items for dp in i.inputs if isinstance(dp, DataProductSpec)]
+            )
+            resolved = self._resolve_data_products(session, pipeline, items, products)
             # Each parameter value is encoded once: for the task's identity and for its parameter rows.
             encoded = [
                 {name: encode_parameter_value(value) for name, value in item.parameters.items()}
                 for item in items
             ]
             if any(isinstance(dp, int) for item in items for dp in item.inputs):
-                resolved.result()  # the identity of a data product given by pk is in the database
+                resolved()  # the identity of a data product given by pk is in the database
                 identities = [[dp.identity for dp in item.data_products] for item in items]
             else:  # a spec has the identity of the row it resolves to (same release, filetype, hash)
                 identities = [
@@ -156,9 +172,21 @@ class Claimer:
                 identify(parameters, ids) for parameters, ids in zip(encoded, identities, strict=True)
             ]
             existing = self._existing(session, pipeline, task_ids)
-            new_items = self._sort_out(session, items, task_ids, encoded, existing, force, inserted_before)
-            bundle = self._insert_tasks(session, pipeline, new_items, force, inserted_before)
-            resolved.result()
+            # Built while the look-ups run, and used as is when every task is new (a first run)
+            parameters = Parameters(session, sorted({pair for values in encoded for pair in values.items()}))
+            found = existing.result()
+            new_items = self._sort_out(session, items, task_ids, encoded, found, force, inserted_before)
+            if len(new_items) < len(items):
+                pairs = {pair for _, _, values in new_items for pair in values.items()}
+                parameters = Parameters(session, sorted(pairs))
+            bundle = self._insert_tasks(
+                session, pipeline, new_items, parameters, resolved, force, inserted_before
+            )
+            resolved()
+            written = pipeline.submit(lambda: None)
+            if while_waiting is not None:
+                while_waiting(products.inserted(), written.done)
+            written.result()  # the first error, if any, is raised here
         if bundle is None:  # an earlier attempt that did commit inserted these tasks, and their bundle
             bundle_pks = {
                 item.task.bundle_pk
@@ -168,38 +196,35 @@ class Claimer:
             bundle = session.get(Bundle, min(bundle_pks)) if bundle_pks else None
         return bundle
 
-    def _resolve_data_products(self, session: Session, items: Sequence[TaskItem]) -> None:
-        """Set each item's ``data_products``: rows for its specs (created if new) and its pks."""
-        specs = [dp for item in items for dp in item.inputs if isinstance(dp, DataProductSpec)]
-        pks = {dp for item in items for dp in item.inputs if isinstance(dp, int)}
-        products = get_or_create_data_products(session, specs) if specs else []
-        by_identity = {spec.identity: product for spec, product in zip(specs, products, strict=True)}
-        by_pk = {dp.pk: dp for (dp,) in select_in(session, select(DataProduct), DataProduct.pk, sorted(pks))}
-        missing = sorted(pks - set(by_pk))
-        if missing:
-            raise LookupError(
-                f"no data product with pk {', '.join(map(str, missing[:10]))} in the astra database"
-            )
-        for item in items:
-            item.data_products = [
-                by_identity[dp.identity]
-                if isinstance(dp, DataProductSpec)
-                else by_pk[dp]
-                if isinstance(dp, int)
-                else dp
-                for dp in item.inputs
-            ]
+    def _resolve_data_products(
+        self, session: Session, pipeline: Pipeline, items: Sequence[TaskItem], products: DataProducts
+    ) -> Callable[[], None]:
+        """Get or create the rows of the items' specs (``products``) and look up their pks, in the worker;
+        the function returned sets each item's ``data_products`` (in the caller's thread)."""
+        pks = sorted({dp for item in items for dp in item.inputs if isinstance(dp, int)})
+        executed = pipeline.submit(products.execute)
+        by_pk = pipeline.submit(select_in, session, select(DataProduct), DataProduct.pk, pks)
 
-    def _existing(self, session: Session, pipeline: Pipeline, task_ids: list[str]) -> dict[str, list[Task]]:
-        """The rows of these tasks at this version that are completed or hold the claim, in pk order."""
+        def resolve() -> None:
+            executed.result()
+            _set_data_products(items, products.products(), {dp.pk: dp for (dp,) in by_pk.result()})
+
+        return functools.cache(resolve)
+
+    def _existing(self, session: Session, pipeline: Pipeline, task_ids: list[str]) -> Future:
+        """The rows of these tasks at this version that are completed or hold the claim, in pk order (a
+        future of a dict by ``task_id``)."""
         statement = select(Task).where(
             Task.version == __version__, or_(Task.status_code == Status.COMPLETED, Task.claim == 1)
         )
-        found = pipeline.submit(select_in, session, statement.order_by(Task.pk), Task.task_id, set(task_ids))
-        existing: dict[str, list[Task]] = {}
-        for (task,) in found.result():
-            existing.setdefault(task.task_id, []).append(task)
-        return existing
+
+        def look_up() -> dict[str, list[Task]]:
+            existing: dict[str, list[Task]] = {}
+            for (task,) in select_in(session, statement.order_by(Task.pk), Task.task_id, set(task_ids)):
+                existing.setdefault(task.task_id, []).append(task)
+            return existing
+
+        return pipeline.submit(look_up)
 
     def _sort_out(
         self,
@@ -260,10 +285,16 @@ class Claimer:
         session: Session,
         pipeline: Pipeline,
         new_items: list[tuple[TaskItem, str, dict[str, str]]],
+        parameters: Parameters,
+        resolve: Callable[[], None],
         force: bool,
         inserted_before: set[int],
     ) -> Bundle | None:
-        """Insert the new tasks with their parameters, input data products and bundle (a few statements).
+        """Send the inserts of the new tasks with their parameters, input data products and bundle (a few
+        statements; the caller waits for them).
+
+        :param parameters: the new tasks' parameter values (prepared, not executed).
+        :param resolve: sets the items' ``data_products`` (see :meth:`_resolve_data_products`).
 
         On PostgreSQL, a claim that a concurrent run inserted since the look-up makes the insert fail on the
         unique index (after that run commits): :meth:`record` then runs the transaction again, and finds
@@ -273,9 +304,6 @@ class Claimer:
         if not new_items:
             return None
         now = datetime.now(UTC)
-        parameter_pks = pipeline.submit(
-            get_or_create_parameters, session, sorted({pair for _, _, p in new_items for pair in p.items()})
-        )
         bundle = None
         if len(new_items) > 1:
             bundle = Bundle(
@@ -286,7 +314,9 @@ class Claimer:
                 created=now,
             )
             pipeline.submit(_add_and_flush, session, bundle)
-        pks = pipeline.submit(allocate_pks, session, Task.__table__, len(new_items)).result()
+        allocated = pipeline.submit(allocate_pks, session, Task.__table__, len(new_items))
+        parameters_done = pipeline.submit(parameters.execute)  # the task rows are built while this runs
+        pks = allocated.result()
         inserted_before.update(pks)
         claim = None if force else 1
         shared = {
@@ -307,13 +337,14 @@ class Claimer:
             key=operator.itemgetter("task_id"),
         )
         pipeline.submit(prepare_insert(session, Task.__table__, rows, same_for_all=shared))
-        links = self._link_rows(new_items, pks, parameter_pks.result())
+        resolve()
+        parameters_done.result()
+        links = self._link_rows(new_items, pks, parameters.pks())
         for rows, table in zip(links, (TaskParameter.__table__, TaskInputDataProduct.__table__), strict=True):
             pipeline.submit(prepare_insert(session, table, rows))
         template = {**dict.fromkeys(c.name for c in Task.__table__.columns), **shared}
         for pk, (item, tid, _) in zip(pks, new_items, strict=True):
             item.task = build(Task, {**template, "pk": pk, "task_id": tid, "_parameters": item.parameters})
-        pipeline.submit(lambda: None).result()  # the first error, if any, is raised here
         return bundle
 
     def _link_rows(
@@ -355,6 +386,27 @@ class Claimer:
 
 def _stale(state: LeaseState | None) -> bool:
     return state is None or state.stale
+
+
+def _set_data_products(
+    items: Sequence[TaskItem],
+    by_key: Mapping[tuple[str, str, str], DataProduct],
+    by_pk: Mapping[int, DataProduct],
+) -> None:
+    missing = sorted({dp for item in items for dp in item.inputs if isinstance(dp, int)} - set(by_pk))
+    if missing:
+        raise LookupError(
+            f"no data product with pk {', '.join(map(str, missing[:10]))} in the astra database"
+        )
+    for item in items:
+        item.data_products = [
+            by_key[spec_key(dp)]
+            if isinstance(dp, DataProductSpec)
+            else by_pk[dp]
+            if isinstance(dp, int)
+            else dp
+            for dp in item.inputs
+        ]
 
 
 def _add_and_flush(session: Session, record: Bundle) -> None:

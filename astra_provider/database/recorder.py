@@ -37,7 +37,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from astra_provider.database import get_database_url, normalize_url
-from astra_provider.database.astradb import Bundle, Status, Task
+from astra_provider.database.astradb import Bundle, DataProduct, Status, Task
 from astra_provider.database.claims import Claimer
 from astra_provider.database.claims import encode_parameter_value as encode_parameter_value  # re-exported
 from astra_provider.database.claims import task_id as task_id
@@ -82,16 +82,27 @@ class Recorder:
 
     # Claiming ------------------------------------------------------------------------------------
 
-    def record(self, items: Sequence[TaskItem], *, force: bool) -> None:
+    def record(
+        self,
+        items: Sequence[TaskItem],
+        *,
+        force: bool,
+        while_waiting: Callable[[list[DataProduct], Callable[[], bool]], None] | None = None,
+    ) -> None:
         """Claim ``items`` (see the module docstring) and set each one's ``task``.
 
         Sets ``already_done`` (with the twin's stored result) or ``elsewhere`` on the tasks not claimed.
-        With ``force``, every task gets a new row, which does not take the claim.
+        With ``force``, every task gets a new row, which does not take the claim. ``while_waiting`` gets the
+        data products that the claim inserted while the database writes the tasks (see ``Claimer.claim``).
         """
         inserted_before: set[int] = set()  # rows of an attempt whose commit may have gone through
         items = list(items)
         claim = functools.partial(
-            self.claimer.claim, items=items, force=force, inserted_before=inserted_before
+            self.claimer.claim,
+            items=items,
+            force=force,
+            inserted_before=inserted_before,
+            while_waiting=while_waiting,
         )
         description = f"claiming {len(items)} task(s) of {self.name}"
         if not self.claimer.version_parameters_recorded():

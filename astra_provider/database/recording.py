@@ -2,10 +2,11 @@
 
 Everything here issues a handful of statements per call, whatever the number of rows, on the bulk statements
 of :mod:`astra_provider.database.bulk`: :func:`get_or_create` looks rows up by a unique key and inserts the
-missing ones, and :func:`get_or_create_data_products`, :func:`get_or_create_parameters` and
-:func:`register_new_data_products` are built on it. :func:`canonical_json_fast` encodes the flat values
-that make up most parameters and data product keywords. The bulk helpers are re-exported here, where
-callers have always imported them.
+missing ones (:class:`GetOrCreate`: in steps, for a :class:`Pipeline`), and
+:func:`get_or_create_data_products`, :func:`get_or_create_parameters` (:class:`DataProducts`,
+:class:`Parameters`) and :func:`register_new_data_products` are built on it. :func:`canonical_json_fast`
+encodes the flat values that make up most parameters and data product keywords. The bulk helpers are
+re-exported here, where callers have always imported them.
 """
 
 from __future__ import annotations
@@ -120,17 +121,85 @@ def get_or_create(
 ) -> dict[tuple, dict[str, Any]]:
     """The row (a dict with its ``pk``) of each of ``rows``, by its ``key`` values; missing rows are inserted.
 
-    Existing rows are looked up first, so a re-run inserts nothing and consumes no sequence numbers; the
-    others are inserted with ``ON CONFLICT DO NOTHING`` on the unique ``key``, and the few that a
-    concurrent writer inserted meanwhile are looked up again. New rows are returned as given, with their
-    ``pk`` and the ``same_for_all`` values.
+    A re-run inserts nothing and consumes no sequence numbers. On PostgreSQL, one statement inserts the rows
+    whose key no row has yet (an index probe per row, ``ON CONFLICT DO NOTHING`` for a concurrent writer's)
+    and returns them; the others are then looked up. On SQLite, existing rows are looked up first and the
+    missing ones inserted. New rows are returned as given, with their ``pk`` and the ``same_for_all`` values.
     """
-    wanted: dict[tuple, Mapping[str, Any]] = {}
-    for row in rows:
-        wanted.setdefault(tuple(row[name] for name in key), row)
+    prepared = GetOrCreate(session, table, key, rows, same_for_all=same_for_all)
+    prepared.execute()
+    return prepared.rows()
+
+
+class GetOrCreate:
+    """:func:`get_or_create` in three steps, to overlap the Python work with the database's (see
+    :class:`Pipeline`): the statement is built here; :meth:`execute` runs the statements (in the pipeline's
+    worker: little Python); :meth:`rows` then assembles the rows (in the caller's thread)."""
+
+    def __init__(
+        self,
+        session: Session,
+        table: Table,
+        key: Sequence[str],
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        same_for_all: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.session, self.table, self.key, self.same_for_all = session, table, key, same_for_all
+        self.wanted: dict[tuple, Mapping[str, Any]] = {}
+        for row in rows:
+            self.wanted.setdefault(tuple(row[name] for name in key), row)
+        self._sqlite = session.get_bind().dialect.name == "sqlite"
+        self._insert = _no_rows
+        if not self._sqlite:
+            self._insert = prepare_insert(
+                session,
+                table,
+                list(self.wanted.values()),
+                same_for_all=same_for_all,
+                on_conflict_do_nothing=key,
+                returning=("pk", *key),
+                skip_existing=key,
+            )
+        self._inserted: list = []
+        self._found: dict[tuple, dict[str, Any]] = {}
+
+    def execute(self) -> None:
+        """Run the statements: insert the new rows, look up the others."""
+        if self._sqlite:
+            self._found = _get_or_create_sqlite(
+                self.session, self.table, self.key, self.wanted, self.same_for_all
+            )
+            return
+        self._inserted = self._insert()
+        if len(self._inserted) < len(self.wanted):  # some exist, or a concurrent writer inserted them
+            inserted = {tuple(values) for _, *values in self._inserted}
+            others = [values for values in self.wanted if values not in inserted]
+            self._found = _select_by_key(self.session, self.table, self.key, others)
+
+    def rows(self) -> dict[tuple, dict[str, Any]]:
+        """The row of each key (after :meth:`execute`)."""
+        found = dict(self._found)
+        same = self.same_for_all or {}
+        for pk, *values in self._inserted:
+            found[tuple(values)] = {**self.wanted[tuple(values)], **same, "pk": pk}
+        return found
+
+
+def _no_rows() -> list:
+    return []
+
+
+def _get_or_create_sqlite(
+    session: Session,
+    table: Table,
+    key: Sequence[str],
+    wanted: Mapping[tuple, Mapping[str, Any]],
+    same_for_all: Mapping[str, Any] | None,
+) -> dict[tuple, dict[str, Any]]:
     found = _select_by_key(session, table, key, wanted)
     missing = [row for values, row in wanted.items() if values not in found]
-    if missing and session.get_bind().dialect.name == "sqlite":
+    if missing:
         # This transaction holds SQLite's write lock (``BEGIN IMMEDIATE``): no one else can insert these
         # keys, so the rows get keys reserved in advance and need no RETURNING (sqlite3's executemany).
         pks = allocate_pks(session, table, len(missing))
@@ -138,20 +207,6 @@ def get_or_create(
         insert_rows(session, table, keyed, same_for_all=same_for_all)
         for row, pk in zip(missing, pks, strict=True):
             found[tuple(row[name] for name in key)] = {**row, **(same_for_all or {}), "pk": pk}
-    elif missing:
-        inserted = insert_rows(
-            session,
-            table,
-            missing,
-            same_for_all=same_for_all,
-            on_conflict_do_nothing=key,
-            returning=("pk", *key),
-        )
-        for pk, *values in inserted:
-            found[tuple(values)] = {**wanted[tuple(values)], **(same_for_all or {}), "pk": pk}
-        lost = [values for values in wanted if values not in found]  # inserted meanwhile by someone else
-        if lost:
-            found.update(_select_by_key(session, table, key, lost))
     return found
 
 
@@ -203,7 +258,7 @@ class DataProductSpec:
 def _unique_specs(specs: Iterable[DataProductSpec]) -> dict[tuple[str, str, str], DataProductSpec]:
     unique: dict[tuple[str, str, str], DataProductSpec] = {}
     for spec in specs:
-        unique.setdefault((spec.release, spec.filetype, spec.kwargs_hash), spec)
+        unique.setdefault(spec_key(spec), spec)
     return unique
 
 
@@ -220,17 +275,50 @@ def _spec_row(spec: DataProductSpec) -> dict[str, Any]:
 
 def get_or_create_data_products(session: Session, specs: Sequence[DataProductSpec]) -> list[DataProduct]:
     """The ``DataProduct`` rows for ``specs`` (same order), inserting the ones that do not exist yet."""
-    unique = _unique_specs(specs)
-    found = get_or_create(
-        session,
-        DataProduct.__table__,
-        DATA_PRODUCT_KEY,
-        [_spec_row(spec) for spec in unique.values()],
-        same_for_all={"created": datetime.now(UTC)},
-    )
-    products = {key: build(DataProduct, row) for key, row in found.items()}
-    _link_sources(session, [(products[key], spec.source) for key, spec in unique.items() if spec.source])
-    return [products[(spec.release, spec.filetype, spec.kwargs_hash)] for spec in specs]
+    prepared = DataProducts(session, specs)
+    prepared.execute()
+    products = prepared.products()
+    return [products[spec_key(spec)] for spec in specs]
+
+
+def spec_key(spec: DataProductSpec) -> tuple[str, str, str]:
+    """The values of :data:`DATA_PRODUCT_KEY` of a spec."""
+    return (spec.release, spec.filetype, spec.kwargs_hash)
+
+
+class DataProducts(GetOrCreate):
+    """:func:`get_or_create_data_products` in steps (see :class:`GetOrCreate`); :meth:`execute` also links
+    the products of specs that name a source (the others' rows are built in the caller's thread)."""
+
+    def __init__(self, session: Session, specs: Sequence[DataProductSpec]) -> None:
+        self.unique = _unique_specs(specs)
+        rows = [_spec_row(spec) for spec in self.unique.values()]
+        super().__init__(
+            session,
+            DataProduct.__table__,
+            DATA_PRODUCT_KEY,
+            rows,
+            same_for_all={"created": datetime.now(UTC)},
+        )
+        self._products: dict[tuple, DataProduct] | None = None
+
+    def execute(self) -> None:
+        super().execute()
+        pairs = [(key, spec.source) for key, spec in self.unique.items() if spec.source]
+        if pairs:
+            products = self.products()
+            _link_sources(self.session, [(products[key], source) for key, source in pairs])
+
+    def inserted(self) -> list[DataProduct]:
+        """The products whose rows :meth:`execute` inserted (PostgreSQL; none on SQLite)."""
+        products = self.products()
+        return [products[tuple(values)] for _, *values in self._inserted]
+
+    def products(self) -> dict[tuple, DataProduct]:
+        """The ``DataProduct`` of each :func:`spec_key` (after :meth:`execute`)."""
+        if self._products is None:
+            self._products = {key: build(DataProduct, row) for key, row in self.rows().items()}
+        return self._products
 
 
 def _link_sources(
@@ -253,21 +341,27 @@ def get_or_create_parameters(
 
     Rows are looked up and kept unique by ``(parameter_name, parameter_value_hash)``: values of any length.
     """
-    by_key = {(name, parameter_value_hash(value)): (name, value) for name, value in pairs}
-    found = get_or_create(
-        session,
-        Parameter.__table__,
-        PARAMETER_KEY,
-        [
-            {
-                "parameter_name": name,
-                "parameter_value_hash": value_hash,
-                "parameter_value": by_key[name, value_hash][1],
-            }
-            for name, value_hash in by_key
-        ],
-    )
-    return {by_key[key]: row["pk"] for key, row in found.items()}
+    prepared = Parameters(session, pairs)
+    prepared.execute()
+    return prepared.pks()
+
+
+class Parameters(GetOrCreate):
+    """:func:`get_or_create_parameters` in steps (see :class:`GetOrCreate`)."""
+
+    def __init__(self, session: Session, pairs: Iterable[tuple[str, str]]) -> None:
+        self.by_key = {(name, parameter_value_hash(value)): (name, value) for name, value in pairs}
+        rows = [
+            {"parameter_name": name, "parameter_value_hash": value_hash, "parameter_value": pair[1]}
+            for (name, value_hash), pair in self.by_key.items()
+        ]
+        super().__init__(session, Parameter.__table__, PARAMETER_KEY, rows)
+
+    def pks(self) -> dict[tuple[str, str], int]:
+        """The pk of each ``(parameter_name, parameter_value)`` (after :meth:`execute`)."""
+        found = {key: row["pk"] for key, row in self._found.items()}
+        found.update((tuple(values), pk) for pk, *values in self._inserted)
+        return {pair: found[key] for key, pair in self.by_key.items()}
 
 
 def register_new_data_products(session: Session, specs: Sequence[DataProductSpec]) -> list[DataProduct]:
@@ -311,6 +405,9 @@ __all__ = [
     "PARAMETER_KEY",
     "PG_CHUNK",
     "DataProductSpec",
+    "DataProducts",
+    "GetOrCreate",
+    "Parameters",
     "Pipeline",
     "allocate_pks",
     "build",
@@ -326,5 +423,6 @@ __all__ = [
     "prepare_update",
     "register_new_data_products",
     "select_in",
+    "spec_key",
     "update_rows",
 ]

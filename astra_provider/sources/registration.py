@@ -8,7 +8,9 @@
 * **Task inputs** (files given to a task, registered by the recorder): the spectrum readers already hold the
   header, so :meth:`~astra_provider.base.TaskInstance.read_inputs` keeps the identifiers of what it read
   (:func:`spectrum_identifiers`) and :func:`link_task_sources` links the task's unlinked inputs after the
-  run, reading the primary header only of the inputs that were not read by a reader.
+  run, reading the primary header only of the inputs that were not read by a reader. The headers of the
+  inputs a claim registered are read while the database writes that claim, as long as it does (time the
+  process would otherwise spend waiting; :func:`input_identifiers`).
 * **Task outputs**: a file written by a task whose inputs belong to one source belongs to that source (the
   normalised spectrum of a star is that star's).
 
@@ -141,21 +143,30 @@ def _unlinked(session: Session, pks: Iterable[int]) -> set[int]:
     return pks - {pk for (pk,) in select_in(session, select(column), column, sorted(pks))}
 
 
+def input_identifiers(product: DataProduct) -> Identified | None:
+    """What the primary header of a task's input says (no reader read it); None when the input is not a
+    spectrum (not a FITS file by its type or name, or no readable FITS header)."""
+    if not _is_spectrum(product.filetype, product.path):
+        return None
+    found = header_identifiers(product.path, product.filetype, product.kwargs)
+    if isinstance(found, str) and found.startswith("no readable FITS header"):
+        return None  # not a spectrum after all: the task reading it says so, if it matters
+    return found
+
+
 def _input_identifiers(
-    products: Iterable[DataProduct], read: Mapping[int, Identified]
+    products: Iterable[DataProduct], read: Mapping[int, Identified], headers: Mapping[int, Identified | None]
 ) -> tuple[list[tuple[int, str, SourceIdentifiers]], list[tuple[str, str]]]:
-    """``(pk, path, identifiers)`` of the given inputs, from what the readers kept, else from the header."""
+    """``(pk, path, identifiers)`` of the given inputs, from what the readers kept, else from the header
+    (read before, in ``headers``, or now)."""
     files, unidentified = [], []
     for product in products:
         pk, path = product.pk, product.path
         found = read.get(pk)
         if found is None:
-            filetype = product.filetype
-            if not _is_spectrum(filetype, path):
+            found = headers[pk] if pk in headers else input_identifiers(product)
+            if found is None:
                 continue
-            found = header_identifiers(path, filetype, product.kwargs)
-            if isinstance(found, str) and found.startswith("no readable FITS header"):
-                continue  # not a spectrum after all: the task reading it says so, if it matters
         if isinstance(found, str):
             unidentified.append((path, found))
         else:
@@ -167,6 +178,7 @@ def link_task_sources(
     inputs: Mapping[int, Sequence[DataProduct]],
     read: Mapping[int, Identified],
     outputs: Sequence[tuple[int, DataProductSpec]] = (),
+    headers: Mapping[int, Identified | None] | None = None,
 ) -> None:
     """Link the unlinked inputs of the tasks that ran, then their outputs, to sources (one transaction).
 
@@ -174,6 +186,8 @@ def link_task_sources(
     :param read: data product pk -> what the spectrum readers found in its header (no file is read again).
     :param outputs: ``(task pk, spec)`` of the files the tasks wrote: each is linked to the source of its
         task's inputs when they all belong to one source.
+    :param headers: data product pk -> :func:`input_identifiers`, read before (e.g. while the claim's
+        statements ran); the other unlinked inputs not in ``read`` have their header read here.
 
     Conflicting identifiers are logged as errors naming the files (the tasks' results are recorded).
     """
@@ -185,7 +199,9 @@ def link_task_sources(
         return
     with session_scope() as session:
         unlinked = _unlinked(session, products)
-        files, unidentified = _input_identifiers((products[pk] for pk in sorted(unlinked)), read)
+        files, unidentified = _input_identifiers(
+            (products[pk] for pk in sorted(unlinked)), read, headers or {}
+        )
         log_unidentified(log, unidentified)
         link_sources(session, files, on_conflict="log")
         if outputs:
