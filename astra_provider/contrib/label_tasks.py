@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from astra_provider.base import Parameter, TaskInstance
+from astra_provider.base import Parameter, TaskInstance, TupleParameter
 from astra_provider.database import astra_home
 
 if TYPE_CHECKING:
@@ -31,25 +31,41 @@ log = logging.getLogger(__name__)
 NAMED_LABELS = ("teff", "logg", "fe_h")
 
 
-def training_pixels_parameter() -> Parameter:
-    """The ``continuum_pixels_path`` parameter of a training task (a new one for each task class)."""
-    return Parameter(
+class LabelModelTraining(TaskInstance):
+    """The parameters and the training-set reading that ``TrainTheCannon`` and ``TrainThePayne`` share: the
+    training table's label columns and the Sinusoidal continuum of its spectra. Not a task of its own."""
+
+    label_names = TupleParameter(
+        default=NAMED_LABELS, type=str, description="Label columns of the training table."
+    )
+    deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
+    length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
+    continuum_pixels_path = Parameter(
         default=None,
         type=str,
         description="A continuum-pixel file (one pixel index per line) for the training spectra; default: "
         "derive the pixels from the training set (stored in the model either way).",
     )
-
-
-def pixel_tolerance_parameter() -> Parameter:
-    """The ``continuum_pixel_tolerance`` parameter of a training task (a new one for each task class)."""
-    return Parameter(
+    continuum_pixel_tolerance = Parameter(
         default=0.005,  # ContinuumPixelCriteria's default (science is not imported here)
         type=float,
         description="Derived continuum pixels: the largest depression (95th percentile over the training "
         "labels) of a continuum pixel. The default (0.005) was chosen by cross-validation on training stars "
         "(bench/continuum_cv.py, bench/payne_cv.py): more pixels, less continuum noise.",
     )
+
+    def read_training(self, table_path: str, minimum: int, model_description: str) -> TrainingSet:
+        """:func:`read_training_set` with this task's labels and continuum settings."""
+        return read_training_set(
+            table_path,
+            self.label_names,
+            minimum,
+            model_description,
+            deg=self.deg,
+            length_scale=float(self.length_scale),
+            continuum_pixels_path=self.continuum_pixels_path,
+            pixel_tolerance=float(self.continuum_pixel_tolerance),
+        )
 
 
 @dataclass(eq=False)

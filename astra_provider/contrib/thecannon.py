@@ -12,21 +12,19 @@ refuses inputs normalised with other settings or another pixel set.
 
 from __future__ import annotations
 
-from astra_provider.base import Parameter, TaskInstance, TupleParameter
+from astra_provider.base import Parameter, TaskInstance
 from astra_provider.contrib.label_tasks import (
     NAMED_LABELS,
+    LabelModelTraining,
     fit_normalized_inputs,
-    pixel_tolerance_parameter,
-    read_training_set,
     save_model,
-    training_pixels_parameter,
 )
 from astra_provider.database.astradb import TheCannon
 
 __all__ = ["NAMED_LABELS", "TestTheCannon", "TrainTheCannon"]
 
 
-class TrainTheCannon(TaskInstance):
+class TrainTheCannon(LabelModelTraining):
     """Train a quadratic Cannon model from a table of (apStar path, labels) rows.
 
     The input data product is a table (FITS or CSV) with a ``path`` column (apStar files; relative paths
@@ -34,15 +32,8 @@ class TrainTheCannon(TaskInstance):
     by the extension of ``output_path``) and recorded as the task's output data product.
     """
 
-    label_names = TupleParameter(
-        default=NAMED_LABELS, type=str, description="Label columns of the training table."
-    )
     regularization = Parameter(default=0.0, type=float, description="L1 regularisation strength (0: none).")
     output_path = Parameter(default=None, type=str, description="Model file to write (.npz or .fits).")
-    deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
-    length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
-    continuum_pixels_path = training_pixels_parameter()
-    continuum_pixel_tolerance = pixel_tolerance_parameter()
 
     def execute(self):
         from astra_provider.science.cannon import train
@@ -50,15 +41,10 @@ class TrainTheCannon(TaskInstance):
         n_terms = (len(self.label_names) + 1) * (len(self.label_names) + 2) // 2
         results = []
         for task, data_products in self.iterable():
-            training = read_training_set(
+            training = self.read_training(
                 data_products[0].path,
-                self.label_names,
                 2 * n_terms,
                 f"a quadratic model of {len(self.label_names)} labels ({n_terms} coefficients per pixel)",
-                deg=self.deg,
-                length_scale=float(self.length_scale),
-                continuum_pixels_path=self.continuum_pixels_path,
-                pixel_tolerance=float(self.continuum_pixel_tolerance),
             )
             model = training.train(train, task, regularization=float(self.regularization))
             results.append(save_model(self, task, model, training, self.output_path, "thecannon"))

@@ -23,12 +23,9 @@ from typing import TYPE_CHECKING
 
 from astra_provider.base import Parameter, TaskInstance, TupleParameter
 from astra_provider.contrib.label_tasks import (
-    NAMED_LABELS,
+    LabelModelTraining,
     fit_normalized_inputs,
-    pixel_tolerance_parameter,
-    read_training_set,
     save_model,
-    training_pixels_parameter,
 )
 from astra_provider.database.astradb import ThePayne
 
@@ -38,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["TestThePayne", "TrainThePayne", "continuum_correction_factors"]
 
 
-class TrainThePayne(TaskInstance):
+class TrainThePayne(LabelModelTraining):
     """Train a Payne emulator from a table of (apStar path, labels) rows.
 
     The input data product is a table (FITS or CSV) with a ``path`` column (apStar files; relative paths
@@ -47,7 +44,6 @@ class TrainThePayne(TaskInstance):
     spectrum is read.
     """
 
-    label_names = TupleParameter(default=NAMED_LABELS, description="Label columns of the training table.")
     hidden_sizes = TupleParameter(
         default=None,
         description="Hidden-layer widths; empty for the default (64, (K+1)(K+2)/2 + K + 1) for K labels.",
@@ -57,10 +53,6 @@ class TrainThePayne(TaskInstance):
     )
     seed = Parameter(default=0, type=int, description="Seed of the initial weights and the validation split.")
     output_path = Parameter(default=None, type=str, description="Model file to write (.npz).")
-    deg = Parameter(default=3, type=int, description="Continuum: sine/cosine pairs per region.")
-    length_scale = Parameter(default=1400.0, type=float, description="Continuum: sinusoid period (Å).")
-    continuum_pixels_path = training_pixels_parameter()
-    continuum_pixel_tolerance = pixel_tolerance_parameter()
 
     def execute(self):
         from astra_provider.science.payne import default_hidden_sizes, minimum_training_size, train
@@ -69,15 +61,10 @@ class TrainThePayne(TaskInstance):
         needed = minimum_training_size(hidden_sizes)
         results = []
         for task, data_products in self.iterable():
-            training = read_training_set(
+            training = self.read_training(
                 data_products[0].path,
-                self.label_names,
                 needed,
                 f"The Payne with hidden layers {hidden_sizes} (or use a smaller last hidden layer)",
-                deg=self.deg,
-                length_scale=float(self.length_scale),
-                continuum_pixels_path=self.continuum_pixels_path,
-                pixel_tolerance=float(self.continuum_pixel_tolerance),
             )
             model = training.train(
                 train,
