@@ -82,7 +82,7 @@ class TestThePayne(TaskInstance):
 
     __test__ = False  # not a pytest test class
 
-    model_path = Parameter(bundled=True, description="A model written by TrainThePayne.")
+    model_path = Parameter(type=str, bundled=True, description="A model written by TrainThePayne.")
     continuum_correction = Parameter(
         default=True,
         type=bool,
