@@ -328,7 +328,7 @@ def prepare_update(
         where = f"t.{quote(key)} = v.{quote(key)}"
         # The keys again, as a filter of the table: it reads only these rows (by index, or by a filtered scan
         # of a small table) instead of hashing the whole table for the join (3.5 against 6.6 ms for 1,000
-        # rows of a table of 40,000)
+        # rows of a table of 40,000). ``:a0`` is pg_unnest's array of its first column, the key.
         where += f" AND t.{quote(key)} = ANY(CAST(:a0 AS {pg_type(table.c[key], dialect)}[]))"
         where += "".join(f" AND t.{quote(name)} = v.{quote(alias)}" for alias, (name, _) in guard.items())
         statement = text(f"UPDATE {target} AS t SET {assignments} FROM {source} WHERE {where}")
