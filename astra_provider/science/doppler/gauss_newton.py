@@ -253,9 +253,9 @@ class _GaussNewton:
         """Gauss–Newton step of the spectra ``idx`` within the bounds; marks converged and failed spectra and
         returns a mask (n,) of those done."""
         n_labels = self.n_labels
-        inverse = self.covariance[idx]
+        sigma = np.sqrt(np.abs(np.diagonal(self.covariance[idx], axis1=1, axis2=2)))
+        inverse = self._held_at_bounds(idx, gradient, self.covariance[idx], self.tolerance * sigma)
         new_step = np.einsum("nab,nb->na", inverse, gradient)
-        sigma = np.sqrt(np.abs(np.diagonal(inverse, axis1=1, axis2=2)))
         ok &= np.all(np.isfinite(new_step), axis=1)
         new_step[~ok] = 0.0
         small = np.all(np.abs(new_step) <= self.tolerance * sigma, axis=1) & ok
@@ -275,6 +275,37 @@ class _GaussNewton:
         done = np.zeros(self.x.shape[0], dtype=bool)
         done[idx[small | ~ok | out_of_range]] = True
         return done
+
+    def _held_at_bounds(
+        self, idx: np.ndarray, gradient: np.ndarray, inverse: np.ndarray, margin: np.ndarray
+    ) -> np.ndarray:
+        """The inverse curvature of the projected problem: a label at a bound (within ``margin`` (b, K+1), the
+        convergence tolerance in its own units, as step halving leaves it a rounding error inside) whose
+        gradient points outward is held this step, and the other parameters step as if it were fixed.
+
+        With H the held parameters of a row and C its inverse curvature, the inverse of the curvature over
+        the free ones is ``C − C[:, H] C[H, H]⁻¹ C[H, :]`` (zero in the held rows and columns), so the step of
+        a held label is 0 and its pull on the velocity's step is removed. Without this the unconstrained
+        step, clipped at the bound, never fell below the tolerance (NOT_CONVERGED), and its velocity part
+        assumed a label change that the clipping undid. Rows without a held label keep ``inverse``.
+        """
+        x, near = self.x[idx], margin[:, : self.n_labels]
+        lower, upper = self.x_bounds
+        labels_gradient = gradient[:, : self.n_labels]
+        held = np.zeros(gradient.shape, dtype=bool)
+        held[:, : self.n_labels] = ((x <= lower + near) & (labels_gradient < 0)) | (
+            (x >= upper - near) & (labels_gradient > 0)
+        )
+        rows = np.flatnonzero(held.any(axis=1))
+        if rows.size == 0:
+            return inverse
+        inverse = inverse.copy()
+        c, h = inverse[rows], held[rows].astype(float)
+        # C[H, H] with the free parameters' rows and columns replaced by the identity, so it is invertible.
+        c_held = c * h[:, :, None] * h[:, None, :] + np.eye(h.shape[1]) * (1.0 - h)[:, None, :]
+        c_cols = c * h[:, None, :]  # C[:, H], zero elsewhere
+        inverse[rows] = c - c_cols @ np.linalg.solve(c_held, np.swapaxes(c_cols, 1, 2))
+        return inverse
 
 
 def _inverse_curvature(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
