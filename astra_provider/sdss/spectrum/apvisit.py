@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,29 +85,31 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
 
     flux_1d, ivar = clean_flux_ivar(path, flux_1d, apogee_ivar(sigma_1d, mask_1d))
 
-    kwargs = meta["kwargs"]
+    meta.update(_visit_meta(header, meta["kwargs"], dithered=flux.shape[1] == 4096))
+    return Spectrum(wavelength, flux_1d, ivar, mask_1d, meta, extras)
+
+
+def _visit_meta(header: Any, kwargs: dict[str, Any], *, dithered: bool) -> dict[str, Any]:
+    """The visit metadata in ``header`` for :func:`read_apvisit`'s ``meta``; ``kwargs`` give defaults."""
     mjd = header_value(header, "MJD5", default=kwargs.get("mjd"))
     fiber = header_value(header, "FIBERID", default=kwargs.get("fiber"))
-    meta.update(
-        {
-            "objid": header_value(header, "OBJID"),
-            "catalogid": header_value(header, "CATALOGID", "CATID", "SDSS_ID"),
-            "telescope": header_value(header, "TELESCOP", default=kwargs.get("telescope")),
-            "plate": header_value(header, "PLATE", default=kwargs.get("plate")),
-            "mjd": None if mjd is None else int(mjd),
-            "fiber": None if fiber is None else int(fiber),
-            "bc": as_float(header_value(header, "BC")),
-            "jd_mid": as_float(header_value(header, "JD-MID")),
-            "vhelio": as_float(header_value(header, "VHELIO")),
-            "vrad": as_float(header_value(header, "VRAD")),
-            "starflag": header_value(header, "STARFLAG"),
-            "dithered": flux.shape[1] == 4096,
-            **doppler_labels(header, "RVTEFF", "RVLOGG", "RVFEH"),
-            "snr": np.array([as_float(header_value(header, "SNR"))]),
-            "row_kind": np.array(["visit"]),
-        }
-    )
-    return Spectrum(wavelength, flux_1d, ivar, mask_1d, meta, extras)
+    return {
+        "objid": header_value(header, "OBJID"),
+        "catalogid": header_value(header, "CATALOGID", "CATID", "SDSS_ID"),
+        "telescope": header_value(header, "TELESCOP", default=kwargs.get("telescope")),
+        "plate": header_value(header, "PLATE", default=kwargs.get("plate")),
+        "mjd": None if mjd is None else int(mjd),
+        "fiber": None if fiber is None else int(fiber),
+        "bc": as_float(header_value(header, "BC")),
+        "jd_mid": as_float(header_value(header, "JD-MID")),
+        "vhelio": as_float(header_value(header, "VHELIO")),
+        "vrad": as_float(header_value(header, "VRAD")),
+        "starflag": header_value(header, "STARFLAG"),
+        "dithered": dithered,
+        **doppler_labels(header, "RVTEFF", "RVLOGG", "RVFEH"),
+        "snr": np.array([as_float(header_value(header, "SNR"))]),
+        "row_kind": np.array(["visit"]),
+    }
 
 
 def _pixel_lsf(path: Path, wave: np.ndarray, lsf: np.ndarray | None) -> dict[str, np.ndarray]:
