@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 from sqlalchemy import Select, Table, Text, any_, func, literal, select, text
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import CursorResult, Row
+from sqlalchemy.engine import CursorResult, Dialect, Row
 from sqlalchemy.orm import Session, configure_mappers
 
 from astra_provider.database.bind import (
@@ -195,40 +195,12 @@ def prepare_insert(
         # Concurrent writers of overlapping keys (sensors claiming the same files, bundles creating the same
         # parameters) then take the unique-index locks in the same order, so they wait instead of deadlocking.
         rows = _sorted_by(rows, on_conflict_do_nothing)
-    if returning and not _is_postgresql(session):  # sqlite3's executemany cannot return rows
-        insert = sqlite.insert(table)
-        if on_conflict_do_nothing:
-            insert = insert.on_conflict_do_nothing(index_elements=list(on_conflict_do_nothing))
-        statement = insert.returning(*(table.c[name] for name in returning))
-        parameters = [{**(same_for_all or {}), **row} for row in rows]
-        return lambda: list(session.execute(statement, parameters).all())
-
-    same_for_all = {**_constant_columns(rows, list(rows[0])), **(same_for_all or {})}
-    dialect, columns, shared, fill = insert_columns(session, table, rows, same_for_all)
-    columns = [name for name in columns if name not in shared]
+    if not _is_postgresql(session):
+        return _prepare_sqlite_insert(session, table, rows, same_for_all, on_conflict_do_nothing, returning)
+    dialect, columns, shared, fill = _split_columns(session, table, rows, same_for_all)
+    into, suffix = _insert_clauses(dialect, table, [*columns, *shared], on_conflict_do_nothing, returning)
     quote = dialect.identifier_preparer.quote
     target = dialect.identifier_preparer.format_table(table)
-    into = f"INSERT INTO {target} ({', '.join(map(quote, [*columns, *shared]))})"
-    suffix = ""
-    if on_conflict_do_nothing:
-        suffix += f" ON CONFLICT ({', '.join(map(quote, on_conflict_do_nothing))}) DO NOTHING"
-    if returning:
-        suffix += f" RETURNING {', '.join(map(quote, returning))}"
-    if dialect.name != "postgresql":  # sqlite3's executemany on tuples: no per-row work in SQLAlchemy
-        placeholders = ", ".join("?" * (len(columns) + len(shared)))
-        if columns:
-            values = zip(*column_values(table, dialect, columns, rows, fill), strict=True)
-            tuples = [(*row, *shared.values()) for row in values]
-        else:
-            tuples = [tuple(shared.values())] * len(rows)
-        sql = f"{into} VALUES ({placeholders}){suffix}"
-
-        def execute_sqlite() -> list[Row]:
-            session.connection().exec_driver_sql(sql, tuples)
-            return []
-
-        return execute_sqlite
-
     shared_sql, shared_parameters = pg_shared(table, dialect, shared)
     inserted = {name: f"v.{quote(name)}" for name in columns} | dict(zip(shared, shared_sql, strict=True))
     where = _where_new(target, quote, skip_existing, inserted)
@@ -255,6 +227,68 @@ def prepare_insert(
         return returned
 
     return execute_postgresql
+
+
+def _split_columns(
+    session: Session, table: Table, rows: Sequence[Mapping[str, Any]], same_for_all: Mapping[str, Any] | None
+) -> tuple[Dialect, list[str], dict[str, Any], dict[str, Any]]:
+    """:func:`insert_columns` with the columns that are the same in every row moved to ``shared``:
+    ``(dialect, per-row columns, shared values, fill values)``."""
+    same_for_all = {**_constant_columns(rows, list(rows[0])), **(same_for_all or {})}
+    dialect, columns, shared, fill = insert_columns(session, table, rows, same_for_all)
+    return dialect, [name for name in columns if name not in shared], shared, fill
+
+
+def _insert_clauses(
+    dialect: Dialect,
+    table: Table,
+    columns: Sequence[str],
+    on_conflict_do_nothing: Sequence[str],
+    returning: Sequence[str],
+) -> tuple[str, str]:
+    """``INSERT INTO table (columns)`` and the ``ON CONFLICT … DO NOTHING`` / ``RETURNING`` suffix."""
+    quote = dialect.identifier_preparer.quote
+    into = f"INSERT INTO {dialect.identifier_preparer.format_table(table)} ({', '.join(map(quote, columns))})"
+    suffix = ""
+    if on_conflict_do_nothing:
+        suffix += f" ON CONFLICT ({', '.join(map(quote, on_conflict_do_nothing))}) DO NOTHING"
+    if returning:
+        suffix += f" RETURNING {', '.join(map(quote, returning))}"
+    return into, suffix
+
+
+def _prepare_sqlite_insert(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    same_for_all: Mapping[str, Any] | None,
+    on_conflict_do_nothing: Sequence[str],
+    returning: Sequence[str],
+) -> Callable[[], list[Row]]:
+    """:func:`prepare_insert` on SQLite: sqlite3's ``executemany`` on tuples (no per-row work in
+    SQLAlchemy), or SQLAlchemy's insert where rows must come back (``executemany`` cannot return them)."""
+    if returning:
+        insert = sqlite.insert(table)
+        if on_conflict_do_nothing:
+            insert = insert.on_conflict_do_nothing(index_elements=list(on_conflict_do_nothing))
+        statement = insert.returning(*(table.c[name] for name in returning))
+        parameters = [{**(same_for_all or {}), **row} for row in rows]
+        return lambda: list(session.execute(statement, parameters).all())
+
+    dialect, columns, shared, fill = _split_columns(session, table, rows, same_for_all)
+    into, suffix = _insert_clauses(dialect, table, [*columns, *shared], on_conflict_do_nothing, ())
+    if columns:
+        values = zip(*column_values(table, dialect, columns, rows, fill), strict=True)
+        tuples = [(*row, *shared.values()) for row in values]
+    else:
+        tuples = [tuple(shared.values())] * len(rows)
+    sql = f"{into} VALUES ({', '.join('?' * (len(columns) + len(shared)))}){suffix}"
+
+    def execute_sqlite() -> list[Row]:
+        session.connection().exec_driver_sql(sql, tuples)
+        return []
+
+    return execute_sqlite
 
 
 class UpdateOptions(TypedDict, total=False):
