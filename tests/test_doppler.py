@@ -511,6 +511,34 @@ def test_inconsistent_chip_velocities_are_flagged_and_scale_the_error(truth, can
     assert np.sqrt(np.mean(((consistent.vrel - velocities) / consistent.u_vrel) ** 2)) < 2.0
 
 
+def test_visit_continuum_defaults_to_the_model_s_own_pixels(truth, cannon_model):
+    """A model that carries the continuum pixels its training spectra were normalised with (``TrainTheCannon``
+    and ``TrainThePayne`` derive and store them) normalises the visits with them, as ``continuum_mask=``
+    would; a model without them keeps the shipped list."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(41)
+    n = 4
+    labels = draw_labels(n, rng)
+    velocities = rng.uniform(-100.0, 100.0, n)
+    spectra = make_spectra(truth, labels, 100.0, velocities, rng, continuum=True, intrinsic_scatter=False)
+    rows = np.tile(apogee_wavelength(), (n, 1))
+    own = np.zeros(apogee_wavelength().size, dtype=bool)
+    own[::7] = True  # every 7th pixel, lines included: a set unlike the shipped list
+
+    by_default = measure_visit_radial_velocities(
+        rows, spectra.flux, spectra.ivar, replace(cannon_model, continuum_pixels=own)
+    )
+    explicit = measure_visit_radial_velocities(
+        rows, spectra.flux, spectra.ivar, cannon_model, continuum_mask=own
+    )
+    shipped = measure_visit_radial_velocities(rows, spectra.flux, spectra.ivar, cannon_model)
+
+    np.testing.assert_allclose(by_default.vrel, explicit.vrel, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(by_default.labels, explicit.labels, rtol=1e-6)
+    assert np.all(np.abs(by_default.vrel - shipped.vrel) > 1e-6)
+
+
 def test_lsf_stack_interpolates_between_widths():
     """A model in an LSF stack, blended linearly in σ² between the two members that bracket σ, matches the
     model convolved directly with σ to a small fraction of the difference between the members."""

@@ -91,8 +91,9 @@ def measure_visit_radial_velocities(
         (its ``wavelength``), an :class:`~astra_provider.science.lsf.LsfStack` of one, or a sequence of
         them (grids with the same labels, on the same grid).
     :param max_velocity: the search range ±km/s.
-    :param continuum_mask: (P,) bool rest-frame continuum pixels of the model grid (default: the shipped
-        APOGEE list on the apStar grid, else every pixel outside ``options.continuum_rest_windows``).
+    :param continuum_mask: (P,) bool rest-frame continuum pixels of the model grid (default: the model's
+        ``continuum_pixels``, the set its training spectra were normalised with, when it has them; else the
+        shipped APOGEE list on the apStar grid; else every pixel outside ``options.continuum_rest_windows``).
     :param template_labels: labels (T, K) of the CCF templates (default: ``coarse_label_grid(model,
         options.n_per_label)``), for every model.
     :param lsf_sigma: the Gaussian σ (ln λ) of every pixel's line-spread function, of the shapes of

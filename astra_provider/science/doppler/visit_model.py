@@ -73,7 +73,9 @@ class _VisitModel:
                 "measure_visit_radial_velocities needs a model linear in its coefficients (Cannon)"
             )
         basis = structures[0][1]
-        rest_mask = _rest_continuum(grid, continuum_mask, options)
+        rest_mask = _rest_continuum(
+            grid, continuum_mask, getattr(reference, "continuum_pixels", None), options
+        )
         grid_labels, templates = _ccf_templates(reference, template_labels, options.n_per_label, n_pixels)
 
         support = _RestFrameSupport(_model_valid_pixels(reference, n_pixels), options.guard_pixels)
@@ -151,16 +153,23 @@ class _VisitModel:
 
 
 def _rest_continuum(
-    grid: LogLinearGrid, continuum_mask: np.ndarray | None, options: DopplerOptions
+    grid: LogLinearGrid,
+    continuum_mask: np.ndarray | None,
+    model_pixels: np.ndarray | None,
+    options: DopplerOptions,
 ) -> np.ndarray:
-    """Rest-frame continuum pixels (P,) of a model grid: ``continuum_mask``, else the shipped APOGEE list on
-    the apStar grid, else every pixel outside ``options.continuum_rest_windows``.
+    """Rest-frame continuum pixels (P,) of a model grid: ``continuum_mask``; else ``model_pixels``, the set
+    the model's training spectra were normalised with (a Cannon or Payne model trained with derived pixels),
+    when it is on this grid; else the shipped APOGEE list on the apStar grid; else every pixel outside
+    ``options.continuum_rest_windows``.
 
     :raises ValueError: for a ``continuum_mask`` not on the grid.
     """
     n_pixels = grid.n_pixels
     if continuum_mask is not None:
         rest_mask = np.asarray(continuum_mask, dtype=bool)
+    elif model_pixels is not None and np.shape(model_pixels) == (n_pixels,):
+        rest_mask = np.asarray(model_pixels, dtype=bool)
     elif grid.matches(LogLinearGrid.apstar()):
         rest_mask = load_continuum_pixels()
     else:
