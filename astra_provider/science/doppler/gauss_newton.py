@@ -304,7 +304,11 @@ class _GaussNewton:
         # C[H, H] with the free parameters' rows and columns replaced by the identity, so it is invertible.
         c_held = c * h[:, :, None] * h[:, None, :] + np.eye(h.shape[1]) * (1.0 - h)[:, None, :]
         c_cols = c * h[:, None, :]  # C[:, H], zero elsewhere
-        inverse[rows] = c - c_cols @ np.linalg.solve(c_held, np.swapaxes(c_cols, 1, 2))
+        try:
+            pulled = np.linalg.solve(c_held, np.swapaxes(c_cols, 1, 2))
+        except np.linalg.LinAlgError:  # a singular curvature (pseudo-inverted in _inverse_curvature)
+            pulled = np.linalg.pinv(c_held) @ np.swapaxes(c_cols, 1, 2)
+        inverse[rows] = c - c_cols @ pulled
         return inverse
 
 
