@@ -16,12 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from astra_provider.science.cannon.batching import (
-    PairProducts,
-    chunk_slices,
-    resolve_thread_count,
-    run_chunks,
-)
+from astra_provider.science.cannon.batching import PairProducts, run_chunks
 from astra_provider.science.cannon.model import PERCENTILE_LEVELS, CannonModel, label_offsets_and_scales
 from astra_provider.science.cannon.solvers import (
     relative_weight_change,
@@ -284,7 +279,7 @@ def train(
     )
     if pixel_chunk_size is None:
         pixel_chunk_size = int(np.clip(2_000_000 // max(n_stars, 1), 128, 4096))
-    run_chunks(state.train_chunk, chunk_slices(n_pixels, pixel_chunk_size), resolve_thread_count(n_threads))
+    run_chunks(state.train_chunk, n_pixels, pixel_chunk_size, n_threads)
     return CannonModel(
         label_names=names,
         terms=vectorizer.terms,
