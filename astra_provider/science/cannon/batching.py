@@ -40,11 +40,14 @@ def chunk_slices(n_items: int, chunk_size: int) -> list[slice]:
     return [slice(i, min(i + chunk_size, n_items)) for i in range(0, n_items, chunk_size)]
 
 
-def run_chunks(work: Callable[[slice], None], chunks: list[slice], n_threads: int) -> None:
-    """Run ``work`` on every chunk; with threads, numpy releases the GIL in the array work.
+def run_chunks(work: Callable[[slice], None], n_items: int, chunk_size: int, n_threads: int | None) -> None:
+    """Run ``work`` on the :func:`chunk_slices` of ``range(n_items)``, on :func:`resolve_thread_count`
+    ``(n_threads)`` threads; numpy releases the GIL in the array work.
 
     Chunks write disjoint slices of preallocated outputs, so the results do not depend on the thread count.
     """
+    chunks = chunk_slices(n_items, chunk_size)
+    n_threads = resolve_thread_count(n_threads)
     if n_threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             for _ in pool.map(work, chunks):

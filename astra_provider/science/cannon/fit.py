@@ -12,12 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from astra_provider.science.cannon.batching import (
-    PairProducts,
-    chunk_slices,
-    resolve_thread_count,
-    run_chunks,
-)
+from astra_provider.science.cannon.batching import PairProducts, run_chunks
 from astra_provider.science.cannon.model import CannonModel
 from astra_provider.science.label_fit import (
     LabelFitOutputs,
@@ -223,7 +218,7 @@ def fit(
         tol=tol,
         max_pair_bytes=max_pair_bytes,
     )
-    run_chunks(state.fit_chunk, chunk_slices(flux.shape[0], star_chunk_size), resolve_thread_count(n_threads))
+    run_chunks(state.fit_chunk, flux.shape[0], star_chunk_size, n_threads)
     return CannonResult(
         **state.outputs.result_fields(
             model,

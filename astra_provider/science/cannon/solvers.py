@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from astra_provider.science.cannon.batching import PairProducts, unpack_symmetric
-from astra_provider.science.labels import mask_untrainable
-
 __all__ = [
     "lasso_coordinate_descent",
     "relative_weight_change",
@@ -69,32 +66,21 @@ def lasso_coordinate_descent(
 
 
 def solve_normal_equations(
-    pairs: PairProducts,
-    gram_upper: np.ndarray,
-    rhs: np.ndarray,
-    bad: np.ndarray,
-    penalty: np.ndarray | None,
-    theta_start: np.ndarray | None,
-    lasso_tol: float,
-    lasso_max_sweeps: int,
+    gram: np.ndarray, rhs: np.ndarray, bad: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Solve the per-pixel normal equations ``G theta = b`` (with L1 coordinate descent if ``penalty > 0``).
+    """Solve the per-pixel normal equations ``G theta = b`` by least squares.
 
-    :param pairs: the pair products the Gram matrices were built with (for their size and pair indices).
-    :param gram_upper: upper triangles of the Gram matrices (Pc, D(D+1)/2).
-    :param rhs: right-hand sides (Pc, D).
+    :param gram: Gram matrices G (Pc, D, D).
+    :param rhs: right-hand sides b (Pc, D).
     :param bad: pixels already known to be untrainable (Pc,).
-    :param penalty: L1 strength per pixel (Pc,), or None.
-    :param theta_start: warm start of the coordinate descent (Pc, D), or None to start from least squares.
-    :param lasso_tol: coordinate-descent tolerance (see :func:`lasso_coordinate_descent`).
-    :param lasso_max_sweeps: coordinate-descent sweep limit.
-    :returns: theta (Pc, D), ``[1, 0, ...]`` for bad pixels, and the updated bad-pixel mask (Pc,).
+    :returns: theta (Pc, D), and ``bad`` with the pixels whose G or b is not finite or whose ``G[0, 0] <= 0``
+        added; the theta of those pixels is meaningless (give them the masked-pixel coefficients with
+        :func:`~astra_provider.science.labels.mask_untrainable`).
     """
-    n_terms = pairs.n_columns
-    gram = unpack_symmetric(gram_upper, n_terms, pairs.upper_i, pairs.upper_j)
+    n_terms = gram.shape[-1]
     diag = np.einsum("pdd->pd", gram)
     bad = (
-        bad | ~np.all(np.isfinite(gram_upper), axis=1) | ~np.all(np.isfinite(rhs), axis=1) | (diag[:, 0] <= 0)
+        bad | ~np.all(np.isfinite(gram), axis=(1, 2)) | ~np.all(np.isfinite(rhs), axis=1) | (diag[:, 0] <= 0)
     )
     scale = np.sqrt(np.where(diag > 0, diag, 1.0))
     scale[bad] = 1.0
@@ -105,13 +91,7 @@ def solve_normal_equations(
     normalised[:, np.arange(n_terms), np.arange(n_terms)] += 1e-12
     b = rhs / scale
     b[bad] = 0.0
-    theta = np.linalg.solve(normalised, b[..., None])[..., 0] / scale
-    if penalty is not None and np.any(penalty > 0):
-        start = theta if theta_start is None else np.where(bad[:, None], theta, theta_start)
-        theta, _ = lasso_coordinate_descent(
-            gram, rhs, penalty, start, tol=lasso_tol, max_sweeps=lasso_max_sweeps
-        )
-    return theta, mask_untrainable(theta, bad)
+    return np.linalg.solve(normalised, b[..., None])[..., 0] / scale, bad
 
 
 def update_scatter(

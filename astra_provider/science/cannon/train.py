@@ -16,20 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from astra_provider.science.cannon.batching import (
-    PairProducts,
-    chunk_slices,
-    resolve_thread_count,
-    run_chunks,
-)
+from astra_provider.science.cannon.batching import PairProducts, run_chunks
 from astra_provider.science.cannon.model import PERCENTILE_LEVELS, CannonModel, label_offsets_and_scales
 from astra_provider.science.cannon.solvers import (
+    lasso_coordinate_descent,
     relative_weight_change,
     solve_normal_equations,
     update_scatter,
 )
 from astra_provider.science.cannon.vectorizer import PolynomialVectorizer, validate_label_names
-from astra_provider.science.labels import training_arrays, training_label_summary, training_metadata
+from astra_provider.science.labels import (
+    mask_untrainable,
+    training_arrays,
+    training_label_summary,
+    training_metadata,
+)
 
 __all__ = ["TrainingSettings", "CannonTrainingState", "train"]
 
@@ -90,17 +91,21 @@ class CannonTrainingState:
         start: np.ndarray | None,
         penalty: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Theta (Pc, D) of the weighted least-squares (or L1) problem of a chunk, and the updated ``bad``."""
-        return solve_normal_equations(
-            self.pairs,
-            self.pairs.weighted_upper(weight),
-            (weight * y).T @ self.design,
-            bad,
-            penalty,
-            start,
-            self.settings.lasso_tol,
-            self.settings.lasso_max_sweeps,
-        )
+        """Theta (Pc, D) of the weighted least-squares (or L1) problem of a chunk, and the updated ``bad``.
+
+        With an L1 penalty, coordinate descent starts from ``start`` (from least squares where it is None or
+        the pixel is bad).
+        """
+        gram = self.pairs.weighted_gram(weight)
+        rhs = (weight * y).T @ self.design
+        theta, bad = solve_normal_equations(gram, rhs, bad)
+        if penalty is not None and np.any(penalty > 0):
+            start = theta if start is None else np.where(bad[:, None], theta, start)
+            settings = self.settings
+            theta, _ = lasso_coordinate_descent(
+                gram, rhs, penalty, start, tol=settings.lasso_tol, max_sweeps=settings.lasso_max_sweeps
+            )
+        return theta, mask_untrainable(theta, bad)
 
     def train_chunk(self, pixels: slice) -> None:
         """Train the pixels of one slice: a theta solve at s2 = 0, then the scatter cycles."""
@@ -284,7 +289,7 @@ def train(
     )
     if pixel_chunk_size is None:
         pixel_chunk_size = int(np.clip(2_000_000 // max(n_stars, 1), 128, 4096))
-    run_chunks(state.train_chunk, chunk_slices(n_pixels, pixel_chunk_size), resolve_thread_count(n_threads))
+    run_chunks(state.train_chunk, n_pixels, pixel_chunk_size, n_threads)
     return CannonModel(
         label_names=names,
         terms=vectorizer.terms,

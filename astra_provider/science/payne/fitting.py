@@ -26,12 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from astra_provider.science.cannon import CannonResult
-from astra_provider.science.cannon.batching import (
-    chunk_slices,
-    resolve_thread_count,
-    run_chunks,
-    unpack_symmetric,
-)
+from astra_provider.science.cannon.batching import run_chunks, unpack_symmetric
 from astra_provider.science.flags import PayneFlag
 from astra_provider.science.label_fit import (
     LabelFitOutputs,
@@ -183,7 +178,7 @@ def fit(
     # Chunks write disjoint rows of ``outputs`` and run concurrently on n_threads cores, each with one BLAS
     # thread (small products; see training.train).
     with threadpool_limits(limits=1, user_api="blas"):
-        run_chunks(fit_rows, chunk_slices(n_spectra, star_chunk_size), resolve_thread_count(n_threads))
+        run_chunks(fit_rows, n_spectra, star_chunk_size, n_threads)
     return _result(model, outputs, max_reduced_chi_sq, scale_uncertainties, coefficients)
 
 
