@@ -43,8 +43,8 @@ __all__ = ["C_KMS", "TruthModel", "derive_continuum_pixels"]
 C_KMS = SPEED_OF_LIGHT_KMS
 """Speed of light in km/s (alias of :data:`astra_provider.constants.SPEED_OF_LIGHT_KMS`)."""
 
-# Quadratic terms in AnniesLasso / TheCannon 0.7.3 order: np.triu_indices(K) of outer(x, x).
-_QUAD_I, _QUAD_J = np.triu_indices(len(LABEL_NAMES))
+# Quadratic terms of the label vector (AnniesLasso / TheCannon 0.7.3 order, quadratic_label_vector): K(K+1)/2.
+_N_QUADRATIC = len(LABEL_NAMES) * (len(LABEL_NAMES) + 1) // 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,7 +106,7 @@ class TruthModel(SpectrumModel):
         log_lo, log_hi = np.log(depth_range)
         base_depth = np.exp(rng.uniform(log_lo, log_hi, n_lines))
         linear = rng.normal([-0.35, 0.0, 0.40], [0.15, 0.12, 0.12], size=(n_lines, 3))
-        quadratic = rng.normal(0.0, 0.04, size=(n_lines, len(_QUAD_I)))
+        quadratic = rng.normal(0.0, 0.04, size=(n_lines, _N_QUADRATIC))
         order = np.argsort(center)
         return cls(
             seed=seed,
