@@ -9,8 +9,8 @@ Usage::
    independent_survey`; cached in ``--workdir``). That model is Doppler's template grid.
 2. Writes ``--n-visits`` apVisit files of other stars of the same truth model (one visit each, S/N 20–200
    log-uniform, no intrinsic scatter; cached).
-3. Measures them with the ``DopplerRadialVelocity`` task (read + science + rows + provenance, an SQLite
-   astra database in the work directory). The task normalises each visit with the model's own continuum
+3. Measures them with the ``DopplerRadialVelocity`` task (read + science + rows + provenance, a fresh
+   SQLite astra database in the work directory). The task normalises each visit with the model's own continuum
    pixels, the set its training spectra were normalised with.
 4. For comparison, measures the same arrays with
    :func:`~astra_provider.science.doppler.measure_visit_radial_velocities` and the shipped
@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir
     survey = independent_survey(workdir / "survey", n_train=1250, n_test=10, snrs=(50.0,))
     truth = survey.model
-    database.configure(f"sqlite:///{workdir / 'astra.db'}")
+    # A fresh astra database per run, so that the task measures every visit (none is already done).
+    database_path = workdir / "astra.db"
+    database_path.unlink(missing_ok=True)
+    database.configure(f"sqlite:///{database_path}")
     model_path = workdir / "cannon.npz"
     if not model_path.exists():
         started = time.perf_counter()
