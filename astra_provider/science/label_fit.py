@@ -3,8 +3,9 @@
 Both models predict a spectrum linearly in a feature vector of the scaled labels, ``f(x) = theta v(x)``
 (the Cannon's polynomial design row, the Payne's network features), so with the exact sufficient
 statistics of each spectrum, ``M = theta^T W theta`` (D, D), ``c = theta^T W y`` (D,) and ``k = y^T W y``,
-``chi2(x) = v^T M v - 2 v.c + k``: a Levenberg-Marquardt iteration costs O(D^2 K) per spectrum, independent
-of the number of pixels. Here: the usable data and weights of the spectra (:func:`weighted_spectra`), the
+``chi2(x) = v^T M v - 2 v.c + k`` (:class:`QuadraticChiSq`): a Levenberg-Marquardt iteration costs O(D^2 K)
+per spectrum, independent of the number of pixels. Here: the usable data and weights of the spectra
+(:func:`weighted_spectra`), the
 batched Levenberg-Marquardt from several starts (:func:`best_of_starts`), the formal covariance
 (:func:`inverse_fisher`) and the per-spectrum outputs with their flags (:class:`LabelFitOutputs`).
 """
@@ -24,12 +25,12 @@ __all__ = [
     "BestFit",
     "FeaturesAndJacobian",
     "LabelFitOutputs",
+    "QuadraticChiSq",
     "WeightedSpectra",
     "best_of_starts",
     "check_spectra",
     "inverse_fisher",
     "masked_row_median",
-    "quadratic_chi_sq",
     "scaled_initial_labels",
     "weighted_spectra",
 ]
@@ -115,13 +116,34 @@ def masked_row_median(values: np.ndarray, mask: np.ndarray, counts: np.ndarray) 
     return out
 
 
-def quadratic_chi_sq(
-    v: np.ndarray, m: np.ndarray, c: np.ndarray, k: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """chi2 = v^T M v - 2 v.c + k for feature rows ``v`` (..., D), and ``M v``."""
-    m_v = np.matmul(m, v[..., None])[..., 0]
-    chi = np.einsum("...d,...d->...", v, m_v - 2.0 * c) + k
-    return chi, m_v
+@dataclass(frozen=True)
+class QuadraticChiSq:
+    """Chi-squared of each spectrum as a function of the model's features ``v`` (D,):
+    ``chi2(v) = v^T M v - 2 v.c + k``, from the exact sufficient statistics ``m`` (S, D, D) ``= theta^T W
+    theta``, ``c`` (S, D) ``= theta^T W y`` and ``k`` (S,) ``= y^T W y``."""
+
+    m: np.ndarray
+    c: np.ndarray
+    k: np.ndarray
+
+    def at(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """chi2 (S,) at feature rows ``v`` (S, D), and ``M v`` (S, D)."""
+        m_v = np.matmul(self.m, v[..., None])[..., 0]
+        chi = np.einsum("...d,...d->...", v, m_v - 2.0 * self.c) + self.k
+        return chi, m_v
+
+    def rows(self, index: np.ndarray | slice) -> QuadraticChiSq:
+        """The statistics of the spectra ``index``."""
+        return QuadraticChiSq(self.m[index], self.c[index], self.k[index])
+
+    def repeated(self, n: int) -> QuadraticChiSq:
+        """``n`` copies of each spectrum's statistics, copy-major (the order of ``starts.reshape(-1, K)``)."""
+        return QuadraticChiSq(
+            *(
+                np.broadcast_to(a, (n,) + a.shape).reshape((-1,) + a.shape[1:])
+                for a in (self.m, self.c, self.k)
+            )
+        )
 
 
 def inverse_fisher(dv: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,15 +162,12 @@ def inverse_fisher(dv: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarra
 class _LevenbergMarquardtBatch:
     """State of the batched Levenberg-Marquardt fit, one row per (start, spectrum).
 
-    ``m`` (R, D, D), ``c`` (R, D) and ``k`` (R,) define chi2; ``x`` (R, K) are the current scaled labels, with
-    their features ``v``, derivatives ``dv``, ``M v``, chi2 and damping. Trial steps are clipped to
-    [``lower``, ``upper``].
+    ``chi_sq`` (R rows) defines chi2; ``x`` (R, K) are the current scaled labels, with their features ``v``,
+    derivatives ``dv``, ``M v``, chi2 and damping. Trial steps are clipped to [``lower``, ``upper``].
     """
 
     features_and_jacobian: FeaturesAndJacobian
-    m: np.ndarray
-    c: np.ndarray
-    k: np.ndarray
+    chi_sq: QuadraticChiSq
     x: np.ndarray
     lower: np.ndarray | float
     upper: np.ndarray | float
@@ -162,7 +181,7 @@ class _LevenbergMarquardtBatch:
 
     def __post_init__(self) -> None:
         self.v, self.dv = self.features_and_jacobian(self.x)
-        self.chi, self.m_v = quadratic_chi_sq(self.v, self.m, self.c, self.k)
+        self.chi, self.m_v = self.chi_sq.at(self.v)
         self.damping = np.full(self.x.shape[0], 1e-3)
         self.converged = np.zeros(self.x.shape[0], dtype=bool)
         self.iterations = np.zeros(self.x.shape[0], dtype=int)
@@ -170,8 +189,8 @@ class _LevenbergMarquardtBatch:
     def gauss_newton_system(self, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gradient (A, K) of -chi2/2 and the Gauss-Newton Hessian (A, K, K) of chi2/2 at the active rows."""
         a_dv = self.dv[active]
-        gradient = np.einsum("sdk,sd->sk", a_dv, self.c[active] - self.m_v[active])
-        hessian = np.einsum("sdk,sdl->skl", a_dv, np.matmul(self.m[active], a_dv))
+        gradient = np.einsum("sdk,sd->sk", a_dv, self.chi_sq.c[active] - self.m_v[active])
+        hessian = np.einsum("sdk,sdl->skl", a_dv, np.matmul(self.chi_sq.m[active], a_dv))
         return gradient, hessian
 
     def hold_at_bounds(
@@ -206,8 +225,10 @@ class _LevenbergMarquardtBatch:
         # chi2 change from differences (no cancellation against the large k = y^T W y):
         # chi2(v + d) - chi2(v) = d^T M d - 2 d.(c - M v).
         difference = trial_v - self.v[active]
-        m_difference = np.matmul(self.m[active], difference[..., None])[..., 0]
-        change = np.einsum("sd,sd->s", difference, m_difference - 2.0 * (self.c[active] - self.m_v[active]))
+        m_difference = np.matmul(self.chi_sq.m[active], difference[..., None])[..., 0]
+        change = np.einsum(
+            "sd,sd->s", difference, m_difference - 2.0 * (self.chi_sq.c[active] - self.m_v[active])
+        )
         better = change < 0
         accepted = active[better]
         self.x[accepted], self.v[accepted], self.dv[accepted] = (
@@ -269,9 +290,7 @@ class BestFit:
 
 def best_of_starts(
     features_and_jacobian: FeaturesAndJacobian,
-    m: np.ndarray,
-    c: np.ndarray,
-    k: np.ndarray,
+    chi_sq: QuadraticChiSq,
     starts: np.ndarray,
     *,
     lower: np.ndarray | float,
@@ -283,9 +302,7 @@ def best_of_starts(
     """Batched Levenberg-Marquardt in scaled labels from every start; per spectrum the lowest chi-squared.
 
     :param features_and_jacobian: the model's features of scaled labels, and their derivatives.
-    :param m: (S, D, D) ``theta^T W theta`` per spectrum.
-    :param c: (S, D) ``theta^T W y``.
-    :param k: (S,) ``y^T W y``.
+    :param chi_sq: the chi-squared of the S spectra.
     :param starts: (n, S, K) starting scaled labels, n starts per spectrum.
     :param lower: lower bounds of the scaled labels (K,) or a scalar; trial steps are clipped to the bounds.
     :param upper: upper bounds.
@@ -297,13 +314,10 @@ def best_of_starts(
         within ~sqrt(tol) sigma of the optimum.
     """
     n_starts, n_spectra, n_labels = starts.shape
-    n_features = m.shape[-1]
     x = starts.reshape(-1, n_labels)
     batch = _LevenbergMarquardtBatch(
         features_and_jacobian,
-        m=np.broadcast_to(m, (n_starts,) + m.shape).reshape(-1, n_features, n_features),
-        c=np.broadcast_to(c, (n_starts,) + c.shape).reshape(-1, n_features),
-        k=np.broadcast_to(k, (n_starts,) + k.shape).reshape(-1),
+        chi_sq=chi_sq.repeated(n_starts),
         x=np.clip(x, lower, upper) if hold_at_bounds else x.copy(),
         lower=lower,
         upper=upper,

@@ -16,6 +16,7 @@ from astra_provider.science.cannon.batching import PairProducts, run_chunks
 from astra_provider.science.cannon.model import CannonModel
 from astra_provider.science.label_fit import (
     LabelFitOutputs,
+    QuadraticChiSq,
     best_of_starts,
     check_spectra,
     inverse_fisher,
@@ -138,10 +139,12 @@ class CannonFitState:
             return
         index = np.arange(stars.start, stars.stop)[fittable]
         weighted_y = spectra.weight * spectra.y
-        m = self.pairs.weighted_gram(spectra.weight.T)[fittable]
-        c = (weighted_y @ model.theta)[fittable]
-        k = np.einsum("sp,sp->s", weighted_y, spectra.y)[fittable]
-        linear_start = _linear_start(m, c, model.vectorizer.linear_term_columns, n_labels)
+        chi_sq = QuadraticChiSq(
+            self.pairs.weighted_gram(spectra.weight.T)[fittable],
+            (weighted_y @ model.theta)[fittable],
+            np.einsum("sp,sp->s", weighted_y, spectra.y)[fittable],
+        )
+        linear_start = _linear_start(chi_sq.m, chi_sq.c, model.vectorizer.linear_term_columns, n_labels)
         starts = [
             linear_start,
             np.zeros_like(linear_start),
@@ -154,9 +157,7 @@ class CannonFitState:
         # training set: a fit that runs into it fails).
         fitted = best_of_starts(
             model.vectorizer.design_matrix_and_derivative,
-            m,
-            c,
-            k,
+            chi_sq,
             np.stack(starts),
             lower=-50.0,
             upper=50.0,
@@ -165,7 +166,7 @@ class CannonFitState:
             tol=self.tol,
         )
         _, dv = model.vectorizer.design_matrix_and_derivative(fitted.x)
-        self.outputs.record(index, model, fitted, *inverse_fisher(dv, m))
+        self.outputs.record(index, model, fitted, *inverse_fisher(dv, chi_sq.m))
 
 
 def fit(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from astra_provider.science.continuum.basis import sinusoid_basis
+from astra_provider.science.label_fit import QuadraticChiSq
 
 __all__ = [
     "CorrectionBasis",
@@ -69,22 +70,21 @@ def profile_statistics(
     theta: np.ndarray,
     weight: np.ndarray,
     y: np.ndarray,
-    m: np.ndarray,
-    c: np.ndarray,
-    k: np.ndarray,
+    chi_sq: QuadraticChiSq,
     reference_flux: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The statistics ``M', c', k'`` of chi-squared minimised over the correction coefficients.
+) -> tuple[QuadraticChiSq, np.ndarray]:
+    """The chi-squared (statistics ``M', c', k'``) minimised over the correction coefficients.
 
     :param basis: the correction basis.
     :param theta: (P, D) output layer of the emulator.
     :param weight: (S, P) pixel weights ``W`` (0 for unusable pixels); ``y`` (S, P) the flux (0 there).
-    :param m: (S, D, D), ``c`` (S, D), ``k`` (S,): the statistics without correction.
+    :param chi_sq: the chi-squared without correction.
     :param reference_flux: (S, P) the model flux ``f0`` the multiplicative correction is linearised about;
         ``None`` for ``f0 = 1``.
-    :returns: ``(M', c', k', solved)``: the first three the shapes of ``m``, ``c``, ``k``; ``solved``
-        (S, Q, D + 1) is ``N^-1 [G, h]``, for :func:`correction_coefficients`.
+    :returns: ``(chi_sq', solved)``: ``solved`` (S, Q, D + 1) is ``N^-1 [G, h]``, for
+        :func:`correction_coefficients`.
     """
+    m, c, k = chi_sq.m, chi_sq.c, chi_sq.k
     n_spectra, n_features = c.shape
     n_coefficients = basis.n_coefficients
     g = np.zeros((n_spectra, n_coefficients, n_features))
@@ -117,7 +117,7 @@ def profile_statistics(
     m_profiled = m - np.einsum("sqd,sqe->sde", g, solved[:, :, :n_features])
     c_profiled = c - np.einsum("sqd,sq->sd", g, solved[:, :, n_features])
     k_profiled = k - np.einsum("sq,sq->s", h, solved[:, :, n_features])
-    return 0.5 * (m_profiled + np.swapaxes(m_profiled, 1, 2)), c_profiled, k_profiled, solved
+    return QuadraticChiSq(0.5 * (m_profiled + np.swapaxes(m_profiled, 1, 2)), c_profiled, k_profiled), solved
 
 
 def correction_coefficients(solved: np.ndarray, features: np.ndarray) -> np.ndarray:

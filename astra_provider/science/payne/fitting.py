@@ -30,6 +30,7 @@ from astra_provider.science.cannon.batching import run_chunks, unpack_symmetric
 from astra_provider.science.flags import PayneFlag
 from astra_provider.science.label_fit import (
     LabelFitOutputs,
+    QuadraticChiSq,
     WeightedSpectra,
     best_of_starts,
     check_spectra,
@@ -82,17 +83,15 @@ def check_wavelength(model: PayneModel, wavelength: np.ndarray, source: str = "t
         )
 
 
-def _choose_starts(
-    model: PayneModel, m: np.ndarray, c: np.ndarray, n_starts: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _choose_starts(model: PayneModel, chi_sq: QuadraticChiSq, n_starts: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``n_starts`` start labels (scaled) of lowest chi-squared per spectrum: (n_starts, S, K), ranks."""
     start_x = model.scale_labels(model.start_labels)
     start_a = model.network.features(start_x)
     iu, iv = np.triu_indices(model.n_features)
-    m_upper = m[:, iu, iv]
+    m_upper = chi_sq.m[:, iu, iv]
     # a^T M a over the stored upper triangle: off-diagonal products count twice.
     start_pairs = start_a[:, iu] * start_a[:, iv] * np.where(iu == iv, 1.0, 2.0)
-    chi_minus_k = m_upper @ start_pairs.T - 2.0 * (c @ start_a.T)  # (S, C)
+    chi_minus_k = m_upper @ start_pairs.T - 2.0 * (chi_sq.c @ start_a.T)  # (S, C)
     n_starts = min(n_starts, len(start_x))
     best = np.argpartition(chi_minus_k, n_starts - 1, axis=1)[:, :n_starts]
     order = np.argsort(np.take_along_axis(chi_minus_k, best, axis=1), axis=1)
@@ -215,17 +214,15 @@ def continuum_correction_factor(
 
 @dataclass(frozen=True)
 class _Statistics:
-    """Per-spectrum ``M`` (S, D, D), ``c`` (S, D), ``k`` (S,), and the weights ``W`` and flux ``y`` (S, P;
-    0 at unusable pixels) that the continuum correction needs."""
+    """Per-spectrum chi-squared, and the weights ``W`` and flux ``y`` (S, P; 0 at unusable pixels) that the
+    continuum correction needs."""
 
-    m: np.ndarray
-    c: np.ndarray
-    k: np.ndarray
+    chi_sq: QuadraticChiSq
     weight: np.ndarray
     y: np.ndarray
 
     def select(self, rows: np.ndarray) -> _Statistics:
-        return _Statistics(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
+        return _Statistics(self.chi_sq.rows(rows), self.weight[rows], self.y[rows])
 
 
 def _statistics(model: PayneModel, spectra: WeightedSpectra, theta_pairs: np.ndarray) -> _Statistics:
@@ -235,7 +232,7 @@ def _statistics(model: PayneModel, spectra: WeightedSpectra, theta_pairs: np.nda
     m = unpack_symmetric(weight @ theta_pairs, model.n_features, iu, iv)
     weight_y = weight * y
     c, k = weight_y @ model.theta, np.einsum("sp,sp->s", weight_y, y)
-    return _Statistics(m, c, k, weight, y)
+    return _Statistics(QuadraticChiSq(m, c, k), weight, y)
 
 
 @dataclass(frozen=True)
@@ -261,25 +258,23 @@ def _fit_chunk(
 ) -> None:
     """Fit the spectra ``rows`` (all with usable pixels) from their statistics; write into ``out`` and the
     continuum-correction ``coefficients``."""
-    m, c, k = statistics.m, statistics.c, statistics.k
+    chi_sq = statistics.chi_sq
     solved = None
     if options.correction is not None:
         # The correction linearised about the model flux at the best start label of the uncorrected
         # chi-squared (its error, correction times model difference, is second order), then profiled out.
-        starts, _ = _choose_starts(model, m, c, 1)
+        starts, _ = _choose_starts(model, chi_sq, 1)
         reference_flux = model.network.features(starts[0]) @ model.theta.T
-        m, c, k, solved = profile_statistics(
-            options.correction, model.theta, statistics.weight, statistics.y, m, c, k, reference_flux
+        chi_sq, solved = profile_statistics(
+            options.correction, model.theta, statistics.weight, statistics.y, chi_sq, reference_flux
         )
-    starts, _ = _choose_starts(model, m, c, options.n_starts)
+    starts, _ = _choose_starts(model, chi_sq, options.n_starts)
     if options.initial is not None:
         extra = options.initial[rows]
         starts = np.concatenate([starts, np.where(np.isfinite(extra), extra, 0.0)[None]], axis=0)
     fitted = best_of_starts(
         model.network.features_and_jacobian,
-        m,
-        c,
-        k,
+        chi_sq,
         starts,
         lower=options.lower,
         upper=options.upper,
@@ -288,7 +283,7 @@ def _fit_chunk(
         tol=options.tol,
     )
     a, da = model.network.features_and_jacobian(fitted.x)
-    out.record(rows, model, fitted, *inverse_fisher(da, m))
+    out.record(rows, model, fitted, *inverse_fisher(da, chi_sq.m))
     if solved is not None:
         coefficients[rows] = correction_coefficients(solved, a)
 
