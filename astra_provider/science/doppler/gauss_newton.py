@@ -253,8 +253,9 @@ class _GaussNewton:
         """Gauss–Newton step of the spectra ``idx`` within the bounds; marks converged and failed spectra and
         returns a mask (n,) of those done."""
         n_labels = self.n_labels
-        sigma = np.sqrt(np.abs(np.diagonal(self.covariance[idx], axis1=1, axis2=2)))
-        inverse = self._held_at_bounds(idx, gradient, self.covariance[idx], self.tolerance * sigma)
+        covariance = self.covariance[idx]
+        sigma = np.sqrt(np.abs(np.diagonal(covariance, axis1=1, axis2=2)))
+        inverse = self._held_at_bounds(idx, gradient, covariance, self.tolerance * sigma)
         new_step = np.einsum("nab,nb->na", inverse, gradient)
         ok &= np.all(np.isfinite(new_step), axis=1)
         new_step[~ok] = 0.0
